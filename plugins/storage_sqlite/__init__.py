@@ -1,0 +1,17 @@
+"""SQLite storage plugin: one file, WAL, ``synchronous=FULL`` by default. URL ``sqlite:///path/to.db``
+(``?synchronous=NORMAL`` trades the last commits on power loss for speed)."""
+
+from __future__ import annotations
+
+from tenantflow.kernel import hookimpl
+from tenantflow.kernel.config import KernelConfig
+from tenantflow.kernel.storage import Storage
+from tenantflow.plugins.storage_sqlite.engine import SQLiteStorage, parse_url
+
+
+@hookimpl
+def tenantflow_storage(url: str, config: KernelConfig) -> Storage | None:
+    if not url.startswith("sqlite:"):
+        return None
+    path, synchronous = parse_url(url)
+    return SQLiteStorage(path, synchronous=synchronous)

@@ -1,0 +1,150 @@
+"""Implementation of :class:`Client`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from tenantflow.v1 import tenantflow_pb2 as pb
+from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
+
+Status = pb.Status
+TERMINAL = frozenset({pb.STATUS_COMPLETE, pb.STATUS_ERRORED, pb.STATUS_TERMINATED})
+
+
+class TenantflowRpcError(Exception):
+    """A failed call: ``code`` is the gRPC status code, ``message`` what the kernel said."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def status_name(status: int) -> str:
+    """``STATUS_WAITING_FOR_PAUSE`` -> ``waiting_for_pause``."""
+    return pb.Status.Name(status).removeprefix("STATUS_").lower()  # type: ignore[arg-type]
+
+
+def _json(value: Any) -> str:
+    return "" if value is None else json.dumps(value)
+
+
+class Client:
+    """Blocking client; every method raises :class:`TenantflowRpcError` on a failed call."""
+
+    def __init__(self, address: str, *, timeout: float = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024),
+                              ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        )  # fmt: skip
+        self.workflows = pb_grpc.WorkflowsStub(self._channel)
+        self.code = pb_grpc.CodeStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise TenantflowRpcError(exc.code(), exc.details() or "") from None
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the kernel accepts connections."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    # -- code ---------------------------------------------------------------------------------------
+    def publish(
+        self, tenant: str, name: str, files: Mapping[str, str | bytes], runtime: str = "python"
+    ) -> pb.CodeVersion:
+        encoded = {k: v.encode() if isinstance(v, str) else v for k, v in files.items()}
+        return self._call(self.code.Publish, pb.PublishRequest(tenant=tenant, name=name, runtime=runtime, files=encoded))  # type: ignore[no-any-return]
+
+    # -- instances ------------------------------------------------------------------------------------
+    def create(self, tenant: str, workflow: str, code: str, params: Any = None, id: str = "") -> pb.Instance:
+        request = pb.CreateRequest(tenant=tenant, workflow=workflow, code=code, id=id, params_json=_json(params))
+        return self._call(self.workflows.Create, request)  # type: ignore[no-any-return]
+
+    def create_batch(self, tenant: str, items: list[dict[str, Any]]) -> list[pb.Instance]:
+        """``items``: dicts with ``workflow``, ``code``, optional ``params`` and ``id``."""
+        requests = [
+            pb.CreateRequest(tenant=tenant, workflow=i["workflow"], code=i["code"], id=i.get("id", ""),
+                             params_json=_json(i.get("params")))
+            for i in items
+        ]  # fmt: skip
+        return list(self._call(self.workflows.CreateBatch, pb.CreateBatchRequest(requests=requests)).instances)
+
+    def get(self, tenant: str, id: str) -> pb.Instance:
+        return self._call(self.workflows.Get, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
+
+    def list(self, tenant: str, status: int = 0, page_size: int = 0, page_token: str = "") -> pb.ListResponse:
+        request = pb.ListRequest(tenant=tenant, status=status, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
+        return self._call(self.workflows.List, request)  # type: ignore[no-any-return]
+
+    def iter_instances(self, tenant: str, status: int = 0, page_size: int = 100) -> Iterator[pb.Instance]:
+        """Every instance of ``tenant`` (optionally with ``status``), page by page."""
+        token = ""
+        while True:
+            page = self.list(tenant, status, page_size, token)
+            yield from page.instances
+            token = page.next_page_token
+            if not token:
+                return
+
+    def pause(self, tenant: str, id: str) -> pb.Instance:
+        return self._call(self.workflows.Pause, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
+
+    def resume(self, tenant: str, id: str) -> pb.Instance:
+        return self._call(self.workflows.Resume, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
+
+    def terminate(self, tenant: str, id: str) -> pb.Instance:
+        return self._call(self.workflows.Terminate, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
+
+    def restart(self, tenant: str, id: str, from_step: str = "") -> pb.Instance:
+        request = pb.RestartRequest(tenant=tenant, id=id, from_step=from_step)
+        return self._call(self.workflows.Restart, request)  # type: ignore[no-any-return]
+
+    def send_event(self, tenant: str, id: str, type: str, payload: Any = None) -> int:
+        request = pb.SendEventRequest(tenant=tenant, id=id, type=type, payload_json=_json(payload))
+        return int(self._call(self.workflows.SendEvent, request).sequence)
+
+    def watch(self, tenant: str, id: str, timeout: float | None = None) -> Iterator[pb.WatchEvent]:
+        """The instance's timeline from the start, then live, until it ends."""
+        try:
+            yield from self.workflows.Watch(pb.InstanceRef(tenant=tenant, id=id), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise TenantflowRpcError(exc.code(), exc.details() or "") from None
+
+    def wait(
+        self, tenant: str, id: str, statuses: frozenset[int] = TERMINAL, timeout: float = 60.0
+    ) -> pb.Instance:
+        """Poll until the instance reaches one of ``statuses``; raise ``TimeoutError`` naming the last status."""
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            instance = self.get(tenant, id)
+            if instance.status in statuses:
+                return instance
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"instance {id!r} still {status_name(instance.status)} after {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    @staticmethod
+    def output(instance: pb.Instance) -> Any:
+        """The instance's return value, decoded."""
+        return json.loads(instance.output_json) if instance.output_json else None

@@ -1,0 +1,247 @@
+"""``tenantflow``: run the kernel (``serve``) and drive it (publish, create, status, list, watch ...)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ADDRESS = "127.0.0.1:7450"
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """A plain-text table with aligned columns."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- serve ------------------------------------------------------------------------------------------
+async def _serve(args: argparse.Namespace) -> None:
+    from tenantflow.kernel.config import KernelConfig, default_data_dir
+    from tenantflow.kernel.sandbox import Limits
+    from tenantflow.kernel.server import create_server
+    from tenantflow.kernel.service import Kernel
+
+    config = KernelConfig(
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+        storage_url=args.storage or "",
+        node_id=args.node_id,
+        max_concurrent_runs=args.max_concurrent,
+        limits=Limits(memory_bytes=args.memory_mb * 1024 * 1024, cpu_seconds=args.cpu_seconds),
+    )
+    kernel = Kernel(config)
+    await kernel.start()
+    server, port = await create_server(kernel, args.listen)
+    await server.start()
+    host = args.listen.rsplit(":", 1)[0]
+    print(f"tenantflow kernel listening on {host}:{port} (storage {config.resolved_storage_url()})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("tenantflow kernel stopping", flush=True)
+    await server.stop(grace=2)
+    await kernel.stop()
+
+
+# -- client commands --------------------------------------------------------------------------------
+def _client(args: argparse.Namespace) -> Any:
+    from tenantflow.client import Client
+
+    return Client(args.address)
+
+
+def _status(status: int) -> str:
+    from tenantflow.client._client import status_name
+
+    return status_name(status)
+
+
+def _print_instance(inst: Any) -> None:
+    print(table([
+        ["tenant", inst.tenant], ["id", inst.id], ["workflow", inst.workflow], ["code", inst.code],
+        ["status", _status(inst.status)], ["created", inst.created_at], ["updated", inst.updated_at],
+        ["output", _short(inst.output_json or "-", 100)],
+        ["error", f"{inst.error.name}: {_short(inst.error.message, 100)}" if inst.error.name else "-"],
+    ], ["field", "value"]))  # fmt: skip
+    if inst.steps:
+        print()
+        rows = [[s.name + (f" #{s.occurrence}" if s.occurrence else ""), s.kind, s.status, s.attempts,
+                 _short(s.output_json or (f"{s.error.name}: {s.error.message}" if s.error.name else "") or s.wake_at)]
+                for s in inst.steps]  # fmt: skip
+        print(table(rows, ["step", "kind", "status", "attempts", "output / error"]))
+
+
+def _cmd_publish(args: argparse.Namespace) -> None:
+    files: dict[str, bytes] = {}
+    for name in args.files:
+        path = Path(name)
+        if path.is_dir():
+            for file in sorted(path.rglob("*.py")):
+                files[file.relative_to(path).as_posix()] = file.read_bytes()
+        else:
+            files[path.name] = path.read_bytes()
+    with _client(args) as client:
+        version = client.publish(args.tenant, args.name, files, runtime=args.runtime)
+    print(table([[version.ref, version.runtime, ", ".join(version.workflows)]], ["ref", "runtime", "workflows"]))
+
+
+def _cmd_create(args: argparse.Namespace) -> None:
+    params = json.loads(args.params) if args.params else None
+    with _client(args) as client:
+        inst = client.create(args.tenant, args.workflow, args.code, params=params, id=args.id or "")
+    print(table([[inst.id, _status(inst.status), inst.code]], ["id", "status", "pinned code"]))
+
+
+def _cmd_status(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        _print_instance(client.get(args.tenant, args.id))
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    from tenantflow.v1 import tenantflow_pb2 as pb
+
+    status = pb.Status.Value("STATUS_" + args.status.upper()) if args.status else 0
+    with _client(args) as client:
+        page = client.list(args.tenant, status=status, page_size=args.limit, page_token=args.page_token or "")
+    rows = [[i.id, i.workflow, _status(i.status), i.created_at, i.code] for i in page.instances]
+    print(table(rows, ["id", "workflow", "status", "created", "code"]))
+    if page.next_page_token:
+        print(f"\nmore: --page-token {page.next_page_token}")
+
+
+def _cmd_send_event(args: argparse.Namespace) -> None:
+    payload = json.loads(args.payload) if args.payload else None
+    with _client(args) as client:
+        seq = client.send_event(args.tenant, args.id, args.type, payload)
+    print(f"event {args.type!r} delivered to {args.id} (inbox position {seq})")
+
+
+def describe(event: Any) -> str:
+    """One line of a watched timeline."""
+    kind = event.kind
+    if kind == "status":
+        text = f"status → {_status(event.status)}" + (f" ({event.message})" if event.message else "")
+    elif kind == "step_started":
+        text = f"▶ {event.step}  attempt {event.attempt}"
+    elif kind == "step_completed":
+        text = f"✔ {event.step}" + (f"  {event.message}" if event.message else "")
+    elif kind == "step_failed":
+        text = f"✘ {event.step}  attempt {event.attempt}: {event.message}"
+    elif kind == "step_retrying":
+        text = f"↻ {event.step}  {event.message}"
+    elif kind in ("sleeping", "waiting"):
+        text = f"⏸ {event.step}  {kind} {event.message}"
+    elif kind == "log":
+        text = f"│ {event.message}"
+    else:
+        text = f"{kind}: {event.message}"
+    return f"{event.at[11:23]}  {text}"
+
+
+def _cmd_watch(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        for event in client.watch(args.tenant, args.id):
+            print(describe(event), flush=True)
+        _print_instance(client.get(args.tenant, args.id))
+
+
+def _control(action: str) -> Any:
+    def run(args: argparse.Namespace) -> None:
+        with _client(args) as client:
+            if action == "restart":
+                inst = client.restart(args.tenant, args.id, from_step=args.from_step or "")
+            else:
+                inst = getattr(client, action)(args.tenant, args.id)
+        print(table([[inst.id, _status(inst.status)]], ["id", "status"]))
+
+    return run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tenantflow", description="Durable execution of tenants' own workflow code.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the kernel")
+    s.add_argument("--listen", default=DEFAULT_ADDRESS, help="HOST:PORT (port 0 picks a free one)")
+    s.add_argument("--storage", help="storage URL (default sqlite:///<data-dir>/tenantflow.sqlite3)")
+    s.add_argument("--data-dir", help="default $TENANTFLOW_DATA_DIR or ~/.local/share/tenantflow")
+    s.add_argument("--node-id", default="local", help="lease owner name; unique per kernel sharing storage")
+    s.add_argument("--max-concurrent", type=int, default=64, help="wake-ups running at once")
+    s.add_argument("--memory-mb", type=int, default=512, help="sandbox memory limit per run")
+    s.add_argument("--cpu-seconds", type=float, default=60.0, help="sandbox CPU time limit per run")
+    s.set_defaults(func=lambda a: asyncio.run(_serve(a)))
+
+    def client_parser(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--address", default=os.environ.get("TENANTFLOW_ADDRESS", DEFAULT_ADDRESS))
+        c.add_argument("--tenant", required=True)
+        return c
+
+    c = client_parser("publish", "publish tenant code (files or directories of .py files)")
+    c.add_argument("--name", required=True)
+    c.add_argument("--runtime", default="python")
+    c.add_argument("files", nargs="+")
+    c.set_defaults(func=_cmd_publish)
+    c = client_parser("create", "create an instance")
+    c.add_argument("--workflow", required=True)
+    c.add_argument("--code", required=True)
+    c.add_argument("--id")
+    c.add_argument("--params", help="JSON")
+    c.set_defaults(func=_cmd_create)
+    c = client_parser("status", "show an instance and its steps")
+    c.add_argument("id")
+    c.set_defaults(func=_cmd_status)
+    c = client_parser("list", "list a tenant's instances")
+    c.add_argument("--status", help="queued, running, paused, errored, terminated, complete, waiting ...")
+    c.add_argument("--limit", type=int, default=50)
+    c.add_argument("--page-token")
+    c.set_defaults(func=_cmd_list)
+    c = client_parser("send-event", "send an event to an instance")
+    c.add_argument("id")
+    c.add_argument("type")
+    c.add_argument("--payload", help="JSON")
+    c.set_defaults(func=_cmd_send_event)
+    c = client_parser("watch", "follow an instance's steps live until it ends")
+    c.add_argument("id")
+    c.set_defaults(func=_cmd_watch)
+    for action in ("pause", "resume", "terminate", "restart"):
+        c = client_parser(action, f"{action} an instance")
+        c.add_argument("id")
+        if action == "restart":
+            c.add_argument("--from-step", help="rerun from this step instead of from the start")
+        c.set_defaults(func=_control(action))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from tenantflow.client import TenantflowRpcError
+
+    try:
+        args.func(args)
+    except TenantflowRpcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Kernel settings, with the defaults a serious workflow engine ships (Cloudflare Workflows' limits)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tenantflow.kernel.sandbox import Limits
+
+
+def default_data_dir() -> Path:
+    """``$TENANTFLOW_DATA_DIR``, else ``~/.local/share/tenantflow``."""
+    env = os.environ.get("TENANTFLOW_DATA_DIR")
+    return Path(env) if env else Path.home() / ".local" / "share" / "tenantflow"
+
+
+@dataclass
+class KernelConfig:
+    """Everything ``tenantflow serve`` can set."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    storage_url: str = ""  # default: sqlite:///<data_dir>/tenantflow.sqlite3
+    node_id: str = "local"  # leases are held per node; a restarted node reclaims its own at once
+    max_concurrent_runs: int = 64
+    lease_seconds: float = 30.0
+    limits: Limits = field(default_factory=Limits)
+    max_payload_bytes: int = 1024 * 1024
+    max_steps: int = 10_000
+    max_batch: int = 100
+    max_sleep_seconds: float = 365 * 86400.0
+    max_log_lines_per_run: int = 1000
+    max_code_bytes: int = 10 * 1024 * 1024
+    code_cache_entries: int = 256
+    code_cache_idle_seconds: float = 300.0
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"sqlite:///{self.data_dir / 'tenantflow.sqlite3'}"

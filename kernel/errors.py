@@ -1,0 +1,35 @@
+"""The kernel's error hierarchy; ``kernel/server.py`` maps each class to exactly one gRPC code."""
+
+from __future__ import annotations
+
+
+class TenantflowError(Exception):
+    """Base of every error the kernel reports to a caller."""
+
+
+class InvalidArgument(TenantflowError):
+    """The request is malformed: bad JSON, bad id, unknown workflow class, code that does not compile."""
+
+
+class NotFound(TenantflowError):
+    """No such instance, code ref or step (within the caller's tenant)."""
+
+
+class AlreadyExists(TenantflowError):
+    """An instance with this id already exists in the tenant."""
+
+
+class FailedPrecondition(TenantflowError):
+    """The instance is not in a state that allows the operation (e.g. resuming a running instance)."""
+
+
+class ResourceExhausted(TenantflowError):
+    """A size or rate limit was hit; the message says which and what to do."""
+
+
+class Conflict(TenantflowError):
+    """A guarded write lost a race (lease lost, instance restarted or terminated meanwhile)."""
+
+
+class Unavailable(TenantflowError):
+    """The kernel is shutting down or a backend is unreachable; try again later."""

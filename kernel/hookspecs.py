@@ -1,0 +1,36 @@
+"""Every hook a tenantflow plugin can implement. Built-in plugins use them exactly like third-party ones.
+
+A plugin is a module registered under the ``tenantflow`` entry-point group that implements some of
+these with ``@tenantflow.kernel.hookimpl``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from tenantflow.kernel.config import KernelConfig
+    from tenantflow.kernel.loader import Loader
+    from tenantflow.kernel.sandbox import Sandbox
+    from tenantflow.kernel.storage import Storage
+
+PROJECT = "tenantflow"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec(firstresult=True)
+def tenantflow_storage(url: str, config: KernelConfig) -> Storage | None:  # type: ignore[empty-body]
+    """Open the storage engine for ``url`` if its scheme is yours (``sqlite:///path``), else None."""
+
+
+@hookspec
+def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:  # type: ignore[empty-body]
+    """The sandboxes this plugin provides, one per runtime name."""
+
+
+@hookspec
+def tenantflow_loaders(storage: Storage, config: KernelConfig) -> list[Loader]:  # type: ignore[empty-body]
+    """The code loaders this plugin provides, each for its ref schemes."""

@@ -1,0 +1,139 @@
+"""Records the kernel keeps in storage, and the unit of change storage engines apply."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(enum.IntEnum):
+    """Mirrors ``tenantflow.v1.Status``."""
+
+    UNSPECIFIED = 0
+    QUEUED = 1
+    RUNNING = 2
+    PAUSED = 3
+    ERRORED = 4
+    TERMINATED = 5
+    COMPLETE = 6
+    WAITING = 7
+    WAITING_FOR_PAUSE = 8
+
+
+TERMINAL = frozenset({Status.ERRORED, Status.TERMINATED, Status.COMPLETE})
+
+
+@dataclass
+class InstanceRecord:
+    """One workflow instance and its envelope (tenant, workflow, pinned code, runtime, params)."""
+
+    tenant: str
+    id: str
+    workflow: str
+    code: str
+    runtime: str
+    module: str
+    params_json: str
+    status: Status = Status.QUEUED
+    output_json: str = ""
+    error_name: str = ""
+    error_message: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    run_at: float | None = None
+    generation: int = 0
+    lease_owner: str | None = None
+    lease_until: float | None = None
+
+
+@dataclass
+class StepRecord:
+    """One journal entry, keyed by ``name#occurrence``; ``seq`` is the order steps were first asked for."""
+
+    key: str
+    seq: int
+    name: str
+    kind: str  # do | sleep | wait
+    status: str  # running | complete | failed | retrying | sleeping | waiting
+    attempts: int = 0
+    output_json: str = ""
+    error_name: str = ""
+    error_message: str = ""
+    wake_at: float | None = None
+    event_type: str = ""
+    updated_at: float = 0.0
+
+
+@dataclass
+class EventRecord:
+    """An event in an instance's inbox; ``consumed_by`` is the wait step key that received it."""
+
+    seq: int
+    type: str
+    payload_json: str
+    created_at: float
+    consumed_by: str = ""
+
+
+@dataclass
+class HistoryEntry:
+    """One line of an instance's timeline, as streamed by ``Watch``. ``seq`` is set by storage."""
+
+    kind: str
+    at: float
+    status: int = 0
+    step: str = ""
+    attempt: int = 0
+    message: str = ""
+    data_json: str = ""
+    seq: int = 0
+
+
+@dataclass
+class Artifact:
+    """Published tenant code: immutable, content-addressed by ``digest``."""
+
+    tenant: str
+    name: str
+    digest: str
+    runtime: str
+    files: dict[str, bytes]
+    workflows: dict[str, str]  # entrypoint class -> module defining it
+    created_at: float
+
+
+@dataclass
+class Change:
+    """An atomic, guarded update of one instance. Storage applies a batch of these in one commit.
+
+    Guards: ``generation`` (None = any) must match, ``owner`` (None = any) must hold the lease,
+    ``expect_status`` (empty = any) must contain the current status. A failed guard rolls back this
+    change only and reports why.
+    """
+
+    tenant: str
+    id: str
+    generation: int | None = None
+    owner: str | None = None
+    expect_status: frozenset[Status] = frozenset()
+    set: dict[str, Any] = field(default_factory=dict)  # instance columns -> new values
+    steps: list[StepRecord] = field(default_factory=list)  # upserted by key
+    delete_steps_from: int | None = None  # delete journal entries with seq >= this (restart)
+    consume_events: list[tuple[int, str]] = field(default_factory=list)  # (event seq, step key)
+    add_events: list[EventRecord] = field(default_factory=list)  # seq assigned by storage
+    history: list[HistoryEntry] = field(default_factory=list)
+    wake_on_events: list[str] = field(default_factory=list)  # unconsumed event of a type -> run_at = now
+    pause_aware: bool = False  # if stored status is WAITING_FOR_PAUSE: become PAUSED, run_at NULL
+    bump_generation: bool = False
+    now: float = 0.0
+
+
+@dataclass
+class ApplyResult:
+    """How one ``Change`` went: ``ok``, or the guard that failed; sequences of added events."""
+
+    ok: bool
+    reason: str = ""
+    event_seqs: list[int] = field(default_factory=list)
+    status: Status | None = None  # the status after the change

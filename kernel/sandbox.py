@@ -1,0 +1,68 @@
+"""The sandbox contract: run one wake-up of a tenant's workflow in isolation.
+
+The sandbox carries messages between the guest runtime (``tenantflow.workflow._runtime``) and the
+kernel's :class:`Host`; it decides nothing itself. Killing a run is cancelling its task: the
+sandbox must then stop the guest for good (kill the process, drop the store) before returning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class CodeError(Exception):
+    """Tenant code that cannot be accepted (syntax error, unsupported feature); names file and line."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run resource limits every sandbox enforces as best it can."""
+
+    memory_bytes: int = 512 * 1024 * 1024
+    cpu_seconds: float = 60.0
+    open_files: int = 64
+    wall_seconds: float = 3600.0  # a whole wake-up, a backstop behind per-step time-outs
+
+
+@dataclass(frozen=True)
+class RunExit:
+    """How a run ended. ``crashed`` means the guest died without reporting ``finish``/``suspend``."""
+
+    crashed: bool
+    detail: str = ""
+
+
+class Host(Protocol):
+    """The kernel side of the step protocol (see ``kernel/engine.py``)."""
+
+    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Handle a guest request; the reply is sent back to the guest."""
+        ...
+
+    async def notify(self, message: dict[str, Any]) -> None:
+        """Handle a guest message that expects no reply (log lines)."""
+        ...
+
+
+class Sandbox(Protocol):
+    """A sandbox for one ``runtime`` name (``python``, ``python-wasm``, ``wasm`` ...)."""
+
+    runtime: str
+
+    def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
+        """Check tenant code without running it; return ``{workflow class: module}``.
+
+        Raise :class:`CodeError` naming file and line for code this sandbox cannot run."""
+        ...
+
+    async def start(self) -> None:
+        """Prepare (warm templates, compile caches). Called once before any run."""
+        ...
+
+    async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
+        """Run the guest for ``job`` until it reports finish/suspend or dies."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,193 @@
+"""The gRPC face of the kernel: thin servicers, one error mapping, health and reflection."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tenantflow.kernel import errors
+from tenantflow.kernel.model import HistoryEntry, InstanceRecord, Status, StepRecord
+from tenantflow.kernel.service import CreateSpec, Kernel
+from tenantflow.v1 import tenantflow_pb2 as pb
+from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tenantflow.server")
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATUS_CODES: dict[type[errors.TenantflowError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Conflict: grpc.StatusCode.ABORTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(exc: errors.TenantflowError) -> grpc.StatusCode:
+    """The one gRPC code for a kernel error (the most specific class wins)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]  # type: ignore[index]
+    return grpc.StatusCode.UNKNOWN
+
+
+def _mapped(method: F) -> F:
+    """Turn kernel errors into gRPC statuses with their message; anything else is INTERNAL."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except errors.TenantflowError as exc:
+                await context.abort(status_code(exc), str(exc))
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except errors.TenantflowError as exc:
+            await context.abort(status_code(exc), str(exc))
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kernel log")
+
+    return unary  # type: ignore[return-value]
+
+
+def _ts(value: float | None) -> str:
+    if not value:
+        return ""
+    return dt.datetime.fromtimestamp(value, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def step_pb(step: StepRecord) -> pb.Step:
+    return pb.Step(
+        name=step.name, status=step.status, attempts=step.attempts, output_json=step.output_json,
+        error=pb.Error(name=step.error_name, message=step.error_message) if step.error_name else None,
+        kind=step.kind, occurrence=int(step.key.rsplit("#", 1)[1]), wake_at=_ts(step.wake_at),
+    )  # fmt: skip
+
+
+def instance_pb(record: InstanceRecord, steps: list[StepRecord] | None = None) -> pb.Instance:
+    return pb.Instance(
+        tenant=record.tenant, id=record.id, workflow=record.workflow, code=record.code,
+        status=int(record.status), output_json=record.output_json,
+        error=pb.Error(name=record.error_name, message=record.error_message) if record.error_name else None,
+        steps=[step_pb(s) for s in steps or []], created_at=_ts(record.created_at),
+        updated_at=_ts(record.updated_at), params_json=record.params_json, runtime=record.runtime,
+    )  # fmt: skip
+
+
+def watch_pb(entry: HistoryEntry) -> pb.WatchEvent:
+    return pb.WatchEvent(
+        sequence=entry.seq, at=_ts(entry.at), kind=entry.kind, status=entry.status, step=entry.step,
+        attempt=entry.attempt, message=entry.message, data_json=entry.data_json,
+    )  # fmt: skip
+
+
+def _spec(request: pb.CreateRequest) -> CreateSpec:
+    return CreateSpec(workflow=request.workflow, code=request.code, id=request.id, params_json=request.params_json)
+
+
+class WorkflowsServicer(pb_grpc.WorkflowsServicer):
+    """``tenantflow.v1.Workflows``."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+
+    @_mapped
+    async def Create(self, request: pb.CreateRequest, context: Any) -> pb.Instance:
+        return instance_pb(await self.k.create(request.tenant, _spec(request)))
+
+    @_mapped
+    async def CreateBatch(self, request: pb.CreateBatchRequest, context: Any) -> pb.CreateBatchResponse:
+        tenants = {r.tenant for r in request.requests}
+        if len(tenants) > 1:
+            raise errors.InvalidArgument("all requests of a batch must name the same tenant")
+        tenant = tenants.pop() if tenants else ""
+        records = await self.k.create_batch(tenant, [_spec(r) for r in request.requests])
+        return pb.CreateBatchResponse(instances=[instance_pb(r) for r in records])
+
+    @_mapped
+    async def Get(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
+        view = await self.k.get(request.tenant, request.id)
+        return instance_pb(view.record, view.steps)
+
+    @_mapped
+    async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
+        if request.status not in Status._value2member_map_:
+            raise errors.InvalidArgument(f"unknown status {request.status}")
+        status = Status(request.status) if request.status else None
+        records, token = await self.k.list(request.tenant, status, request.page_size, request.page_token)
+        return pb.ListResponse(instances=[instance_pb(r) for r in records], next_page_token=token)
+
+    @_mapped
+    async def Pause(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
+        return instance_pb(await self.k.pause(request.tenant, request.id))
+
+    @_mapped
+    async def Resume(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
+        return instance_pb(await self.k.resume(request.tenant, request.id))
+
+    @_mapped
+    async def Terminate(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
+        return instance_pb(await self.k.terminate(request.tenant, request.id))
+
+    @_mapped
+    async def Restart(self, request: pb.RestartRequest, context: Any) -> pb.Instance:
+        return instance_pb(await self.k.restart(request.tenant, request.id, request.from_step))
+
+    @_mapped
+    async def SendEvent(self, request: pb.SendEventRequest, context: Any) -> pb.SendEventResponse:
+        seq = await self.k.send_event(request.tenant, request.id, request.type, request.payload_json)
+        return pb.SendEventResponse(sequence=seq)
+
+    @_mapped
+    async def Watch(self, request: pb.InstanceRef, context: Any) -> AsyncIterator[pb.WatchEvent]:
+        async for entry in self.k.watch(request.tenant, request.id):
+            yield watch_pb(entry)
+
+
+class CodeServicer(pb_grpc.CodeServicer):
+    """``tenantflow.v1.Code``."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+
+    @_mapped
+    async def Publish(self, request: pb.PublishRequest, context: Any) -> pb.CodeVersion:
+        ref, runtime, workflows = await self.k.publish(request.tenant, request.name, request.runtime, dict(request.files))
+        return pb.CodeVersion(ref=ref, runtime=runtime, workflows=workflows)
+
+
+async def create_server(kernel: Kernel, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
+    """A started-to-be server bound to ``address``; returns it and the bound port (bind port 0 in tests)."""
+    limit = kernel.config.max_code_bytes + 1024 * 1024
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])  # fmt: skip
+    pb_grpc.add_WorkflowsServicer_to_server(WorkflowsServicer(kernel), server)
+    pb_grpc.add_CodeServicer_to_server(CodeServicer(kernel), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code")]
+    for name in [*names, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise errors.Unavailable(f"cannot listen on {address}")
+    return server, port

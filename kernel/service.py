@@ -1,0 +1,378 @@
+"""The kernel's operations, independent of gRPC: create, inspect, control, events, watch, publish."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from tenantflow.kernel.code import CodeCatalog
+from tenantflow.kernel.committer import Committer
+from tenantflow.kernel.config import KernelConfig
+from tenantflow.kernel.dispatch import Dispatcher
+from tenantflow.kernel.engine import Engine
+from tenantflow.kernel.errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from tenantflow.kernel.model import (
+    TERMINAL,
+    Change,
+    EventRecord,
+    HistoryEntry,
+    InstanceRecord,
+    Status,
+    StepRecord,
+)
+from tenantflow.kernel.plugins import Plugins
+from tenantflow.kernel.storage import Storage
+
+log = logging.getLogger("tenantflow.kernel")
+ID = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_-]{0,99}$")
+TENANT = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}$")
+WORKFLOW = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    """One instance to create."""
+
+    workflow: str
+    code: str
+    id: str = ""
+    params_json: str = ""
+
+
+@dataclass
+class InstanceView:
+    """An instance with its journal, as ``Get`` returns it."""
+
+    record: InstanceRecord
+    steps: list[StepRecord]
+
+
+def check_tenant(tenant: str) -> None:
+    if not TENANT.match(tenant or ""):
+        raise InvalidArgument(f"bad tenant {tenant!r}: 1-100 of letters, digits, '_', '-', '.' (not starting with - or .)")
+
+
+def check_id(id: str) -> None:
+    if not ID.match(id or ""):
+        raise InvalidArgument(f"bad instance id {id!r}: 1-100 of letters, digits, '_' and '-', not starting with '-'")
+
+
+class Notifier:
+    """Wakes ``Watch`` streams when an instance's history changes."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+
+    def touch(self, changes: list[Change]) -> None:
+        for change in changes:
+            event = self._events.get((change.tenant, change.id))
+            if event is not None:
+                event.set()
+
+    async def wait(self, tenant: str, id: str, timeout: float) -> None:
+        event = self._events.setdefault((tenant, id), asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            event.clear()
+
+
+class Kernel:
+    """Owns storage, sandboxes, loaders, the committer, the engine and the dispatcher."""
+
+    def __init__(self, config: KernelConfig | None = None, plugins: Plugins | None = None) -> None:
+        self.config = config or KernelConfig()
+        self.plugins = plugins or Plugins()
+        self.storage: Storage
+        self.catalog: CodeCatalog
+        self.committer: Committer
+        self.engine: Engine
+        self.dispatcher: Dispatcher
+        self.notifier = Notifier()
+        self._started = False
+
+    async def start(self) -> None:
+        """Open storage, warm the sandboxes, reclaim this node's leases and start dispatching."""
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = self.plugins.storage(self.config.resolved_storage_url(), self.config)
+        sandboxes = self.plugins.sandboxes(self.config)
+        for sandbox in sandboxes.values():
+            await sandbox.start()
+        loaders = self.plugins.loaders(self.storage, self.config)
+        self.catalog = CodeCatalog(self.storage, loaders, sandboxes, self.config)
+        self.committer = Committer(self.storage, self.notifier.touch)
+        self.committer.start()
+        self.engine = Engine(self.storage, self.committer, self.catalog, self.config, on_idle=self._poke)
+        self.dispatcher = Dispatcher(self.storage, self.engine, self.config)
+        released = await asyncio.to_thread(self.storage.release_leases, self.config.node_id)
+        if released:
+            log.info("reclaimed %d instances this node was running when it stopped", released)
+        self.dispatcher.start()
+        self._started = True
+        log.info("kernel started: storage %s, sandboxes %s, loaders %s", self.config.resolved_storage_url(),
+                 sorted(sandboxes), sorted(loaders))  # fmt: skip
+
+    def _poke(self) -> None:
+        if self._started:
+            self.dispatcher.poke()
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        await self.dispatcher.stop()
+        await self.committer.stop()
+        for sandbox in self.catalog._sandboxes.values():
+            await sandbox.close()
+        self.storage.close()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _json(self, text: str, what: str) -> str:
+        if not text:
+            return "null"
+        if len(text.encode()) > self.config.max_payload_bytes:
+            raise ResourceExhausted(
+                f"{what} is {len(text.encode())} bytes; the limit is {self.config.max_payload_bytes} (1 MiB): "
+                "pass a reference to large data instead"
+            )
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+        return text
+
+    async def _record(self, tenant: str, id: str) -> InstanceRecord:
+        check_tenant(tenant)
+        check_id(id)
+        record = await asyncio.to_thread(self.storage.get_instance, tenant, id)
+        if record is None:
+            raise NotFound(f"instance {id!r} not found in tenant {tenant!r}")
+        return record
+
+    async def _apply(self, change: Change) -> None:
+        await self.committer.commit(change)
+
+    # -- create -----------------------------------------------------------------------------------
+    async def create(self, tenant: str, spec: CreateSpec) -> InstanceRecord:
+        return (await self.create_batch(tenant, [spec]))[0]
+
+    async def create_batch(self, tenant: str, specs: list[CreateSpec]) -> list[InstanceRecord]:
+        check_tenant(tenant)
+        if not specs:
+            raise InvalidArgument("a batch needs at least one request")
+        if len(specs) > self.config.max_batch:
+            raise ResourceExhausted(f"a batch holds at most {self.config.max_batch} instances; got {len(specs)}")
+        now = time.time()
+        records: list[InstanceRecord] = []
+        seen: set[str] = set()
+        pins: dict[str, str] = {}
+        for spec in specs:
+            id = spec.id or uuid.uuid4().hex
+            check_id(id)
+            if id in seen:
+                raise AlreadyExistsInBatch(f"instance id {id!r} appears twice in the batch")
+            seen.add(id)
+            if not WORKFLOW.match(spec.workflow or ""):
+                raise InvalidArgument(f"bad workflow {spec.workflow!r}: the name of the entrypoint class, e.g. 'Pipeline'")
+            params = self._json(spec.params_json, "params_json")
+            if spec.code not in pins:
+                pins[spec.code] = await asyncio.to_thread(self.catalog.pin, tenant, spec.code)
+            pinned = pins[spec.code]
+            code = await self.catalog.get(tenant, pinned)
+            module = code.workflows.get(spec.workflow)
+            if module is None:
+                defined = ", ".join(sorted(code.workflows)) or "none"
+                raise InvalidArgument(
+                    f"{pinned} defines no workflow class {spec.workflow!r} (it defines: {defined})"
+                )
+            records.append(InstanceRecord(
+                tenant=tenant, id=id, workflow=spec.workflow, code=pinned, runtime=code.bundle.runtime,
+                module=module, params_json=params, status=Status.QUEUED, created_at=now, updated_at=now, run_at=now,
+            ))  # fmt: skip
+        history = [HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message="created") for _ in records]
+        await asyncio.to_thread(self.storage.create_instances, records, history)
+        self._poke()
+        return records
+
+    # -- read -------------------------------------------------------------------------------------
+    async def get(self, tenant: str, id: str) -> InstanceView:
+        record = await self._record(tenant, id)
+        steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
+        return InstanceView(record, steps)
+
+    async def list(
+        self, tenant: str, status: Status | None, page_size: int, page_token: str
+    ) -> tuple[list[InstanceRecord], str]:
+        check_tenant(tenant)
+        if page_size < 0 or page_size > 1000:
+            raise InvalidArgument(f"page_size must be 0..1000 (0 means 50), got {page_size}")
+        if page_token and not page_token.isdigit():
+            raise InvalidArgument("page_token is not one this kernel handed out; pass next_page_token as is")
+        records, cursor = await asyncio.to_thread(
+            self.storage.list_instances, tenant, status, page_token or None, page_size or 50
+        )
+        return records, cursor or ""
+
+    async def history(self, tenant: str, id: str, after: int, limit: int = 500) -> list[HistoryEntry]:
+        return await asyncio.to_thread(self.storage.get_history, tenant, id, after, limit)
+
+    # -- control ----------------------------------------------------------------------------------
+    async def pause(self, tenant: str, id: str) -> InstanceRecord:
+        for _ in range(5):
+            record = await self._record(tenant, id)
+            if record.status in TERMINAL:
+                raise FailedPrecondition(f"instance {id!r} is {record.status.name.lower()}; only live instances pause")
+            if record.status in (Status.PAUSED, Status.WAITING_FOR_PAUSE):
+                return record
+            now = time.time()
+            leased = record.lease_owner is not None and (record.lease_until or 0) > now
+            status = Status.WAITING_FOR_PAUSE if leased else Status.PAUSED
+            change = Change(
+                tenant=tenant, id=id, generation=record.generation, now=now,
+                expect_status=frozenset({record.status}),
+                set={"status": status} if leased else {"status": status, "run_at": None},
+                history=[HistoryEntry(kind="status", at=now, status=int(status), message="pause requested")],
+            )  # fmt: skip
+            try:
+                await self._apply(change)
+            except Conflict:
+                continue
+            if leased:
+                self.engine.request_pause(tenant, id)
+            return await self._record(tenant, id)
+        raise FailedPrecondition(f"instance {id!r} kept changing state; try Pause again")
+
+    async def resume(self, tenant: str, id: str) -> InstanceRecord:
+        record = await self._record(tenant, id)
+        now = time.time()
+        if record.status == Status.WAITING_FOR_PAUSE:
+            change = Change(tenant=tenant, id=id, now=now, expect_status=frozenset({Status.WAITING_FOR_PAUSE}),
+                            set={"status": Status.RUNNING},
+                            history=[HistoryEntry(kind="status", at=now, status=int(Status.RUNNING),
+                                                  message="pause cancelled")])  # fmt: skip
+            self.engine.request_pause(tenant, id, pause=False)
+        elif record.status == Status.PAUSED:
+            change = Change(tenant=tenant, id=id, now=now, expect_status=frozenset({Status.PAUSED}),
+                            set={"status": Status.QUEUED, "run_at": now},
+                            history=[HistoryEntry(kind="status", at=now, status=int(Status.QUEUED),
+                                                  message="resumed")])  # fmt: skip
+        else:
+            raise FailedPrecondition(f"instance {id!r} is {record.status.name.lower()}, not paused")
+        try:
+            await self._apply(change)
+        except Conflict as exc:
+            raise FailedPrecondition(f"instance {id!r} changed state meanwhile ({exc}); try again") from None
+        self._poke()
+        return await self._record(tenant, id)
+
+    async def terminate(self, tenant: str, id: str) -> InstanceRecord:
+        record = await self._record(tenant, id)
+        if record.status in TERMINAL:
+            raise FailedPrecondition(f"instance {id!r} is already {record.status.name.lower()}")
+        now = time.time()
+        change = Change(
+            tenant=tenant, id=id, now=now, expect_status=frozenset(set(Status) - TERMINAL), bump_generation=True,
+            set={"status": Status.TERMINATED, "run_at": None, "lease_owner": None, "lease_until": None},
+            history=[HistoryEntry(kind="status", at=now, status=int(Status.TERMINATED), message="terminated")],
+        )  # fmt: skip
+        try:
+            await self._apply(change)
+        except Conflict as exc:
+            raise FailedPrecondition(f"instance {id!r} ended meanwhile ({exc})") from None
+        self.engine.kill(tenant, id, "terminated")
+        return await self._record(tenant, id)
+
+    async def restart(self, tenant: str, id: str, from_step: str) -> InstanceRecord:
+        record = await self._record(tenant, id)
+        delete_from = 0
+        message = "restarted from the start"
+        if from_step:
+            steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
+            match = next((s for s in steps if s.name == from_step), None)
+            if match is None:
+                names = ", ".join(dict.fromkeys(s.name for s in steps)) or "none yet"
+                raise NotFound(f"instance {id!r} has no step named {from_step!r} (steps: {names})")
+            delete_from = match.seq
+            message = f"restarted from step {from_step!r}"
+        now = time.time()
+        change = Change(
+            tenant=tenant, id=id, now=now, bump_generation=True, delete_steps_from=delete_from,
+            set={"status": Status.QUEUED, "run_at": now, "lease_owner": None, "lease_until": None,
+                 "output_json": "", "error_name": "", "error_message": ""},
+            history=[HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message=message)],
+        )  # fmt: skip
+        self.engine.kill(tenant, id, "restarted")
+        await self._apply(change)
+        self._poke()
+        return await self._record(tenant, id)
+
+    async def send_event(self, tenant: str, id: str, type: str, payload_json: str) -> int:
+        if not type or len(type) > 256:
+            raise InvalidArgument("an event needs a type: a non-empty string of at most 256 characters")
+        payload = self._json(payload_json, "payload_json")
+        record = await self._record(tenant, id)
+        if record.status in TERMINAL:
+            raise FailedPrecondition(f"instance {id!r} is {record.status.name.lower()}; it takes no more events")
+        now = time.time()
+        change = Change(
+            tenant=tenant, id=id, now=now, expect_status=frozenset(set(Status) - TERMINAL),
+            add_events=[EventRecord(seq=0, type=type, payload_json=payload, created_at=now)],
+            wake_on_events=[type],  # makes the instance runnable unless it is paused
+            history=[HistoryEntry(kind="event", at=now, message=f"event of type {type!r} received",
+                                  data_json=json.dumps({"type": type}))],
+        )  # fmt: skip
+        try:
+            result = await self.committer.commit(change)
+        except Conflict as exc:
+            raise FailedPrecondition(f"instance {id!r} ended meanwhile ({exc})") from None
+        self._poke()
+        return result.event_seqs[0]
+
+    async def watch(self, tenant: str, id: str) -> AsyncIterator[HistoryEntry]:
+        """The instance's timeline from the start, then live, until it ends."""
+        await self._record(tenant, id)
+        after = 0
+        while True:
+            entries = await self.history(tenant, id, after)
+            for entry in entries:
+                after = entry.seq
+                yield entry
+            if entries:
+                continue
+            record = await self._record(tenant, id)
+            if record.status in TERMINAL:
+                rest = await self.history(tenant, id, after)
+                for entry in rest:
+                    yield entry
+                if not rest:
+                    return
+                after = rest[-1].seq
+                continue
+            await self.notifier.wait(tenant, id, 1.0)
+
+    # -- code -------------------------------------------------------------------------------------
+    async def publish(
+        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
+    ) -> tuple[str, str, list[str]]:
+        check_tenant(tenant)
+        runtime = runtime or "python"
+        ref, workflows = await asyncio.to_thread(self.catalog.publish, tenant, name, runtime, files)
+        return ref, runtime, workflows
+
+
+class AlreadyExistsInBatch(InvalidArgument):
+    """Two requests in one batch use the same id."""

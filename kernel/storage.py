@@ -1,0 +1,76 @@
+"""The storage contract: instances, journal, timers (``run_at``), event inbox, leases, artifacts.
+
+One transactional engine implements it (SQLite embedded, FoundationDB, ...). Everything is keyed
+by tenant first, so no query can cross tenants. ``apply`` is the only write path for a running
+instance, and it commits a whole batch atomically (the kernel's group commit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from tenantflow.kernel.model import (
+    ApplyResult,
+    Artifact,
+    Change,
+    EventRecord,
+    HistoryEntry,
+    InstanceRecord,
+    Status,
+    StepRecord,
+)
+
+
+class Storage(Protocol):
+    """A storage engine. Methods are blocking; the kernel calls them off its event loop."""
+
+    def put_artifact(self, artifact: Artifact) -> None:
+        """Store published code; storing the same (tenant, name, digest) again is a no-op."""
+        ...
+
+    def get_artifact(self, tenant: str, name: str, digest: str | None) -> Artifact | None:
+        """The artifact with ``digest``, or the latest published under ``name`` when ``digest`` is None."""
+        ...
+
+    def create_instances(self, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry]) -> None:
+        """Insert all records (and one history entry each) or none; raise ``AlreadyExists`` naming the id."""
+        ...
+
+    def get_instance(self, tenant: str, id: str) -> InstanceRecord | None: ...
+
+    def list_instances(
+        self, tenant: str, status: Status | None, cursor: str | None, limit: int
+    ) -> tuple[list[InstanceRecord], str | None]:
+        """Oldest first; returns the page and the cursor of the next page (None on the last)."""
+        ...
+
+    def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
+        """The journal in ``seq`` order."""
+        ...
+
+    def get_events(self, tenant: str, id: str, *, unconsumed_only: bool) -> list[EventRecord]: ...
+
+    def get_history(self, tenant: str, id: str, after_seq: int, limit: int) -> list[HistoryEntry]: ...
+
+    def apply(self, changes: Sequence[Change]) -> list[ApplyResult]:
+        """Apply every change whose guards hold, in one durable commit; one result per change."""
+        ...
+
+    def claim(self, owner: str, now: float, lease_seconds: float, limit: int) -> list[InstanceRecord]:
+        """Lease up to ``limit`` instances with ``run_at <= now`` and no live lease, round-robin by tenant."""
+        ...
+
+    def renew_leases(self, owner: str, keys: Sequence[tuple[str, str]], until: float) -> list[tuple[str, str]]:
+        """Extend ``owner``'s leases; return the keys whose lease was lost."""
+        ...
+
+    def release_leases(self, owner: str) -> int:
+        """Drop every lease ``owner`` holds (a restarted node reclaims its work at once)."""
+        ...
+
+    def next_run_at(self) -> float | None:
+        """The earliest ``run_at`` of any unleased instance (the dispatcher sleeps until then)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,131 @@
+"""Process confinement for the sandbox template and its children (Linux; best effort elsewhere).
+
+The template (zygote) confines itself once, so every forked child inherits it for free:
+no network (a fresh network namespace), read-only access to the interpreter's directories only
+(Landlock), no privilege gain, an unprivileged uid where the interpreter stays readable.
+Each child then sets its own resource limits. What could not be applied is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import stat
+import struct
+import sys
+import sysconfig
+from pathlib import Path
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+PR_SET_NO_NEW_PRIVS = 38
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_SYS_LANDLOCK_ADD_RULE = 445
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_FS_EXECUTE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 2, 1 << 3
+_FS_ALL_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
+_SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syscall(number: int, *args: object) -> int:
+    result: int = _libc.syscall(ctypes.c_long(number), *args)
+    return result
+
+
+def read_only_paths() -> list[str]:
+    """Directories tenant code may read: the interpreter, its stdlib and installed packages."""
+    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr/share/zoneinfo"}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        candidates.add(sysconfig.get_path(key))
+    candidates.update(p for p in sys.path if p and os.path.isdir(p))
+    return sorted(p for p in candidates if p and os.path.exists(p))
+
+
+def _landlock(paths: list[str]) -> str:
+    abi = _syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return f"landlock unavailable (errno {ctypes.get_errno()})"
+    handled_fs = _FS_ALL_BY_ABI.get(abi, _FS_ALL_BY_ABI[5])
+    handled_net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 else 0
+    scoped = (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if abi >= 6 else 0
+    if abi >= 6:
+        attr = struct.pack("=QQQ", handled_fs, handled_net, scoped)
+    elif abi >= 4:
+        attr = struct.pack("=QQ", handled_fs, handled_net)
+    else:
+        attr = struct.pack("=Q", handled_fs)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ruleset = _syscall(_SYS_LANDLOCK_CREATE_RULESET, buf, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return f"landlock ruleset refused (errno {ctypes.get_errno()})"
+    try:
+        for path in paths:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                access = _FS_EXECUTE | _FS_READ_FILE | (_FS_READ_DIR if os.path.isdir(path) else 0)
+                rule = ctypes.create_string_buffer(struct.pack("=Qi", access, fd), 12)
+                _syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+                         rule, ctypes.c_uint32(0))  # fmt: skip
+            finally:
+                os.close(fd)
+        if _syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+            return f"landlock restrict_self failed (errno {ctypes.get_errno()})"
+    finally:
+        os.close(ruleset)
+    return ""
+
+
+def _world_readable(path: str) -> bool:
+    """True if every directory up to ``path`` can be traversed by any user."""
+    current = Path(path).resolve()
+    for part in [current, *current.parents]:
+        try:
+            mode = part.stat().st_mode
+        except OSError:
+            return False
+        if not mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def confine_template(*, network: bool = False, filesystem: bool = True) -> list[str]:
+    """Confine the calling (template) process for good; return what could not be applied."""
+    off: list[str] = []
+    if not network:
+        flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
+        if _libc.unshare(ctypes.c_int(flags)) != 0:
+            off.append(f"network isolation off: unshare failed (errno {ctypes.get_errno()})")
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        off.append("no_new_privs off")
+    if os.geteuid() == 0:
+        if all(_world_readable(p) for p in (sys.base_prefix, sys.prefix)):
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            except OSError as exc:
+                off.append(f"running as root: could not drop to uid 65534 ({exc})")
+        else:
+            off.append(f"running as root: the interpreter under {sys.base_prefix} is not readable by an unprivileged uid")
+    if filesystem:
+        problem = _landlock(read_only_paths()) if sys.platform == "linux" else "landlock needs Linux"
+        if problem:
+            off.append(f"file isolation off: {problem}")
+    return off
+
+
+def limit_child(memory_bytes: int, cpu_seconds: float, open_files: int) -> None:
+    """Resource limits for one sandboxed run (called in the forked child)."""
+    cpu = max(1, int(cpu_seconds + 0.999))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writing a file then fails with EFBIG instead of killing

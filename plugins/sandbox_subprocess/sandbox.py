@@ -1,0 +1,190 @@
+"""The subprocess sandbox, kernel side: a warm template process forks a confined child per run."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from tenantflow.kernel.sandbox import Host, Limits, RunExit
+from tenantflow.plugins.pysource import python_entrypoints
+from tenantflow.plugins.sandbox_subprocess import wire
+
+log = logging.getLogger("tenantflow.sandbox.subprocess")
+
+
+def describe_exit(status: int | None, limits: Limits) -> str:
+    """A person-readable reason for a child's exit status."""
+    if status is None:
+        return "the sandbox process ended without reporting a result"
+    if status == -signal.SIGXCPU:
+        return f"CPU time limit exceeded ({limits.cpu_seconds:g} s of CPU per run)"
+    if status < 0:
+        name = signal.Signals(-status).name
+        if -status == signal.SIGKILL:
+            return f"the sandbox process was killed ({name}): CPU time or memory limit exceeded"
+        if -status == signal.SIGSEGV:
+            return f"the sandbox process crashed ({name})"
+        return f"the sandbox process was killed by {name}"
+    if status == 70:
+        return "the sandbox runtime crashed"
+    return f"the sandbox process exited with status {status} before reporting a result (os._exit or sys.exit?)"
+
+
+class SubprocessSandbox:
+    """``runtime = "python"``: CPython in a forked, confined child process."""
+
+    runtime = "python"
+
+    def __init__(self, *, network: bool = False, filesystem: bool = True) -> None:
+        self._settings = {"network": network, "filesystem": filesystem}
+        self._ctrl: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._early_exits: dict[int, int] = {}
+        self._req = 0
+        self._lock = asyncio.Lock()
+        self.protections_off: list[str] = []
+
+    def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
+        return python_entrypoints(files)
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {"MALLOC_ARENA_MAX": "2", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-m", "tenantflow.plugins.sandbox_subprocess.zygote", str(theirs.fileno()),
+             json.dumps(self._settings)],
+            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, cwd="/",
+        )  # fmt: skip
+        theirs.close()
+        self._ctrl = ours
+        loop = asyncio.get_running_loop()
+        hello = json.loads(await loop.sock_recv(ours, 65536) or b"{}")
+        if not hello.get("ready"):
+            raise RuntimeError("the subprocess sandbox template failed to start")
+        self.protections_off = list(hello.get("off", []))
+        for line in self.protections_off:
+            log.warning("subprocess sandbox: %s", line)
+        ours.setblocking(False)
+        loop.add_reader(ours.fileno(), self._on_control)
+
+    def _on_control(self) -> None:
+        assert self._ctrl is not None
+        while True:
+            try:
+                data = self._ctrl.recv(65536)
+            except BlockingIOError:
+                return
+            if not data:
+                asyncio.get_running_loop().remove_reader(self._ctrl.fileno())
+                for fut in [*self._pending.values(), *self._exits.values()]:
+                    if not fut.done():
+                        fut.set_exception(RuntimeError("the sandbox template process died"))
+                return
+            message = json.loads(data)
+            if "pid" in message:
+                fut = self._pending.pop(message["req"], None)
+                if fut and not fut.done():
+                    fut.set_result(message["pid"])
+            elif "exit" in message:
+                pid, status = message["exit"], message["status"]
+                waiter = self._exits.pop(pid, None)
+                if waiter and not waiter.done():
+                    waiter.set_result(status)
+                elif waiter is None:
+                    self._early_exits[pid] = status
+
+    async def _fork(self, child_sock: socket.socket, limits: Limits) -> int:
+        assert self._ctrl is not None
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError("the sandbox template process is gone")
+        self._req += 1
+        req = self._req
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending[req] = fut
+        request = {
+            "op": "fork",
+            "req": req,
+            "limits": {"memory_bytes": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds,
+                       "open_files": limits.open_files},
+        }  # fmt: skip
+        fds = array.array("i", [child_sock.fileno()])
+        self._ctrl.sendmsg([json.dumps(request).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        return await fut
+
+    def _kill(self, pid: int) -> None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            if self._ctrl is not None:
+                with contextlib.suppress(OSError):
+                    self._ctrl.send(json.dumps({"op": "kill", "pid": pid}).encode())
+
+    async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = await self._fork(theirs, limits)
+        finally:
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        exit_future: asyncio.Future[int] = loop.create_future()
+        if pid in self._early_exits:
+            exit_future.set_result(self._early_exits.pop(pid))
+        else:
+            self._exits[pid] = exit_future
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        ended = False
+        try:
+            writer.write(wire.encode(job))
+            await writer.drain()
+            while True:
+                message = await wire.read(reader)
+                if message is None:
+                    break
+                if message.pop("notify", False):
+                    await host.notify(message)
+                    continue
+                reply = await host.call(message)
+                writer.write(wire.encode(reply))
+                await writer.drain()
+                if message.get("op") in ("finish", "suspend"):
+                    ended = True
+                    break
+        except (ConnectionError, ValueError) as exc:
+            if not ended:
+                return RunExit(True, f"sandbox protocol error: {exc}")
+        finally:
+            writer.close()
+            self._kill(pid)
+        if ended:
+            return RunExit(False)
+        try:
+            status: int | None = await asyncio.wait_for(asyncio.shield(exit_future), 2.0)
+        except TimeoutError:
+            status = None
+        return RunExit(True, describe_exit(status, limits))
+
+    async def close(self) -> None:
+        if self._ctrl is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._ctrl.fileno())
+            self._ctrl.close()
+            self._ctrl = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None

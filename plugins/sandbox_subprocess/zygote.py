@@ -1,0 +1,106 @@
+"""The warm template process: imported once, confined once, forks one child per run.
+
+Run as ``python -m tenantflow.plugins.sandbox_subprocess.zygote <control-fd>`` by the sandbox,
+with an empty environment. The control socket (SOCK_SEQPACKET) carries JSON requests with the
+child's socket as an SCM_RIGHTS fd; the template answers ``{"pid"}`` and later ``{"exit", "status"}``.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from typing import Any
+
+# Imported here so every child starts with them loaded (that is what makes a run start in ms).
+import asyncio  # noqa: F401
+import datetime  # noqa: F401
+import inspect  # noqa: F401
+
+import tenantflow.workflow  # noqa: F401
+from tenantflow.plugins.sandbox_subprocess import confine
+from tenantflow.plugins.sandbox_subprocess.wire import SocketTransport
+from tenantflow.workflow._runtime import run_job
+
+
+def _recv(ctrl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = ctrl.recvmsg(65536, socket.CMSG_LEN(4 * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if not data:
+        return None, list(fds)
+    return json.loads(data), list(fds)
+
+
+def _child(sock_fd: int, request: dict[str, Any]) -> None:
+    """In the forked child: limit, then run one job. Never returns."""
+    code = 0
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        os.closerange(3, sock_fd)
+        os.closerange(sock_fd + 1, 65536)
+        limits = request.get("limits", {})
+        confine.limit_child(limits["memory_bytes"], limits["cpu_seconds"], limits["open_files"])
+        sock = socket.socket(fileno=sock_fd)
+        transport = SocketTransport(sock)
+        run_job(transport.recv(), transport, threads=True)
+    except BaseException:  # noqa: BLE001 - report and exit; the kernel sees the crash
+        try:
+            traceback.print_exc(file=sys.__stderr__)
+        except BaseException:  # noqa: BLE001
+            pass
+        code = 70
+    os._exit(code)
+
+
+def main() -> None:
+    ctrl = socket.socket(fileno=int(sys.argv[1]))
+    settings = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    off = confine.confine_template(network=settings.get("network", False), filesystem=settings.get("filesystem", True))
+    ctrl.send(json.dumps({"ready": True, "off": off}).encode())
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:
+        readable, _, _ = select.select([ctrl, wake_r], [], [], 1.0)
+        if wake_r in readable:
+            os.read(wake_r, 512)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            ctrl.send(json.dumps({"exit": pid, "status": os.waitstatus_to_exitcode(status)}).encode())
+        if ctrl in readable:
+            request, fds = _recv(ctrl)
+            if request is None:
+                return  # the kernel went away
+            if request.get("op") == "kill":
+                try:
+                    os.killpg(int(request["pid"]), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                continue
+            pid = os.fork()
+            if pid == 0:
+                ctrl.close()
+                _child(fds[0], request)
+            for fd in fds:
+                os.close(fd)
+            ctrl.send(json.dumps({"pid": pid, "req": request.get("req")}).encode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""The SQLite implementation of :class:`tenantflow.kernel.storage.Storage`.
+
+One write connection behind a lock (SQLite has one writer anyway) and one read connection per
+thread; WAL lets reads proceed while a batch commits.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from tenantflow.kernel.errors import AlreadyExists, InvalidArgument
+from tenantflow.kernel.model import (
+    TERMINAL,
+    ApplyResult,
+    Artifact,
+    Change,
+    EventRecord,
+    HistoryEntry,
+    InstanceRecord,
+    Status,
+    StepRecord,
+)
+
+_INSTANCE_COLUMNS = (
+    "tenant, id, workflow, code, runtime, module, params_json, status, output_json, error_name, "
+    "error_message, created_at, updated_at, run_at, generation, lease_owner, lease_until"
+)
+_SETTABLE = frozenset(
+    {"status", "output_json", "error_name", "error_message", "run_at", "lease_owner", "lease_until"}
+)
+_STEP_COLUMNS = (
+    "key, seq, name, kind, status, attempts, output_json, error_name, error_message, wake_at, event_type, updated_at"
+)
+
+
+def parse_url(url: str) -> tuple[Path, str]:
+    """``sqlite:///abs/path.db?synchronous=NORMAL`` -> (path, synchronous)."""
+    rest = url[len("sqlite:") :]
+    rest, _, query = rest.partition("?")
+    if rest.startswith("//"):
+        rest = rest[2:]
+    if not rest:
+        raise InvalidArgument(f"storage URL {url!r} names no file: use sqlite:///path/to/tenantflow.sqlite3")
+    synchronous = parse_qs(query).get("synchronous", ["FULL"])[0].upper()
+    if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+        raise InvalidArgument(f"storage URL {url!r}: synchronous must be FULL, EXTRA or NORMAL")
+    return Path(rest), synchronous
+
+
+def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
+    return InstanceRecord(
+        tenant=row[0], id=row[1], workflow=row[2], code=row[3], runtime=row[4], module=row[5],
+        params_json=row[6], status=Status(row[7]), output_json=row[8], error_name=row[9],
+        error_message=row[10], created_at=row[11], updated_at=row[12], run_at=row[13],
+        generation=row[14], lease_owner=row[15], lease_until=row[16],
+    )  # fmt: skip
+
+
+class SQLiteStorage:
+    """Embedded storage in one SQLite file."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._writer = self._connect()
+        schema = resources.files(__package__).joinpath("schema.sql").read_text()
+        self._writer.executescript(schema)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # -- artifacts ------------------------------------------------------------------------------
+    def put_artifact(self, artifact: Artifact) -> None:
+        files = json.dumps({k: base64.b64encode(v).decode() for k, v in sorted(artifact.files.items())})
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO artifacts (tenant, name, digest, runtime, files, workflows, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (artifact.tenant, artifact.name, artifact.digest, artifact.runtime, files,
+                 json.dumps(artifact.workflows), artifact.created_at),
+            )  # fmt: skip
+            # re-publishing old files makes them the latest again
+            conn.execute(
+                "UPDATE artifacts SET seq = (SELECT MAX(seq) + 1 FROM artifacts) "
+                "WHERE tenant = ? AND name = ? AND digest = ? AND seq < (SELECT MAX(seq) FROM artifacts "
+                "WHERE tenant = ? AND name = ?)",
+                (artifact.tenant, artifact.name, artifact.digest, artifact.tenant, artifact.name),
+            )
+
+    def get_artifact(self, tenant: str, name: str, digest: str | None) -> Artifact | None:
+        sql = "SELECT tenant, name, digest, runtime, files, workflows, created_at FROM artifacts WHERE tenant = ? AND name = ?"
+        args: tuple[Any, ...] = (tenant, name)
+        if digest is not None:
+            sql += " AND digest = ?"
+            args += (digest,)
+        row = self._reader().execute(sql + " ORDER BY seq DESC LIMIT 1", args).fetchone()
+        if row is None:
+            return None
+        files = {k: base64.b64decode(v) for k, v in json.loads(row[4]).items()}
+        return Artifact(row[0], row[1], row[2], row[3], files, json.loads(row[5]), row[6])
+
+    # -- instances ------------------------------------------------------------------------------
+    def create_instances(self, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry]) -> None:
+        with self._write() as conn:
+            for record in records:
+                try:
+                    conn.execute(
+                        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+                        (record.tenant, record.id, record.workflow, record.code, record.runtime, record.module,
+                         record.params_json, int(record.status), record.output_json, record.error_name,
+                         record.error_message, record.created_at, record.updated_at, record.run_at,
+                         record.generation, record.lease_owner, record.lease_until),
+                    )  # fmt: skip
+                except sqlite3.IntegrityError:
+                    raise AlreadyExists(
+                        f"instance {record.id!r} already exists in tenant {record.tenant!r}; "
+                        "pick another id or leave it empty to get a generated one"
+                    ) from None
+            for record, entry in zip(records, history, strict=False):
+                self._history(conn, record.tenant, record.id, [entry])
+
+    def get_instance(self, tenant: str, id: str) -> InstanceRecord | None:
+        row = self._reader().execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE tenant = ? AND id = ?", (tenant, id)
+        ).fetchone()
+        return _instance(row) if row else None
+
+    def list_instances(
+        self, tenant: str, status: Status | None, cursor: str | None, limit: int
+    ) -> tuple[list[InstanceRecord], str | None]:
+        after = int(cursor) if cursor else 0
+        sql = f"SELECT {_INSTANCE_COLUMNS}, rowid FROM instances WHERE tenant = ? AND rowid > ?"
+        args: tuple[Any, ...] = (tenant, after)
+        if status is not None:
+            sql += " AND status = ?"
+            args += (int(status),)
+        rows = self._reader().execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [_instance(r) for r in rows], (str(rows[-1][17]) if more and rows else None)
+
+    def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
+        rows = self._reader().execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE tenant = ? AND id = ? ORDER BY seq", (tenant, id)
+        ).fetchall()
+        return [StepRecord(*r) for r in rows]
+
+    def get_events(self, tenant: str, id: str, *, unconsumed_only: bool) -> list[EventRecord]:
+        sql = "SELECT seq, type, payload_json, created_at, consumed_by FROM events WHERE tenant = ? AND id = ?"
+        if unconsumed_only:
+            sql += " AND consumed_by = ''"
+        return [EventRecord(*r) for r in self._reader().execute(sql + " ORDER BY seq", (tenant, id)).fetchall()]
+
+    def get_history(self, tenant: str, id: str, after_seq: int, limit: int) -> list[HistoryEntry]:
+        rows = self._reader().execute(
+            "SELECT kind, at, status, step, attempt, message, data_json, seq FROM history "
+            "WHERE tenant = ? AND id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (tenant, id, after_seq, limit),
+        ).fetchall()
+        return [HistoryEntry(*r) for r in rows]
+
+    # -- the write path of running instances ----------------------------------------------------
+    def apply(self, changes: Sequence[Change]) -> list[ApplyResult]:
+        results: list[ApplyResult] = []
+        with self._write() as conn:
+            for change in changes:
+                conn.execute("SAVEPOINT change")
+                result = self._apply_one(conn, change)
+                if not result.ok:
+                    conn.execute("ROLLBACK TO change")
+                conn.execute("RELEASE change")
+                results.append(result)
+        return results
+
+    def _apply_one(self, conn: sqlite3.Connection, ch: Change) -> ApplyResult:
+        row = conn.execute(
+            "SELECT status, generation, lease_owner FROM instances WHERE tenant = ? AND id = ?", (ch.tenant, ch.id)
+        ).fetchone()
+        if row is None:
+            return ApplyResult(False, f"instance {ch.id!r} does not exist")
+        status, generation, owner = Status(row[0]), row[1], row[2]
+        if ch.generation is not None and generation != ch.generation:
+            return ApplyResult(False, "the instance was restarted or terminated meanwhile")
+        if ch.owner is not None and owner != ch.owner:
+            return ApplyResult(False, "the lease on the instance was lost")
+        if ch.expect_status and status not in ch.expect_status:
+            return ApplyResult(False, f"the instance is {status.name.lower()}", status=status)
+        values = dict(ch.set)
+        unknown = set(values) - _SETTABLE
+        if unknown:
+            raise ValueError(f"cannot set instance columns {sorted(unknown)}")
+        history = list(ch.history)
+        if ch.pause_aware and status == Status.WAITING_FOR_PAUSE and values.get("status") not in (
+            int(Status.COMPLETE), int(Status.ERRORED), Status.COMPLETE, Status.ERRORED
+        ):
+            values.update(status=Status.PAUSED, run_at=None)
+            history = [h for h in history if h.kind != "status"]
+            history.append(HistoryEntry(kind="status", at=ch.now, status=int(Status.PAUSED)))
+        if ch.bump_generation:
+            conn.execute(
+                "UPDATE instances SET generation = generation + 1 WHERE tenant = ? AND id = ?", (ch.tenant, ch.id)
+            )
+        values["updated_at"] = ch.now
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        conn.execute(
+            f"UPDATE instances SET {assignments} WHERE tenant = ? AND id = ?",
+            (*(int(v) if isinstance(v, Status) else v for v in values.values()), ch.tenant, ch.id),
+        )
+        if ch.delete_steps_from is not None:
+            keys = [r[0] for r in conn.execute(
+                "SELECT key FROM steps WHERE tenant = ? AND id = ? AND seq >= ?",
+                (ch.tenant, ch.id, ch.delete_steps_from)).fetchall()]  # fmt: skip
+            conn.execute(
+                "DELETE FROM steps WHERE tenant = ? AND id = ? AND seq >= ?", (ch.tenant, ch.id, ch.delete_steps_from)
+            )
+            conn.executemany(
+                "UPDATE events SET consumed_by = '' WHERE tenant = ? AND id = ? AND consumed_by = ?",
+                [(ch.tenant, ch.id, k) for k in keys],
+            )
+        if ch.steps:
+            conn.executemany(
+                f"INSERT OR REPLACE INTO steps (tenant, id, {_STEP_COLUMNS}) VALUES ({', '.join('?' * 14)})",
+                [(ch.tenant, ch.id, s.key, s.seq, s.name, s.kind, s.status, s.attempts, s.output_json,
+                  s.error_name, s.error_message, s.wake_at, s.event_type, s.updated_at) for s in ch.steps],
+            )  # fmt: skip
+        for seq, key in ch.consume_events:
+            cur = conn.execute(
+                "UPDATE events SET consumed_by = ? WHERE tenant = ? AND id = ? AND seq = ? AND consumed_by = ''",
+                (key, ch.tenant, ch.id, seq),
+            )
+            if cur.rowcount != 1:
+                return ApplyResult(False, f"event {seq} was already consumed")
+        event_seqs: list[int] = []
+        if ch.add_events:
+            (last,) = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE tenant = ? AND id = ?", (ch.tenant, ch.id)
+            ).fetchone()
+            for event in ch.add_events:
+                last += 1
+                conn.execute(
+                    "INSERT INTO events (tenant, id, seq, type, payload_json, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (ch.tenant, ch.id, last, event.type, event.payload_json, event.created_at),
+                )
+                event_seqs.append(last)
+        final = Status(int(values.get("status", status)))
+        if ch.wake_on_events and final not in (Status.PAUSED, Status.WAITING_FOR_PAUSE, *TERMINAL):
+            marks = ", ".join("?" * len(ch.wake_on_events))
+            found = conn.execute(
+                f"SELECT 1 FROM events WHERE tenant = ? AND id = ? AND consumed_by = '' AND type IN ({marks}) LIMIT 1",
+                (ch.tenant, ch.id, *ch.wake_on_events),
+            ).fetchone()
+            if found:
+                conn.execute("UPDATE instances SET run_at = ? WHERE tenant = ? AND id = ?", (ch.now, ch.tenant, ch.id))
+        self._history(conn, ch.tenant, ch.id, history)
+        return ApplyResult(True, event_seqs=event_seqs, status=final)
+
+    def _history(self, conn: sqlite3.Connection, tenant: str, id: str, entries: Sequence[HistoryEntry]) -> None:
+        if not entries:
+            return
+        (last,) = conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM history WHERE tenant = ? AND id = ?", (tenant, id)
+        ).fetchone()
+        rows = []
+        for entry in entries:
+            last += 1
+            entry.seq = last
+            rows.append((tenant, id, last, entry.at, entry.kind, entry.status, entry.step, entry.attempt,
+                         entry.message, entry.data_json))  # fmt: skip
+        conn.executemany("INSERT INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def claim(self, owner: str, now: float, lease_seconds: float, limit: int) -> list[InstanceRecord]:
+        if limit <= 0:
+            return []
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT rowid FROM (SELECT rowid, run_at, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY run_at) AS rn "
+                "FROM (SELECT rowid, tenant, run_at FROM instances WHERE run_at <= ? "
+                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY run_at LIMIT ?)) "
+                "ORDER BY rn, run_at LIMIT ?",
+                (now, now, limit * 20, limit),
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            if not ids:
+                return []
+            marks = ", ".join("?" * len(ids))
+            conn.execute(
+                f"UPDATE instances SET lease_owner = ?, lease_until = ? WHERE rowid IN ({marks})",
+                (owner, now + lease_seconds, *ids),
+            )
+            claimed = conn.execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE rowid IN ({marks}) ORDER BY run_at", ids
+            ).fetchall()
+        return [_instance(r) for r in claimed]
+
+    def renew_leases(self, owner: str, keys: Sequence[tuple[str, str]], until: float) -> list[tuple[str, str]]:
+        lost: list[tuple[str, str]] = []
+        with self._write() as conn:
+            for tenant, id in keys:
+                cur = conn.execute(
+                    "UPDATE instances SET lease_until = ? WHERE tenant = ? AND id = ? AND lease_owner = ?",
+                    (until, tenant, id, owner),
+                )
+                if cur.rowcount != 1:
+                    lost.append((tenant, id))
+        return lost
+
+    def release_leases(self, owner: str) -> int:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE instances SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)
+            )
+            return cur.rowcount
+
+    def next_run_at(self) -> float | None:
+        row = self._reader().execute(
+            "SELECT MIN(run_at) FROM instances WHERE run_at IS NOT NULL AND lease_owner IS NULL"
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._writer.close()

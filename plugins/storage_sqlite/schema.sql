@@ -1,0 +1,42 @@
+PRAGMA journal_mode = WAL;
+
+CREATE TABLE IF NOT EXISTS artifacts (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL, runtime TEXT NOT NULL,
+    files TEXT NOT NULL, workflows TEXT NOT NULL, created_at REAL NOT NULL,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    UNIQUE (tenant, name, digest)
+);
+
+CREATE TABLE IF NOT EXISTS instances (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL, id TEXT NOT NULL, workflow TEXT NOT NULL, code TEXT NOT NULL,
+    runtime TEXT NOT NULL, module TEXT NOT NULL, params_json TEXT NOT NULL,
+    status INTEGER NOT NULL, output_json TEXT NOT NULL DEFAULT '',
+    error_name TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, run_at REAL,
+    generation INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_until REAL,
+    UNIQUE (tenant, id)
+);
+CREATE INDEX IF NOT EXISTS instances_due ON instances (run_at) WHERE run_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS instances_by_status ON instances (tenant, status, rowid);
+
+CREATE TABLE IF NOT EXISTS steps (
+    tenant TEXT NOT NULL, id TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
+    name TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL,
+    output_json TEXT NOT NULL, error_name TEXT NOT NULL, error_message TEXT NOT NULL,
+    wake_at REAL, event_type TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (tenant, id, key)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS events (
+    tenant TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL,
+    payload_json TEXT NOT NULL, created_at REAL NOT NULL, consumed_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (tenant, id, seq)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS history (
+    tenant TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL,
+    kind TEXT NOT NULL, status INTEGER NOT NULL, step TEXT NOT NULL, attempt INTEGER NOT NULL,
+    message TEXT NOT NULL, data_json TEXT NOT NULL,
+    PRIMARY KEY (tenant, id, seq)
+) WITHOUT ROWID;
