@@ -167,7 +167,7 @@ class WakeUp:
             )
             return
         job = {
-            "files": {p: d.decode("utf-8", "replace") for p, d in code.bundle.files.items()},
+            "files": code.bundle.files,  # bytes: each sandbox encodes them for its guest
             "module": module,
             "workflow": rec.workflow,
             "event": {"payload": json.loads(rec.params_json or "null"), "instance_id": rec.id,

@@ -62,7 +62,12 @@ class Sandbox(Protocol):
         ...
 
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
-        """Run the guest for ``job`` until it reports finish/suspend or dies."""
+        """Run the guest for ``job`` until it reports finish/suspend or dies.
+
+        ``job``: ``files`` ({path: bytes}), ``module`` (to import), ``workflow`` (class name),
+        ``event`` ({payload, instance_id, timestamp}) and ``journal`` (recorded steps, in order:
+        {key, name, kind, status, value?, error?}). The guest runtime's messages and the host's
+        replies are documented in ``tenantflow.workflow._runtime``."""
         ...
 
     async def close(self) -> None: ...

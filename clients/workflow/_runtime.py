@@ -6,6 +6,22 @@ sandbox, a host call for wasm). The runtime imports the tenant's files from memo
 step that is not settled yet, and ends by reporting ``finish`` (the run returned or raised) or
 ``suspend`` (every branch waits on a sleep, an event or a retry delay). The kernel decides and
 commits everything; the runtime holds no durable state.
+
+The protocol (JSON objects; ``call`` expects a reply, ``notify`` does not):
+
+guest -> kernel                                                   kernel reply ``{"do": ...}``
+``{"op": "step", "kind": "do", "key", "name", "policy": {limit, delay, backoff, timeout}}``
+``{"op": "step", "kind": "sleep", "key", "name", "seconds" | "until"}``
+``{"op": "step", "kind": "wait", "key", "name", "type", "seconds"}``
+``{"op": "result", "key", "name", "attempt", "ok": true, "value"}``
+``{"op": "result", ..., "ok": false, "error": {name, message, traceback, retryable}}``
+    -> ``run`` (``attempt``: call the step callback), ``return`` (``value``), ``raise``
+       (``error``), ``suspend`` (this branch waits for the next wake-up)
+``{"op": "finish", "ok": true, "value"}`` / ``{"op": "finish", "ok": false, "error"}`` -> ``ack``
+``{"op": "suspend"}`` (every branch is suspended) -> ``ack``
+``{"op": "log", "stream", "line"}`` (notify)
+
+Keys are ``"<name>#<occurrence>"``. Durations are seconds; ``until`` is epoch seconds.
 """
 
 from __future__ import annotations

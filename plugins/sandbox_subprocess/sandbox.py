@@ -132,6 +132,7 @@ class SubprocessSandbox:
                     self._ctrl.send(json.dumps({"op": "kill", "pid": pid}).encode())
 
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
+        job = {**job, "files": {p: d.decode("utf-8", "replace") for p, d in job["files"].items()}}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             pid = await self._fork(theirs, limits)

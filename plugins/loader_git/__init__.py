@@ -1,0 +1,1 @@
+"""Git code loader plugin: git+file:// refs pinned to commits."""

@@ -1,0 +1,1 @@
+"""WebAssembly sandbox plugin (wasmtime): Python workflows (python-wasm) and raw modules (wasm)."""
