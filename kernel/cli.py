@@ -49,7 +49,9 @@ async def _serve(args: argparse.Namespace) -> None:
     server, port = await create_server(kernel, args.listen)
     await server.start()
     host = args.listen.rsplit(":", 1)[0]
-    print(f"tenantflow kernel listening on {host}:{port} (storage {config.resolved_storage_url()})", flush=True)
+    print(
+        f"tenantflow kernel listening on {host}:{port} (storage {config.resolved_storage_url()})", flush=True
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -99,7 +101,9 @@ def _cmd_publish(args: argparse.Namespace) -> None:
             files[path.name] = path.read_bytes()
     with _client(args) as client:
         version = client.publish(args.tenant, args.name, files, runtime=args.runtime)
-    print(table([[version.ref, version.runtime, ", ".join(version.workflows)]], ["ref", "runtime", "workflows"]))
+    print(
+        table([[version.ref, version.runtime, ", ".join(version.workflows)]], ["ref", "runtime", "workflows"])
+    )
 
 
 def _cmd_create(args: argparse.Namespace) -> None:
@@ -175,7 +179,9 @@ def _control(action: str) -> Any:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tenantflow", description="Durable execution of tenants' own workflow code.")
+    p = argparse.ArgumentParser(
+        prog="tenantflow", description="Durable execution of tenants' own workflow code."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the kernel")
     s.add_argument("--listen", default=DEFAULT_ADDRESS, help="HOST:PORT (port 0 picks a free one)")
@@ -231,7 +237,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     from tenantflow.client import TenantflowRpcError
 
     try:

@@ -38,7 +38,9 @@ def digest_files(runtime: str, files: Mapping[str, bytes]) -> str:
 def scheme_of(ref: str) -> str:
     scheme, sep, _ = ref.partition("://")
     if not sep or not scheme:
-        raise InvalidArgument(f"bad code ref {ref!r}: expected <scheme>://..., e.g. artifact://<tenant>/<name>")
+        raise InvalidArgument(
+            f"bad code ref {ref!r}: expected <scheme>://..., e.g. artifact://<tenant>/<name>"
+        )
     return scheme
 
 
@@ -80,7 +82,9 @@ class CodeCatalog:
         except CodeError as exc:
             raise InvalidArgument(f"code rejected: {exc}") from None
 
-    def publish(self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]) -> tuple[str, list[str]]:
+    def publish(
+        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
+    ) -> tuple[str, list[str]]:
         if not NAME.match(name):
             raise InvalidArgument(f"bad code name {name!r}: 1-100 of letters, digits, '_', '-', '.'")
         size = sum(len(p) + len(d) for p, d in files.items())
@@ -92,7 +96,9 @@ class CodeCatalog:
         if not workflows:
             raise InvalidArgument("the code defines no workflow class (a top-level class with a run method)")
         digest = digest_files(runtime, files)
-        self._storage.put_artifact(Artifact(tenant, name, digest, runtime, dict(files), workflows, time.time()))
+        self._storage.put_artifact(
+            Artifact(tenant, name, digest, runtime, dict(files), workflows, time.time())
+        )
         return artifact_ref(tenant, name, digest), sorted(workflows)
 
     def loader(self, ref: str) -> Loader:
@@ -104,7 +110,9 @@ class CodeCatalog:
 
     def pin(self, tenant: str, ref: str) -> str:
         if not ref:
-            raise InvalidArgument("code is required: a ref returned by Code.Publish, e.g. artifact://<tenant>/<name>")
+            raise InvalidArgument(
+                "code is required: a ref returned by Code.Publish, e.g. artifact://<tenant>/<name>"
+            )
         return self.loader(ref).pin(tenant, ref)
 
     async def get(self, tenant: str, pinned: str) -> LoadedCode:
@@ -143,7 +151,8 @@ class CodeCatalog:
     def _evict(self) -> None:
         horizon = time.monotonic() - self._config.code_cache_idle_seconds
         while self._cache and (
-            len(self._cache) > self._config.code_cache_entries or next(iter(self._cache.values()))[1] < horizon
+            len(self._cache) > self._config.code_cache_entries
+            or next(iter(self._cache.values()))[1] < horizon
         ):
             self._cache.popitem(last=False)
 

@@ -54,7 +54,12 @@ def retry_delay(policy: dict[str, Any], attempt: int) -> float:
 def _policy(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError("policy must be an object")
-    limit, delay, backoff, timeout = raw.get("limit"), raw.get("delay"), raw.get("backoff"), raw.get("timeout")
+    limit, delay, backoff, timeout = (
+        raw.get("limit"),
+        raw.get("delay"),
+        raw.get("backoff"),
+        raw.get("timeout"),
+    )
     if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 10_000:
         raise ValueError(f"retry limit must be an integer in 0..10000, got {limit!r}")
     if not isinstance(delay, int | float) or not 0 <= delay <= MAX_DELAY or math.isnan(delay):
@@ -149,7 +154,9 @@ class WakeUp:
         self.next_seq = max((s.seq for s in self.steps.values()), default=0) + 1
         start = self._change(
             set={"status": Status.RUNNING},
-            expect_status=frozenset({Status.QUEUED, Status.RUNNING, Status.WAITING, Status.WAITING_FOR_PAUSE}),
+            expect_status=frozenset(
+                {Status.QUEUED, Status.RUNNING, Status.WAITING, Status.WAITING_FOR_PAUSE}
+            ),
             history=[self._status(Status.RUNNING)] if rec.status != Status.RUNNING else [],
         )
         if rec.status == Status.WAITING_FOR_PAUSE:
@@ -163,7 +170,10 @@ class WakeUp:
         module = code.bundle.entry or code.workflows.get(rec.workflow)
         if module is None:
             await self._end_errored(
-                {"name": "WorkflowNotFound", "message": f"{rec.code} defines no workflow class {rec.workflow!r}"}
+                {
+                    "name": "WorkflowNotFound",
+                    "message": f"{rec.code} defines no workflow class {rec.workflow!r}",
+                }
             )
             return
         job = {
@@ -232,7 +242,9 @@ class WakeUp:
         history: list[HistoryEntry] = []
         charged = timed_out or ([] if self.aborted else list(self.flights))
         if not charged and not self.aborted:
-            await self._end_errored({"name": "SandboxCrash", "message": f"the workflow crashed outside a step: {detail}"})
+            await self._end_errored(
+                {"name": "SandboxCrash", "message": f"the workflow crashed outside a step: {detail}"}
+            )
             return
         if self.aborted and not timed_out:
             return
@@ -240,8 +252,10 @@ class WakeUp:
             flight = self.flights.pop(key)
             step = self.steps[key]
             if key in timed_out:
-                error = {"name": "StepTimeout",
-                         "message": f"attempt {flight.attempt} did not finish within {flight.policy['timeout']:g} s"}
+                error = {
+                    "name": "StepTimeout",
+                    "message": f"attempt {flight.attempt} did not finish within {flight.policy['timeout']:g} s",
+                }
             else:
                 error = {"name": "SandboxCrash", "message": detail}  # fmt: skip
             history.extend(self._fail_attempt(step, flight.policy, error, retryable=True))
@@ -313,7 +327,9 @@ class WakeUp:
                 raise _Abort("step limit")
             if self.pause_requested:
                 return {"do": "suspend"}
-            step = StepRecord(key=key, seq=self.next_seq, name=name, kind=kind, status="new", updated_at=time.time())
+            step = StepRecord(
+                key=key, seq=self.next_seq, name=name, kind=kind, status="new", updated_at=time.time()
+            )
             self.next_seq += 1
             self.steps[key] = step
         if kind == "do":
@@ -427,7 +443,11 @@ class WakeUp:
         assert step.wake_at is not None
         if step.wake_at <= now:
             step.status, step.updated_at = "complete", now
-            self._submit(self._change(steps=[dataclasses.replace(step)], history=[self._history("step_completed", step)]))
+            self._submit(
+                self._change(
+                    steps=[dataclasses.replace(step)], history=[self._history("step_completed", step)]
+                )
+            )
             return {"do": "return", "value": None}
         self.wakes.append(step.wake_at)
         self.hibernating = True
@@ -447,13 +467,21 @@ class WakeUp:
                                   data_json=json.dumps({"type": event_type, "timeout_at": step.wake_at}))  # fmt: skip
             self._submit(self._change(steps=[dataclasses.replace(step)], history=[entry]))
         rec = self.record
-        events = await asyncio.to_thread(self.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True)
+        events = await asyncio.to_thread(
+            self.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True
+        )
         event = next((e for e in events if e.type == step.event_type), None)
         if event is not None:
-            value = {"type": event.type, "payload": json.loads(event.payload_json or "null"), "timestamp": iso(event.created_at)}
+            value = {
+                "type": event.type,
+                "payload": json.loads(event.payload_json or "null"),
+                "timestamp": iso(event.created_at),
+            }
             step.status, step.output_json, step.updated_at = "complete", json.dumps(value), now
             entry = self._history("step_completed", step, message=f"event {event.seq} received")
-            await self._commit(self._change(steps=[step], consume_events=[(event.seq, step.key)], history=[entry]))
+            await self._commit(
+                self._change(steps=[step], consume_events=[(event.seq, step.key)], history=[entry])
+            )
             return {"do": "return", "value": value}
         assert step.wake_at is not None
         if step.wake_at <= now:

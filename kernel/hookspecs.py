@@ -22,7 +22,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec(firstresult=True)
-def tenantflow_storage(url: str, config: KernelConfig) -> Storage | None:  # type: ignore[empty-body]
+def tenantflow_storage(url: str, config: KernelConfig) -> Storage | None:
     """Open the storage engine for ``url`` if its scheme is yours (``sqlite:///path``), else None."""
 
 

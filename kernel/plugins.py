@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pluggy
-
 from tenantflow.kernel import hookspecs
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import InvalidArgument

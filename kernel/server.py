@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from tenantflow.kernel import errors
 from tenantflow.kernel.model import HistoryEntry, InstanceRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, Kernel
@@ -37,7 +36,7 @@ def status_code(exc: errors.TenantflowError) -> grpc.StatusCode:
     """The one gRPC code for a kernel error (the most specific class wins)."""
     for cls in type(exc).__mro__:
         if cls in STATUS_CODES:
-            return STATUS_CODES[cls]  # type: ignore[index]
+            return STATUS_CODES[cls]
     return grpc.StatusCode.UNKNOWN
 
 
@@ -85,7 +84,7 @@ def step_pb(step: StepRecord) -> pb.Step:
 def instance_pb(record: InstanceRecord, steps: list[StepRecord] | None = None) -> pb.Instance:
     return pb.Instance(
         tenant=record.tenant, id=record.id, workflow=record.workflow, code=record.code,
-        status=int(record.status), output_json=record.output_json,
+        status=pb.Status.ValueType(int(record.status)), output_json=record.output_json,
         error=pb.Error(name=record.error_name, message=record.error_message) if record.error_name else None,
         steps=[step_pb(s) for s in steps or []], created_at=_ts(record.created_at),
         updated_at=_ts(record.updated_at), params_json=record.params_json, runtime=record.runtime,
@@ -94,13 +93,15 @@ def instance_pb(record: InstanceRecord, steps: list[StepRecord] | None = None) -
 
 def watch_pb(entry: HistoryEntry) -> pb.WatchEvent:
     return pb.WatchEvent(
-        sequence=entry.seq, at=_ts(entry.at), kind=entry.kind, status=entry.status, step=entry.step,
+        sequence=entry.seq, at=_ts(entry.at), kind=entry.kind, status=pb.Status.ValueType(entry.status), step=entry.step,
         attempt=entry.attempt, message=entry.message, data_json=entry.data_json,
     )  # fmt: skip
 
 
 def _spec(request: pb.CreateRequest) -> CreateSpec:
-    return CreateSpec(workflow=request.workflow, code=request.code, id=request.id, params_json=request.params_json)
+    return CreateSpec(
+        workflow=request.workflow, code=request.code, id=request.id, params_json=request.params_json
+    )
 
 
 class WorkflowsServicer(pb_grpc.WorkflowsServicer):
@@ -132,7 +133,9 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         if request.status not in Status._value2member_map_:
             raise errors.InvalidArgument(f"unknown status {request.status}")
         status = Status(request.status) if request.status else None
-        records, token = await self.k.list(request.tenant, status, request.page_size, request.page_token)
+        records, token = await self.k.list_instances(
+            request.tenant, status, request.page_size, request.page_token
+        )
         return pb.ListResponse(instances=[instance_pb(r) for r in records], next_page_token=token)
 
     @_mapped
@@ -170,7 +173,9 @@ class CodeServicer(pb_grpc.CodeServicer):
 
     @_mapped
     async def Publish(self, request: pb.PublishRequest, context: Any) -> pb.CodeVersion:
-        ref, runtime, workflows = await self.k.publish(request.tenant, request.name, request.runtime, dict(request.files))
+        ref, runtime, workflows = await self.k.publish(
+            request.tenant, request.name, request.runtime, dict(request.files)
+        )
         return pb.CodeVersion(ref=ref, runtime=runtime, workflows=workflows)
 
 

@@ -61,12 +61,16 @@ class InstanceView:
 
 def check_tenant(tenant: str) -> None:
     if not TENANT.match(tenant or ""):
-        raise InvalidArgument(f"bad tenant {tenant!r}: 1-100 of letters, digits, '_', '-', '.' (not starting with - or .)")
+        raise InvalidArgument(
+            f"bad tenant {tenant!r}: 1-100 of letters, digits, '_', '-', '.' (not starting with - or .)"
+        )
 
 
 def check_id(id: str) -> None:
     if not ID.match(id or ""):
-        raise InvalidArgument(f"bad instance id {id!r}: 1-100 of letters, digits, '_' and '-', not starting with '-'")
+        raise InvalidArgument(
+            f"bad instance id {id!r}: 1-100 of letters, digits, '_' and '-', not starting with '-'"
+        )
 
 
 class Notifier:
@@ -175,7 +179,9 @@ class Kernel:
         if not specs:
             raise InvalidArgument("a batch needs at least one request")
         if len(specs) > self.config.max_batch:
-            raise ResourceExhausted(f"a batch holds at most {self.config.max_batch} instances; got {len(specs)}")
+            raise ResourceExhausted(
+                f"a batch holds at most {self.config.max_batch} instances; got {len(specs)}"
+            )
         now = time.time()
         records: list[InstanceRecord] = []
         seen: set[str] = set()
@@ -187,7 +193,9 @@ class Kernel:
                 raise AlreadyExistsInBatch(f"instance id {id!r} appears twice in the batch")
             seen.add(id)
             if not WORKFLOW.match(spec.workflow or ""):
-                raise InvalidArgument(f"bad workflow {spec.workflow!r}: the name of the entrypoint class, e.g. 'Pipeline'")
+                raise InvalidArgument(
+                    f"bad workflow {spec.workflow!r}: the name of the entrypoint class, e.g. 'Pipeline'"
+                )
             params = self._json(spec.params_json, "params_json")
             if spec.code not in pins:
                 pins[spec.code] = await asyncio.to_thread(self.catalog.pin, tenant, spec.code)
@@ -203,7 +211,9 @@ class Kernel:
                 tenant=tenant, id=id, workflow=spec.workflow, code=pinned, runtime=code.bundle.runtime,
                 module=module, params_json=params, status=Status.QUEUED, created_at=now, updated_at=now, run_at=now,
             ))  # fmt: skip
-        history = [HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message="created") for _ in records]
+        history = [
+            HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message="created") for _ in records
+        ]
         await asyncio.to_thread(self.storage.create_instances, records, history)
         self._poke()
         return records
@@ -214,7 +224,7 @@ class Kernel:
         steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
         return InstanceView(record, steps)
 
-    async def list(
+    async def list_instances(
         self, tenant: str, status: Status | None, page_size: int, page_token: str
     ) -> tuple[list[InstanceRecord], str]:
         check_tenant(tenant)
@@ -235,7 +245,9 @@ class Kernel:
         for _ in range(5):
             record = await self._record(tenant, id)
             if record.status in TERMINAL:
-                raise FailedPrecondition(f"instance {id!r} is {record.status.name.lower()}; only live instances pause")
+                raise FailedPrecondition(
+                    f"instance {id!r} is {record.status.name.lower()}; only live instances pause"
+                )
             if record.status in (Status.PAUSED, Status.WAITING_FOR_PAUSE):
                 return record
             now = time.time()
@@ -297,7 +309,7 @@ class Kernel:
         return await self._record(tenant, id)
 
     async def restart(self, tenant: str, id: str, from_step: str) -> InstanceRecord:
-        record = await self._record(tenant, id)
+        await self._record(tenant, id)
         delete_from = 0
         message = "restarted from the start"
         if from_step:
@@ -326,7 +338,9 @@ class Kernel:
         payload = self._json(payload_json, "payload_json")
         record = await self._record(tenant, id)
         if record.status in TERMINAL:
-            raise FailedPrecondition(f"instance {id!r} is {record.status.name.lower()}; it takes no more events")
+            raise FailedPrecondition(
+                f"instance {id!r} is {record.status.name.lower()}; it takes no more events"
+            )
         now = time.time()
         change = Change(
             tenant=tenant, id=id, now=now, expect_status=frozenset(set(Status) - TERMINAL),

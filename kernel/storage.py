@@ -61,7 +61,9 @@ class Storage(Protocol):
         """Lease up to ``limit`` instances with ``run_at <= now`` and no live lease, round-robin by tenant."""
         ...
 
-    def renew_leases(self, owner: str, keys: Sequence[tuple[str, str]], until: float) -> list[tuple[str, str]]:
+    def renew_leases(
+        self, owner: str, keys: Sequence[tuple[str, str]], until: float
+    ) -> list[tuple[str, str]]:
         """Extend ``owner``'s leases; return the keys whose lease was lost."""
         ...
 

@@ -51,7 +51,8 @@ def python_entrypoints(files: Mapping[str, bytes], entry: str | None = None) -> 
             continue
         for node in tree.body:
             if isinstance(node, ast.ClassDef) and any(
-                isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef) and item.name == "run" for item in node.body
+                isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef) and item.name == "run"
+                for item in node.body
             ):
                 found.setdefault(node.name, module_name(path))
     return found

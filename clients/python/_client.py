@@ -9,7 +9,6 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
 
@@ -72,11 +71,15 @@ class Client:
         self, tenant: str, name: str, files: Mapping[str, str | bytes], runtime: str = "python"
     ) -> pb.CodeVersion:
         encoded = {k: v.encode() if isinstance(v, str) else v for k, v in files.items()}
-        return self._call(self.code.Publish, pb.PublishRequest(tenant=tenant, name=name, runtime=runtime, files=encoded))  # type: ignore[no-any-return]
+        return self._call(
+            self.code.Publish, pb.PublishRequest(tenant=tenant, name=name, runtime=runtime, files=encoded)
+        )  # type: ignore[no-any-return]
 
     # -- instances ------------------------------------------------------------------------------------
     def create(self, tenant: str, workflow: str, code: str, params: Any = None, id: str = "") -> pb.Instance:
-        request = pb.CreateRequest(tenant=tenant, workflow=workflow, code=code, id=id, params_json=_json(params))
+        request = pb.CreateRequest(
+            tenant=tenant, workflow=workflow, code=code, id=id, params_json=_json(params)
+        )
         return self._call(self.workflows.Create, request)  # type: ignore[no-any-return]
 
     def create_batch(self, tenant: str, items: list[dict[str, Any]]) -> list[pb.Instance]:
@@ -86,7 +89,9 @@ class Client:
                              params_json=_json(i.get("params")))
             for i in items
         ]  # fmt: skip
-        return list(self._call(self.workflows.CreateBatch, pb.CreateBatchRequest(requests=requests)).instances)
+        return list(
+            self._call(self.workflows.CreateBatch, pb.CreateBatchRequest(requests=requests)).instances
+        )
 
     def get(self, tenant: str, id: str) -> pb.Instance:
         return self._call(self.workflows.Get, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
@@ -140,7 +145,9 @@ class Client:
             if instance.status in statuses:
                 return instance
             if time.monotonic() > deadline:
-                raise TimeoutError(f"instance {id!r} still {status_name(instance.status)} after {timeout:g} s")
+                raise TimeoutError(
+                    f"instance {id!r} still {status_name(instance.status)} after {timeout:g} s"
+                )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
 

@@ -29,7 +29,9 @@ class EventTimeoutError(Exception):
     """``step.wait_for_event`` reached its time-out before a matching event arrived."""
 
     def __init__(self, step: str, event_type: str, message: str = "") -> None:
-        super().__init__(message or f"step {step!r}: no event of type {event_type!r} arrived before the time-out")
+        super().__init__(
+            message or f"step {step!r}: no event of type {event_type!r} arrived before the time-out"
+        )
         self.step = step
         self.event_type = event_type
 

@@ -47,7 +47,9 @@ def parse_duration(value: Duration) -> float:
             )
         seconds = float(match.group(1)) * _UNITS[unit]
     else:
-        raise ValueError(f"invalid duration {value!r}: use seconds, a timedelta or a string like '10 seconds'")
+        raise ValueError(
+            f"invalid duration {value!r}: use seconds, a timedelta or a string like '10 seconds'"
+        )
     if seconds < 0:
         raise ValueError(f"invalid duration {value!r}: must not be negative")
     return seconds

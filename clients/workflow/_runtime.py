@@ -39,7 +39,6 @@ from typing import Any, Protocol
 
 from tenantflow.workflow._api import (
     EventTimeoutError,
-    NonDeterminismError,
     NonRetryableError,
     StepContext,
     StepError,
@@ -141,7 +140,9 @@ class _Core:
         if self.fatal:
             raise _Fatal(self.fatal["message"])
         if not isinstance(name, str) or not name or len(name) > 256:
-            raise ValueError(f"a step name must be a non-empty string of at most 256 characters, got {name!r}")
+            raise ValueError(
+                f"a step name must be a non-empty string of at most 256 characters, got {name!r}"
+            )
         occurrence = self.counts.get(name, 0)
         self.counts[name] = occurrence + 1
         key = f"{name}#{occurrence}"
@@ -185,13 +186,16 @@ class _Core:
             return EventTimeoutError(name, error.get("type", ""), error.get("message", ""))
         return StepError(name, str(error.get("name", "Error")), str(error.get("message", "")))
 
-    def outcome(self, key: str, name: str, attempt: int, value: Any, exc: BaseException | None) -> dict[str, Any]:
+    def outcome(
+        self, key: str, name: str, attempt: int, value: Any, exc: BaseException | None
+    ) -> dict[str, Any]:
         """Describe how one attempt of a step callback ended, for the kernel."""
         message: dict[str, Any] = {"op": "result", "key": key, "name": name, "attempt": attempt}
         if exc is not None:
             retryable = not isinstance(exc, NonRetryableError)
             message.update(ok=False, error={**error_dict(exc), "retryable": retryable})
             return message
+        problem: Exception
         try:
             encoded = json.dumps(value)
         except (TypeError, ValueError) as err:
@@ -213,7 +217,9 @@ def _policy(name: str, retries: dict[str, Any] | None, timeout: Any) -> dict[str
     retries = dict(retries or {})
     unknown = set(retries) - {"limit", "delay", "backoff"}
     if unknown:
-        raise ValueError(f"step {name!r}: unknown retry option(s) {sorted(unknown)}; use limit, delay, backoff")
+        raise ValueError(
+            f"step {name!r}: unknown retry option(s) {sorted(unknown)}; use limit, delay, backoff"
+        )
     limit = retries.get("limit", 5)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         raise ValueError(f"step {name!r}: retries limit must be an integer >= 0, got {limit!r}")
@@ -234,7 +240,8 @@ def _invoke(fn: Callable[..., Any], name: str, attempt: int) -> Any:
     try:
         params = inspect.signature(fn).parameters
         wants_context = any(
-            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params.values()
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+            for p in params.values()
         )
     except (TypeError, ValueError):
         wants_context = False
@@ -257,7 +264,9 @@ class SyncStep:
     def __init__(self, core: _Core) -> None:
         self._core = core
 
-    def _drive(self, key: str, name: str, kind: str, reply: dict[str, Any], fn: Callable[..., Any] | None) -> Any:
+    def _drive(
+        self, key: str, name: str, kind: str, reply: dict[str, Any], fn: Callable[..., Any] | None
+    ) -> Any:
         while True:
             action = reply.get("do")
             if action == "run" and fn is not None:
@@ -320,7 +329,8 @@ def _call_blocking(fn: Callable[..., Any], name: str, attempt: int) -> Any:
     """Call a step callback to completion (an async callback in a sync context gets its own loop)."""
     value = _invoke(fn, name, attempt)
     if inspect.isawaitable(value):
-        return GuestLoop(threads=False).run(_await(value)).result()
+        loop = GuestLoop(threads=False)  # type: ignore[abstract]
+        return loop.run(_await(value)).result()
     return value
 
 
@@ -432,11 +442,17 @@ def _finish(transport: Transport, value: Any) -> None:
     try:
         encoded = json.dumps(value)
     except (TypeError, ValueError) as exc:
-        error = {"name": "TypeError", "message": f"run() returned a value that is not JSON-serializable: {exc}"}
+        error = {
+            "name": "TypeError",
+            "message": f"run() returned a value that is not JSON-serializable: {exc}",
+        }
         transport.call({"op": "finish", "ok": False, "error": error})
         return
     if len(encoded) > MAX_VALUE_BYTES:
-        error = {"name": "ValueError", "message": f"run() returned {len(encoded)} bytes of JSON; the limit is 1 MiB"}
+        error = {
+            "name": "ValueError",
+            "message": f"run() returned {len(encoded)} bytes of JSON; the limit is 1 MiB",
+        }
         transport.call({"op": "finish", "ok": False, "error": error})
         return
     transport.call({"op": "finish", "ok": True, "value": value})
@@ -445,8 +461,8 @@ def _finish(transport: Transport, value: Any) -> None:
 def run_job(job: dict[str, Any], transport: Transport, *, threads: bool = True) -> None:
     """Run one wake-up of ``job`` (files, module, workflow, event, journal) and report how it ended."""
     stdout, stderr = sys.stdout, sys.stderr
-    sys.stdout = _LogStream(transport, "stdout")  # type: ignore[assignment]
-    sys.stderr = _LogStream(transport, "stderr")  # type: ignore[assignment]
+    sys.stdout = _LogStream(transport, "stdout")
+    sys.stderr = _LogStream(transport, "stderr")
     try:
         _run(job, transport, threads)
     finally:
@@ -461,7 +477,9 @@ def _run(job: dict[str, Any], transport: Transport, threads: bool) -> None:
         module = __import__(job["module"], fromlist=["_"])
         cls = getattr(module, job["workflow"], None)
         if not (isinstance(cls, type) and callable(getattr(cls, "run", None))):
-            raise TypeError(f"module {job['module']!r} defines no workflow class {job['workflow']!r} with a run method")
+            raise TypeError(
+                f"module {job['module']!r} defines no workflow class {job['workflow']!r} with a run method"
+            )
         workflow = cls()
     except BaseException as exc:  # noqa: BLE001 - the tenant's import-time errors fail the instance
         transport.call({"op": "finish", "ok": False, "error": error_dict(exc), "phase": "load"})
@@ -475,7 +493,7 @@ def _run(job: dict[str, Any], transport: Transport, threads: bool) -> None:
         timestamp=_dt.datetime.fromisoformat(ev["timestamp"]),
     )
     if inspect.iscoroutinefunction(workflow.run):
-        loop = GuestLoop(threads=threads)
+        loop = GuestLoop(threads=threads)  # type: ignore[abstract]
         core = _Core(job, transport, loop)
         task = loop.run(workflow.run(event, AsyncStep(core, loop)))
         if core.fatal:

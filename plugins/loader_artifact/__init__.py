@@ -21,7 +21,7 @@ _REF = re.compile(r"^artifact://(?P<tenant>[^/@]+)/(?P<name>[^/@]+)(?:@sha256:(?
 class ArtifactLoader:
     """Resolves ``artifact://`` refs against the storage's artifact table."""
 
-    schemes = ("artifact",)
+    schemes: tuple[str, ...] = ("artifact",)
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
@@ -41,7 +41,9 @@ class ArtifactLoader:
         artifact = self._storage.get_artifact(tenant, name, digest)
         if artifact is None:
             what = f"version sha256:{digest} of {name!r}" if digest else f"code named {name!r}"
-            raise NotFound(f"{what} was never published in tenant {tenant!r}; publish it with Code.Publish first")
+            raise NotFound(
+                f"{what} was never published in tenant {tenant!r}; publish it with Code.Publish first"
+            )
         return artifact_ref(tenant, name, artifact.digest)
 
     def load(self, tenant: str, pinned: str) -> CodeBundle:

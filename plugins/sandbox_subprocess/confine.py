@@ -112,7 +112,9 @@ def confine_template(*, network: bool = False, filesystem: bool = True) -> list[
             except OSError as exc:
                 off.append(f"running as root: could not drop to uid 65534 ({exc})")
         else:
-            off.append(f"running as root: the interpreter under {sys.base_prefix} is not readable by an unprivileged uid")
+            off.append(
+                f"running as root: the interpreter under {sys.base_prefix} is not readable by an unprivileged uid"
+            )
     if filesystem:
         problem = _landlock(read_only_paths()) if sys.platform == "linux" else "landlock needs Linux"
         if problem:

@@ -37,7 +37,9 @@ def describe_exit(status: int | None, limits: Limits) -> str:
         return f"the sandbox process was killed by {name}"
     if status == 70:
         return "the sandbox runtime crashed"
-    return f"the sandbox process exited with status {status} before reporting a result (os._exit or sys.exit?)"
+    return (
+        f"the sandbox process exited with status {status} before reporting a result (os._exit or sys.exit?)"
+    )
 
 
 class SubprocessSandbox:
@@ -61,7 +63,12 @@ class SubprocessSandbox:
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {"MALLOC_ARENA_MAX": "2", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
+        env = {
+            "MALLOC_ARENA_MAX": "2",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONHASHSEED": "0",
+            "LANG": "C.UTF-8",
+        }
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-m", "tenantflow.plugins.sandbox_subprocess.zygote", str(theirs.fileno()),
              json.dumps(self._settings)],
@@ -94,9 +101,9 @@ class SubprocessSandbox:
                 return
             message = json.loads(data)
             if "pid" in message:
-                fut = self._pending.pop(message["req"], None)
-                if fut and not fut.done():
-                    fut.set_result(message["pid"])
+                forked = self._pending.pop(int(message["req"])) if message["req"] in self._pending else None
+                if forked is not None and not forked.done():
+                    forked.set_result(message["pid"])
             elif "exit" in message:
                 pid, status = message["exit"], message["status"]
                 waiter = self._exits.pop(pid, None)

@@ -8,6 +8,11 @@ child's socket as an SCM_RIGHTS fd; the template answers ``{"pid"}`` and later `
 from __future__ import annotations
 
 import array
+
+# Imported here so every child starts with them loaded (that is what makes a run start in ms).
+import asyncio  # noqa: F401
+import datetime  # noqa: F401
+import inspect  # noqa: F401
 import json
 import os
 import select
@@ -16,11 +21,6 @@ import socket
 import sys
 import traceback
 from typing import Any
-
-# Imported here so every child starts with them loaded (that is what makes a run start in ms).
-import asyncio  # noqa: F401
-import datetime  # noqa: F401
-import inspect  # noqa: F401
 
 import tenantflow.workflow  # noqa: F401
 from tenantflow.plugins.sandbox_subprocess import confine
@@ -65,14 +65,17 @@ def _child(sock_fd: int, request: dict[str, Any]) -> None:
 def main() -> None:
     ctrl = socket.socket(fileno=int(sys.argv[1]))
     settings = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    off = confine.confine_template(network=settings.get("network", False), filesystem=settings.get("filesystem", True))
+    off = confine.confine_template(
+        network=settings.get("network", False), filesystem=settings.get("filesystem", True)
+    )
     ctrl.send(json.dumps({"ready": True, "off": off}).encode())
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     while True:
-        readable, _, _ = select.select([ctrl, wake_r], [], [], 1.0)
+        watched: list[Any] = [ctrl, wake_r]
+        readable, _, _ = select.select(watched, [], [], 1.0)
         if wake_r in readable:
             os.read(wake_r, 512)
         while True:

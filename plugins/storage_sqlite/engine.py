@@ -37,9 +37,7 @@ _INSTANCE_COLUMNS = (
 _SETTABLE = frozenset(
     {"status", "output_json", "error_name", "error_message", "run_at", "lease_owner", "lease_until"}
 )
-_STEP_COLUMNS = (
-    "key, seq, name, kind, status, attempts, output_json, error_name, error_message, wake_at, event_type, updated_at"
-)
+_STEP_COLUMNS = "key, seq, name, kind, status, attempts, output_json, error_name, error_message, wake_at, event_type, updated_at"
 
 
 def parse_url(url: str) -> tuple[Path, str]:
@@ -155,9 +153,11 @@ class SQLiteStorage:
                 self._history(conn, record.tenant, record.id, [entry])
 
     def get_instance(self, tenant: str, id: str) -> InstanceRecord | None:
-        row = self._reader().execute(
-            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE tenant = ? AND id = ?", (tenant, id)
-        ).fetchone()
+        row = (
+            self._reader()
+            .execute(f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE tenant = ? AND id = ?", (tenant, id))
+            .fetchone()
+        )
         return _instance(row) if row else None
 
     def list_instances(
@@ -175,23 +175,35 @@ class SQLiteStorage:
         return [_instance(r) for r in rows], (str(rows[-1][17]) if more and rows else None)
 
     def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
-        rows = self._reader().execute(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE tenant = ? AND id = ? ORDER BY seq", (tenant, id)
-        ).fetchall()
+        rows = (
+            self._reader()
+            .execute(
+                f"SELECT {_STEP_COLUMNS} FROM steps WHERE tenant = ? AND id = ? ORDER BY seq", (tenant, id)
+            )
+            .fetchall()
+        )
         return [StepRecord(*r) for r in rows]
 
     def get_events(self, tenant: str, id: str, *, unconsumed_only: bool) -> list[EventRecord]:
-        sql = "SELECT seq, type, payload_json, created_at, consumed_by FROM events WHERE tenant = ? AND id = ?"
+        sql = (
+            "SELECT seq, type, payload_json, created_at, consumed_by FROM events WHERE tenant = ? AND id = ?"
+        )
         if unconsumed_only:
             sql += " AND consumed_by = ''"
-        return [EventRecord(*r) for r in self._reader().execute(sql + " ORDER BY seq", (tenant, id)).fetchall()]
+        return [
+            EventRecord(*r) for r in self._reader().execute(sql + " ORDER BY seq", (tenant, id)).fetchall()
+        ]
 
     def get_history(self, tenant: str, id: str, after_seq: int, limit: int) -> list[HistoryEntry]:
-        rows = self._reader().execute(
-            "SELECT kind, at, status, step, attempt, message, data_json, seq FROM history "
-            "WHERE tenant = ? AND id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (tenant, id, after_seq, limit),
-        ).fetchall()
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT kind, at, status, step, attempt, message, data_json, seq FROM history "
+                "WHERE tenant = ? AND id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (tenant, id, after_seq, limit),
+            )
+            .fetchall()
+        )
         return [HistoryEntry(*r) for r in rows]
 
     # -- the write path of running instances ----------------------------------------------------
@@ -209,7 +221,8 @@ class SQLiteStorage:
 
     def _apply_one(self, conn: sqlite3.Connection, ch: Change) -> ApplyResult:
         row = conn.execute(
-            "SELECT status, generation, lease_owner FROM instances WHERE tenant = ? AND id = ?", (ch.tenant, ch.id)
+            "SELECT status, generation, lease_owner FROM instances WHERE tenant = ? AND id = ?",
+            (ch.tenant, ch.id),
         ).fetchone()
         if row is None:
             return ApplyResult(False, f"instance {ch.id!r} does not exist")
@@ -225,15 +238,19 @@ class SQLiteStorage:
         if unknown:
             raise ValueError(f"cannot set instance columns {sorted(unknown)}")
         history = list(ch.history)
-        if ch.pause_aware and status == Status.WAITING_FOR_PAUSE and values.get("status") not in (
-            int(Status.COMPLETE), int(Status.ERRORED), Status.COMPLETE, Status.ERRORED
+        if (
+            ch.pause_aware
+            and status == Status.WAITING_FOR_PAUSE
+            and values.get("status")
+            not in (int(Status.COMPLETE), int(Status.ERRORED), Status.COMPLETE, Status.ERRORED)
         ):
             values.update(status=Status.PAUSED, run_at=None)
             history = [h for h in history if h.kind != "status"]
             history.append(HistoryEntry(kind="status", at=ch.now, status=int(Status.PAUSED)))
         if ch.bump_generation:
             conn.execute(
-                "UPDATE instances SET generation = generation + 1 WHERE tenant = ? AND id = ?", (ch.tenant, ch.id)
+                "UPDATE instances SET generation = generation + 1 WHERE tenant = ? AND id = ?",
+                (ch.tenant, ch.id),
             )
         values["updated_at"] = ch.now
         assignments = ", ".join(f"{k} = ?" for k in values)
@@ -246,7 +263,8 @@ class SQLiteStorage:
                 "SELECT key FROM steps WHERE tenant = ? AND id = ? AND seq >= ?",
                 (ch.tenant, ch.id, ch.delete_steps_from)).fetchall()]  # fmt: skip
             conn.execute(
-                "DELETE FROM steps WHERE tenant = ? AND id = ? AND seq >= ?", (ch.tenant, ch.id, ch.delete_steps_from)
+                "DELETE FROM steps WHERE tenant = ? AND id = ? AND seq >= ?",
+                (ch.tenant, ch.id, ch.delete_steps_from),
             )
             conn.executemany(
                 "UPDATE events SET consumed_by = '' WHERE tenant = ? AND id = ? AND consumed_by = ?",
@@ -285,11 +303,15 @@ class SQLiteStorage:
                 (ch.tenant, ch.id, *ch.wake_on_events),
             ).fetchone()
             if found:
-                conn.execute("UPDATE instances SET run_at = ? WHERE tenant = ? AND id = ?", (ch.now, ch.tenant, ch.id))
+                conn.execute(
+                    "UPDATE instances SET run_at = ? WHERE tenant = ? AND id = ?", (ch.now, ch.tenant, ch.id)
+                )
         self._history(conn, ch.tenant, ch.id, history)
         return ApplyResult(True, event_seqs=event_seqs, status=final)
 
-    def _history(self, conn: sqlite3.Connection, tenant: str, id: str, entries: Sequence[HistoryEntry]) -> None:
+    def _history(
+        self, conn: sqlite3.Connection, tenant: str, id: str, entries: Sequence[HistoryEntry]
+    ) -> None:
         if not entries:
             return
         (last,) = conn.execute(
@@ -328,7 +350,9 @@ class SQLiteStorage:
             ).fetchall()
         return [_instance(r) for r in claimed]
 
-    def renew_leases(self, owner: str, keys: Sequence[tuple[str, str]], until: float) -> list[tuple[str, str]]:
+    def renew_leases(
+        self, owner: str, keys: Sequence[tuple[str, str]], until: float
+    ) -> list[tuple[str, str]]:
         lost: list[tuple[str, str]] = []
         with self._write() as conn:
             for tenant, id in keys:
@@ -348,9 +372,11 @@ class SQLiteStorage:
             return cur.rowcount
 
     def next_run_at(self) -> float | None:
-        row = self._reader().execute(
-            "SELECT MIN(run_at) FROM instances WHERE run_at IS NOT NULL AND lease_owner IS NULL"
-        ).fetchone()
+        row = (
+            self._reader()
+            .execute("SELECT MIN(run_at) FROM instances WHERE run_at IS NOT NULL AND lease_owner IS NULL")
+            .fetchone()
+        )
         return float(row[0]) if row and row[0] is not None else None
 
     def close(self) -> None:
