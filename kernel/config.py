@@ -33,6 +33,9 @@ class KernelConfig:
     max_code_bytes: int = 10 * 1024 * 1024
     code_cache_entries: int = 256
     code_cache_idle_seconds: float = 300.0
+    # git+file refs may only name repositories under these directories, git+https refs only URLs under
+    # these https:// prefixes; '{tenant}' in a root stands for the calling tenant. Empty: git refs refused.
+    git_roots: list[str] = field(default_factory=list)
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"sqlite:///{self.data_dir / 'tenantflow.sqlite3'}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ class KernelProcess:
         self.lines = []
         cmd = [sys.executable, "-m", "tenantflow.kernel.cli", "serve", "--listen", "127.0.0.1:0",
                "--data-dir", str(self.data_dir), *self.args]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TENANTFLOW_TEST_SECRET": KERNEL_SECRET}
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
@@ -46,7 +47,8 @@ class KernelProcess:
                     self.address = line.split("listening on ")[1].split()[0]
                     ready.set()
 
-        threading.Thread(target=pump, daemon=True).start()
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
         if not ready.wait(timeout):
             self.stop()
             raise RuntimeError("kernel did not start:\n" + "\n".join(self.lines))
@@ -59,6 +61,13 @@ class KernelProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._close_output()
+
+    def _close_output(self) -> None:
+        assert self.proc is not None
+        self._pump.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -68,9 +77,11 @@ class KernelProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            self._close_output()
 
 
 TEST_LIMITS = ["--cpu-seconds", "3", "--memory-mb", "256"]
+KERNEL_SECRET = "kernel-env-secret-4242"  # in the kernel's environment; tenants must never see it
 
 
 @pytest.fixture(scope="session")
@@ -100,5 +111,5 @@ def client(kernel: KernelProcess) -> Iterator[Client]:
 @pytest.fixture
 def tenant(request: pytest.FixtureRequest) -> str:
     """A tenant name unique to this test."""
-    name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")
-    return f"t{next(_counter)}-{name}"[:90]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)
+    return f"t{next(_counter)}-{name}"[:60].rstrip("-.")

@@ -71,9 +71,8 @@ class Client:
         self, tenant: str, name: str, files: Mapping[str, str | bytes], runtime: str = "python"
     ) -> pb.CodeVersion:
         encoded = {k: v.encode() if isinstance(v, str) else v for k, v in files.items()}
-        return self._call(
-            self.code.Publish, pb.PublishRequest(tenant=tenant, name=name, runtime=runtime, files=encoded)
-        )  # type: ignore[no-any-return]
+        request = pb.PublishRequest(tenant=tenant, name=name, runtime=runtime, files=encoded)
+        return self._call(self.code.Publish, request)  # type: ignore[no-any-return]
 
     # -- instances ------------------------------------------------------------------------------------
     def create(self, tenant: str, workflow: str, code: str, params: Any = None, id: str = "") -> pb.Instance:

@@ -38,9 +38,9 @@ class GuestLoop(asyncio.AbstractEventLoop):
     def time(self) -> float:
         return time.monotonic()
 
-    def call_soon(
+    def call_soon(  # type: ignore[override]
         self, callback: Callable[..., object], *args: Any, context: Context | None = None
-    ) -> asyncio.Handle:  # type: ignore[override]
+    ) -> asyncio.Handle:
         handle = asyncio.Handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
