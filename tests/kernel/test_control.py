@@ -1,0 +1,138 @@
+"""Pause, resume, terminate and restart, and what each refuses."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from tenantflow.client import Client, TenantflowRpcError
+from tenantflow.v1 import tenantflow_pb2 as pb
+from tests.helpers import publish, wait_for
+
+WORKFLOWS = """
+import time
+from tenantflow.workflow import WorkflowEntrypoint
+
+class Steps(WorkflowEntrypoint):
+    async def run(self, event, step):
+        first = await step.do("first", lambda: "one")
+        await step.sleep("nap", event.payload["nap"])
+        second = await step.do("second", lambda: time.time())
+        return [first, second]
+
+class Busy(WorkflowEntrypoint):
+    async def run(self, event, step):
+        def slow():
+            time.sleep(1.0)
+            return "done"
+        await step.do("slow", slow)
+        await step.do("next", lambda: "never while paused")
+        return "finished"
+"""
+
+WAITING = frozenset({pb.STATUS_WAITING})
+
+
+@pytest.fixture
+def ref(client: Client, tenant: str) -> str:
+    return publish(client, tenant, WORKFLOWS)
+
+
+def test_pause_a_hibernating_instance_then_resume(client: Client, tenant: str, ref: str) -> None:
+    inst = client.create(tenant, "Steps", ref, params={"nap": 0.5})
+    client.wait(tenant, inst.id, statuses=WAITING)
+    paused = client.pause(tenant, inst.id)
+    assert paused.status == pb.STATUS_PAUSED
+    assert client.pause(tenant, inst.id).status == pb.STATUS_PAUSED  # idempotent
+    time.sleep(1.0)  # the nap is over, but a paused instance does not wake
+    assert client.get(tenant, inst.id).status == pb.STATUS_PAUSED
+    client.resume(tenant, inst.id)
+    done = client.wait(tenant, inst.id)
+    assert done.status == pb.STATUS_COMPLETE and Client.output(done)[0] == "one"
+
+
+def test_pause_while_running_waits_for_the_step(client: Client, tenant: str, ref: str) -> None:
+    inst = client.create(tenant, "Busy", ref)
+    wait_for(lambda: any(s.status == "running" for s in client.get(tenant, inst.id).steps))
+    assert client.pause(tenant, inst.id).status == pb.STATUS_WAITING_FOR_PAUSE
+    paused = client.wait(tenant, inst.id, statuses=frozenset({pb.STATUS_PAUSED}))
+    assert [(s.name, s.status) for s in paused.steps] == [("slow", "complete")]  # "next" did not start
+    client.resume(tenant, inst.id)
+    assert Client.output(client.wait(tenant, inst.id)) == "finished"
+
+
+def test_resume_refuses_an_instance_that_is_not_paused(client: Client, tenant: str, ref: str) -> None:
+    inst = client.create(tenant, "Steps", ref, params={"nap": 60})
+    client.wait(tenant, inst.id, statuses=WAITING)
+    with pytest.raises(TenantflowRpcError) as err:
+        client.resume(tenant, inst.id)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "not paused" in err.value.message
+
+
+def test_terminate_stops_for_good(client: Client, tenant: str, ref: str) -> None:
+    inst = client.create(tenant, "Steps", ref, params={"nap": 0.3})
+    client.wait(tenant, inst.id, statuses=WAITING)
+    assert client.terminate(tenant, inst.id).status == pb.STATUS_TERMINATED
+    time.sleep(0.8)
+    after = client.get(tenant, inst.id)
+    assert after.status == pb.STATUS_TERMINATED and [s.name for s in after.steps] == ["first", "nap"]
+    for action in (client.terminate, client.pause):
+        with pytest.raises(TenantflowRpcError) as err:
+            action(tenant, inst.id)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_terminate_kills_a_running_step(client: Client, tenant: str, ref: str) -> None:
+    inst = client.create(tenant, "Busy", ref)
+    wait_for(lambda: any(s.status == "running" for s in client.get(tenant, inst.id).steps))
+    client.terminate(tenant, inst.id)
+    time.sleep(1.5)
+    after = client.get(tenant, inst.id)
+    assert after.status == pb.STATUS_TERMINATED
+    assert after.steps[0].status == "running"  # stopped mid-attempt; nothing written after terminate
+
+
+def test_restart_from_the_start_and_from_a_step(client: Client, tenant: str, ref: str) -> None:
+    inst = client.create(tenant, "Steps", ref, params={"nap": 0.1})
+    first = client.wait(tenant, inst.id)
+    stamp = Client.output(first)[1]
+    restarted = client.restart(tenant, inst.id, from_step="second")
+    assert restarted.status == pb.STATUS_QUEUED and restarted.code == first.code
+    again = client.wait(tenant, inst.id)
+    assert again.status == pb.STATUS_COMPLETE and Client.output(again)[1] > stamp
+    assert [s.name for s in again.steps] == ["first", "nap", "second"]
+    client.restart(tenant, inst.id)
+    fresh = client.wait(tenant, inst.id)
+    assert fresh.status == pb.STATUS_COMPLETE and Client.output(fresh)[1] > Client.output(again)[1]
+    with pytest.raises(TenantflowRpcError) as err:
+        client.restart(tenant, inst.id, from_step="nope")
+    assert err.value.code == grpc.StatusCode.NOT_FOUND and "no step named 'nope'" in err.value.message
+
+
+def test_restart_an_errored_instance(client: Client, tenant: str) -> None:
+    ref = publish(
+        client,
+        tenant,
+        """
+        from tenantflow.workflow import WorkflowEntrypoint
+
+        class Once(WorkflowEntrypoint):
+            def run(self, event, step):
+                n = step.do("attempts", lambda ctx: ctx.attempt)
+                raise RuntimeError(f"failed after step {n}")
+        """,
+    )
+    inst = client.create(tenant, "Once", ref)
+    assert client.wait(tenant, inst.id).status == pb.STATUS_ERRORED
+    client.restart(tenant, inst.id)
+    again = client.wait(tenant, inst.id)
+    assert again.status == pb.STATUS_ERRORED and again.error.message == "failed after step 1"
+
+
+def test_control_of_unknown_instances_is_not_found(client: Client, tenant: str) -> None:
+    for action in (client.pause, client.resume, client.terminate, client.restart):
+        with pytest.raises(TenantflowRpcError) as err:
+            action(tenant, "ghost")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND

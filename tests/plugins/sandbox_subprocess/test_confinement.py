@@ -1,0 +1,136 @@
+"""The subprocess sandbox contains hostile tenants: each fails its own step, the kernel stays up."""
+
+from __future__ import annotations
+
+import pytest
+
+from tenantflow.client import Client
+from tenantflow.v1 import tenantflow_pb2 as pb
+from tests.conftest import KERNEL_SECRET, KernelProcess
+from tests.helpers import publish
+
+HOSTILE = """
+import os, socket
+from tenantflow.workflow import WorkflowEntrypoint
+
+ONCE = {"retries": {"limit": 0}}
+
+class Probe(WorkflowEntrypoint):
+    async def run(self, event, step):
+        kind, arg = event.payload["kind"], event.payload.get("arg")
+
+        def attack():
+            if kind == "loop":
+                while True:
+                    pass
+            if kind == "memory":
+                hoard = []
+                while True:
+                    hoard.append(bytearray(64 * 1024 * 1024))
+            if kind == "exit":
+                os._exit(3)
+            if kind == "segfault":
+                import ctypes
+                ctypes.string_at(0)
+            if kind == "env":
+                return dict(os.environ)
+            if kind == "read":
+                with open(arg, "rb") as f:
+                    return len(f.read())
+            if kind == "write":
+                with open(arg, "w") as f:
+                    f.write("x" * 10)
+                return "written"
+            if kind == "connect":
+                host, port = arg.rsplit(":", 1)
+                socket.create_connection((host, int(port)), timeout=2).close()
+                return "connected"
+            if kind == "fork_bomb":
+                return os.fork()
+        return await step.do("attack", attack, **ONCE)
+
+class LoopOutsideSteps(WorkflowEntrypoint):
+    def run(self, event, step):
+        while True:
+            pass
+"""
+
+
+@pytest.fixture
+def ref(client: Client, tenant: str) -> str:
+    return publish(client, tenant, HOSTILE)
+
+
+def attack(client: Client, tenant: str, ref: str, kind: str, arg: str = "") -> pb.Instance:
+    inst = client.create(tenant, "Probe", ref, params={"kind": kind, "arg": arg})
+    return client.wait(tenant, inst.id, timeout=60)
+
+
+def failure(done: pb.Instance) -> str:
+    assert done.status == pb.STATUS_ERRORED, done
+    step = done.steps[0]
+    assert step.status == "failed" and step.attempts == 1
+    return f"{step.error.name}: {step.error.message}"
+
+
+def test_infinite_loop_hits_the_cpu_limit(client: Client, tenant: str, ref: str) -> None:
+    assert "CPU time limit exceeded (3 s" in failure(attack(client, tenant, ref, "loop"))
+
+
+def test_memory_bomb_fails_its_step(client: Client, tenant: str, ref: str) -> None:
+    assert "MemoryError: out of memory" in failure(attack(client, tenant, ref, "memory"))
+
+
+@pytest.mark.parametrize(("kind", "needle"), [("exit", "exited with status 3"), ("segfault", "SIGSEGV")])
+def test_crashes_fail_their_step(client: Client, tenant: str, ref: str, kind: str, needle: str) -> None:
+    assert needle in failure(attack(client, tenant, ref, kind))
+
+
+def test_kernel_environment_is_invisible(client: Client, tenant: str, ref: str) -> None:
+    done = attack(client, tenant, ref, "env")
+    assert done.status == pb.STATUS_COMPLETE
+    env = Client.output(done)
+    assert KERNEL_SECRET not in str(env) and "TENANTFLOW_TEST_SECRET" not in env and "HOME" not in env
+
+
+def test_kernel_files_are_unreadable(client: Client, tenant: str, ref: str, kernel: KernelProcess) -> None:
+    database = kernel.data_dir / "tenantflow.sqlite3"
+    assert database.exists()
+    assert "PermissionError" in failure(attack(client, tenant, ref, "read", str(database)))
+    assert "PermissionError" in failure(attack(client, tenant, ref, "read", "/etc/passwd"))
+
+
+def test_files_cannot_be_written(client: Client, tenant: str, ref: str, kernel: KernelProcess) -> None:
+    assert "Error" in failure(attack(client, tenant, ref, "write", str(kernel.data_dir / "planted.txt")))
+    assert not (kernel.data_dir / "planted.txt").exists()
+
+
+def test_network_is_unreachable(client: Client, tenant: str, ref: str, kernel: KernelProcess) -> None:
+    message = failure(attack(client, tenant, ref, "connect", kernel.address))
+    assert "OSError" in message or "Error" in message
+
+
+def test_loop_outside_a_step_errors_the_instance(client: Client, tenant: str, ref: str) -> None:
+    inst = client.create(tenant, "LoopOutsideSteps", ref)
+    done = client.wait(tenant, inst.id, timeout=60)
+    assert done.status == pb.STATUS_ERRORED
+    assert done.error.name == "SandboxCrash" and "CPU time limit" in done.error.message
+
+
+def test_other_tenants_keep_running_during_an_attack(client: Client, tenant: str, ref: str) -> None:
+    bomb = client.create(tenant, "Probe", ref, params={"kind": "loop"})
+    calm_ref = publish(
+        client,
+        tenant + "-calm",
+        """
+        from tenantflow.workflow import WorkflowEntrypoint
+
+        class Calm(WorkflowEntrypoint):
+            async def run(self, event, step):
+                return await step.do("ok", lambda: "fine")
+        """,
+    )
+    calm = client.create(tenant + "-calm", "Calm", calm_ref)
+    assert Client.output(client.wait(tenant + "-calm", calm.id, timeout=10)) == "fine"
+    assert client.get(tenant, bomb.id).status in (pb.STATUS_RUNNING, pb.STATUS_ERRORED)
+    assert client.wait(tenant, bomb.id, timeout=60).status == pb.STATUS_ERRORED
