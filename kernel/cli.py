@@ -46,6 +46,7 @@ async def _serve(args: argparse.Namespace) -> None:
         code_cache_entries=args.code_cache_entries,
         code_cache_idle_seconds=args.code_cache_idle_seconds,
         git_roots=args.git_root or [],
+        sandbox_writable_dirs=args.sandbox_writable_dir or [],
     )
     kernel = Kernel(config)
     await kernel.start()
@@ -194,10 +195,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, default=64, help="wake-ups running at once")
     s.add_argument("--memory-mb", type=int, default=512, help="sandbox memory limit per run")
     s.add_argument("--cpu-seconds", type=float, default=60.0, help="sandbox CPU time limit per run")
+    s.add_argument(
+        "--sandbox-writable-dir",
+        action="append",
+        help="grant tenant code read-write access to this directory (repeatable; default: none)",
+    )
     s.add_argument("--code-cache-entries", type=int, default=256, help="loaded tenant code kept in memory")
     s.add_argument("--code-cache-idle-seconds", type=float, default=300.0, help="evict code unused this long")
-    s.add_argument("--git-root", action="append", metavar="DIR|https://PREFIX",
-                   help="allow git refs under this directory or URL prefix ('{tenant}' = the tenant); repeatable")
+    s.add_argument(
+        "--git-root",
+        action="append",
+        metavar="DIR|https://PREFIX",
+        help="allow git refs under this directory or URL prefix ('{tenant}' = the tenant); repeatable",
+    )
     s.set_defaults(func=lambda a: asyncio.run(_serve(a)))
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:

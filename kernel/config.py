@@ -36,6 +36,8 @@ class KernelConfig:
     # git+file refs may only name repositories under these directories, git+https refs only URLs under
     # these https:// prefixes; '{tenant}' in a root stands for the calling tenant. Empty: git refs refused.
     git_roots: list[str] = field(default_factory=list)
+    # directories the operator grants tenant code read-write access to (none by default)
+    sandbox_writable_dirs: list[str] = field(default_factory=list)
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"sqlite:///{self.data_dir / 'tenantflow.sqlite3'}"

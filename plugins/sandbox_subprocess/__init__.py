@@ -10,4 +10,4 @@ from tenantflow.plugins.sandbox_subprocess.sandbox import SubprocessSandbox
 
 @hookimpl
 def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
-    return [SubprocessSandbox()]
+    return [SubprocessSandbox(writable=config.sandbox_writable_dirs)]

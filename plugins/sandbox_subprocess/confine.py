@@ -27,6 +27,10 @@ _SYS_LANDLOCK_RESTRICT_SELF = 446
 _LANDLOCK_RULE_PATH_BENEATH = 1
 _FS_EXECUTE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 2, 1 << 3
 _FS_ALL_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
+# read, write, create and remove regular files and directories (not devices, sockets or links)
+_FS_READ_WRITE = (
+    _FS_READ_FILE | _FS_READ_DIR | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 7) | (1 << 8) | (1 << 14)
+)
 _NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
 _SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1
 
@@ -47,7 +51,7 @@ def read_only_paths() -> list[str]:
     return sorted(p for p in candidates if p and os.path.exists(p))
 
 
-def _landlock(paths: list[str]) -> str:
+def _landlock(paths: list[str], writable: list[str]) -> str:
     abi = _syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     if abi < 1:
         return f"landlock unavailable (errno {ctypes.get_errno()})"
@@ -65,10 +69,11 @@ def _landlock(paths: list[str]) -> str:
     if ruleset < 0:
         return f"landlock ruleset refused (errno {ctypes.get_errno()})"
     try:
-        for path in paths:
+        rules = [(p, _FS_EXECUTE | _FS_READ_FILE | (_FS_READ_DIR if os.path.isdir(p) else 0)) for p in paths]
+        rules += [(p, _FS_READ_WRITE & handled_fs) for p in writable if os.path.isdir(p)]
+        for path, access in rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
-                access = _FS_EXECUTE | _FS_READ_FILE | (_FS_READ_DIR if os.path.isdir(path) else 0)
                 rule = ctypes.create_string_buffer(struct.pack("=Qi", access, fd), 12)
                 _syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
                          rule, ctypes.c_uint32(0))  # fmt: skip
@@ -94,7 +99,9 @@ def _world_readable(path: str) -> bool:
     return True
 
 
-def confine_template(*, network: bool = False, filesystem: bool = True) -> list[str]:
+def confine_template(
+    *, network: bool = False, filesystem: bool = True, writable: list[str] | None = None
+) -> list[str]:
     """Confine the calling (template) process for good; return what could not be applied."""
     off: list[str] = []
     if not network:
@@ -116,18 +123,22 @@ def confine_template(*, network: bool = False, filesystem: bool = True) -> list[
                 f"running as root: the interpreter under {sys.base_prefix} is not readable by an unprivileged uid"
             )
     if filesystem:
-        problem = _landlock(read_only_paths()) if sys.platform == "linux" else "landlock needs Linux"
+        problem = (
+            _landlock(read_only_paths(), writable or [])
+            if sys.platform == "linux"
+            else "landlock needs Linux"
+        )
         if problem:
             off.append(f"file isolation off: {problem}")
     return off
 
 
-def limit_child(memory_bytes: int, cpu_seconds: float, open_files: int) -> None:
+def limit_child(memory_bytes: int, cpu_seconds: float, open_files: int, file_bytes: int = 0) -> None:
     """Resource limits for one sandboxed run (called in the forked child)."""
     cpu = max(1, int(cpu_seconds + 0.999))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writing a file then fails with EFBIG instead of killing

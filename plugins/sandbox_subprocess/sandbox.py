@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
@@ -47,8 +48,15 @@ class SubprocessSandbox:
 
     runtime = "python"
 
-    def __init__(self, *, network: bool = False, filesystem: bool = True) -> None:
-        self._settings = {"network": network, "filesystem": filesystem}
+    def __init__(
+        self, *, network: bool = False, filesystem: bool = True, writable: list[str] | None = None
+    ) -> None:
+        self._writable = [str(Path(p).resolve()) for p in writable or []]
+        self._settings: dict[str, Any] = {
+            "network": network,
+            "filesystem": filesystem,
+            "writable": self._writable,
+        }
         self._ctrl: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._pending: dict[int, asyncio.Future[int]] = {}
@@ -124,7 +132,7 @@ class SubprocessSandbox:
             "op": "fork",
             "req": req,
             "limits": {"memory_bytes": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds,
-                       "open_files": limits.open_files},
+                       "open_files": limits.open_files, "file_bytes": 256 * 1024 * 1024 if self._writable else 0},
         }  # fmt: skip
         fds = array.array("i", [child_sock.fileno()])
         self._ctrl.sendmsg([json.dumps(request).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])

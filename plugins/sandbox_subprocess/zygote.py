@@ -49,7 +49,9 @@ def _child(sock_fd: int, request: dict[str, Any]) -> None:
         os.closerange(3, sock_fd)
         os.closerange(sock_fd + 1, 65536)
         limits = request.get("limits", {})
-        confine.limit_child(limits["memory_bytes"], limits["cpu_seconds"], limits["open_files"])
+        confine.limit_child(
+            limits["memory_bytes"], limits["cpu_seconds"], limits["open_files"], limits.get("file_bytes", 0)
+        )
         sock = socket.socket(fileno=sock_fd)
         transport = SocketTransport(sock)
         run_job(transport.recv(), transport, threads=True)
@@ -66,7 +68,9 @@ def main() -> None:
     ctrl = socket.socket(fileno=int(sys.argv[1]))
     settings = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     off = confine.confine_template(
-        network=settings.get("network", False), filesystem=settings.get("filesystem", True)
+        writable=settings.get("writable", []),
+        network=settings.get("network", False),
+        filesystem=settings.get("filesystem", True),
     )
     ctrl.send(json.dumps({"ready": True, "off": off}).encode())
     wake_r, wake_w = os.pipe()
