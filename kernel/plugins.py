@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pluggy
+
 from tenantflow.kernel import hookspecs
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import InvalidArgument

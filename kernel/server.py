@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from tenantflow.kernel import errors
 from tenantflow.kernel.model import HistoryEntry, InstanceRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, Kernel

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from tenantflow.client import Client
 
 _counter = itertools.count()

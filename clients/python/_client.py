@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
 
