@@ -1,0 +1,56 @@
+"""A repository's CI/CD pipeline, as a tenant of a CI service would write it.
+
+checkout -> lint, test and build in parallel -> wait for a deploy approval -> deploy.
+The test step is flaky on purpose: it fails its first attempt and is retried.
+"""
+
+import asyncio
+import hashlib
+import time
+
+from tenantflow.workflow import NonRetryableError, WorkflowEntrypoint
+
+
+def checkout(repo: str, ref: str) -> dict:
+    time.sleep(0.2)
+    sha = hashlib.sha1(f"{repo}@{ref}".encode()).hexdigest()
+    print(f"checked out {repo}@{ref} -> {sha[:12]}")
+    return {"repo": repo, "sha": sha}
+
+
+def lint(ctx) -> str:
+    time.sleep(0.3)
+    return "0 problems"
+
+
+def test(ctx) -> dict:
+    time.sleep(0.4)
+    if ctx.attempt == 1:
+        raise ConnectionError("test database not ready (flaky)")
+    return {"passed": 128, "failed": 0, "attempt": ctx.attempt}
+
+
+def build(sha: str) -> str:
+    time.sleep(0.5)
+    return f"registry.example/app:{sha[:12]}"
+
+
+class Pipeline(WorkflowEntrypoint):
+    async def run(self, event, step):
+        src = await step.do("checkout", lambda: checkout(event.payload["repo"], event.payload.get("ref", "main")))
+        lint_report, tests, image = await asyncio.gather(
+            step.do("lint", lint),
+            step.do("test", test, retries={"limit": 3, "delay": "1 second", "backoff": "exponential"}),
+            step.do("build", lambda: build(src["sha"])),
+        )
+        approval = await step.wait_for_event("approval", type="deploy-approval", timeout="24 hours")
+        if not approval["payload"].get("approved"):
+            raise NonRetryableError(f"deploy rejected by {approval['payload'].get('by', 'someone')}")
+
+        def deploy() -> str:
+            print(f"deploying {image} to production")
+            time.sleep(0.3)
+            return "https://app.example"
+
+        url = await step.do("deploy", deploy, retries={"limit": 3, "delay": "10 seconds", "backoff": "exponential"})
+        return {"image": image, "tests": tests, "lint": lint_report, "url": url, "approved_by": approval["payload"]["by"]}
