@@ -34,7 +34,16 @@ def say(text: str) -> None:
 
 def start_kernel(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tenantflow.kernel.cli", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "tenantflow.kernel.cli",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -60,13 +69,22 @@ def main() -> None:
     proc, address = start_kernel(data_dir)
     try:
         with Client(address) as client:
-            ci = client.publish("acme-ci", "pipeline", {"pipeline.py": (HERE / "ci_pipeline" / "pipeline.py").read_text()})
-            bloom = client.publish("bloom", "onboarding", {"onboarding.py": (HERE / "onboarding" / "onboarding.py").read_text()})
+            ci = client.publish(
+                "acme-ci", "pipeline", {"pipeline.py": (HERE / "ci_pipeline" / "pipeline.py").read_text()}
+            )
+            bloom = client.publish(
+                "bloom", "onboarding", {"onboarding.py": (HERE / "onboarding" / "onboarding.py").read_text()}
+            )
             say(table([["acme-ci", ci.ref, ", ".join(ci.workflows)], ["bloom", bloom.ref, ", ".join(bloom.workflows)]],
                       ["tenant", "published code (pinned)", "workflows"]))  # fmt: skip
-            run = client.create("acme-ci", "Pipeline", ci.ref, params={"repo": "acme/web", "ref": "main"}, id="build-1042")
+            run = client.create(
+                "acme-ci", "Pipeline", ci.ref, params={"repo": "acme/web", "ref": "main"}, id="build-1042"
+            )
             onboard = client.create(
-                "bloom", "Onboarding", bloom.ref, params={"email": "ada@example.com", "grace": "2 seconds", "wait": "2 seconds"}
+                "bloom",
+                "Onboarding",
+                bloom.ref,
+                params={"email": "ada@example.com", "grace": "2 seconds", "wait": "2 seconds"},
             )
             say(f"\ncreated acme-ci/{run.id} and bloom/{onboard.id}; watching both live:\n")
             watchers = [
@@ -79,8 +97,12 @@ def main() -> None:
             while not any(s.name == "approval" for s in client.get("acme-ci", run.id).steps):
                 time.sleep(0.1)
             time.sleep(1.0)
-            say("\n>>> the pipeline hibernates (no process held) until someone approves; sending the approval\n")
-            client.send_event("acme-ci", run.id, "deploy-approval", {"approved": True, "by": "release-manager"})
+            say(
+                "\n>>> the pipeline hibernates (no process held) until someone approves; sending the approval\n"
+            )
+            client.send_event(
+                "acme-ci", run.id, "deploy-approval", {"approved": True, "by": "release-manager"}
+            )
             for w in watchers:
                 w.join(120)
             rows = []

@@ -151,7 +151,9 @@ def describe(event: Any) -> str:
     elif kind == "step_completed":
         text = f"✔ {event.step}" + (f"  {event.message}" if event.message else "")
     elif kind == "step_failed":
-        text = f"✘ {event.step}" + (f"  attempt {event.attempt}" if event.attempt else "") + f": {event.message}"
+        text = (
+            f"✘ {event.step}" + (f"  attempt {event.attempt}" if event.attempt else "") + f": {event.message}"
+        )
     elif kind == "step_retrying":
         text = f"↻ {event.step}  {event.message}"
     elif kind in ("sleeping", "waiting"):

@@ -68,7 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=2000, help="steps in the single-instance run")
     parser.add_argument("--instances", type=int, default=50)
-    parser.add_argument("--steps-each", type=int, default=200, help="steps per instance in the concurrent run")
+    parser.add_argument(
+        "--steps-each", type=int, default=200, help="steps per instance in the concurrent run"
+    )
     parser.add_argument("--cold", type=int, default=30, help="never-seen tenants for the cold-start figure")
     parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
     args = parser.parse_args()
@@ -81,7 +83,10 @@ def main() -> None:
             one = throughput(client, "bench", ref, 1, args.steps)
             print(f"1 instance, {args.steps} sequential steps:      {one:8.0f} durable steps/s", flush=True)
             many = throughput(client, "bench", ref, args.instances, args.steps_each)
-            print(f"{args.instances} concurrent instances x {args.steps_each} steps: {many:8.0f} durable steps/s", flush=True)
+            print(
+                f"{args.instances} concurrent instances x {args.steps_each} steps: {many:8.0f} durable steps/s",
+                flush=True,
+            )
             lat = sorted(cold_starts(client, args.cold))
             p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
             print(f"Create -> first step running, never-seen tenant: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms "

@@ -37,7 +37,9 @@ def build(sha: str) -> str:
 
 class Pipeline(WorkflowEntrypoint):
     async def run(self, event, step):
-        src = await step.do("checkout", lambda: checkout(event.payload["repo"], event.payload.get("ref", "main")))
+        src = await step.do(
+            "checkout", lambda: checkout(event.payload["repo"], event.payload.get("ref", "main"))
+        )
         lint_report, tests, image = await asyncio.gather(
             step.do("lint", lint),
             step.do("test", test, retries={"limit": 3, "delay": "1 second", "backoff": "exponential"}),
@@ -52,5 +54,13 @@ class Pipeline(WorkflowEntrypoint):
             time.sleep(0.3)
             return "https://app.example"
 
-        url = await step.do("deploy", deploy, retries={"limit": 3, "delay": "10 seconds", "backoff": "exponential"})
-        return {"image": image, "tests": tests, "lint": lint_report, "url": url, "approved_by": approval["payload"]["by"]}
+        url = await step.do(
+            "deploy", deploy, retries={"limit": 3, "delay": "10 seconds", "backoff": "exponential"}
+        )
+        return {
+            "image": image,
+            "tests": tests,
+            "lint": lint_report,
+            "url": url,
+            "approved_by": approval["payload"]["by"],
+        }

@@ -65,7 +65,9 @@ def test_publish_rejects_syntax_errors_with_file_and_line(client: Client, tenant
         ("ok", "python", {"wf.py": "x = 1\n"}, "defines no workflow class"),
     ],
 )
-def test_publish_bad_input(client: Client, tenant: str, name: str, runtime: str, files: dict[str, str], needle: str) -> None:
+def test_publish_bad_input(
+    client: Client, tenant: str, name: str, runtime: str, files: dict[str, str], needle: str
+) -> None:
     with pytest.raises(TenantflowRpcError) as err:
         client.publish(tenant, name, {k: source(v) for k, v in files.items()}, runtime=runtime)
     assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT
@@ -104,19 +106,47 @@ def test_create_existing_id_is_already_exists(client: Client, tenant: str) -> No
 @pytest.mark.parametrize(
     ("workflow", "code", "params", "id", "expected", "needle"),
     [
-        ("Nope", "{ref}", "", "", grpc.StatusCode.INVALID_ARGUMENT, "defines no workflow class 'Nope' (it defines: Hello)"),
+        (
+            "Nope",
+            "{ref}",
+            "",
+            "",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "defines no workflow class 'Nope' (it defines: Hello)",
+        ),
         ("Hello", "artifact://{tenant}/missing", "", "", grpc.StatusCode.NOT_FOUND, "never published"),
-        ("Hello", "artifact://{tenant}/wf@sha256:" + "0" * 64, "", "", grpc.StatusCode.NOT_FOUND, "never published"),
+        (
+            "Hello",
+            "artifact://{tenant}/wf@sha256:" + "0" * 64,
+            "",
+            "",
+            grpc.StatusCode.NOT_FOUND,
+            "never published",
+        ),
         ("Hello", "ftp://x", "", "", grpc.StatusCode.INVALID_ARGUMENT, "no code loader for 'ftp'"),
         ("Hello", "", "", "", grpc.StatusCode.INVALID_ARGUMENT, "code is required"),
-        ("Hello", "{ref}", "{not json", "", grpc.StatusCode.INVALID_ARGUMENT, "params_json is not valid JSON"),
+        (
+            "Hello",
+            "{ref}",
+            "{not json",
+            "",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "params_json is not valid JSON",
+        ),
         ("Hello", "{ref}", "", "bad id!", grpc.StatusCode.INVALID_ARGUMENT, "bad instance id"),
         ("Hello", "{ref}", "", "x" * 101, grpc.StatusCode.INVALID_ARGUMENT, "bad instance id"),
         ("", "{ref}", "", "", grpc.StatusCode.INVALID_ARGUMENT, "bad workflow"),
     ],
 )
 def test_create_bad_input(
-    client: Client, tenant: str, workflow: str, code: str, params: str, id: str, expected: grpc.StatusCode, needle: str
+    client: Client,
+    tenant: str,
+    workflow: str,
+    code: str,
+    params: str,
+    id: str,
+    expected: grpc.StatusCode,
+    needle: str,
 ) -> None:
     ref = publish(client, tenant, HELLO)
     request = pb.CreateRequest(
@@ -155,12 +185,16 @@ def test_bad_tenant_is_invalid_argument(client: Client) -> None:
 # -- CreateBatch ------------------------------------------------------------------------------------------
 def test_create_batch_is_all_or_nothing(client: Client, tenant: str) -> None:
     ref = publish(client, tenant, HELLO)
-    made = client.create_batch(tenant, [{"workflow": "Hello", "code": ref, "params": {"name": str(i)}} for i in range(5)])
+    made = client.create_batch(
+        tenant, [{"workflow": "Hello", "code": ref, "params": {"name": str(i)}} for i in range(5)]
+    )
     assert len(made) == 5 and len({m.id for m in made}) == 5
     for inst in made:
         assert client.wait(tenant, inst.id).status == pb.STATUS_COMPLETE
     with pytest.raises(TenantflowRpcError) as err:
-        client.create_batch(tenant, [{"workflow": "Hello", "code": ref, "id": "b1"}, {"workflow": "Nope", "code": ref}])
+        client.create_batch(
+            tenant, [{"workflow": "Hello", "code": ref, "id": "b1"}, {"workflow": "Nope", "code": ref}]
+        )
     assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(TenantflowRpcError):
         client.get(tenant, "b1")  # nothing of the failed batch was created
@@ -169,7 +203,13 @@ def test_create_batch_is_all_or_nothing(client: Client, tenant: str) -> None:
     assert code_of(err) == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 100" in err.value.message
     client.create(tenant, "Hello", ref, id="taken", params={"name": "x"})
     with pytest.raises(TenantflowRpcError) as err:
-        client.create_batch(tenant, [{"workflow": "Hello", "code": ref, "id": "fresh"}, {"workflow": "Hello", "code": ref, "id": "taken"}])
+        client.create_batch(
+            tenant,
+            [
+                {"workflow": "Hello", "code": ref, "id": "fresh"},
+                {"workflow": "Hello", "code": ref, "id": "taken"},
+            ],
+        )
     assert code_of(err) == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(TenantflowRpcError):
         client.get(tenant, "fresh")
@@ -216,7 +256,11 @@ def test_send_event_and_watch(client: Client, tenant: str) -> None:
     seq = client.send_event(tenant, inst.id, "approved", {"by": "ops"})
     assert seq == 1
     kinds = [(e.kind, e.step) for e in client.watch(tenant, inst.id, timeout=30)]
-    assert ("waiting", "approval") in kinds and ("event", "") in kinds and ("step_completed", "approval") in kinds
+    assert (
+        ("waiting", "approval") in kinds
+        and ("event", "") in kinds
+        and ("step_completed", "approval") in kinds
+    )
     assert ("log", "") in kinds and kinds[-1] == ("status", "")
     final = client.get(tenant, inst.id)
     assert final.status == pb.STATUS_COMPLETE and Client.output(final) == {"by": "ops"}
@@ -252,6 +296,8 @@ def test_health_and_reflection(kernel: object) -> None:
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         names = {s.name for r in responses for s in r.list_services_response.service}
         assert {"tenantflow.v1.Workflows", "tenantflow.v1.Code", "grpc.health.v1.Health"} <= names

@@ -62,11 +62,20 @@ def test_sigkill_loses_no_completed_step(tmp_path: Path) -> None:
             ref = publish(client, tenant, CHAIN)
             ids = [f"chain{n}" for n in range(INSTANCES)]
             for id in ids:
-                client.create(tenant, "Chain", ref, id=id, params={"steps": STEPS, "log": str(effects_dir / f"{id}.log")})
+                client.create(
+                    tenant,
+                    "Chain",
+                    ref,
+                    id=id,
+                    params={"steps": STEPS, "log": str(effects_dir / f"{id}.log")},
+                )
             database = kernel.data_dir / "tenantflow.sqlite3"
             snapshots: list[tuple[set[tuple[str, str]], Counter[tuple[str, str]]]] = []
             for threshold in (0.2, 0.5):  # two kills at different depths of the runs
-                wait_for(lambda t=threshold: sum(effects(effects_dir).values()) >= t * INSTANCES * STEPS, timeout=60)
+                wait_for(
+                    lambda t=threshold: sum(effects(effects_dir).values()) >= t * INSTANCES * STEPS,
+                    timeout=60,
+                )
                 kernel.kill()
                 committed = completed_steps(database)
                 assert committed, "nothing had completed before the kill"

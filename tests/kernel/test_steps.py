@@ -100,18 +100,26 @@ def ref(client: Client, tenant: str) -> str:
     return publish(client, tenant, WORKFLOWS)
 
 
-def run(client: Client, tenant: str, ref: str, workflow: str, params: object = None, timeout: float = 30) -> pb.Instance:
+def run(
+    client: Client, tenant: str, ref: str, workflow: str, params: object = None, timeout: float = 30
+) -> pb.Instance:
     inst = client.create(tenant, workflow, ref, params=params)
     return client.wait(tenant, inst.id, timeout=timeout)
 
 
-@pytest.mark.parametrize(("backoff", "factors"), [("constant", [1, 1, 1]), ("linear", [1, 2, 3]), ("exponential", [1, 2, 4])])
+@pytest.mark.parametrize(
+    ("backoff", "factors"), [("constant", [1, 1, 1]), ("linear", [1, 2, 3]), ("exponential", [1, 2, 4])]
+)
 def test_retry_backoff(client: Client, tenant: str, ref: str, backoff: str, factors: list[int]) -> None:
     done = run(client, tenant, ref, "Backoff", {"backoff": backoff})
     assert done.status == pb.STATUS_COMPLETE, done.error
     assert Client.output(done) == {"caught": "ValueError", "message": "boom on attempt 4"}
     (flaky,) = done.steps
-    assert (flaky.status, flaky.attempts, flaky.error.name) == ("failed", 4, "ValueError")  # limit 3 -> 4 tries
+    assert (flaky.status, flaky.attempts, flaky.error.name) == (
+        "failed",
+        4,
+        "ValueError",
+    )  # limit 3 -> 4 tries
     retrying = [e for e in client.watch(tenant, done.id) if e.kind == "step_retrying"]
     delays = [json.loads(e.data_json)["wake_at"] - _epoch(e.at) for e in retrying]
     assert [round(d / 0.2) for d in delays] == factors
@@ -143,7 +151,9 @@ def test_limit_zero_means_one_attempt(client: Client, tenant: str, ref: str) -> 
     assert done.status == pb.STATUS_ERRORED and done.steps[0].attempts == 1
 
 
-def test_step_past_its_timeout_is_stopped_and_counts_as_an_attempt(client: Client, tenant: str, ref: str) -> None:
+def test_step_past_its_timeout_is_stopped_and_counts_as_an_attempt(
+    client: Client, tenant: str, ref: str
+) -> None:
     started = time.monotonic()
     done = run(client, tenant, ref, "Timeout")
     assert time.monotonic() - started < 10  # the 30 s sleeps were stopped
