@@ -48,6 +48,7 @@ class Dispatcher:
 
     async def _dispatch_loop(self) -> None:
         while True:
+            self._poke.clear()  # before claiming: a poke that arrives meanwhile must not be lost
             try:
                 claimed = await self._claim_once()
             except Exception:
@@ -60,7 +61,6 @@ class Dispatcher:
                 next_at = await asyncio.to_thread(self._storage.next_run_at)
                 if next_at is not None:
                     timeout = min(timeout, max(0.0, next_at - time.time()))
-            self._poke.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), timeout=max(timeout, 0.005))
 

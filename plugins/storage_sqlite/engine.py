@@ -330,12 +330,17 @@ class SQLiteStorage:
         if limit <= 0:
             return []
         with self._write() as conn:
+            # Round-robin across tenants: each tenant's oldest due instance first, and among
+            # those, tenants with the fewest instances running right now.
             rows = conn.execute(
-                "SELECT rowid FROM (SELECT rowid, run_at, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY run_at) AS rn "
+                "SELECT due.rowid FROM (SELECT rowid, tenant, run_at, "
+                "ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY run_at) AS rn "
                 "FROM (SELECT rowid, tenant, run_at FROM instances WHERE run_at <= ? "
-                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY run_at LIMIT ?)) "
-                "ORDER BY rn, run_at LIMIT ?",
-                (now, now, limit * 20, limit),
+                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY run_at LIMIT ?)) AS due "
+                "LEFT JOIN (SELECT tenant, COUNT(*) AS running FROM instances "
+                "WHERE lease_owner IS NOT NULL AND lease_until >= ? GROUP BY tenant) AS busy USING (tenant) "
+                "ORDER BY due.rn, COALESCE(busy.running, 0), due.run_at LIMIT ?",
+                (now, now, limit * 20, now, limit),
             ).fetchall()
             ids = [r[0] for r in rows]
             if not ids:

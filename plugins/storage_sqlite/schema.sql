@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_due ON instances (run_at) WHERE run_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS instances_by_status ON instances (tenant, status, rowid);
+CREATE INDEX IF NOT EXISTS instances_leased ON instances (tenant) WHERE lease_owner IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS steps (
     tenant TEXT NOT NULL, id TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
