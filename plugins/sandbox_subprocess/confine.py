@@ -9,6 +9,7 @@ Each child then sets its own resource limits. What could not be applied is repor
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import resource
 import signal
@@ -17,6 +18,7 @@ import struct
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -33,6 +35,16 @@ _FS_READ_WRITE = (
 )
 _NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
 _SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1
+
+# Syscalls tenant code has no business making: debugging other processes, kernel modules and
+# keys, mounts and namespaces (escaping the confinement), eBPF, io_uring. They fail with EPERM.
+DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root", "chroot",
+    "bpf", "perf_event_open", "kexec_load", "kexec_file_load", "init_module", "finit_module",
+    "delete_module", "keyctl", "add_key", "request_key", "userfaultfd", "unshare", "setns",
+    "swapon", "swapoff", "reboot", "acct", "quotactl", "open_by_handle_at", "name_to_handle_at",
+    "io_uring_setup", "personality",
+)  # fmt: skip
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -86,6 +98,32 @@ def _landlock(paths: list[str], writable: list[str]) -> str:
     return ""
 
 
+def _load_pyseccomp() -> Any:
+    """Import pyseccomp before the file view is confined (finding libseccomp needs ldconfig)."""
+    try:
+        import pyseccomp
+
+        return pyseccomp
+    except Exception as exc:  # libseccomp missing on this machine
+        return f"syscall filter off: {exc}"
+
+
+def _seccomp(pyseccomp: Any) -> str:
+    if isinstance(pyseccomp, str):
+        return pyseccomp
+    rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    for name in DENIED_SYSCALLS:
+        try:
+            rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+        except Exception:  # noqa: S112 - a syscall this architecture does not have
+            continue
+    try:
+        rules.load()
+    except OSError as exc:
+        return f"syscall filter off: {exc}"
+    return ""
+
+
 def _world_readable(path: str) -> bool:
     """True if every directory up to ``path`` can be traversed by any user."""
     current = Path(path).resolve()
@@ -104,6 +142,7 @@ def confine_template(
 ) -> list[str]:
     """Confine the calling (template) process for good; return what could not be applied."""
     off: list[str] = []
+    pyseccomp = _load_pyseccomp()
     if not network:
         flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
         if _libc.unshare(ctypes.c_int(flags)) != 0:
@@ -130,6 +169,9 @@ def confine_template(
         )
         if problem:
             off.append(f"file isolation off: {problem}")
+    problem = _seccomp(pyseccomp)  # last: it forbids the unshare and landlock set-up above
+    if problem:
+        off.append(problem)
     return off
 
 

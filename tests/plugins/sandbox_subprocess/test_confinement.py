@@ -45,8 +45,10 @@ class Probe(WorkflowEntrypoint):
                 host, port = arg.rsplit(":", 1)
                 socket.create_connection((host, int(port)), timeout=2).close()
                 return "connected"
-            if kind == "fork_bomb":
-                return os.fork()
+            if kind == "unshare":
+                import ctypes
+                libc = ctypes.CDLL(None, use_errno=True)
+                return [libc.unshare(0x10000000), ctypes.get_errno()]
         return await step.do("attack", attack, **ONCE)
 
 class LoopOutsideSteps(WorkflowEntrypoint):
@@ -108,6 +110,11 @@ def test_files_cannot_be_written(client: Client, tenant: str, ref: str, kernel: 
 def test_network_is_unreachable(client: Client, tenant: str, ref: str, kernel: KernelProcess) -> None:
     message = failure(attack(client, tenant, ref, "connect", kernel.address))
     assert "OSError" in message or "Error" in message
+
+
+def test_escaping_syscalls_are_filtered(client: Client, tenant: str, ref: str) -> None:
+    done = attack(client, tenant, ref, "unshare")
+    assert Client.output(done) == [-1, 1]  # EPERM: no new user namespace from inside the sandbox
 
 
 def test_loop_outside_a_step_errors_the_instance(client: Client, tenant: str, ref: str) -> None:
