@@ -65,6 +65,13 @@ def _child(sock_fd: int, request: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    try:
+        _serve()
+    except (BrokenPipeError, ConnectionError):
+        pass  # the kernel went away; so do we
+
+
+def _serve() -> None:
     ctrl = socket.socket(fileno=int(sys.argv[1]))
     settings = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     off = confine.confine_template(

@@ -1,1 +1,16 @@
-"""WebAssembly sandbox plugin (wasmtime): Python workflows (python-wasm) and raw modules (wasm)."""
+"""WebAssembly sandbox plugin (wasmtime): ``python-wasm`` (tenant Python on CPython-in-wasm) and
+``wasm`` (raw modules speaking the guest ABI in ``ABI.md``)."""
+
+from __future__ import annotations
+
+from tenantflow.kernel import hookimpl
+from tenantflow.kernel.config import KernelConfig
+from tenantflow.kernel.sandbox import Sandbox
+
+
+@hookimpl
+def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
+    from tenantflow.plugins.sandbox_wasm.python_wasm import PythonWasmSandbox
+    from tenantflow.plugins.sandbox_wasm.raw import RawWasmSandbox
+
+    return [PythonWasmSandbox(config.max_concurrent_runs), RawWasmSandbox(config.max_concurrent_runs)]

@@ -1,0 +1,124 @@
+"""Runs a guest on a worker thread and carries its host calls to the kernel's event loop.
+
+Wasm calls are blocking (and release the GIL), while the kernel's :class:`Host` is async: each
+run gets a worker thread, and every guest request becomes ``host.call(...)`` scheduled on the
+kernel's loop, the worker waiting for the reply. Cancelling the run (how the kernel stops a step
+past its time-out) stops the guest at its next epoch tick or host call, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from tenantflow.kernel.sandbox import Host, Limits, RunExit
+from tenantflow.plugins.sandbox_wasm.engine import Budget
+
+log = logging.getLogger("tenantflow.sandbox.wasm")
+STOPPED = "stopped by the kernel (step time-out, pause or termination)"
+
+
+class GuestStopped(Exception):
+    """Raised inside a host call to trap a guest that must not go on."""
+
+
+class Bridge:
+    """One run's link between its guest (on a worker thread) and the kernel's :class:`Host`."""
+
+    def __init__(self, host: Host, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
+        self.host = host
+        self.loop = loop
+        self.limits = limits
+        self.budget = Budget(limits.cpu_seconds, limits.wall_seconds)
+        self.ended = False  # the guest reported finish or suspend and got its ack
+        self.failure: BaseException | None = None  # what host.call raised, re-raised to the kernel
+        self._pending: concurrent.futures.Future[dict[str, Any]] | None = None
+
+    def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``host.call`` from the worker thread; raises :class:`GuestStopped` when the run must end."""
+        reason = self.budget.check()
+        if reason:
+            self.budget.reason = reason
+            raise GuestStopped(reason)
+        future = asyncio.run_coroutine_threadsafe(self.host.call(message), self.loop)
+        self._pending = future
+        try:
+            reply: dict[str, Any] = future.result()
+        except BaseException as exc:
+            if not isinstance(exc, concurrent.futures.CancelledError):
+                self.failure = exc
+            self.budget.stop(STOPPED)
+            self.budget.reason = self.budget.stop_reason
+            raise GuestStopped(self.budget.stop_reason) from None
+        finally:
+            self._pending = None
+        if message.get("op") in ("finish", "suspend"):
+            self.ended = True
+        return reply
+
+    def notify(self, message: dict[str, Any]) -> None:
+        """``host.notify`` without waiting (messages still arrive in order)."""
+        future = asyncio.run_coroutine_threadsafe(self.host.notify(message), self.loop)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def stop(self, reason: str = STOPPED) -> None:
+        """From any thread: the guest traps at its next tick; a pending host call is abandoned."""
+        self.budget.stop(reason)
+        pending = self._pending
+        if pending is not None:
+            pending.cancel()
+
+
+_current = threading.local()
+
+
+def current_bridge() -> Bridge:
+    """The bridge of the run on this worker thread (host-call callbacks find their run here)."""
+    bridge: Bridge | None = getattr(_current, "bridge", None)
+    if bridge is None:
+        raise GuestStopped("no run is active on this thread")
+    return bridge
+
+
+def _on_thread(bridge: Bridge, execute: Callable[[Bridge], RunExit]) -> RunExit:
+    _current.bridge = bridge
+    try:
+        return execute(bridge)
+    finally:
+        _current.bridge = None
+
+
+async def run_guest(
+    pool: concurrent.futures.ThreadPoolExecutor,
+    execute: Callable[[Bridge], RunExit],
+    host: Host,
+    limits: Limits,
+) -> RunExit:
+    """Run ``execute(bridge)`` on a worker; on cancellation stop the guest before returning."""
+    loop = asyncio.get_running_loop()
+    bridge = Bridge(host, loop, limits)
+    future = asyncio.wrap_future(pool.submit(_on_thread, bridge, execute))
+    try:
+        result = await asyncio.shield(future)
+    except asyncio.CancelledError:
+        bridge.stop()
+        done, _ = await asyncio.wait({future}, timeout=2.0)
+        if not done:
+            log.warning("a wasm guest did not stop within 2 s of cancellation (blocked in a WASI call?)")
+        elif not future.cancelled():
+            future.exception()  # retrieved: the run is over either way
+        raise
+    if bridge.failure is not None:
+        raise bridge.failure
+    return result
+
+
+def guest_ended(bridge: Bridge, detail: str) -> RunExit:
+    """How a run ended once the guest returned or trapped."""
+    if bridge.ended:
+        return RunExit(False)
+    return RunExit(True, detail)

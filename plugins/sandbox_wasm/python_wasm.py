@@ -1,0 +1,137 @@
+"""``runtime = "python-wasm"``: tenant Python run by CPython compiled to WebAssembly.
+
+One runner component (see :mod:`.build`) serves every tenant: it is built and compiled once per
+machine, deserialized at kernel start, and instantiated fresh for every run (a new store: no
+state survives a run, and a trap cannot poison the next one). The guest speaks the same step
+protocol as the subprocess sandbox, through the imported WIT functions ``call`` and ``notify``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from wasmtime import Store, Trap, WasiConfig, WasmtimeError
+from wasmtime.component import Component, Linker
+
+from tenantflow.kernel.sandbox import Host, Limits, RunExit
+from tenantflow.plugins.pysource import decode_files, python_entrypoints
+from tenantflow.plugins.sandbox_wasm import build, cache
+from tenantflow.plugins.sandbox_wasm.bridge import (
+    Bridge,
+    GuestStopped,
+    current_bridge,
+    guest_ended,
+    run_guest,
+)
+from tenantflow.plugins.sandbox_wasm.engine import shared_engine, trap_reason
+from tenantflow.plugins.sandbox_wasm.pycheck import check_imports
+
+log = logging.getLogger("tenantflow.sandbox.wasm")
+READY_TIMEOUT = 600.0
+
+
+def _call(_store: Any, message: str) -> str:
+    return json.dumps(current_bridge().call(json.loads(message)))
+
+
+def _notify(_store: Any, message: str) -> None:
+    decoded = json.loads(message)
+    if isinstance(decoded, dict):
+        current_bridge().notify(decoded)
+
+
+class Runner:
+    """The compiled runner component, its linker and the stdlib modules it offers."""
+
+    def __init__(self) -> None:
+        self.engine, self.ticker = shared_engine()
+        started = time.monotonic()
+        self.component, cached = cache.compiled(self.engine, Component, build.ensure_runner())
+        log.info(
+            "python-wasm runner %s in %.2f s", "loaded" if cached else "compiled", time.monotonic() - started
+        )
+        self.linker = Linker(self.engine)
+        self.linker.add_wasip2()
+        with self.linker.root() as root:
+            root.add_func("call", _call)
+            root.add_func("notify", _notify)
+        probe = json.loads(self.invoke(json.dumps({"probe": True}), 256 * 1024 * 1024, None))
+        self.python: str = probe["python"]
+        self.modules: frozenset[str] = frozenset(probe["modules"])
+
+    def invoke(self, job: str, memory_bytes: int, bridge: Bridge | None) -> str:
+        """Instantiate the runner in a fresh store and call ``run(job)`` (on the current thread)."""
+        store = Store(self.engine)
+        store.set_limits(memory_size=memory_bytes)
+        store.set_wasi(WasiConfig())  # no args, env, preopened dirs, stdio or sockets
+        if bridge is not None:
+            bridge.budget.arm(store)
+        else:
+            store.set_epoch_deadline(1 << 62)
+        self.ticker.enter()
+        try:
+            instance = self.linker.instantiate(store, self.component)
+            run = instance.get_func(store, "run")
+            assert run is not None
+            result: str = run(store, job)
+            return result
+        finally:
+            self.ticker.leave()
+
+
+class PythonWasmSandbox:
+    """The python-wasm sandbox; the runner is prepared in the background from :meth:`start`."""
+
+    runtime = "python-wasm"
+
+    def __init__(self, max_runs: int = 64) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_runs, thread_name_prefix="tenantflow-python-wasm"
+        )
+        self._runner: concurrent.futures.Future[Runner] | None = None
+        self._lock = threading.Lock()
+
+    def _prepare(self) -> concurrent.futures.Future[Runner]:
+        with self._lock:
+            if self._runner is None:
+                self._runner = concurrent.futures.ThreadPoolExecutor(1).submit(Runner)
+            return self._runner
+
+    def runner(self, timeout: float = READY_TIMEOUT) -> Runner:
+        """The prepared runner, waiting for it if needed (blocking)."""
+        return self._prepare().result(timeout)
+
+    def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
+        workflows = python_entrypoints(files)
+        check_imports(decode_files(files), self.runner().modules)
+        return workflows
+
+    async def start(self) -> None:
+        self._prepare()  # build/compile/load off the event loop; runs wait for it
+
+    async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
+        runner = await asyncio.wrap_future(self._prepare())
+        guest_job = json.dumps(
+            {**job, "files": {p: d.decode("utf-8", "replace") for p, d in job["files"].items()}}
+        )
+
+        def execute(bridge: Bridge) -> RunExit:
+            try:
+                failure = runner.invoke(guest_job, limits.memory_bytes, bridge)
+            except (WasmtimeError, Trap, GuestStopped) as exc:
+                return guest_ended(bridge, bridge.budget.reason or trap_reason(exc))
+            if failure:
+                return guest_ended(bridge, f"the python-wasm runtime failed: {failure}")
+            return guest_ended(bridge, "the guest returned without reporting finish or suspend")
+
+        return await run_guest(self._pool, execute, host, limits)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
