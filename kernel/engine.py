@@ -31,6 +31,7 @@ log = logging.getLogger("tenantflow.engine")
 _KEY = re.compile(r"^(?P<name>.{1,256})#(?P<occ>\d{1,6})$", re.S)
 _BACKOFFS = ("constant", "linear", "exponential")
 MAX_DELAY = 365 * 86400.0
+FLUSH_DELAY = 0.02  # how long a step-started or log line may wait for a commit to ride along with
 
 
 class _Abort(Exception):
@@ -100,6 +101,8 @@ class WakeUp:
         self.aborted = ""
         self.log_lines = 0
         self.sandbox_task: asyncio.Task[Any] | None = None
+        self._pending: list[Change] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     # -- commits ----------------------------------------------------------------------------------
     def _change(self, **kwargs: Any) -> Change:
@@ -109,9 +112,20 @@ class WakeUp:
         )  # fmt: skip
 
     def _submit(self, change: Change) -> None:
-        """Queue a change without waiting; a failed guard aborts the wake-up."""
-        future = self.engine.committer.submit(change)
-        future.add_done_callback(self._check_async_commit)
+        """Record a change nobody waits for (a step started, a log line). It is committed with the
+        next awaited change, or within ``FLUSH_DELAY`` — so a fast step costs one commit, not two."""
+        self._pending.append(change)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        pending, self._pending = self._pending, []
+        for change in pending:
+            future = self.engine.committer.submit(change)
+            future.add_done_callback(self._check_async_commit)
 
     def _check_async_commit(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
@@ -121,6 +135,7 @@ class WakeUp:
             self.abort(str(exc) if exc else future.result().reason)
 
     async def _commit(self, change: Change) -> None:
+        self._flush()  # queued together, so they share one transaction
         try:
             await self.engine.committer.commit(change)
         except Conflict as exc:
@@ -131,6 +146,7 @@ class WakeUp:
         """Stop the sandbox; nothing more is written for this wake-up."""
         if not self.aborted:
             self.aborted = reason
+        self._pending.clear()
         if self.sandbox_task is not None and not self.sandbox_task.done():
             self.sandbox_task.cancel()
 
