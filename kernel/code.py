@@ -1,13 +1,25 @@
-"""Tenant code: publishing artifacts, pinning refs through loaders, and the loaded-code cache."""
+"""Tenant code: publishing artifacts, pinning refs through loaders, and the loaded-code cache.
+
+Every instance stores a *pinned* ref (artifact digest, git commit) at ``Create`` and runs that code for
+life, ``Restart`` included; new code reaches new instances only. The cache keeps loaded code per
+``(tenant, pinned ref)`` in LRU order, bounded by ``code_cache_entries`` and by
+``code_cache_idle_seconds`` of disuse; ``Kernel`` runs :meth:`CodeCatalog.sweep_forever` so idle
+tenants' code is dropped even when no new code arrives.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
+import gc
 import hashlib
+import logging
 import re
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tenantflow.kernel.config import KernelConfig
@@ -17,6 +29,8 @@ from tenantflow.kernel.model import Artifact
 from tenantflow.kernel.sandbox import CodeError, Sandbox
 from tenantflow.kernel.storage import Storage
 
+log = logging.getLogger("tenantflow.kernel.code")
+_INSPECT = threading.Lock()
 NAME = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}$")
 
 
@@ -67,7 +81,7 @@ class CodeCatalog:
         self._sandboxes = sandboxes
         self._config = config
         self._cache: OrderedDict[tuple[str, str], tuple[LoadedCode, float]] = OrderedDict()
-        self._loading: dict[tuple[str, str], asyncio.Future[LoadedCode]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Task[LoadedCode]] = {}
         self.loads = 0  # how many times code was actually loaded (cache misses)
 
     def sandbox(self, runtime: str) -> Sandbox:
@@ -77,8 +91,12 @@ class CodeCatalog:
         return sandbox
 
     def inspect(self, runtime: str, files: Mapping[str, bytes]) -> dict[str, str]:
+        """Check code with its sandbox: one at a time, since CPython 3.11's ``ast.parse`` keeps its
+        recursion counter per interpreter, and parses in two threads at once fail with "SystemError:
+        AST constructor recursion depth mismatch" (python/cpython#106905)."""
         try:
-            return self.sandbox(runtime).inspect(files)
+            with _INSPECT:
+                return self.sandbox(runtime).inspect(files)
         except CodeError as exc:
             raise InvalidArgument(f"code rejected: {exc}") from None
 
@@ -116,27 +134,25 @@ class CodeCatalog:
         return self.loader(ref).pin(tenant, ref)
 
     async def get(self, tenant: str, pinned: str) -> LoadedCode:
-        """The loaded code behind a pinned ref; concurrent first uses load it once."""
+        """The loaded code behind a pinned ref. Concurrent first uses share one load; a caller that is
+        cancelled does not cancel the load for the others."""
         key = (tenant, pinned)
-        now = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None:
-            self._cache[key] = (cached[0], now)
+            self._cache[key] = (cached[0], time.monotonic())
             self._cache.move_to_end(key)
             return cached[0]
-        pending = self._loading.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[LoadedCode] = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fill(key))
+            self._loading[key] = task
+            task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _fill(self, key: tuple[str, str]) -> LoadedCode:
         try:
-            code = await asyncio.to_thread(self._load, tenant, pinned)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it
-            raise
-        else:
-            future.set_result(code)
+            code = await asyncio.to_thread(self._load, *key)
+            self.loads += 1
             self._cache[key] = (code, time.monotonic())
             self._evict()
             return code
@@ -145,18 +161,71 @@ class CodeCatalog:
 
     def _load(self, tenant: str, pinned: str) -> LoadedCode:
         bundle = self.loader(pinned).load(tenant, pinned)
-        self.loads += 1
-        return LoadedCode(bundle, self.inspect(bundle.runtime, bundle.files))
+        workflows = self.inspect(bundle.runtime, bundle.files)  # checks every file
+        if bundle.entry is not None:  # only the entry module's classes are workflows
+            entry = {p: d for p, d in bundle.files.items() if _module(p) == bundle.entry}
+            if not entry:
+                raise InvalidArgument(f"{pinned}: the bundle has no module {bundle.entry!r}")
+            workflows = self.inspect(bundle.runtime, entry)
+        return LoadedCode(bundle, workflows)
 
-    def _evict(self) -> None:
+    def _evict(self) -> int:
+        """Drop entries past the size bound, then entries idle past the age bound (LRU order)."""
         horizon = time.monotonic() - self._config.code_cache_idle_seconds
+        dropped = 0
         while self._cache and (
             len(self._cache) > self._config.code_cache_entries
             or next(iter(self._cache.values()))[1] < horizon
         ):
             self._cache.popitem(last=False)
+            dropped += 1
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def sweep(self) -> int:
-        """Drop code idle for longer than the configured age; return how many entries remain."""
-        self._evict()
+        """Drop code idle for longer than the configured age and hand freed memory back to the OS;
+        return how many entries remain."""
+        dropped = self._evict()
+        if dropped:
+            gc.collect()  # objects in old reference cycles pin pymalloc arenas: free them, then trim
+            _trim()
+            log.info("code cache: evicted %d idle entries, %d remain", dropped, len(self._cache))
         return len(self._cache)
+
+    async def sweep_forever(self) -> None:
+        """Sweep every quarter of the idle age (at most every 30 s) until cancelled: idle tenants cost
+        no memory even when nothing else touches the cache."""
+        interval = min(30.0, max(0.05, self._config.code_cache_idle_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
+
+
+def _module(path: str) -> str:
+    """``pkg/mod.py`` -> ``pkg.mod`` (as the guest runtime names modules)."""
+    name = path.removesuffix(".py").replace("/", ".")
+    return name.removesuffix(".__init__")
+
+
+def _retrieve(task: asyncio.Task[LoadedCode]) -> None:
+    """Mark a failed load's exception as seen, even if every waiter was cancelled."""
+    if not task.cancelled():
+        task.exception()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+        return trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _trim() -> None:
+    """glibc keeps freed heap pages; ``malloc_trim`` returns them to the OS (a no-op elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

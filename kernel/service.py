@@ -126,6 +126,7 @@ class Kernel:
         if released:
             log.info("reclaimed %d instances this node was running when it stopped", released)
         self.dispatcher.start()
+        self._code_sweeper = asyncio.create_task(self.catalog.sweep_forever())
         self._started = True
         log.info("kernel started: storage %s, sandboxes %s, loaders %s", self.config.resolved_storage_url(),
                  sorted(sandboxes), sorted(loaders))  # fmt: skip
@@ -138,6 +139,7 @@ class Kernel:
         if not self._started:
             return
         self._started = False
+        self._code_sweeper.cancel()
         await self.dispatcher.stop()
         await self.committer.stop()
         for sandbox in self.catalog._sandboxes.values():

@@ -1,0 +1,116 @@
+"""The loaded-code cache on real storage, loaders and sandbox: loads once, LRU, idle eviction."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tenantflow.kernel.code import CodeCatalog
+from tenantflow.kernel.config import KernelConfig
+from tenantflow.kernel.errors import NotFound
+from tenantflow.kernel.plugins import Plugins
+from tenantflow.plugins.sandbox_subprocess.sandbox import SubprocessSandbox
+from tests.plugins.loader_git.gitrepo import GitRepo, workflow
+
+TENANT = "acme"
+
+
+def catalog(tmp_path: Path, entries: int = 100, idle: float = 60.0) -> CodeCatalog:
+    config = KernelConfig(
+        data_dir=tmp_path, code_cache_entries=entries, code_cache_idle_seconds=idle, git_roots=[str(tmp_path)]
+    )
+    plugins = Plugins()
+    storage = plugins.storage(config.resolved_storage_url(), config)
+    return CodeCatalog(storage, plugins.loaders(storage, config), {"python": SubprocessSandbox()}, config)
+
+
+def publish(cat: CodeCatalog, version: str) -> str:
+    return cat.publish(TENANT, "wf", "python", {"wf.py": workflow(version).encode()})[0]
+
+
+def test_concurrent_first_uses_load_once(tmp_path: Path) -> None:
+    cat = catalog(tmp_path)
+    ref = publish(cat, "v1")
+
+    async def main() -> None:
+        codes = await asyncio.gather(*(cat.get(TENANT, ref) for _ in range(50)))
+        assert cat.loads == 1 and all(c is codes[0] for c in codes)
+        assert codes[0].workflows == {"Flow": "wf"}
+        await cat.get(TENANT, publish(cat, "v2"))
+        assert cat.loads == 2
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_first_caller_does_not_cancel_the_load(tmp_path: Path) -> None:
+    cat = catalog(tmp_path)
+    ref = publish(cat, "v1")
+
+    async def main() -> None:
+        first = asyncio.create_task(cat.get(TENANT, ref))
+        second = asyncio.create_task(cat.get(TENANT, ref))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert (await second).bundle.ref == ref
+        assert first.cancelled() and cat.loads == 1
+
+    asyncio.run(main())
+
+
+def test_failed_loads_are_shared_and_not_cached(tmp_path: Path) -> None:
+    cat = catalog(tmp_path)
+    repo = GitRepo(tmp_path / "r.git")
+    sha = repo.commit({"wf.py": workflow("v1")})
+    pinned = f"git+file://{repo.path}@{sha}#gone.py"
+
+    async def main() -> None:
+        results = await asyncio.gather(*(cat.get(TENANT, pinned) for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(r, NotFound) and "'gone.py'" in str(r) for r in results)
+        assert cat.loads == 0 and len(cat) == 0
+
+    asyncio.run(main())
+
+
+def test_entry_module_alone_defines_the_workflows(tmp_path: Path) -> None:
+    cat = catalog(tmp_path)
+    repo = GitRepo(tmp_path / "r.git")
+    repo.commit({"wf.py": workflow("v1"), "a.py": workflow("shadow"), "b.py": workflow("x", cls="Other")})
+    code = asyncio.run(cat.get(TENANT, cat.pin(TENANT, repo.ref())))
+    assert code.workflows == {"Flow": "wf"} and code.bundle.entry == "wf"
+
+
+def test_lru_is_bounded_by_entries(tmp_path: Path) -> None:
+    cat = catalog(tmp_path, entries=2)
+    one, two, three = (publish(cat, v) for v in ("v1", "v2", "v3"))
+
+    async def main() -> None:
+        for ref in (one, two, one, three):  # touching `one` makes `two` the least recently used
+            await cat.get(TENANT, ref)
+        assert (len(cat), cat.loads) == (2, 3)
+        await cat.get(TENANT, one)
+        assert cat.loads == 3
+        await cat.get(TENANT, two)
+        assert cat.loads == 4
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(10)
+def test_idle_code_is_swept_without_any_other_use(tmp_path: Path) -> None:
+    cat = catalog(tmp_path, idle=0.2)
+    refs = [publish(cat, f"v{i}") for i in range(20)]
+
+    async def main() -> None:
+        sweeper = asyncio.create_task(cat.sweep_forever())
+        for ref in refs:
+            await cat.get(TENANT, ref)
+        assert len(cat) == 20
+        while len(cat):
+            await asyncio.sleep(0.05)
+        sweeper.cancel()
+        await cat.get(TENANT, refs[0])  # evicted code loads again on its next use
+        assert cat.loads == 21
+
+    asyncio.run(main())
