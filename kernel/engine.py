@@ -23,7 +23,7 @@ from typing import Any
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
-from tenantflow.kernel.errors import Conflict, TenantflowError
+from tenantflow.kernel.errors import Conflict, TenantflowError, Unavailable
 from tenantflow.kernel.model import Change, HistoryEntry, InstanceRecord, Status, StepRecord
 from tenantflow.kernel.storage import Storage
 
@@ -31,6 +31,7 @@ log = logging.getLogger("tenantflow.engine")
 _KEY = re.compile(r"^(?P<name>.{1,256})#(?P<occ>\d{1,6})$", re.S)
 _BACKOFFS = ("constant", "linear", "exponential")
 MAX_DELAY = 365 * 86400.0
+CODE_RETRY_SECONDS = 30.0  # when a loader is unavailable (a git remote down), wake again this much later
 FLUSH_DELAY = 0.02  # how long a step-started or log line may wait for a commit to ride along with
 
 
@@ -163,6 +164,16 @@ class WakeUp:
         try:
             code = await engine.catalog.get(rec.tenant, rec.code)
             sandbox = engine.catalog.sandbox(code.bundle.runtime)
+        except Unavailable as exc:  # e.g. a git remote is unreachable: try again later, keep the instance
+            log.warning("cannot load %s for %s/%s (%s); retrying in %g s", rec.code, rec.tenant, rec.id, exc,
+                        CODE_RETRY_SECONDS)  # fmt: skip
+            self.ended = True
+            retry = self._change(
+                set={"run_at": time.time() + CODE_RETRY_SECONDS, "lease_owner": None, "lease_until": None}
+            )
+            with contextlib.suppress(_Abort):
+                await self._commit(retry)
+            return
         except TenantflowError as exc:
             await self._end_errored({"name": "CodeUnavailable", "message": f"cannot load {rec.code}: {exc}"})
             return
