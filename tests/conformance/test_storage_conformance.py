@@ -1,0 +1,165 @@
+"""The storage contract (kernel/storage.py), checked directly against every installed engine.
+
+Engines are found through the plugins, exactly as the kernel finds them. SQLite runs everywhere;
+an engine that needs a server is listed with the reason it is skipped when none is reachable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tenantflow.kernel.config import KernelConfig
+from tenantflow.kernel.errors import AlreadyExists
+from tenantflow.kernel.model import (
+    Artifact,
+    Change,
+    EventRecord,
+    HistoryEntry,
+    InstanceRecord,
+    Status,
+    StepRecord,
+)
+from tenantflow.kernel.plugins import Plugins
+from tenantflow.kernel.storage import Storage
+
+ENGINES = ["sqlite"]
+
+
+@pytest.fixture(params=ENGINES)
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    urls = {"sqlite": f"sqlite:///{tmp_path / 'conformance.sqlite3'}"}
+    engine = Plugins().storage(urls[request.param], KernelConfig(data_dir=tmp_path))
+    yield engine
+    engine.close()
+
+
+def instance(
+    tenant: str, id: str, run_at: float | None = None, status: Status = Status.QUEUED
+) -> InstanceRecord:
+    now = time.time()
+    return InstanceRecord(
+        tenant=tenant, id=id, workflow="W", code="artifact://t/c@sha256:" + "0" * 64, runtime="python",
+        module="wf", params_json="null", status=status, created_at=now, updated_at=now, run_at=run_at,
+    )  # fmt: skip
+
+
+def entry(message: str = "") -> HistoryEntry:
+    return HistoryEntry(kind="status", at=time.time(), status=int(Status.QUEUED), message=message)
+
+
+def test_artifacts_are_immutable_and_latest_is_the_last_published(storage: Storage) -> None:
+    v1 = Artifact("t", "code", "a" * 64, "python", {"wf.py": b"one"}, {"W": "wf"}, 1.0)
+    v2 = Artifact("t", "code", "b" * 64, "python", {"wf.py": b"two"}, {"W": "wf"}, 2.0)
+    storage.put_artifact(v1)
+    storage.put_artifact(v2)
+    storage.put_artifact(v1)  # re-publishing old files makes them the latest again
+    assert storage.get_artifact("t", "code", "b" * 64).files == {"wf.py": b"two"}  # type: ignore[union-attr]
+    assert storage.get_artifact("t", "code", None).digest == "a" * 64  # type: ignore[union-attr]
+    assert storage.get_artifact("other", "code", None) is None
+
+
+def test_create_is_all_or_nothing_per_tenant(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a"), instance("t", "b")], [entry(), entry()])
+    with pytest.raises(AlreadyExists, match="'b' already exists"):
+        storage.create_instances([instance("t", "c"), instance("t", "b")], [entry(), entry()])
+    assert storage.get_instance("t", "c") is None
+    storage.create_instances([instance("u", "a")], [entry()])  # same id, other tenant
+    assert storage.get_instance("u", "a") is not None and storage.get_instance("v", "a") is None
+
+
+def test_list_pages_in_creation_order_and_filters(storage: Storage) -> None:
+    storage.create_instances([instance("t", f"i{n}") for n in range(5)], [entry() for _ in range(5)])
+    storage.create_instances([instance("t", "w", status=Status.WAITING)], [entry()])
+    page, cursor = storage.list_instances("t", None, None, 2)
+    assert [r.id for r in page] == ["i0", "i1"] and cursor
+    rest: list[str] = []
+    while cursor:
+        more, cursor = storage.list_instances("t", None, cursor, 2)
+        rest += [r.id for r in more]
+    assert rest == ["i2", "i3", "i4", "w"]
+    waiting, cursor = storage.list_instances("t", Status.WAITING, None, 10)
+    assert [r.id for r in waiting] == ["w"] and cursor is None
+
+
+def test_apply_guards_roll_back_only_the_failing_change(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a"), instance("t", "b")], [entry(), entry()])
+    step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="complete", attempts=1, output_json="1")
+    ok = Change(tenant="t", id="a", generation=0, now=1.0, set={"status": Status.RUNNING}, steps=[step])
+    stale = Change(tenant="t", id="b", generation=7, now=1.0, set={"status": Status.COMPLETE}, steps=[step])
+    wrong_owner = Change(tenant="t", id="b", owner="node-x", now=1.0, set={"status": Status.COMPLETE})
+    wrong_status = Change(tenant="t", id="b", expect_status=frozenset({Status.PAUSED}), now=1.0)
+    missing = Change(tenant="t", id="ghost", now=1.0)
+    results = storage.apply([ok, stale, wrong_owner, wrong_status, missing])
+    assert [r.ok for r in results] == [True, False, False, False, False]
+    assert "restarted or terminated" in results[1].reason and "lease" in results[2].reason
+    assert storage.get_instance("t", "a").status == Status.RUNNING  # type: ignore[union-attr]
+    assert [s.key for s in storage.get_steps("t", "a")] == ["s#0"]
+    assert storage.get_instance("t", "b").status == Status.QUEUED  # type: ignore[union-attr]
+    assert storage.get_steps("t", "b") == []
+
+
+def test_events_history_and_restart_deletion(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a")], [entry("created")])
+    add = Change(tenant="t", id="a", now=5.0, add_events=[EventRecord(0, "go", '{"n": 1}', 5.0)] * 2,
+                 history=[entry("e1"), entry("e2")])  # fmt: skip
+    (result,) = storage.apply([add])
+    assert result.event_seqs == [1, 2]
+    wait = StepRecord(key="w#0", seq=1, name="w", kind="wait", status="complete", event_type="go")
+    assert storage.apply([Change(tenant="t", id="a", now=6.0, steps=[wait], consume_events=[(1, "w#0")])])[
+        0
+    ].ok
+    again = storage.apply([Change(tenant="t", id="a", now=6.0, consume_events=[(1, "w#1")])])[0]
+    assert not again.ok and "already consumed" in again.reason
+    assert [e.seq for e in storage.get_events("t", "a", unconsumed_only=True)] == [2]
+    restart = Change(tenant="t", id="a", now=7.0, delete_steps_from=1, bump_generation=True)
+    assert storage.apply([restart])[0].ok
+    assert storage.get_steps("t", "a") == []
+    assert [e.seq for e in storage.get_events("t", "a", unconsumed_only=True)] == [1, 2]  # released
+    assert storage.get_instance("t", "a").generation == 1  # type: ignore[union-attr]
+    history = storage.get_history("t", "a", 0, 100)
+    assert [h.message for h in history] == ["created", "e1", "e2"] and [h.seq for h in history] == [1, 2, 3]
+    assert [h.seq for h in storage.get_history("t", "a", 2, 100)] == [3]
+
+
+def test_wake_on_events_and_pause_awareness(storage: Storage) -> None:
+    storage.create_instances(
+        [instance("t", "a"), instance("t", "p", status=Status.WAITING_FOR_PAUSE)], [entry()] * 2
+    )
+    storage.apply([Change(tenant="t", id="a", now=1.0, add_events=[EventRecord(0, "go", "null", 1.0)])])
+    suspend = Change(
+        tenant="t", id="a", now=2.0, set={"status": Status.WAITING, "run_at": 99.0}, wake_on_events=["go"]
+    )
+    storage.apply([suspend])
+    assert storage.get_instance("t", "a").run_at == 2.0  # type: ignore[union-attr]  # the event wakes it now
+    paused = Change(tenant="t", id="p", now=2.0, set={"status": Status.WAITING, "run_at": 50.0}, pause_aware=True,
+                    history=[HistoryEntry(kind="status", at=2.0, status=int(Status.WAITING))])  # fmt: skip
+    (result,) = storage.apply([paused])
+    record = storage.get_instance("t", "p")
+    assert result.status == Status.PAUSED and record.status == Status.PAUSED and record.run_at is None  # type: ignore[union-attr]
+    assert storage.get_history("t", "p", 0, 10)[-1].status == int(Status.PAUSED)
+
+
+def test_claim_leases_due_instances_round_robin_across_tenants(storage: Storage) -> None:
+    now = time.time()
+    storage.create_instances(
+        [instance("noisy", f"n{i}", run_at=now - 10 + i) for i in range(6)], [entry()] * 6
+    )
+    storage.create_instances([instance("quiet", "q", run_at=now - 1)], [entry()])
+    storage.create_instances([instance("later", "l", run_at=now + 60)], [entry()])
+    first = storage.claim("node-a", now, 30, 2)
+    assert sorted(r.tenant for r in first) == ["noisy", "quiet"]  # one per tenant before a second of any
+    assert all(r.lease_owner == "node-a" for r in first)
+    second = storage.claim("node-b", now, 30, 10)
+    assert {r.id for r in second} == {f"n{i}" for i in range(6)} - {r.id for r in first}
+    assert storage.claim("node-b", now, 30, 10) == []  # leased ones are not claimed twice; "later" not due
+    assert storage.next_run_at() == pytest.approx(now + 60)
+    assert storage.renew_leases(
+        "node-a", [(r.tenant, r.id) for r in first] + [("noisy", "n5")], now + 60
+    ) == [("noisy", "n5")]
+    assert storage.release_leases("node-b") == 5
+    assert len(storage.claim("node-c", now + 31, 30, 10)) == 5  # node-a's leases still live
+    assert {r.id for r in storage.claim("node-d", now + 61, 30, 10)} == {r.id for r in first} | {"l"}
