@@ -33,6 +33,7 @@ from tenantflow.kernel.model import (
     StepRecord,
 )
 from tenantflow.kernel.plugins import Plugins
+from tenantflow.kernel.sandbox import Sandbox
 from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.kernel")
@@ -107,13 +108,14 @@ class Kernel:
         self.engine: Engine
         self.dispatcher: Dispatcher
         self.notifier = Notifier()
+        self.sandboxes: dict[str, Sandbox] = {}
         self._started = False
 
     async def start(self) -> None:
         """Open storage, warm the sandboxes, reclaim this node's leases and start dispatching."""
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.storage = self.plugins.storage(self.config.resolved_storage_url(), self.config)
-        sandboxes = self.plugins.sandboxes(self.config)
+        sandboxes = self.sandboxes = self.plugins.sandboxes(self.config)
         for sandbox in sandboxes.values():
             await sandbox.start()
         loaders = self.plugins.loaders(self.storage, self.config)
@@ -142,7 +144,7 @@ class Kernel:
         self._code_sweeper.cancel()
         await self.dispatcher.stop()
         await self.committer.stop()
-        for sandbox in self.catalog._sandboxes.values():
+        for sandbox in self.sandboxes.values():
             await sandbox.close()
         self.storage.close()
 
