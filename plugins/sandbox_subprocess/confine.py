@@ -124,6 +124,23 @@ def _seccomp(pyseccomp: Any) -> str:
     return ""
 
 
+def scope_child() -> bool:
+    """Put this child in its own nested Landlock domain that may not signal outside itself: a
+    tenant cannot kill the template, another tenant's run, or anything else. False where the
+    kernel's Landlock lacks signal scoping (ABI < 6)."""
+    abi = _syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 6:
+        return False
+    attr = ctypes.create_string_buffer(struct.pack("=QQQ", 0, 0, _SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL), 24)
+    ruleset = _syscall(_SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(24), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return False
+    try:
+        return _syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) == 0
+    finally:
+        os.close(ruleset)
+
+
 def _world_readable(path: str) -> bool:
     """True if every directory up to ``path`` can be traversed by any user."""
     current = Path(path).resolve()

@@ -120,10 +120,21 @@ class SubprocessSandbox:
                 elif waiter is None:
                     self._early_exits[pid] = status
 
+    async def _respawn_if_gone(self) -> None:
+        """Start a new template if the old one died (it should not: runs cannot signal it)."""
+        async with self._lock:
+            if self._proc is None or self._proc.poll() is None:
+                return
+            log.error("the sandbox template exited with %s; starting a new one", self._proc.returncode)
+            if self._ctrl is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(self._ctrl.fileno())
+                self._ctrl.close()
+            await self.start()
+
     async def _fork(self, child_sock: socket.socket, limits: Limits) -> int:
+        await self._respawn_if_gone()
         assert self._ctrl is not None
-        if self._proc is not None and self._proc.poll() is not None:
-            raise RuntimeError("the sandbox template process is gone")
         self._req += 1
         req = self._req
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import pytest
 
 from tenantflow.client import Client
@@ -45,6 +49,10 @@ class Probe(WorkflowEntrypoint):
                 host, port = arg.rsplit(":", 1)
                 socket.create_connection((host, int(port)), timeout=2).close()
                 return "connected"
+            if kind == "kill":
+                import signal
+                os.kill(os.getppid(), signal.SIGKILL)  # the template that forks every run
+                return "killed"
             if kind == "unshare":
                 import ctypes
                 libc = ctypes.CDLL(None, use_errno=True)
@@ -112,6 +120,11 @@ def test_network_is_unreachable(client: Client, tenant: str, ref: str, kernel: K
     assert "OSError" in message or "Error" in message
 
 
+def test_a_tenant_cannot_signal_the_template_or_other_runs(client: Client, tenant: str, ref: str) -> None:
+    assert "PermissionError" in failure(attack(client, tenant, ref, "kill"))
+    assert attack(client, tenant, ref, "env").status == pb.STATUS_COMPLETE  # the template still forks runs
+
+
 def test_escaping_syscalls_are_filtered(client: Client, tenant: str, ref: str) -> None:
     done = attack(client, tenant, ref, "unshare")
     assert Client.output(done) == [-1, 1]  # EPERM: no new user namespace from inside the sandbox
@@ -141,3 +154,30 @@ def test_other_tenants_keep_running_during_an_attack(client: Client, tenant: str
     assert Client.output(client.wait(tenant + "-calm", calm.id, timeout=10)) == "fine"
     assert client.get(tenant, bomb.id).status in (pb.STATUS_RUNNING, pb.STATUS_ERRORED)
     assert client.wait(tenant, bomb.id, timeout=60).status == pb.STATUS_ERRORED
+
+
+def children_running(parent: int, needle: str) -> list[int]:
+    """Pids whose parent is ``parent`` and whose command line contains ``needle`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and needle in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_dead_template_is_replaced(fresh_kernel: KernelProcess, tenant: str) -> None:
+    with fresh_kernel.client() as client:
+        ref = publish(client, tenant, HOSTILE)
+        assert attack(client, tenant, ref, "env").status == pb.STATUS_COMPLETE
+        assert fresh_kernel.proc is not None
+        (template,) = children_running(fresh_kernel.proc.pid, "sandbox_subprocess.zygote")
+        os.kill(template, signal.SIGKILL)
+        assert attack(client, tenant, ref, "env").status == pb.STATUS_COMPLETE
+        assert children_running(fresh_kernel.proc.pid, "sandbox_subprocess.zygote") != [template]
