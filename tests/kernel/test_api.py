@@ -301,3 +301,34 @@ def test_health_and_reflection(kernel: object) -> None:
         )
         names = {s.name for r in responses for s in r.list_services_response.service}
         assert {"tenantflow.v1.Workflows", "tenantflow.v1.Code", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.workflows.Get(pb.InstanceRef(tenant="bad tenant", id="x")),
+        lambda c: c.workflows.Get(pb.InstanceRef(tenant="t", id="bad/id")),
+        lambda c: c.workflows.Pause(pb.InstanceRef(tenant="t", id="")),
+        lambda c: c.workflows.Resume(pb.InstanceRef(tenant="", id="x")),
+        lambda c: c.workflows.Terminate(pb.InstanceRef(tenant="t", id="-x")),
+        lambda c: c.workflows.Restart(pb.RestartRequest(tenant="t", id="x y")),
+        lambda c: c.workflows.SendEvent(pb.SendEventRequest(tenant="t", id="x", type="", payload_json="{}")),
+        lambda c: c.workflows.SendEvent(
+            pb.SendEventRequest(tenant="t", id="x", type="go", payload_json="{oops")
+        ),
+        lambda c: list(c.workflows.Watch(pb.InstanceRef(tenant="t", id="a b"))),
+        lambda c: c.workflows.List(pb.ListRequest(tenant="t", status=99)),
+        lambda c: c.workflows.List(pb.ListRequest(tenant="", status=0)),
+        lambda c: c.workflows.CreateBatch(pb.CreateBatchRequest(requests=[])),
+        lambda c: c.workflows.CreateBatch(
+            pb.CreateBatchRequest(requests=[pb.CreateRequest(tenant="a"), pb.CreateRequest(tenant="b")])
+        ),
+        lambda c: c.code.Publish(pb.PublishRequest(tenant="t t", name="x", files={"wf.py": b"x=1"})),
+        lambda c: c.code.Publish(pb.PublishRequest(tenant="t", name="x", files={"wf.py": b"\xff\xfe"})),
+    ],
+)
+def test_every_rpc_rejects_malformed_requests(client: Client, call: object) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        call(client)  # type: ignore[operator]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details()
