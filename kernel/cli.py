@@ -42,6 +42,7 @@ async def _serve(args: argparse.Namespace) -> None:
         storage_url=args.storage or "",
         node_id=args.node_id,
         max_concurrent_runs=args.max_concurrent,
+        max_running_per_tenant=args.max_running_per_tenant,
         limits=Limits(memory_bytes=args.memory_mb * 1024 * 1024, cpu_seconds=args.cpu_seconds),
         code_cache_entries=args.code_cache_entries,
         code_cache_idle_seconds=args.code_cache_idle_seconds,
@@ -195,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="default $TENANTFLOW_DATA_DIR or ~/.local/share/tenantflow")
     s.add_argument("--node-id", default="local", help="lease owner name; unique per kernel sharing storage")
     s.add_argument("--max-concurrent", type=int, default=64, help="wake-ups running at once")
+    s.add_argument(
+        "--max-running-per-tenant", type=int, default=0, help="wake-ups of one tenant at once (0: no cap)"
+    )
     s.add_argument("--memory-mb", type=int, default=512, help="sandbox memory limit per run")
     s.add_argument("--cpu-seconds", type=float, default=60.0, help="sandbox CPU time limit per run")
     s.add_argument(

@@ -23,6 +23,7 @@ class KernelConfig:
     storage_url: str = ""  # default: sqlite:///<data_dir>/tenantflow.sqlite3
     node_id: str = "local"  # leases are held per node; a restarted node reclaims its own at once
     max_concurrent_runs: int = 64
+    max_running_per_tenant: int = 0  # wake-ups of one tenant at once (0: only the global limit)
     lease_seconds: float = 30.0
     limits: Limits = field(default_factory=Limits)
     max_payload_bytes: int = 1024 * 1024

@@ -59,8 +59,10 @@ class Dispatcher:
             timeout = 1.0
             with contextlib.suppress(Exception):
                 next_at = await asyncio.to_thread(self._storage.next_run_at)
-                if next_at is not None:
-                    timeout = min(timeout, max(0.0, next_at - time.time()))
+                # Due work that could not be claimed (slots or tenant caps full) waits for a poke:
+                # every wake-up that ends pokes.
+                if next_at is not None and next_at > time.time():
+                    timeout = min(timeout, next_at - time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), timeout=max(timeout, 0.005))
 
@@ -70,7 +72,12 @@ class Dispatcher:
             return 0
         now = time.time()
         records = await asyncio.to_thread(
-            self._storage.claim, self._config.node_id, now, self._config.lease_seconds, free
+            self._storage.claim,
+            self._config.node_id,
+            now,
+            self._config.lease_seconds,
+            free,
+            self._config.max_running_per_tenant,
         )
         for record in records:
             task = asyncio.create_task(self._engine.execute(record), name=f"wake {record.tenant}/{record.id}")

@@ -57,8 +57,11 @@ class Storage(Protocol):
         """Apply every change whose guards hold, in one durable commit; one result per change."""
         ...
 
-    def claim(self, owner: str, now: float, lease_seconds: float, limit: int) -> list[InstanceRecord]:
-        """Lease up to ``limit`` instances with ``run_at <= now`` and no live lease, round-robin by tenant."""
+    def claim(
+        self, owner: str, now: float, lease_seconds: float, limit: int, per_tenant: int = 0
+    ) -> list[InstanceRecord]:
+        """Lease up to ``limit`` instances with ``run_at <= now`` and no live lease, round-robin by
+        tenant, leaving any tenant with ``per_tenant`` (0: no cap) instances leased alone."""
         ...
 
     def renew_leases(

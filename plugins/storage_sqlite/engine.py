@@ -326,32 +326,46 @@ class SQLiteStorage:
         conn.executemany("INSERT INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     # -- dispatch -------------------------------------------------------------------------------
-    def claim(self, owner: str, now: float, lease_seconds: float, limit: int) -> list[InstanceRecord]:
+    def claim(
+        self, owner: str, now: float, lease_seconds: float, limit: int, per_tenant: int = 0
+    ) -> list[InstanceRecord]:
         if limit <= 0:
             return []
-        with self._write() as conn:
-            # Round-robin across tenants: each tenant's oldest due instance first, and among
-            # those, tenants with the fewest instances running right now.
-            rows = conn.execute(
+        cap = per_tenant if per_tenant > 0 else 1 << 62
+        # Round-robin across tenants: each tenant's oldest due instance first, and among those,
+        # tenants with the fewest instances running right now; no tenant above its cap. Every due
+        # row takes part, so a burst cannot push a quiet tenant out of view. The choice is made on a
+        # read connection (off the writer, which running instances need for their commits); the
+        # lease is then taken only where nobody took it meanwhile.
+        rows = (
+            self._reader()
+            .execute(
                 "SELECT due.rowid FROM (SELECT rowid, tenant, run_at, "
                 "ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY run_at) AS rn "
-                "FROM (SELECT rowid, tenant, run_at FROM instances WHERE run_at <= ? "
-                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY run_at LIMIT ?)) AS due "
+                "FROM instances WHERE run_at <= ? AND (lease_until IS NULL OR lease_until < ?)) AS due "
                 "LEFT JOIN (SELECT tenant, COUNT(*) AS running FROM instances "
                 "WHERE lease_owner IS NOT NULL AND lease_until >= ? GROUP BY tenant) AS busy USING (tenant) "
+                "WHERE COALESCE(busy.running, 0) + due.rn <= ? "
                 "ORDER BY due.rn, COALESCE(busy.running, 0), due.run_at LIMIT ?",
-                (now, now, limit * 20, now, limit),
-            ).fetchall()
-            ids = [r[0] for r in rows]
-            if not ids:
-                return []
-            marks = ", ".join("?" * len(ids))
+                (now, now, now, cap, limit),
+            )
+            .fetchall()
+        )
+        ids = [r[0] for r in rows]
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        until = now + lease_seconds
+        with self._write() as conn:
             conn.execute(
-                f"UPDATE instances SET lease_owner = ?, lease_until = ? WHERE rowid IN ({marks})",
-                (owner, now + lease_seconds, *ids),
+                f"UPDATE instances SET lease_owner = ?, lease_until = ? WHERE rowid IN ({marks}) "
+                "AND run_at <= ? AND (lease_until IS NULL OR lease_until < ?)",
+                (owner, until, *ids, now, now),
             )
             claimed = conn.execute(
-                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE rowid IN ({marks}) ORDER BY run_at", ids
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE rowid IN ({marks}) "
+                "AND lease_owner = ? AND lease_until = ? ORDER BY run_at",
+                (*ids, owner, until),
             ).fetchall()
         return [_instance(r) for r in claimed]
 

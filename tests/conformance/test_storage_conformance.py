@@ -163,3 +163,24 @@ def test_claim_leases_due_instances_round_robin_across_tenants(storage: Storage)
     assert storage.release_leases("node-b") == 5
     assert len(storage.claim("node-c", now + 31, 30, 10)) == 5  # node-a's leases still live
     assert {r.id for r in storage.claim("node-d", now + 61, 30, 10)} == {r.id for r in first} | {"l"}
+
+
+def test_claim_caps_each_tenant_and_sees_past_a_burst(storage: Storage) -> None:
+    now = time.time()
+    burst = [instance("noisy", f"n{i}", run_at=now - 100 + i * 0.001) for i in range(2000)]
+    storage.create_instances(burst, [entry()] * len(burst))
+    storage.create_instances([instance("quiet", "q", run_at=now - 1)], [entry()])
+    first = storage.claim("node", now, 30, 3, per_tenant=2)
+    assert sorted(r.id for r in first) == ["n0", "n1", "q"]  # the quiet tenant is seen behind 2,000 rows
+    assert storage.claim("node", now, 30, 10, per_tenant=2) == []  # noisy is at its cap, quiet has no more
+    storage.apply(
+        [
+            Change(
+                tenant="noisy",
+                id="n0",
+                now=now,
+                set={"lease_owner": None, "lease_until": None, "run_at": None},
+            )
+        ]
+    )
+    assert [r.id for r in storage.claim("node", now, 30, 10, per_tenant=2)] == ["n2"]
