@@ -32,6 +32,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import threading
 import traceback
 import types
 from collections.abc import Callable, Sequence
@@ -415,27 +416,43 @@ class AsyncStep:
 
 
 class _LogStream:
-    """Stands in for stdout/stderr: each line the tenant prints becomes a log line in Watch."""
+    """Stands in for stdout/stderr: each line the tenant prints becomes a log line in Watch.
+
+    Lines printed by code outside steps while the workflow replays recorded steps were already
+    logged by an earlier wake-up, so they are not logged again (as Temporal's replay-aware logger)."""
 
     def __init__(self, transport: Transport, stream: str) -> None:
         self._transport = transport
         self._stream = stream
         self._buffer = ""
+        self.replaying: Callable[[], bool] = lambda: False
 
     def write(self, text: str) -> int:
         self._buffer += text
         while "\n" in self._buffer:
             line, self._buffer = self._buffer.split("\n", 1)
-            self._transport.notify({"op": "log", "stream": self._stream, "line": line[:8192]})
+            self._emit(line)
         return len(text)
+
+    def _emit(self, line: str) -> None:
+        # step callbacks run in worker threads (or after the replay), never "during" it
+        if threading.current_thread() is threading.main_thread() and self.replaying():
+            return
+        self._transport.notify({"op": "log", "stream": self._stream, "line": line[:8192]})
 
     def flush(self) -> None:
         if self._buffer:
-            self._transport.notify({"op": "log", "stream": self._stream, "line": self._buffer[:8192]})
+            self._emit(self._buffer)
             self._buffer = ""
 
     def isatty(self) -> bool:
         return False
+
+
+def _replay_aware(core: _Core) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, _LogStream):
+            stream.replaying = lambda: bool(core.unseen)
 
 
 def _finish(transport: Transport, value: Any) -> None:
@@ -495,6 +512,7 @@ def _run(job: dict[str, Any], transport: Transport, threads: bool) -> None:
     if inspect.iscoroutinefunction(workflow.run):
         loop = GuestLoop(threads=threads)  # type: ignore[abstract]
         core = _Core(job, transport, loop)
+        _replay_aware(core)
         task = loop.run(workflow.run(event, AsyncStep(core, loop)))
         if core.fatal:
             transport.call({"op": "finish", "ok": False, "error": core.fatal, "fatal": True})
@@ -517,6 +535,7 @@ def _run(job: dict[str, Any], transport: Transport, threads: bool) -> None:
             _finish(transport, task.result())
         return
     core = _Core(job, transport, None)
+    _replay_aware(core)
     try:
         value = workflow.run(event, SyncStep(core))
     except _Suspend:

@@ -217,3 +217,26 @@ def test_workflow_exception_errors_the_instance(client: Client, tenant: str, ref
     done = run(client, tenant, ref, "Crashy")
     assert done.status == pb.STATUS_ERRORED
     assert (done.error.name, done.error.message) == ("KeyError", "'no such order'")
+
+
+def test_prints_outside_steps_are_logged_once_not_on_every_replay(client: Client, tenant: str) -> None:
+    ref = publish(
+        client,
+        tenant,
+        """
+        from tenantflow.workflow import WorkflowEntrypoint
+
+        class Chatty(WorkflowEntrypoint):
+            async def run(self, event, step):
+                print("starting")
+                await step.do("one", lambda: print("inside one") or 1)
+                await step.sleep("pause", 0.2)
+                print("after the pause")
+                await step.sleep("again", 0.2)
+                return "done"
+        """,
+    )
+    inst = client.create(tenant, "Chatty", ref)
+    client.wait(tenant, inst.id)
+    logs = [e.message for e in client.watch(tenant, inst.id) if e.kind == "log"]
+    assert logs == ["starting", "inside one", "after the pause"]
