@@ -43,7 +43,11 @@ async def _serve(args: argparse.Namespace) -> None:
         node_id=args.node_id,
         max_concurrent_runs=args.max_concurrent,
         max_running_per_tenant=args.max_running_per_tenant,
-        limits=Limits(memory_bytes=args.memory_mb * 1024 * 1024, cpu_seconds=args.cpu_seconds),
+        limits=Limits(
+            memory_bytes=args.memory_mb * 1024 * 1024,
+            cpu_seconds=args.cpu_seconds,
+            wall_seconds=args.wall_seconds,
+        ),
         code_cache_entries=args.code_cache_entries,
         code_cache_idle_seconds=args.code_cache_idle_seconds,
         git_roots=args.git_root or [],
@@ -201,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--memory-mb", type=int, default=512, help="sandbox memory limit per run")
     s.add_argument("--cpu-seconds", type=float, default=60.0, help="sandbox CPU time limit per run")
+    s.add_argument("--wall-seconds", type=float, default=3600.0, help="wall-clock limit of one wake-up")
     s.add_argument(
         "--sandbox-writable-dir",
         action="append",

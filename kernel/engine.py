@@ -99,7 +99,8 @@ class WakeUp:
         self.next_seq = 1
         self.ended = False
         self.pause_requested = False
-        self.aborted = ""
+        self.aborted = ""  # stopped from outside (terminated, restarted, lease lost): write nothing more
+        self.stopped = ""  # stopped by this wake-up itself (time-outs): record why
         self.log_lines = 0
         self.sandbox_task: asyncio.Task[Any] | None = None
         self._pending: list[Change] = []
@@ -148,6 +149,9 @@ class WakeUp:
         if not self.aborted:
             self.aborted = reason
         self._pending.clear()
+        self._cancel_sandbox()
+
+    def _cancel_sandbox(self) -> None:
         if self.sandbox_task is not None and not self.sandbox_task.done():
             self.sandbox_task.cancel()
 
@@ -215,17 +219,14 @@ class WakeUp:
         timed_out = await self._watch_deadlines()
         try:
             exit_ = await self.sandbox_task
+            detail = exit_.detail
         except (asyncio.CancelledError, _Abort):
-            exit_ = None
+            detail = self.stopped or "stopped"
         except Exception as exc:  # a broken sandbox must not take the kernel down
             log.exception("sandbox failed for %s/%s", rec.tenant, rec.id)
-            exit_ = None
-            self.aborted = self.aborted or f"sandbox failure: {exc}"
-            await self._crashed(f"the sandbox failed: {exc}", timed_out)
+            detail = f"the sandbox failed: {exc}"
+        if self.ended or self.aborted:
             return
-        if self.ended or (self.aborted and not timed_out):
-            return
-        detail = exit_.detail if exit_ is not None else "stopped"
         await self._crashed(detail, timed_out)
 
     async def _watch_deadlines(self) -> list[str]:
@@ -237,7 +238,13 @@ class WakeUp:
             deadline = min([f.deadline for f in self.flights.values()] + [wall])
             if now >= deadline:
                 late = [k for k, f in self.flights.items() if f.deadline <= now]
-                self.abort("step time-out" if late else "wake-up exceeded its wall-clock limit")
+                limit = self.engine.config.limits.wall_seconds
+                self.stopped = (
+                    "step time-out"
+                    if late
+                    else f"the wake-up ran longer than its {limit:g} s wall-clock limit"
+                )
+                self._cancel_sandbox()
                 with contextlib.suppress(BaseException):
                     await self.sandbox_task
                 return late
@@ -267,13 +274,11 @@ class WakeUp:
         now = time.time()
         steps: list[StepRecord] = []
         history: list[HistoryEntry] = []
-        charged = timed_out or ([] if self.aborted else list(self.flights))
-        if not charged and not self.aborted:
+        charged = timed_out or list(self.flights)
+        if not charged:
             await self._end_errored(
                 {"name": "SandboxCrash", "message": f"the workflow crashed outside a step: {detail}"}
             )
-            return
-        if self.aborted and not timed_out:
             return
         for key in charged:
             flight = self.flights.pop(key)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from tenantflow.client import Client
 from tenantflow.v1 import tenantflow_pb2 as pb
+from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.helpers import publish
 
 WORKFLOWS = """
@@ -240,3 +242,28 @@ def test_prints_outside_steps_are_logged_once_not_on_every_replay(client: Client
     client.wait(tenant, inst.id)
     logs = [e.message for e in client.watch(tenant, inst.id) if e.kind == "log"]
     assert logs == ["starting", "inside one", "after the pause"]
+
+
+def test_a_wake_up_past_its_wall_clock_limit_errors_instead_of_rerunning(tmp_path: Path) -> None:
+    kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--wall-seconds", "1"])
+    kernel.start()
+    try:
+        with kernel.client() as client:
+            ref = publish(
+                client,
+                "walled",
+                """
+                import time
+                from tenantflow.workflow import WorkflowEntrypoint
+
+                class Stalls(WorkflowEntrypoint):
+                    def run(self, event, step):
+                        time.sleep(30)  # outside any step: no step time-out applies
+                """,
+            )
+            inst = client.create("walled", "Stalls", ref)
+            done = client.wait("walled", inst.id, timeout=20)
+            assert done.status == pb.STATUS_ERRORED
+            assert done.error.name == "SandboxCrash" and "1 s wall-clock limit" in done.error.message
+    finally:
+        kernel.stop()
