@@ -36,14 +36,13 @@ import threading
 import traceback
 import types
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from tenantflow.workflow._api import (
     EventTimeoutError,
     NonRetryableError,
     StepContext,
     StepError,
-    WorkflowEntrypoint,
     WorkflowEvent,
 )
 from tenantflow.workflow._durations import parse_duration
@@ -174,7 +173,7 @@ class _Core:
             first = min(self.unseen, key=self.order.index)
             raise self.fail(self._mismatch(first, key))
 
-    def settled(self, name: str, entry: dict[str, Any] | None) -> bool:
+    def settled(self, entry: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
         return entry is not None and entry.get("status") in ("complete", "failed")
 
     def replay(self, name: str, entry: dict[str, Any]) -> Any:
@@ -292,7 +291,7 @@ class SyncStep:
 
     def do(self, name: str, fn: Callable[..., Any], *, retries: Any = None, timeout: Any = None) -> Any:
         key, entry = self._core.begin(name, "do")
-        if entry is not None and self._core.settled(name, entry):
+        if self._core.settled(entry):
             return self._core.replay(name, entry)
         policy = _policy(name, retries, timeout)
         reply = self._core.call({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy})
@@ -306,14 +305,14 @@ class SyncStep:
 
     def _sleep(self, name: str, when: dict[str, float]) -> None:
         key, entry = self._core.begin(name, "sleep")
-        if entry is not None and self._core.settled(name, entry):
+        if self._core.settled(entry):
             return
         reply = self._core.call({"op": "step", "kind": "sleep", "key": key, "name": name, **when})
         self._drive(key, name, "sleep", reply, None)
 
     def wait_for_event(self, name: str, *, type: str, timeout: Any = None) -> Any:
         key, entry = self._core.begin(name, "wait")
-        if entry is not None and self._core.settled(name, entry):
+        if self._core.settled(entry):
             return self._core.replay(name, entry)
         seconds = parse_duration(timeout if timeout is not None else "24 hours")
         reply = self._core.call(
@@ -379,7 +378,7 @@ class AsyncStep:
 
     async def do(self, name: str, fn: Callable[..., Any], *, retries: Any = None, timeout: Any = None) -> Any:
         key, entry = self._core.begin(name, "do")
-        if entry is not None and self._core.settled(name, entry):
+        if self._core.settled(entry):
             return self._core.replay(name, entry)
         if entry is None:
             await self._core.gate(key)
@@ -395,7 +394,7 @@ class AsyncStep:
 
     async def _sleep(self, name: str, when: dict[str, float]) -> None:
         key, entry = self._core.begin(name, "sleep")
-        if entry is not None and self._core.settled(name, entry):
+        if self._core.settled(entry):
             return
         if entry is None:
             await self._core.gate(key)
@@ -404,7 +403,7 @@ class AsyncStep:
 
     async def wait_for_event(self, name: str, *, type: str, timeout: Any = None) -> Any:
         key, entry = self._core.begin(name, "wait")
-        if entry is not None and self._core.settled(name, entry):
+        if self._core.settled(entry):
             return self._core.replay(name, entry)
         if entry is None:
             await self._core.gate(key)
@@ -501,8 +500,6 @@ def _run(job: dict[str, Any], transport: Transport, threads: bool) -> None:
     except BaseException as exc:  # noqa: BLE001 - the tenant's import-time errors fail the instance
         transport.call({"op": "finish", "ok": False, "error": error_dict(exc), "phase": "load"})
         return
-    if not isinstance(workflow, WorkflowEntrypoint):
-        pass  # duck-typed workflows are fine: anything with run(event, step)
     ev = job["event"]
     event = WorkflowEvent(
         payload=ev.get("payload"),
