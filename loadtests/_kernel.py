@@ -10,16 +10,18 @@ from pathlib import Path
 
 
 class BenchKernel:
-    """``tenantflow serve`` on a fresh data dir and a free loopback port."""
+    """``tenantflow serve`` on a fresh data dir and a free loopback port; its log is ``log_path``."""
 
     def __init__(self, *args: str, synchronous: str = "FULL") -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="tenantflow-bench-"))
         storage = f"sqlite:///{self.data_dir / 'tenantflow.sqlite3'}?synchronous={synchronous}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tenantflow.kernel.cli", "serve", "--listen", "127.0.0.1:0",
-             "--data-dir", str(self.data_dir), "--storage", storage, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+        self.log_path = self.data_dir / "kernel.log"
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tenantflow.kernel.cli", "serve", "--listen", "127.0.0.1:0",
+                 "--data-dir", str(self.data_dir), "--storage", storage, *args],
+                stdout=subprocess.PIPE, stderr=log, text=True,
+            )  # fmt: skip
         assert self.proc.stdout is not None
         self.address = ""
         for line in self.proc.stdout:

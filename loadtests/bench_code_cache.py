@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,15 +19,8 @@ from pathlib import Path
 
 from tenantflow.client import Client
 
-LISTENING = re.compile(r"listening on (\S+)")
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+sys.path.insert(0, str(Path(__file__).parent))
+from _kernel import BenchKernel  # noqa: E402
 
 
 def tenant_code(i: int, kib: int) -> dict[str, bytes]:
@@ -45,21 +35,6 @@ def tenant_code(i: int, kib: int) -> dict[str, bytes]:
         f"        return await step.do('one', lambda: {i})\n"
     )
     return {"wf.py": wf.encode(), "helper.py": helper.encode()}
-
-
-def start_kernel(data_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "tenantflow.kernel.cli", "serve", "--listen", "127.0.0.1:0",
-           "--data-dir", str(data_dir), "--code-cache-entries", str(args.cache_entries or args.tenants * 2),
-           "--code-cache-idle-seconds", str(args.idle_seconds)]  # fmt: skip
-    log = (data_dir / "kernel.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        match = LISTENING.search(line)
-        if match:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
-            return proc, match[1]
-    raise RuntimeError("the kernel did not start")
 
 
 def main() -> None:
@@ -81,23 +56,23 @@ def main() -> None:
         "1 gives a control run that shows the growth that is not the code cache's (storage, gRPC, allocator)",
     )
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, address = start_kernel(Path(tmp), args)
-        try:
-            run(proc.pid, address, args)
-            evictions = [
-                line for line in (Path(tmp) / "kernel.log").read_text().splitlines() if "evicted" in line
-            ]
-            print("kernel log:", *evictions, sep="\n  ")
-        except Exception:
-            print("kernel log (tail):", *(Path(tmp) / "kernel.log").read_text().splitlines()[-30:], sep="\n")
-            raise
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    kernel = BenchKernel(
+        "--code-cache-entries", str(args.cache_entries or args.tenants * 2),
+        "--code-cache-idle-seconds", str(args.idle_seconds),
+    )  # fmt: skip
+    try:
+        run(kernel, args)
+        evictions = [line for line in kernel.log_path.read_text().splitlines() if "evicted" in line]
+        print("kernel log:", *evictions, sep="\n  ")
+    except Exception:
+        print("kernel log (tail):", *kernel.log_path.read_text().splitlines()[-30:], sep="\n")
+        raise
+    finally:
+        kernel.stop()
 
 
-def run(pid: int, address: str, args: argparse.Namespace) -> None:
+def run(kernel: BenchKernel, args: argparse.Namespace) -> None:
+    address, rss_mb = kernel.address, kernel.rss_mib
     local = threading.local()
 
     def one(i: int) -> None:
@@ -109,21 +84,24 @@ def run(pid: int, address: str, args: argparse.Namespace) -> None:
 
     one(args.tenants)  # warm every path once (an extra tenant) before the baseline
     time.sleep(1)
-    before = peak = rss_mb(pid)
-    print(f"kernel pid {pid}: RSS before {before:.1f} MiB; loading {args.tenants} tenants' code", flush=True)
+    before = peak = rss_mb()
+    print(
+        f"kernel pid {kernel.proc.pid}: RSS before {before:.1f} MiB; loading {args.tenants} tenants' code",
+        flush=True,
+    )
     started = time.monotonic()
     done = 0
     with ThreadPoolExecutor(args.workers) as pool:
         for _ in pool.map(one, range(args.tenants)):
             done += 1
             if done % 1000 == 0 or done == args.tenants:
-                peak = max(peak, rss_mb(pid))
+                peak = max(peak, rss_mb())
                 rate = done / (time.monotonic() - started)
-                print(f"  {done:>6} tenants  {rate:6.0f}/s  RSS {rss_mb(pid):7.1f} MiB", flush=True)
+                print(f"  {done:>6} tenants  {rate:6.0f}/s  RSS {rss_mb():7.1f} MiB", flush=True)
     with Client(address) as client:  # every instance has run (and so used its code) before going idle
         for i in range(0, args.tenants, max(1, args.tenants // 50)):
             client.wait(f"bench-{i:05d}", "only", timeout=300)
-    peak = max(peak, rss_mb(pid))
+    peak = max(peak, rss_mb())
     loaded = time.monotonic()
     print(
         f"peak RSS {peak:.1f} MiB ({(peak - before) * 1024 / args.tenants:.1f} KiB per tenant); idling",
@@ -133,7 +111,7 @@ def run(pid: int, address: str, args: argparse.Namespace) -> None:
     deadline = loaded + args.idle_seconds * 1.25 + 30  # idle age + one sweep interval + settling
     while time.monotonic() < deadline:
         time.sleep(5)
-        after = rss_mb(pid)
+        after = rss_mb()
         print(f"  idle {time.monotonic() - loaded:5.0f} s  RSS {after:7.1f} MiB", flush=True)
     print(
         f"RESULT tenants={args.tenants} code={args.code_kib}KiB before={before:.1f}MiB peak={peak:.1f}MiB "
