@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
-from tenantflow.plugins.pysource import python_entrypoints
+from tenantflow.plugins.pysource import decode_files, python_entrypoints
 from tenantflow.plugins.sandbox_subprocess import wire
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
@@ -158,7 +158,7 @@ class SubprocessSandbox:
                     self._ctrl.send(json.dumps({"op": "kill", "pid": pid}).encode())
 
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
-        job = {**job, "files": {p: d.decode("utf-8", "replace") for p, d in job["files"].items()}}
+        job = {**job, "files": decode_files(job["files"])}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             pid = await self._fork(theirs, limits)

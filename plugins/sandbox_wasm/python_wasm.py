@@ -118,9 +118,7 @@ class PythonWasmSandbox:
 
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
         runner = await asyncio.wrap_future(self._prepare())
-        guest_job = json.dumps(
-            {**job, "files": {p: d.decode("utf-8", "replace") for p, d in job["files"].items()}}
-        )
+        guest_job = json.dumps({**job, "files": decode_files(job["files"])})
 
         def execute(bridge: Bridge) -> RunExit:
             try:
