@@ -67,7 +67,9 @@ class Dispatcher:
                 await asyncio.wait_for(self._poke.wait(), timeout=max(timeout, 0.005))
 
     async def _claim_once(self) -> int:
-        free = self._config.max_concurrent_runs - len(self._engine.active)
+        # Count our own tasks, not engine.active: a task created by the previous claim has not
+        # started yet (so is not active) and must still hold its slot.
+        free = self._config.max_concurrent_runs - max(len(self._tasks), len(self._engine.active))
         if free <= 0:
             return 0
         now = time.time()
