@@ -204,7 +204,12 @@ def parser() -> argparse.ArgumentParser:
         "--max-running-per-tenant", type=int, default=0, help="wake-ups of one tenant at once (0: no cap)"
     )
     s.add_argument("--memory-mb", type=int, default=512, help="sandbox memory limit per run")
-    s.add_argument("--cpu-seconds", type=float, default=60.0, help="sandbox CPU time limit per run")
+    s.add_argument(
+        "--cpu-seconds",
+        type=float,
+        default=60.0,
+        help="sandbox CPU time per step: between two host calls (a step attempt, or code between steps)",
+    )
     s.add_argument("--wall-seconds", type=float, default=3600.0, help="wall-clock limit of one wake-up")
     s.add_argument(
         "--sandbox-writable-dir",

@@ -18,9 +18,13 @@ class CodeError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-run resource limits every sandbox enforces as best it can."""
+    """Resource limits every sandbox enforces as best it can.
 
-    memory_bytes: int = 512 * 1024 * 1024
+    ``cpu_seconds`` is per step: the CPU a guest may use between two host calls (one step attempt,
+    or the workflow code between steps), so a long workflow is not cut off by its total.
+    ``wall_seconds`` bounds a whole wake-up."""
+
+    memory_bytes: int = 512 * 1024 * 1024  # per run
     cpu_seconds: float = 60.0
     open_files: int = 64
     wall_seconds: float = 3600.0  # a whole wake-up, a backstop behind per-step time-outs

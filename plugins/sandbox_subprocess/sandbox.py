@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ def describe_exit(status: int | None, limits: Limits) -> str:
     if status is None:
         return "the sandbox process ended without reporting a result"
     if status == -signal.SIGXCPU:
-        return f"CPU time limit exceeded ({limits.cpu_seconds:g} s of CPU per run)"
+        return f"CPU time backstop for the whole run exceeded ({run_cpu_backstop(limits)} s)"
     if status < 0:
         name = signal.Signals(-status).name
         if -status == signal.SIGKILL:
@@ -41,6 +41,44 @@ def describe_exit(status: int | None, limits: Limits) -> str:
     return (
         f"the sandbox process exited with status {status} before reporting a result (os._exit or sys.exit?)"
     )
+
+
+def run_cpu_backstop(limits: Limits) -> int:
+    """RLIMIT_CPU of a run's process: behind the per-step watchdog, never before it."""
+    return int(limits.cpu_seconds + limits.wall_seconds + 1)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU of a process, all its threads (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_watchdog(pid: int, limits: Limits, calls: list[int], kill: Callable[[int], None]) -> str:
+    """Kill ``pid`` once it spends ``limits.cpu_seconds`` of CPU without a host call; say why.
+
+    ``calls[0]`` counts the run's host calls: each one starts a new budget (a step attempt, or the
+    workflow code between steps). Sampling, not per-call reads, keeps steps cheap; a segment is
+    charged from the first sample after its call, at most one tick late."""
+    tick = min(0.25, max(limits.cpu_seconds / 4, 0.01))
+    seen, base = -1, 0.0
+    while True:
+        await asyncio.sleep(tick)
+        used = process_cpu_seconds(pid)
+        if used is None:
+            return ""
+        if calls[0] != seen:
+            seen, base = calls[0], used
+        elif used - base > limits.cpu_seconds:
+            kill(pid)
+            return f"CPU limit exceeded ({limits.cpu_seconds:g} s of CPU per step)"
 
 
 class SubprocessSandbox:
@@ -142,7 +180,7 @@ class SubprocessSandbox:
         request = {
             "op": "fork",
             "req": req,
-            "limits": {"memory_bytes": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds,
+            "limits": {"memory_bytes": limits.memory_bytes, "cpu_seconds": run_cpu_backstop(limits),
                        "open_files": limits.open_files, "file_bytes": 256 * 1024 * 1024 if self._writable else 0},
         }  # fmt: skip
         fds = array.array("i", [child_sock.fileno()])
@@ -172,6 +210,8 @@ class SubprocessSandbox:
             self._exits[pid] = exit_future
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         ended = False
+        calls = [0]
+        watchdog = asyncio.create_task(cpu_watchdog(pid, limits, calls, self._kill))
         try:
             writer.write(wire.encode(job))
             await writer.drain()
@@ -182,6 +222,7 @@ class SubprocessSandbox:
                 if message.pop("notify", False):
                     await host.notify(message)
                     continue
+                calls[0] += 1
                 reply = await host.call(message)
                 writer.write(wire.encode(reply))
                 await writer.drain()
@@ -194,8 +235,12 @@ class SubprocessSandbox:
         finally:
             writer.close()
             self._kill(pid)
+            watchdog.cancel()
         if ended:
             return RunExit(False)
+        # The watchdog kills and returns in one loop step, so it is done before the EOF is seen.
+        if watchdog.done() and not watchdog.cancelled() and (reason := watchdog.result()):
+            return RunExit(True, reason)
         try:
             status: int | None = await asyncio.wait_for(asyncio.shield(exit_future), 2.0)
         except TimeoutError:

@@ -58,6 +58,7 @@ class Bridge:
             self._pending = None
         if message.get("op") in ("finish", "suspend"):
             self.ended = True
+        self.budget.new_step()
         return reply
 
     def notify(self, message: dict[str, Any]) -> None:

@@ -99,8 +99,12 @@ class Budget:
         if not self.stop_reason:
             self.stop_reason = reason
 
+    def new_step(self) -> None:
+        """A host call returned: the guest starts a fresh CPU budget (call on the guest's thread)."""
+        self._cpu0 = time.thread_time()
+
     def cpu_used(self) -> float:
-        """CPU seconds the guest's thread has used since :meth:`arm` (call on that thread)."""
+        """CPU seconds the guest's thread has used since the last host call (call on that thread)."""
         return time.thread_time() - self._cpu0
 
     def check(self) -> str:
@@ -108,7 +112,7 @@ class Budget:
         if self.stop_reason:
             return self.stop_reason
         if self.cpu_used() > self.cpu_seconds:
-            return f"CPU limit exceeded ({self.cpu_seconds:g} s of CPU per run)"
+            return f"CPU limit exceeded ({self.cpu_seconds:g} s of CPU per step)"
         if time.monotonic() - self._wall0 > self.wall_seconds:
             return f"wall-clock limit exceeded ({self.wall_seconds:g} s per run)"
         return ""

@@ -31,6 +31,7 @@ WORKFLOWS = source("""
     import json
     import os
     import socket
+    import time
 
     from tenantflow.workflow import NonRetryableError, WorkflowEntrypoint
 
@@ -105,6 +106,19 @@ WORKFLOWS = source("""
     class Crash(WorkflowEntrypoint):
         def run(self, event, step):
             return step.do("crash", lambda: os._exit(3), retries=NO_RETRY)
+
+
+    def burn(seconds):
+        start = time.process_time()
+        while time.process_time() - start < seconds:
+            pass
+        return time.process_time() - start
+
+
+    class Crunch(WorkflowEntrypoint):
+        def run(self, event, step):
+            seconds = event.payload["seconds"]
+            return [step.do(f"crunch {i}", lambda: burn(seconds), retries=NO_RETRY) for i in range(2)]
 
 
     def attempt(action):
@@ -244,6 +258,18 @@ def test_hostile_step_fails_and_kernel_carries_on(
     expected = says or {"wasm": "unreachable"}.get(runtime, "exited")
     assert expected in text, text
     assert output(client, tenant, ref, "Steps", {"x": 1}) == {"total": 3}
+
+
+def test_cpu_limit_is_per_step_not_per_run(
+    client: Client, tenant: str, ref: str, runtime: str, kernel: KernelProcess
+) -> None:
+    if runtime == "wasm":
+        pytest.skip("a raw module has no clock to burn a measured amount of CPU (same Budget as python-wasm)")
+    limit = float(kernel.args[kernel.args.index("--cpu-seconds") + 1])
+    # Two steps, each well under the limit, 1.5 times it together. The guest's clock may count
+    # the whole kernel's CPU (python-wasm), so the margins are wide.
+    used = output(client, tenant, ref, "Crunch", {"seconds": limit * 0.75})
+    assert len(used) == 2 and sum(used) > limit, used
 
 
 def _isolation_off(kernel: KernelProcess, runtime: str, what: str) -> None:
