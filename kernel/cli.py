@@ -49,6 +49,7 @@ async def _serve(args: argparse.Namespace) -> None:
             wall_seconds=args.wall_seconds,
         ),
         code_cache_entries=args.code_cache_entries,
+        code_cache_bytes=int(args.code_cache_mb * 1024 * 1024),
         code_cache_idle_seconds=args.code_cache_idle_seconds,
         git_roots=args.git_root or [],
         sandbox_writable_dirs=args.sandbox_writable_dir or [],
@@ -217,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
         help="grant tenant code read-write access to this directory (repeatable; default: none)",
     )
     s.add_argument("--code-cache-entries", type=int, default=256, help="loaded tenant code kept in memory")
+    s.add_argument("--code-cache-mb", type=float, default=64.0, help="tenant source kept in memory, in MiB")
     s.add_argument("--code-cache-idle-seconds", type=float, default=300.0, help="evict code unused this long")
     s.add_argument(
         "--git-root",

@@ -2,8 +2,8 @@
 
 Every instance stores a *pinned* ref (artifact digest, git commit) at ``Create`` and runs that code for
 life, ``Restart`` included; new code reaches new instances only. The cache keeps loaded code per
-``(tenant, pinned ref)`` in LRU order, bounded by ``code_cache_entries`` and by
-``code_cache_idle_seconds`` of disuse; ``Kernel`` runs :meth:`CodeCatalog.sweep_forever` so idle
+``(tenant, pinned ref)`` in LRU order, bounded by ``code_cache_entries``, by ``code_cache_bytes`` of
+source and by ``code_cache_idle_seconds`` of disuse; ``Kernel`` runs :meth:`CodeCatalog.sweep_forever` so idle
 tenants' code is dropped even when no new code arrives.
 """
 
@@ -65,6 +65,17 @@ class LoadedCode:
     bundle: CodeBundle
     workflows: dict[str, str]
 
+    @functools.cached_property
+    def size(self) -> int:
+        """Bytes of source held (what the cache's byte bound counts)."""
+        return sum(len(path) + len(data) for path, data in self.bundle.files.items())
+
+
+@dataclass
+class _Entry:
+    code: LoadedCode
+    used: float  # time.monotonic() of the last use
+
 
 class CodeCatalog:
     """Publishes, pins and loads tenant code; keeps loaded code while tenants are active."""
@@ -80,7 +91,8 @@ class CodeCatalog:
         self._loaders = loaders
         self._sandboxes = sandboxes
         self._config = config
-        self._cache: OrderedDict[tuple[str, str], tuple[LoadedCode, float]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self.bytes = 0  # source bytes held by the cache
         self._loading: dict[tuple[str, str], asyncio.Task[LoadedCode]] = {}
         self.loads = 0  # how many times code was actually loaded (cache misses)
 
@@ -139,9 +151,9 @@ class CodeCatalog:
         key = (tenant, pinned)
         cached = self._cache.get(key)
         if cached is not None:
-            self._cache[key] = (cached[0], time.monotonic())
+            cached.used = time.monotonic()
             self._cache.move_to_end(key)
-            return cached[0]
+            return cached.code
         task = self._loading.get(key)
         if task is None:
             task = asyncio.create_task(self._fill(key))
@@ -153,7 +165,8 @@ class CodeCatalog:
         try:
             code = await asyncio.to_thread(self._load, *key)
             self.loads += 1
-            self._cache[key] = (code, time.monotonic())
+            self._cache[key] = _Entry(code, time.monotonic())
+            self.bytes += code.size
             self._evict()
             return code
         finally:
@@ -170,14 +183,17 @@ class CodeCatalog:
         return LoadedCode(bundle, workflows)
 
     def _evict(self) -> int:
-        """Drop entries past the size bound, then entries idle past the age bound (LRU order)."""
+        """Drop least recently used entries past the entry or byte bound, or idle past the age bound.
+        The newest entry stays even if it alone is over the byte bound: it is in use."""
         horizon = time.monotonic() - self._config.code_cache_idle_seconds
         dropped = 0
         while self._cache and (
             len(self._cache) > self._config.code_cache_entries
-            or next(iter(self._cache.values()))[1] < horizon
+            or (self.bytes > self._config.code_cache_bytes and len(self._cache) > 1)
+            or next(iter(self._cache.values())).used < horizon
         ):
-            self._cache.popitem(last=False)
+            _, entry = self._cache.popitem(last=False)
+            self.bytes -= entry.code.size
             dropped += 1
         return dropped
 

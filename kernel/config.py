@@ -33,6 +33,7 @@ class KernelConfig:
     max_log_lines_per_run: int = 1000
     max_code_bytes: int = 10 * 1024 * 1024
     code_cache_entries: int = 256
+    code_cache_bytes: int = 64 * 1024 * 1024  # of tenant source held in memory
     code_cache_idle_seconds: float = 300.0
     # git+file refs may only name repositories under these directories, git+https refs only URLs under
     # these https:// prefixes; '{tenant}' in a root stands for the calling tenant. Empty: git refs refused.

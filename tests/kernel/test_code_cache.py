@@ -17,10 +17,11 @@ from tests.plugins.loader_git.gitrepo import GitRepo, workflow
 TENANT = "acme"
 
 
-def catalog(tmp_path: Path, entries: int = 100, idle: float = 60.0) -> CodeCatalog:
+def catalog(tmp_path: Path, entries: int = 100, idle: float = 60.0, max_bytes: int = 1 << 30) -> CodeCatalog:
     config = KernelConfig(
-        data_dir=tmp_path, code_cache_entries=entries, code_cache_idle_seconds=idle, git_roots=[str(tmp_path)]
-    )
+        data_dir=tmp_path, code_cache_entries=entries, code_cache_bytes=max_bytes,
+        code_cache_idle_seconds=idle, git_roots=[str(tmp_path)],
+    )  # fmt: skip
     plugins = Plugins()
     storage = plugins.storage(config.resolved_storage_url(), config)
     return CodeCatalog(storage, plugins.loaders(storage, config), {"python": SubprocessSandbox()}, config)
@@ -93,6 +94,24 @@ def test_lru_is_bounded_by_entries(tmp_path: Path) -> None:
         assert cat.loads == 3
         await cat.get(TENANT, two)
         assert cat.loads == 4
+
+    asyncio.run(main())
+
+
+def test_lru_is_bounded_by_bytes(tmp_path: Path) -> None:
+    size = len("wf.py") + len(workflow("v1").encode())
+    cat = catalog(tmp_path, max_bytes=2 * size + 10)  # room for two bundles' source
+    small = [publish(cat, v) for v in ("v1", "v2")]
+    big = cat.publish(TENANT, "big", "python", {"wf.py": workflow("v3").encode() + b"#" * 3 * size})[0]
+
+    async def main() -> None:
+        for ref in small:
+            await cat.get(TENANT, ref)
+        assert (len(cat), cat.bytes) == (2, 2 * size)
+        await cat.get(TENANT, big)  # over the bound alone: kept while in use, the others dropped
+        assert len(cat) == 1 and cat.bytes > 3 * size
+        await cat.get(TENANT, small[0])
+        assert (len(cat), cat.bytes, cat.loads) == (1, size, 4)
 
     asyncio.run(main())
 
