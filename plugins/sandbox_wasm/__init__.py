@@ -13,4 +13,8 @@ def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
     from tenantflow.plugins.sandbox_wasm.python_wasm import PythonWasmSandbox
     from tenantflow.plugins.sandbox_wasm.raw import RawWasmSandbox
 
-    return [PythonWasmSandbox(config.max_concurrent_runs), RawWasmSandbox(config.max_concurrent_runs)]
+    writable = config.sandbox_writable_dirs
+    return [
+        PythonWasmSandbox(config.max_concurrent_runs, writable),
+        RawWasmSandbox(config.max_concurrent_runs, writable=writable),
+    ]

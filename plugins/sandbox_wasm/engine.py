@@ -12,10 +12,11 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from collections.abc import Sequence
 from importlib.metadata import version
 from typing import Any
 
-from wasmtime import Config, Engine, ExitTrap, Store
+from wasmtime import Config, Engine, ExitTrap, Store, WasiConfig
 from wasmtime import _ffi as ffi  # the deadline callback has no public wrapper in wasmtime-py 50
 
 TICK = 0.01
@@ -72,6 +73,15 @@ def shared_engine() -> tuple[Engine, _Ticker]:
             engine = Engine(config)
             _shared = (engine, _Ticker(engine))
         return _shared
+
+
+def wasi_config(writable: Sequence[str] = ()) -> WasiConfig:
+    """WASI with nothing granted (no args, environment, stdio or sockets) but the operator's
+    ``--sandbox-writable-dir`` directories, each seen by the guest at its own path."""
+    wasi = WasiConfig()
+    for directory in writable:
+        wasi.preopen_dir(directory, directory)
+    return wasi
 
 
 class Budget:

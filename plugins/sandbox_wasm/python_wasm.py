@@ -14,10 +14,11 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from wasmtime import Store, Trap, WasiConfig, WasmtimeError
+from wasmtime import Store, Trap, WasmtimeError
 from wasmtime.component import Component, Linker
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
@@ -30,7 +31,7 @@ from tenantflow.plugins.sandbox_wasm.bridge import (
     guest_ended,
     run_guest,
 )
-from tenantflow.plugins.sandbox_wasm.engine import shared_engine, trap_reason
+from tenantflow.plugins.sandbox_wasm.engine import shared_engine, trap_reason, wasi_config
 from tenantflow.plugins.sandbox_wasm.pycheck import check_imports
 
 log = logging.getLogger("tenantflow.sandbox.wasm")
@@ -66,11 +67,11 @@ class Runner:
         self.python: str = probe["python"]
         self.modules: frozenset[str] = frozenset(probe["modules"])
 
-    def invoke(self, job: str, memory_bytes: int, bridge: Bridge | None) -> str:
+    def invoke(self, job: str, memory_bytes: int, bridge: Bridge | None, writable: Sequence[str] = ()) -> str:
         """Instantiate the runner in a fresh store and call ``run(job)`` (on the current thread)."""
         store = Store(self.engine)
         store.set_limits(memory_size=memory_bytes)
-        store.set_wasi(WasiConfig())  # no args, env, preopened dirs, stdio or sockets
+        store.set_wasi(wasi_config(writable))
         if bridge is not None:
             bridge.budget.arm(store)
         else:
@@ -91,7 +92,8 @@ class PythonWasmSandbox:
 
     runtime = "python-wasm"
 
-    def __init__(self, max_runs: int = 64) -> None:
+    def __init__(self, max_runs: int = 64, writable: Sequence[str] = ()) -> None:
+        self._writable = [str(Path(p).resolve()) for p in writable]
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_runs, thread_name_prefix="tenantflow-python-wasm"
         )
@@ -122,7 +124,7 @@ class PythonWasmSandbox:
 
         def execute(bridge: Bridge) -> RunExit:
             try:
-                failure = runner.invoke(guest_job, limits.memory_bytes, bridge)
+                failure = runner.invoke(guest_job, limits.memory_bytes, bridge, self._writable)
             except (WasmtimeError, Trap, GuestStopped) as exc:
                 return guest_ended(bridge, bridge.budget.reason or trap_reason(exc))
             if failure:

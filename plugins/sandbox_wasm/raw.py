@@ -2,8 +2,8 @@
 
 The bundle is one ``.wasm`` (or ``.wat``) file. Publish validates and compiles it (the compiled
 code is cached on disk by digest); each run instantiates it in a fresh store with a memory cap,
-an epoch-checked CPU budget and WASI with nothing granted (no files, environment, arguments or
-sockets), and calls the exported ``workflow_<Name>`` function.
+an epoch-checked CPU budget and WASI with nothing granted (no environment, arguments or sockets,
+no files but the operator's ``--sandbox-writable-dir`` directories), and calls the exported ``workflow_<Name>`` function.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from wasmtime import (
@@ -27,7 +28,6 @@ from wasmtime import (
     Store,
     Trap,
     ValType,
-    WasiConfig,
     WasmtimeError,
     wat2wasm,
 )  # fmt: skip
@@ -42,7 +42,7 @@ from tenantflow.plugins.sandbox_wasm.bridge import (
     guest_ended,
     run_guest,
 )
-from tenantflow.plugins.sandbox_wasm.engine import shared_engine, trap_reason
+from tenantflow.plugins.sandbox_wasm.engine import shared_engine, trap_reason, wasi_config
 
 PREFIX = "workflow_"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
@@ -124,7 +124,8 @@ class RawWasmSandbox:
 
     runtime = "wasm"
 
-    def __init__(self, max_runs: int = 64, cached_modules: int = 256) -> None:
+    def __init__(self, max_runs: int = 64, cached_modules: int = 256, writable: Sequence[str] = ()) -> None:
+        self._writable = [str(Path(p).resolve()) for p in writable]
         self.engine, self.ticker = shared_engine()
         self.linker = _linker(self.engine)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_runs, thread_name_prefix="tenantflow-wasm")
@@ -195,7 +196,7 @@ class RawWasmSandbox:
             return
         raise CodeError(
             f"{where} is not provided: the wasm runtime offers only the tenantflow guest ABI and WASI "
-            "preview 1 with no files, environment or network granted"
+            "preview 1 with no environment or network (files only where the operator grants them)"
         )
 
     def _wasi_defines(self, name: str) -> bool:
@@ -219,7 +220,7 @@ class RawWasmSandbox:
             _sessions.session = session
             store = Store(self.engine)
             store.set_limits(memory_size=limits.memory_bytes)
-            store.set_wasi(WasiConfig())
+            store.set_wasi(wasi_config(self._writable))
             bridge.budget.arm(store)
             self.ticker.enter()
             instance = None

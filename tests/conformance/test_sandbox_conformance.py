@@ -19,7 +19,7 @@ import pytest
 
 from tenantflow.client import Client, TenantflowRpcError
 from tenantflow.v1 import tenantflow_pb2 as pb
-from tests.conftest import KernelProcess
+from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.helpers import source
 
 RUNTIMES = ["python", "python-wasm", "wasm"]
@@ -134,6 +134,14 @@ WORKFLOWS = source("""
                 with open(event.payload["path"], "rb") as handle:
                     return handle.read(16)
             return step.do("read", lambda: attempt(read), retries=NO_RETRY)
+
+
+    class WriteFile(WorkflowEntrypoint):
+        def run(self, event, step):
+            def write():
+                with open(event.payload["path"], "w") as handle:
+                    return handle.write(event.payload["text"])
+            return step.do("write", lambda: attempt(write), retries=NO_RETRY)
 
 
     class Connect(WorkflowEntrypoint):
@@ -284,6 +292,37 @@ def test_kernel_files_unreachable(
     database = next(kernel.data_dir.glob("*.sqlite3"))
     result = output(client, tenant, ref, "ReadFile", {"path": str(database)})
     assert result.startswith("denied"), result
+
+
+@pytest.fixture(scope="module")
+def granting_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KernelProcess, Path]]:
+    """A kernel whose operator grants the sandboxes one directory."""
+    granted = tmp_path_factory.mktemp("granted")
+    kernel = KernelProcess(
+        tmp_path_factory.mktemp("kernel"), [*TEST_LIMITS, "--sandbox-writable-dir", str(granted)]
+    )
+    kernel.start()
+    yield kernel, granted
+    kernel.stop()
+
+
+def test_operator_granted_directory_only(
+    granting_kernel: tuple[KernelProcess, Path], tenant: str, runtime: str
+) -> None:
+    if runtime == "wasm":
+        pytest.skip("the C example does no file I/O; raw modules get the same WASI grant as python-wasm")
+    kernel, granted = granting_kernel
+    with kernel.client() as client:
+        ref = client.publish(tenant, "conformance", {"wf.py": WORKFLOWS}, runtime=runtime).ref
+        target = granted / f"{tenant}.txt"
+        assert (
+            output(client, tenant, ref, "WriteFile", {"path": str(target), "text": "hello"}) == "allowed: 5"
+        )
+        assert target.read_text() == "hello"
+        assert output(client, tenant, ref, "ReadFile", {"path": str(target)}) == "allowed: b'hello'"
+        outside = kernel.data_dir / f"{tenant}.txt"
+        denied = output(client, tenant, ref, "WriteFile", {"path": str(outside), "text": "x"})
+        assert denied.startswith("denied") and not outside.exists(), denied
 
 
 @pytest.fixture
