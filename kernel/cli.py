@@ -53,6 +53,7 @@ async def _serve(args: argparse.Namespace) -> None:
         code_cache_idle_seconds=args.code_cache_idle_seconds,
         git_roots=args.git_root or [],
         sandbox_writable_dirs=args.sandbox_writable_dir or [],
+        sandbox_network=args.sandbox_network,
     )
     kernel = Kernel(config)
     await kernel.start()
@@ -216,6 +217,11 @@ def parser() -> argparse.ArgumentParser:
         "--sandbox-writable-dir",
         action="append",
         help="grant tenant code read-write access to this directory (repeatable; default: none)",
+    )
+    s.add_argument(
+        "--sandbox-network",
+        action="store_true",
+        help="let tenant code open network connections (subprocess sandbox; wasm guests have no sockets)",
     )
     s.add_argument("--code-cache-entries", type=int, default=256, help="loaded tenant code kept in memory")
     s.add_argument("--code-cache-mb", type=float, default=64.0, help="tenant source kept in memory, in MiB")

@@ -40,6 +40,7 @@ class KernelConfig:
     git_roots: list[str] = field(default_factory=list)
     # directories the operator grants tenant code read-write access to (none by default)
     sandbox_writable_dirs: list[str] = field(default_factory=list)
+    sandbox_network: bool = False  # let tenant code open connections (sandboxes that have sockets)
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"sqlite:///{self.data_dir / 'tenantflow.sqlite3'}"

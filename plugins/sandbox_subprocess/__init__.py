@@ -10,4 +10,4 @@ from tenantflow.plugins.sandbox_subprocess.sandbox import SubprocessSandbox
 
 @hookimpl
 def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
-    return [SubprocessSandbox(writable=config.sandbox_writable_dirs)]
+    return [SubprocessSandbox(network=config.sandbox_network, writable=config.sandbox_writable_dirs)]

@@ -1,7 +1,7 @@
 """Process confinement for the sandbox template and its children (Linux; best effort elsewhere).
 
 The template (zygote) confines itself once, so every forked child inherits it for free:
-no network (a fresh network namespace), read-only access to the interpreter's directories only
+no network (a fresh network namespace, unless the operator grants it), read-only access to the interpreter's directories only
 (Landlock), no privilege gain, an unprivileged uid where the interpreter stays readable.
 Each child then sets its own resource limits. What could not be applied is reported, never hidden.
 """
@@ -54,21 +54,31 @@ def _syscall(number: int, *args: object) -> int:
     return result
 
 
-def read_only_paths() -> list[str]:
+# What name resolution and TLS read, granted read-only with the network (where they exist).
+NETWORK_READ_PATHS = (
+    "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
+    "/etc/services", "/etc/protocols", "/etc/ssl", "/etc/pki", "/etc/ca-certificates",
+    "/usr/share/ca-certificates", "/usr/lib/ssl",
+)  # fmt: skip
+
+
+def read_only_paths(network: bool = False) -> list[str]:
     """Directories tenant code may read: the interpreter, its stdlib and installed packages."""
     candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr/share/zoneinfo"}
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
         candidates.add(sysconfig.get_path(key))
     candidates.update(p for p in sys.path if p and os.path.isdir(p))
+    if network:
+        candidates.update(NETWORK_READ_PATHS)
     return sorted(p for p in candidates if p and os.path.exists(p))
 
 
-def _landlock(paths: list[str], writable: list[str]) -> str:
+def _landlock(paths: list[str], writable: list[str], network: bool) -> str:
     abi = _syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     if abi < 1:
         return f"landlock unavailable (errno {ctypes.get_errno()})"
     handled_fs = _FS_ALL_BY_ABI.get(abi, _FS_ALL_BY_ABI[5])
-    handled_net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 else 0
+    handled_net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 and not network else 0
     scoped = (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if abi >= 6 else 0
     if abi >= 6:
         attr = struct.pack("=QQQ", handled_fs, handled_net, scoped)
@@ -180,7 +190,7 @@ def confine_template(
             )
     if filesystem:
         problem = (
-            _landlock(read_only_paths(), writable or [])
+            _landlock(read_only_paths(network), writable or [], network)
             if sys.platform == "linux"
             else "landlock needs Linux"
         )

@@ -127,6 +127,8 @@ class SubprocessSandbox:
         if not hello.get("ready"):
             raise RuntimeError("the subprocess sandbox template failed to start")
         self.protections_off = list(hello.get("off", []))
+        if self._settings["network"]:
+            log.warning("subprocess sandbox: network access granted to tenant code (--sandbox-network)")
         for line in self.protections_off:
             log.warning("subprocess sandbox: %s", line)
         ours.setblocking(False)

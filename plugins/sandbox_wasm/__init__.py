@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from tenantflow.kernel import hookimpl
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.sandbox import Sandbox
@@ -14,6 +16,10 @@ def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
     from tenantflow.plugins.sandbox_wasm.raw import RawWasmSandbox
 
     writable = config.sandbox_writable_dirs
+    if config.sandbox_network:
+        logging.getLogger("tenantflow.sandbox.wasm").info(
+            "wasm sandboxes: --sandbox-network does not apply (guests have no socket API)"
+        )
     return [
         PythonWasmSandbox(config.max_concurrent_runs, writable),
         RawWasmSandbox(config.max_concurrent_runs, writable=writable),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 
 from tenantflow.client import Client
 from tenantflow.v1 import tenantflow_pb2 as pb
-from tests.conftest import KERNEL_SECRET, KernelProcess
+from tests.conftest import KERNEL_SECRET, TEST_LIMITS, KernelProcess
 from tests.helpers import publish
 
 HOSTILE = """
@@ -181,3 +182,18 @@ def test_a_dead_template_is_replaced(fresh_kernel: KernelProcess, tenant: str) -
         os.kill(template, signal.SIGKILL)
         assert attack(client, tenant, ref, "env").status == pb.STATUS_COMPLETE
         assert children_running(fresh_kernel.proc.pid, "sandbox_subprocess.zygote") != [template]
+
+
+def test_operator_can_grant_the_network(tmp_path: Path, tenant: str) -> None:
+    kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--sandbox-network"])
+    kernel.start()
+    try:
+        with kernel.client() as client, socket.create_server(("127.0.0.1", 0)) as listener:
+            ref = publish(client, tenant, HOSTILE)
+            port = listener.getsockname()[1]
+            done = attack(client, tenant, ref, "connect", f"localhost:{port}")  # /etc/hosts is readable
+            assert Client.output(done) == "connected", failure(done)
+            assert "PermissionError" in failure(attack(client, tenant, ref, "read", "/etc/passwd"))
+        assert any("network access granted" in line for line in kernel.lines)
+    finally:
+        kernel.stop()
