@@ -20,6 +20,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+CLONE_THREAD = 0x00010000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 PR_SET_NO_NEW_PRIVS = 38
@@ -108,14 +109,38 @@ def _landlock(paths: list[str], writable: list[str], network: bool) -> str:
     return ""
 
 
+_pyseccomp: Any = None  # the module, once the template loaded it (children filter with it too)
+
+
 def _load_pyseccomp() -> Any:
     """Import pyseccomp before the file view is confined (finding libseccomp needs ldconfig)."""
+    global _pyseccomp
     try:
         import pyseccomp
 
+        _pyseccomp = pyseccomp
         return pyseccomp
     except Exception as exc:  # libseccomp missing on this machine
         return f"syscall filter off: {exc}"
+
+
+def no_new_processes() -> None:
+    """In a run's child: threads yes, processes no, so a fork bomb fails with EPERM instead of
+    filling the machine's process table (RLIMIT_NPROC does not bind root, nor separate tenants
+    sharing one uid). ``clone`` is refused without ``CLONE_THREAD``; ``clone3`` answers ENOSYS, as
+    its flags are out of a filter's reach and glibc then falls back to ``clone``."""
+    seccomp = _pyseccomp
+    if seccomp is None:  # no libseccomp: the template already reported the filter off
+        return
+    rules = seccomp.SyscallFilter(seccomp.ALLOW)
+    for name in ("fork", "vfork"):
+        try:
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        except Exception:  # noqa: S112 - a syscall this architecture does not have
+            continue
+    rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0))
+    rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    rules.load()
 
 
 def _seccomp(pyseccomp: Any) -> str:

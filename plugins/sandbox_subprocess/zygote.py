@@ -53,6 +53,7 @@ def _child(sock_fd: int, request: dict[str, Any]) -> None:
             limits["memory_bytes"], limits["cpu_seconds"], limits["open_files"], limits.get("file_bytes", 0)
         )
         confine.scope_child()  # no signals to the template or other tenants' runs
+        confine.no_new_processes()
         sock = socket.socket(fileno=sock_fd)
         transport = SocketTransport(sock)
         run_job(transport.recv(), transport, threads=True)

@@ -54,6 +54,18 @@ class Probe(WorkflowEntrypoint):
                 import signal
                 os.kill(os.getppid(), signal.SIGKILL)  # the template that forks every run
                 return "killed"
+            if kind == "fork":
+                import subprocess, sys, threading
+                denied = []
+                for attempt in (os.fork, lambda: subprocess.run([sys.executable, "-c", "pass"])):
+                    try:
+                        attempt()
+                    except OSError as exc:
+                        denied.append(exc.errno)
+                worker = threading.Thread(target=lambda: denied.append("thread"))
+                worker.start()
+                worker.join()
+                return denied
             if kind == "unshare":
                 import ctypes
                 libc = ctypes.CDLL(None, use_errno=True)
@@ -129,6 +141,11 @@ def test_a_tenant_cannot_signal_the_template_or_other_runs(client: Client, tenan
 def test_escaping_syscalls_are_filtered(client: Client, tenant: str, ref: str) -> None:
     done = attack(client, tenant, ref, "unshare")
     assert Client.output(done) == [-1, 1]  # EPERM: no new user namespace from inside the sandbox
+
+
+def test_runs_start_threads_but_no_processes(client: Client, tenant: str, ref: str) -> None:
+    done = attack(client, tenant, ref, "fork")
+    assert Client.output(done) == [1, 1, "thread"], failure(done)  # EPERM twice, then a thread ran
 
 
 def test_loop_outside_a_step_errors_the_instance(client: Client, tenant: str, ref: str) -> None:
