@@ -49,6 +49,7 @@ async def _serve(args: argparse.Namespace) -> None:
             wall_seconds=args.wall_seconds,
         ),
         code_cache_entries=args.code_cache_entries,
+        retention_seconds=args.retention_days * 86400,
         code_cache_bytes=int(args.code_cache_mb * 1024 * 1024),
         code_cache_idle_seconds=args.code_cache_idle_seconds,
         git_roots=args.git_root or [],
@@ -191,6 +192,27 @@ def _control(action: str) -> Any:
     return run
 
 
+def _number(kind: type[int] | type[float], minimum: float, what: str) -> Any:
+    """An argparse type: ``kind`` at least ``minimum``, with a message saying so."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is too small: {what}")
+        return value
+
+    return parse
+
+
+_COUNT = _number(int, 1, "use 1 or more")
+_COUNT_OR_ZERO = _number(int, 0, "use 0 or more")
+_SECONDS = _number(float, 0.001, "use a positive number")
+_AMOUNT_OR_ZERO = _number(float, 0, "use 0 or more")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tenantflow", description="Durable execution of tenants' own workflow code."
@@ -201,18 +223,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="storage URL (default sqlite:///<data-dir>/tenantflow.sqlite3)")
     s.add_argument("--data-dir", help="default $TENANTFLOW_DATA_DIR or ~/.local/share/tenantflow")
     s.add_argument("--node-id", default="local", help="lease owner name; unique per kernel sharing storage")
-    s.add_argument("--max-concurrent", type=int, default=64, help="wake-ups running at once")
+    s.add_argument("--max-concurrent", type=_COUNT, default=64, help="wake-ups running at once")
     s.add_argument(
-        "--max-running-per-tenant", type=int, default=0, help="wake-ups of one tenant at once (0: no cap)"
+        "--max-running-per-tenant",
+        type=_COUNT_OR_ZERO,
+        default=0,
+        help="wake-ups of one tenant at once (0: no cap)",
     )
-    s.add_argument("--memory-mb", type=int, default=512, help="sandbox memory limit per run")
+    s.add_argument("--memory-mb", type=_COUNT, default=512, help="sandbox memory limit per run")
     s.add_argument(
         "--cpu-seconds",
-        type=float,
+        type=_SECONDS,
         default=60.0,
         help="sandbox CPU time per step: between two host calls (a step attempt, or code between steps)",
     )
-    s.add_argument("--wall-seconds", type=float, default=3600.0, help="wall-clock limit of one wake-up")
+    s.add_argument("--wall-seconds", type=_SECONDS, default=3600.0, help="wall-clock limit of one wake-up")
     s.add_argument(
         "--sandbox-writable-dir",
         action="append",
@@ -223,9 +248,19 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let tenant code open network connections (subprocess sandbox; wasm guests have no sockets)",
     )
-    s.add_argument("--code-cache-entries", type=int, default=256, help="loaded tenant code kept in memory")
-    s.add_argument("--code-cache-mb", type=float, default=64.0, help="tenant source kept in memory, in MiB")
-    s.add_argument("--code-cache-idle-seconds", type=float, default=300.0, help="evict code unused this long")
+    s.add_argument(
+        "--retention-days",
+        type=_AMOUNT_OR_ZERO,
+        default=30.0,
+        help="delete instances this long after they complete, error or are terminated (0: keep forever)",
+    )
+    s.add_argument("--code-cache-entries", type=_COUNT, default=256, help="loaded tenant code kept in memory")
+    s.add_argument(
+        "--code-cache-mb", type=_SECONDS, default=64.0, help="tenant source kept in memory, in MiB"
+    )
+    s.add_argument(
+        "--code-cache-idle-seconds", type=_SECONDS, default=300.0, help="evict code unused this long"
+    )
     s.add_argument(
         "--git-root",
         action="append",

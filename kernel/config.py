@@ -35,6 +35,7 @@ class KernelConfig:
     code_cache_entries: int = 256
     code_cache_bytes: int = 64 * 1024 * 1024  # of tenant source held in memory
     code_cache_idle_seconds: float = 300.0
+    retention_seconds: float = 30 * 86400.0  # ended instances are deleted this long after (0: never)
     # git+file refs may only name repositories under these directories, git+https refs only URLs under
     # these https:// prefixes; '{tenant}' in a root stands for the calling tenant. Empty: git refs refused.
     git_roots: list[str] = field(default_factory=list)

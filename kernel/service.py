@@ -33,6 +33,7 @@ from tenantflow.kernel.model import (
     StepRecord,
 )
 from tenantflow.kernel.plugins import Plugins
+from tenantflow.kernel.retention import purge_forever
 from tenantflow.kernel.sandbox import Sandbox
 from tenantflow.kernel.storage import Storage
 
@@ -128,7 +129,12 @@ class Kernel:
         if released:
             log.info("reclaimed %d instances this node was running when it stopped", released)
         self.dispatcher.start()
-        self._code_sweeper = asyncio.create_task(self.catalog.sweep_forever())
+        self._sweepers = [
+            asyncio.create_task(self.catalog.sweep_forever(), name="tenantflow-code-sweep"),
+            asyncio.create_task(
+                purge_forever(self.storage, self.config.retention_seconds), name="tenantflow-retention"
+            ),
+        ]
         self._started = True
         log.info("kernel started: storage %s, sandboxes %s, loaders %s", self.config.resolved_storage_url(),
                  sorted(sandboxes), sorted(loaders))  # fmt: skip
@@ -141,7 +147,8 @@ class Kernel:
         if not self._started:
             return
         self._started = False
-        self._code_sweeper.cancel()
+        for sweeper in self._sweepers:
+            sweeper.cancel()
         await self.dispatcher.stop()
         await self.committer.stop()
         for sandbox in self.sandboxes.values():

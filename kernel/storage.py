@@ -74,6 +74,11 @@ class Storage(Protocol):
         """Drop every lease ``owner`` holds (a restarted node reclaims its work at once)."""
         ...
 
+    def purge_ended(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` instances in a terminal status (complete, errored, terminated) last
+        updated before ``before``, with their journal, events and history; return how many."""
+        ...
+
     def next_run_at(self) -> float | None:
         """The earliest ``run_at`` of any unleased instance (the dispatcher sleeps until then)."""
         ...

@@ -390,6 +390,16 @@ class SQLiteStorage:
             )
             return cur.rowcount
 
+    def purge_ended(self, before: float, limit: int) -> int:
+        with self._write() as conn:
+            keys = conn.execute(
+                "SELECT tenant, id FROM instances WHERE status IN (4, 5, 6) AND updated_at < ? LIMIT ?",
+                (before, limit),
+            ).fetchall()
+            for table in ("steps", "events", "history", "instances"):
+                conn.executemany(f"DELETE FROM {table} WHERE tenant = ? AND id = ?", keys)  # noqa: S608
+            return len(keys)
+
     def next_run_at(self) -> float | None:
         row = (
             self._reader()

@@ -184,3 +184,25 @@ def test_claim_caps_each_tenant_and_sees_past_a_burst(storage: Storage) -> None:
         ]
     )
     assert [r.id for r in storage.claim("node", now, 30, 10, per_tenant=2)] == ["n2"]
+
+
+def test_purge_deletes_only_long_ended_instances_and_all_their_rows(storage: Storage) -> None:
+    statuses = [Status.COMPLETE, Status.ERRORED, Status.TERMINATED, Status.WAITING, Status.PAUSED]
+    storage.create_instances([instance("t", s.name.lower(), status=s) for s in statuses], [entry()] * 5)
+    storage.create_instances([instance("t", "recent", status=Status.COMPLETE)], [entry()])
+    step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="complete", output_json="1")
+    for record in [*statuses, "recent"]:
+        id = record if isinstance(record, str) else record.name.lower()
+        then = 100.0 if id != "recent" else time.time()  # everything but "recent" last changed long ago
+        event = EventRecord(0, "go", "null", then)
+        assert storage.apply([Change(tenant="t", id=id, now=then, steps=[step], add_events=[event],
+                                     history=[entry()])])[0].ok  # fmt: skip
+    assert storage.purge_ended(1000.0, 2) == 2  # batched
+    assert storage.purge_ended(1000.0, 100) == 1
+    assert storage.purge_ended(1000.0, 100) == 0
+    for gone in ("complete", "errored", "terminated"):
+        assert storage.get_instance("t", gone) is None
+        assert storage.get_steps("t", gone) == [] and storage.get_history("t", gone, 0, 10) == []
+        assert storage.get_events("t", gone, unconsumed_only=False) == []
+    for kept in ("waiting", "paused", "recent"):
+        assert storage.get_instance("t", kept) is not None and len(storage.get_steps("t", kept)) == 1

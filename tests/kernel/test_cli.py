@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import KernelProcess
 
 ROOT = Path(__file__).parents[2]
@@ -79,3 +81,27 @@ def test_control_commands_and_errors(kernel: KernelProcess, tenant: str) -> None
     assert "queued" in tf(kernel, "restart", "--tenant", tenant, "o1")
     error = tf(kernel, "status", "--tenant", tenant, "ghost", ok=False)
     assert error.startswith("error: NOT_FOUND: instance 'ghost' not found")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--max-concurrent", "0", "0 is too small: use 1 or more"),
+        ("--cpu-seconds", "-1", "-1 is too small: use a positive number"),
+        ("--retention-days", "-1", "-1 is too small: use 0 or more"),
+        ("--memory-mb", "lots", "'lots' is not a number"),
+    ],
+)
+def test_serve_refuses_bad_settings(tmp_path: Path, flag: str, value: str, says: str) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "tenantflow.kernel.cli",
+        "serve",
+        "--data-dir",
+        str(tmp_path),
+        flag,
+        value,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"argument {flag}: {says}" in result.stderr, result.stderr
