@@ -209,7 +209,7 @@ def _number(kind: type[int] | type[float], minimum: float, what: str) -> Any:
 
 _COUNT = _number(int, 1, "use 1 or more")
 _COUNT_OR_ZERO = _number(int, 0, "use 0 or more")
-_SECONDS = _number(float, 0.001, "use a positive number")
+_POSITIVE = _number(float, 0.001, "use a positive number")
 _AMOUNT_OR_ZERO = _number(float, 0, "use 0 or more")
 
 
@@ -233,11 +233,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-mb", type=_COUNT, default=512, help="sandbox memory limit per run")
     s.add_argument(
         "--cpu-seconds",
-        type=_SECONDS,
+        type=_POSITIVE,
         default=60.0,
         help="sandbox CPU time per step: between two host calls (a step attempt, or code between steps)",
     )
-    s.add_argument("--wall-seconds", type=_SECONDS, default=3600.0, help="wall-clock limit of one wake-up")
+    s.add_argument("--wall-seconds", type=_POSITIVE, default=3600.0, help="wall-clock limit of one wake-up")
     s.add_argument(
         "--sandbox-writable-dir",
         action="append",
@@ -256,10 +256,10 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--code-cache-entries", type=_COUNT, default=256, help="loaded tenant code kept in memory")
     s.add_argument(
-        "--code-cache-mb", type=_SECONDS, default=64.0, help="tenant source kept in memory, in MiB"
+        "--code-cache-mb", type=_POSITIVE, default=64.0, help="tenant source kept in memory, in MiB"
     )
     s.add_argument(
-        "--code-cache-idle-seconds", type=_SECONDS, default=300.0, help="evict code unused this long"
+        "--code-cache-idle-seconds", type=_POSITIVE, default=300.0, help="evict code unused this long"
     )
     s.add_argument(
         "--git-root",
