@@ -59,18 +59,33 @@ class Committer:
                     batch.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            changes = [change for change, _ in batch]
             try:
-                results = await asyncio.to_thread(self._storage.apply, changes)
-            except Exception as exc:  # storage failure: every waiter learns it, nothing is acknowledged
-                log.exception("commit of %d changes failed", len(changes))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.changes += len(changes)
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-            self._on_applied(changes)
+                await self._apply([change for change, _ in batch], [future for _, future in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._fail(batch, exc)
+                    continue
+                # One bad change must not fail the others riding in its transaction: retry alone.
+                log.warning("commit of %d changes failed (%s); committing them one by one", len(batch), exc)
+                for change, future in batch:
+                    try:
+                        await self._apply([change], [future])
+                    except Exception as one:
+                        self._fail([(change, future)], one)
+
+    async def _apply(self, changes: list[Change], futures: list[asyncio.Future[ApplyResult]]) -> None:
+        results = await asyncio.to_thread(self._storage.apply, changes)
+        self.batches += 1
+        self.changes += len(changes)
+        for future, result in zip(futures, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+        self._on_applied(changes)
+
+    @staticmethod
+    def _fail(batch: list[tuple[Change, asyncio.Future[ApplyResult]]], exc: Exception) -> None:
+        """Storage failed: the waiters learn it, nothing is acknowledged."""
+        log.error("commit of a change to %s/%s failed: %s", batch[0][0].tenant, batch[0][0].id, exc)
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)

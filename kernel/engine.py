@@ -73,9 +73,25 @@ def _policy(raw: Any) -> dict[str, Any]:
     return {"limit": limit, "delay": float(delay), "backoff": backoff, "timeout": float(timeout)}
 
 
+def _text(raw: Any, limit: int) -> str:
+    """Guest text made storable: lone surrogates (from ``\\ud800`` escapes) become escapes again
+    instead of failing the commit they ride in."""
+    return str(raw)[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _valid_text(raw: Any, what: str) -> str:
+    """Guest text that must round-trip exactly (step names and keys, event types)."""
+    text = str(raw)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {text!r} is not valid Unicode text (a lone surrogate?)") from None
+    return text
+
+
 def _error(raw: Any, limit: int = 4096) -> dict[str, str]:
     raw = raw if isinstance(raw, dict) else {}
-    return {"name": str(raw.get("name") or "Error")[:200], "message": str(raw.get("message") or "")[:limit]}
+    return {"name": _text(raw.get("name") or "Error", 200), "message": _text(raw.get("message") or "", limit)}
 
 
 @dataclasses.dataclass
@@ -143,6 +159,11 @@ class WakeUp:
         except Conflict as exc:
             self.aborted = self.aborted or str(exc)
             raise _Abort(str(exc)) from None
+        except Exception as exc:  # storage failed (disk full, locked): nothing was written
+            log.error("commit for %s/%s failed (%s); the wake-up stops and replays after its lease",
+                      self.record.tenant, self.record.id, exc)  # fmt: skip
+            self.abort(f"storage failed: {exc}")
+            raise _Abort(str(exc)) from None
 
     def abort(self, reason: str) -> None:
         """Stop the sandbox; nothing more is written for this wake-up."""
@@ -183,17 +204,17 @@ class WakeUp:
             return
         self.steps = {s.key: s for s in await asyncio.to_thread(engine.storage.get_steps, rec.tenant, rec.id)}
         self.next_seq = max((s.seq for s in self.steps.values()), default=0) + 1
-        start = self._change(
+        result = await engine.committer.submit(self._change(
             set={"status": Status.RUNNING},
-            expect_status=frozenset(
-                {Status.QUEUED, Status.RUNNING, Status.WAITING, Status.WAITING_FOR_PAUSE}
-            ),
+            expect_status=frozenset({Status.QUEUED, Status.RUNNING, Status.WAITING}),
             history=[self._status(Status.RUNNING)] if rec.status != Status.RUNNING else [],
-        )
-        if rec.status == Status.WAITING_FOR_PAUSE:
-            start.set = {}
+        ))  # fmt: skip
+        if not result.ok and result.status == Status.WAITING_FOR_PAUSE:
+            # Pause asked for before this wake-up started: keep that status, run to a step boundary.
             self.pause_requested = True
-        result = await engine.committer.submit(start)
+            result = await engine.committer.submit(
+                self._change(expect_status=frozenset({Status.WAITING_FOR_PAUSE}))
+            )
         if not result.ok:
             if result.status == Status.PAUSED:  # paused between claim and start
                 await engine.committer.submit(self._change(set={"lease_owner": None, "lease_until": None}))
@@ -235,7 +256,9 @@ class WakeUp:
         wall = time.time() + self.engine.config.limits.wall_seconds
         while not self.sandbox_task.done():
             now = time.time()
-            deadline = min([f.deadline for f in self.flights.values()] + [wall])
+            flights = [f.deadline for f in self.flights.values()]
+            # A step's own time-out may outlast the wake-up limit: the wake-up waits for it.
+            deadline = min([*flights, max([wall, *flights])])
             if now >= deadline:
                 late = [k for k, f in self.flights.items() if f.deadline <= now]
                 limit = self.engine.config.limits.wall_seconds
@@ -309,11 +332,11 @@ class WakeUp:
         limit = self.engine.config.max_log_lines_per_run
         if self.log_lines > limit + 1:
             return
-        line = str(message.get("line", ""))[:8192]
+        line = _text(message.get("line", ""), 8192)
         if self.log_lines == limit + 1:
             line = f"[tenantflow] more than {limit} log lines in this wake-up; the rest are dropped"
         self._submit(self._change(history=[self._history("log", message=line, data_json=json.dumps(
-            {"stream": str(message.get("stream", "stdout"))}))]))  # fmt: skip
+            {"stream": _text(message.get("stream", "stdout"), 16)}))]))  # fmt: skip
 
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         if self.aborted:
@@ -342,7 +365,7 @@ class WakeUp:
         return step
 
     async def _step(self, m: dict[str, Any]) -> dict[str, Any]:
-        kind, key, name = m["kind"], str(m["key"]), str(m["name"])
+        kind, key, name = m["kind"], _valid_text(m["key"], "step key"), _valid_text(m["name"], "step name")
         match = _KEY.match(key)
         if kind not in ("do", "sleep", "wait") or not match or match["name"] != name:
             raise ValueError(f"bad step request {key!r} ({kind!r})")
@@ -358,7 +381,7 @@ class WakeUp:
                     "into several instances")})  # fmt: skip
                 raise _Abort("step limit")
             if self.pause_requested:
-                return {"do": "suspend"}
+                return self._suspend_for_pause()
             step = StepRecord(
                 key=key, seq=self.next_seq, name=name, kind=kind, status="new", updated_at=time.time()
             )
@@ -387,8 +410,14 @@ class WakeUp:
             self.wakes.append(step.wake_at)
             return {"do": "suspend"}
         if self.pause_requested:
-            return {"do": "suspend"}
+            return self._suspend_for_pause()
         return self._start_attempt(step, policy)
+
+    def _suspend_for_pause(self) -> dict[str, Any]:
+        """Park a branch at a step boundary. If the pause is cancelled before the wake-up ends, the
+        instance must be runnable again at once, so the branch asks to be woken now."""
+        self.wakes.append(time.time())
+        return {"do": "suspend"}
 
     def _start_attempt(self, step: StepRecord, policy: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
@@ -448,7 +477,7 @@ class WakeUp:
         if step.wake_at <= time.time() and not self.pause_requested:
             return self._start_attempt(step, flight.policy)
         self.wakes.append(step.wake_at)
-        return {"do": "suspend"}
+        return self._suspend_for_pause() if self.pause_requested else {"do": "suspend"}
 
     def _deadline(self, m: dict[str, Any], now: float) -> float:
         limit = self.engine.config.max_sleep_seconds
@@ -492,6 +521,7 @@ class WakeUp:
         event_type = m["type"]
         if not isinstance(event_type, str) or not 0 < len(event_type) <= 256:
             raise ValueError("an event type must be a non-empty string of at most 256 characters")
+        _valid_text(event_type, "event type")
         now = time.time()
         if step.status == "new":
             step.status, step.event_type, step.wake_at = "waiting", event_type, self._deadline(m, now)

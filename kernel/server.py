@@ -117,10 +117,12 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
 
     @_mapped
     async def CreateBatch(self, request: pb.CreateBatchRequest, context: Any) -> pb.CreateBatchResponse:
+        if not request.requests:
+            raise errors.InvalidArgument("a batch needs at least one request")
         tenants = {r.tenant for r in request.requests}
         if len(tenants) > 1:
             raise errors.InvalidArgument("all requests of a batch must name the same tenant")
-        tenant = tenants.pop() if tenants else ""
+        tenant = tenants.pop()
         records = await self.k.create_batch(tenant, [_spec(r) for r in request.requests])
         return pb.CreateBatchResponse(instances=[instance_pb(r) for r in records])
 

@@ -79,22 +79,30 @@ class Notifier:
     """Wakes ``Watch`` streams when an instance's history changes."""
 
     def __init__(self) -> None:
-        self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
 
     def touch(self, changes: list[Change]) -> None:
         for change in changes:
-            event = self._events.get((change.tenant, change.id))
-            if event is not None:
+            for event in self._waiters.get((change.tenant, change.id), ()):
                 event.set()
 
     async def wait(self, tenant: str, id: str, timeout: float) -> None:
-        event = self._events.setdefault((tenant, id), asyncio.Event())
+        """Until the instance changes or ``timeout`` passes. Each watcher has its own event, and an
+        instance nobody watches holds no entry."""
+        key, event = (tenant, id), asyncio.Event()
+        waiters = self._waiters.setdefault(key, set())
+        waiters.add(event)
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except TimeoutError:
             pass
         finally:
-            event.clear()
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[key]
+
+    def __len__(self) -> int:
+        return len(self._waiters)
 
 
 class Kernel:
@@ -241,7 +249,7 @@ class Kernel:
         check_tenant(tenant)
         if page_size < 0 or page_size > 1000:
             raise InvalidArgument(f"page_size must be 0..1000 (0 means 50), got {page_size}")
-        if page_token and not page_token.isdigit():
+        if page_token and not (page_token.isascii() and page_token.isdecimal() and len(page_token) <= 18):
             raise InvalidArgument("page_token is not one this kernel handed out; pass next_page_token as is")
         records, cursor = await asyncio.to_thread(
             self.storage.list_instances, tenant, status, page_token or None, page_size or 50

@@ -199,6 +199,9 @@ def test_create_batch_is_all_or_nothing(client: Client, tenant: str) -> None:
     with pytest.raises(TenantflowRpcError):
         client.get(tenant, "b1")  # nothing of the failed batch was created
     with pytest.raises(TenantflowRpcError) as err:
+        client.create_batch(tenant, [])
+    assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT and "at least one request" in err.value.message
+    with pytest.raises(TenantflowRpcError) as err:
         client.create_batch(tenant, [{"workflow": "Hello", "code": ref}] * 101)
     assert code_of(err) == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 100" in err.value.message
     client.create(tenant, "Hello", ref, id="taken", params={"name": "x"})
@@ -228,9 +231,10 @@ def test_list_pages_with_cursor_and_filters_by_status(client: Client, tenant: st
     waiting = [i.id for i in client.iter_instances(tenant, status=pb.STATUS_WAITING)]
     assert waiting == [i for i in ids if i != "i03"]
     assert [i.id for i in client.iter_instances(tenant, status=pb.STATUS_TERMINATED)] == ["i03"]
-    with pytest.raises(TenantflowRpcError) as err:
-        client.list(tenant, page_token="garbage")
-    assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT
+    for token in ("garbage", "9" * 30, "²"):  # not a number, too big for storage, a digit but not decimal
+        with pytest.raises(TenantflowRpcError) as err:
+            client.list(tenant, page_token=token)
+        assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in err.value.message
     with pytest.raises(TenantflowRpcError) as err:
         client.list(tenant, page_size=5000)
     assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT

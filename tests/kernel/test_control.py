@@ -12,6 +12,7 @@ from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.helpers import publish, wait_for
 
 WORKFLOWS = """
+import asyncio
 import time
 from tenantflow.workflow import WorkflowEntrypoint
 
@@ -30,6 +31,14 @@ class Busy(WorkflowEntrypoint):
         await step.do("slow", slow)
         await step.do("next", lambda: "never while paused")
         return "finished"
+
+
+class Branches(WorkflowEntrypoint):
+    async def run(self, event, step):
+        async def chain():
+            await step.do("p1", lambda: time.sleep(0.3) or 1)
+            return await step.do("p2", lambda: 2)
+        return await asyncio.gather(step.do("slow", lambda: time.sleep(2.0) or 3), chain())
 """
 
 WAITING = frozenset({pb.STATUS_WAITING})
@@ -61,6 +70,34 @@ def test_pause_while_running_waits_for_the_step(client: Client, tenant: str, ref
     assert [(s.name, s.status) for s in paused.steps] == [("slow", "complete")]  # "next" did not start
     client.resume(tenant, inst.id)
     assert Client.output(client.wait(tenant, inst.id)) == "finished"
+
+
+def test_resume_before_the_pause_lands_lets_parked_branches_go_on(
+    client: Client, tenant: str, ref: str
+) -> None:
+    inst = client.create(tenant, "Branches", ref)
+    wait_for(lambda: {s.name for s in client.get(tenant, inst.id).steps} >= {"slow", "p1"})
+    assert client.pause(tenant, inst.id).status == pb.STATUS_WAITING_FOR_PAUSE
+    # p1 finishes and p2 is parked at its boundary while "slow" still runs; then the pause is called off
+    wait_for(
+        lambda: any(s.name == "p1" and s.status == "complete" for s in client.get(tenant, inst.id).steps)
+    )
+    client.resume(tenant, inst.id)
+    done = client.wait(tenant, inst.id, timeout=30)
+    assert done.status == pb.STATUS_COMPLETE and Client.output(done) == [3, 2]
+
+
+def test_a_pause_right_after_create_is_never_overwritten(client: Client, tenant: str, ref: str) -> None:
+    ids = []
+    for _ in range(20):  # some pauses land between the claim and the start of the wake-up
+        inst = client.create(tenant, "Busy", ref)
+        assert client.pause(tenant, inst.id).status in (pb.STATUS_WAITING_FOR_PAUSE, pb.STATUS_PAUSED)
+        ids.append(inst.id)
+    for id in ids:
+        assert client.get(tenant, id).status in (pb.STATUS_WAITING_FOR_PAUSE, pb.STATUS_PAUSED)
+    for id in ids:
+        paused = client.wait(tenant, id, statuses=frozenset({pb.STATUS_PAUSED}), timeout=30)
+        assert "next" not in [s.name for s in paused.steps]
 
 
 def test_resume_refuses_an_instance_that_is_not_paused(client: Client, tenant: str, ref: str) -> None:

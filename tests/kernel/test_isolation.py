@@ -52,3 +52,40 @@ def test_another_tenant_cannot_see_or_touch_instances_or_code(client: Client, te
     assert client.get(tenant, "shared-id").status == pb.STATUS_WAITING
     client.send_event(tenant, "shared-id", "go", {})
     assert Client.output(client.wait(tenant, "shared-id")) == {"card": "4111"}
+
+
+GARBLED = """
+from tenantflow.workflow import WorkflowEntrypoint, NonRetryableError
+
+class Garbled(WorkflowEntrypoint):
+    def run(self, event, step):
+        print("a lone surrogate: \\ud800")
+        def fail():
+            raise NonRetryableError("bad \\udfff text")
+        try:
+            step.do("fails", fail)
+        except Exception:
+            pass
+        return step.do("value", lambda: "\\ud800")  # JSON carries it as an escape
+
+class BadName(WorkflowEntrypoint):
+    def run(self, event, step):
+        return step.do("\\ud800", lambda: 1)
+"""
+
+
+def test_text_sqlite_cannot_store_harms_only_its_own_instance(client: Client, tenant: str) -> None:
+    other = tenant + "-other"
+    ref, other_ref = publish(client, tenant, GARBLED), publish(client, other, CODE)
+    bystanders = [client.create(other, "Secret", other_ref) for _ in range(5)]
+    garbled = client.create(tenant, "Garbled", ref)
+    bad_name = client.create(tenant, "BadName", ref)
+    done = client.wait(tenant, garbled.id, timeout=30)
+    assert done.status == pb.STATUS_COMPLETE and Client.output(done) == "\ud800", done
+    assert "\\udfff" in next(s for s in done.steps if s.name == "fails").error.message
+    lines = [e.message for e in client.watch(tenant, garbled.id) if e.kind == "log"]
+    assert any("\\ud800" in line for line in lines), lines
+    errored = client.wait(tenant, bad_name.id, timeout=30)
+    assert errored.status == pb.STATUS_ERRORED and "not valid Unicode" in errored.error.message
+    for inst in bystanders:
+        assert client.wait(other, inst.id, frozenset({pb.STATUS_WAITING}), timeout=30)

@@ -259,11 +259,18 @@ def test_a_wake_up_past_its_wall_clock_limit_errors_instead_of_rerunning(tmp_pat
                 class Stalls(WorkflowEntrypoint):
                     def run(self, event, step):
                         time.sleep(30)  # outside any step: no step time-out applies
+
+                class LongStep(WorkflowEntrypoint):
+                    def run(self, event, step):  # its own time-out outlasts the wake-up limit
+                        return step.do("long", lambda: time.sleep(2) or "done", timeout=10, retries={"limit": 0})
                 """,
             )
             inst = client.create("walled", "Stalls", ref)
+            long = client.create("walled", "LongStep", ref)
             done = client.wait("walled", inst.id, timeout=20)
             assert done.status == pb.STATUS_ERRORED
             assert done.error.name == "SandboxCrash" and "1 s wall-clock limit" in done.error.message
+            finished = client.wait("walled", long.id, timeout=20)
+            assert finished.status == pb.STATUS_COMPLETE, finished.error.message
     finally:
         kernel.stop()
