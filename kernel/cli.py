@@ -43,6 +43,9 @@ async def _serve(args: argparse.Namespace) -> None:
         node_id=args.node_id,
         max_concurrent_runs=args.max_concurrent,
         max_running_per_tenant=args.max_running_per_tenant,
+        tenant_create_rate=args.tenant_create_rate,
+        tenant_create_burst=args.tenant_create_burst,
+        tenant_max_live=args.tenant_max_live,
         limits=Limits(
             memory_bytes=args.memory_mb * 1024 * 1024,
             cpu_seconds=args.cpu_seconds,
@@ -229,6 +232,21 @@ def parser() -> argparse.ArgumentParser:
         type=_COUNT_OR_ZERO,
         default=0,
         help="wake-ups of one tenant at once (0: no cap)",
+    )
+    s.add_argument(
+        "--tenant-create-rate",
+        type=_AMOUNT_OR_ZERO,
+        default=100.0,
+        help="instances one tenant may create per second (0: no limit)",
+    )
+    s.add_argument(
+        "--tenant-create-burst", type=_POSITIVE, default=1000.0, help="... in bursts of up to this many"
+    )
+    s.add_argument(
+        "--tenant-max-live",
+        type=_COUNT_OR_ZERO,
+        default=0,
+        help="instances of one tenant not yet complete, errored or terminated (0: no cap)",
     )
     s.add_argument("--memory-mb", type=_COUNT, default=512, help="sandbox memory limit per run")
     s.add_argument(

@@ -24,6 +24,9 @@ class KernelConfig:
     node_id: str = "local"  # leases are held per node; a restarted node reclaims its own at once
     max_concurrent_runs: int = 64
     max_running_per_tenant: int = 0  # wake-ups of one tenant at once (0: only the global limit)
+    tenant_create_rate: float = 100.0  # instances a tenant may create per second (0: no limit)
+    tenant_create_burst: float = 1000.0  # ... in bursts of up to this many
+    tenant_max_live: int = 0  # instances of a tenant not yet ended (0: no cap)
     lease_seconds: float = 30.0
     limits: Limits = field(default_factory=Limits)
     max_payload_bytes: int = 1024 * 1024

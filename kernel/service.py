@@ -33,6 +33,7 @@ from tenantflow.kernel.model import (
     StepRecord,
 )
 from tenantflow.kernel.plugins import Plugins
+from tenantflow.kernel.quotas import CreationRate
 from tenantflow.kernel.retention import purge_forever
 from tenantflow.kernel.sandbox import Sandbox
 from tenantflow.kernel.storage import Storage
@@ -117,6 +118,7 @@ class Kernel:
         self.engine: Engine
         self.dispatcher: Dispatcher
         self.notifier = Notifier()
+        self.creation_rate = CreationRate(self.config.tenant_create_rate, self.config.tenant_create_burst)
         self.sandboxes: dict[str, Sandbox] = {}
         self._started = False
 
@@ -233,7 +235,8 @@ class Kernel:
         history = [
             HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message="created") for _ in records
         ]
-        await asyncio.to_thread(self.storage.create_instances, records, history)
+        self.creation_rate.take(tenant, len(records))
+        await asyncio.to_thread(self.storage.create_instances, records, history, self.config.tenant_max_live)
         self._poke()
         return records
 

@@ -33,8 +33,12 @@ class Storage(Protocol):
         """The artifact with ``digest``, or the latest published under ``name`` when ``digest`` is None."""
         ...
 
-    def create_instances(self, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry]) -> None:
-        """Insert all records (and one history entry each) or none; raise ``AlreadyExists`` naming the id."""
+    def create_instances(
+        self, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry], max_live: int = 0
+    ) -> None:
+        """Insert all records (and one history entry each) or none; raise ``AlreadyExists`` naming the
+        id, or ``ResourceExhausted`` if a tenant would have more than ``max_live`` (0: no cap)
+        instances not yet complete, errored or terminated."""
         ...
 
     def get_instance(self, tenant: str, id: str) -> InstanceRecord | None: ...

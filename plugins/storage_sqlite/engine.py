@@ -10,6 +10,7 @@ import base64
 import json
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from tenantflow.kernel.errors import AlreadyExists, InvalidArgument
+from tenantflow.kernel.errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from tenantflow.kernel.model import (
     TERMINAL,
     ApplyResult,
@@ -133,8 +134,12 @@ class SQLiteStorage:
         return Artifact(row[0], row[1], row[2], row[3], files, json.loads(row[5]), row[6])
 
     # -- instances ------------------------------------------------------------------------------
-    def create_instances(self, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry]) -> None:
+    def create_instances(
+        self, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry], max_live: int = 0
+    ) -> None:
         with self._write() as conn:
+            if max_live:
+                self._check_live(conn, records, max_live)
             for record in records:
                 try:
                     conn.execute(
@@ -151,6 +156,18 @@ class SQLiteStorage:
                     ) from None
             for record, entry in zip(records, history, strict=False):
                 self._history(conn, record.tenant, record.id, [entry])
+
+    @staticmethod
+    def _check_live(conn: sqlite3.Connection, records: Sequence[InstanceRecord], max_live: int) -> None:
+        for tenant, adding in Counter(r.tenant for r in records).items():
+            (live,) = conn.execute(
+                "SELECT COUNT(*) FROM instances WHERE tenant = ? AND status NOT IN (4, 5, 6)", (tenant,)
+            ).fetchone()
+            if live + adding > max_live:
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} has {live} live instances and the limit is {max_live}: wait for "
+                    "some to complete, or terminate them, then create again"
+                )
 
     def get_instance(self, tenant: str, id: str) -> InstanceRecord | None:
         row = (

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tenantflow.kernel.config import KernelConfig
-from tenantflow.kernel.errors import AlreadyExists
+from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
 from tenantflow.kernel.model import (
     Artifact,
     Change,
@@ -206,3 +206,13 @@ def test_purge_deletes_only_long_ended_instances_and_all_their_rows(storage: Sto
         assert storage.get_events("t", gone, unconsumed_only=False) == []
     for kept in ("waiting", "paused", "recent"):
         assert storage.get_instance("t", kept) is not None and len(storage.get_steps("t", kept)) == 1
+
+
+def test_create_respects_the_live_instance_cap(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a"), instance("t", "b", status=Status.COMPLETE)], [entry()] * 2)
+    storage.create_instances([instance("t", "c", status=Status.WAITING)], [entry()], max_live=2)
+    with pytest.raises(ResourceExhausted, match="'t' has 2 live instances and the limit is 2"):
+        storage.create_instances([instance("t", "d")], [entry()], max_live=2)
+    assert storage.get_instance("t", "d") is None
+    storage.create_instances([instance("u", "d")], [entry()], max_live=2)  # another tenant's own cap
+    storage.create_instances([instance("t", "e")], [entry()])  # 0: no cap
