@@ -188,6 +188,10 @@ def _control(action: str) -> Any:
         with _client(args) as client:
             if action == "restart":
                 inst = client.restart(args.tenant, args.id, from_step=args.from_step or "")
+            elif action == "delete":
+                client.delete(args.tenant, args.id)
+                print(table([[args.id, "deleted"]], ["id", "status"]))
+                return
             else:
                 inst = getattr(client, action)(args.tenant, args.id)
         print(table([[inst.id, _status(inst.status)]], ["id", "status"]))
@@ -320,7 +324,7 @@ def parser() -> argparse.ArgumentParser:
     c = client_parser("watch", "follow an instance's steps live until it ends")
     c.add_argument("id")
     c.set_defaults(func=_cmd_watch)
-    for action in ("pause", "resume", "terminate", "restart"):
+    for action in ("pause", "resume", "terminate", "restart", "delete"):
         c = client_parser(action, f"{action} an instance")
         c.add_argument("id")
         if action == "restart":

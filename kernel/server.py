@@ -154,6 +154,11 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         return instance_pb(await self.k.terminate(request.tenant, request.id))
 
     @_mapped
+    async def Delete(self, request: pb.InstanceRef, context: Any) -> pb.DeleteResponse:
+        await self.k.delete(request.tenant, request.id)
+        return pb.DeleteResponse()
+
+    @_mapped
     async def Restart(self, request: pb.RestartRequest, context: Any) -> pb.Instance:
         return instance_pb(await self.k.restart(request.tenant, request.id, request.from_step))
 

@@ -330,6 +330,13 @@ class Kernel:
         self.engine.kill(tenant, id, "terminated")
         return await self._record(tenant, id)
 
+    async def delete(self, tenant: str, id: str) -> None:
+        """Delete an instance and everything recorded for it; a live one is stopped first."""
+        await self._record(tenant, id)
+        if not await asyncio.to_thread(self.storage.delete_instance, tenant, id):
+            raise NotFound(f"instance {id!r} not found in tenant {tenant!r}")
+        self.engine.kill(tenant, id, "deleted")  # its next commit finds no instance and writes nothing
+
     async def restart(self, tenant: str, id: str, from_step: str) -> InstanceRecord:
         await self._record(tenant, id)
         delete_from = 0

@@ -78,6 +78,10 @@ class Storage(Protocol):
         """Drop every lease ``owner`` holds (a restarted node reclaims its work at once)."""
         ...
 
+    def delete_instance(self, tenant: str, id: str) -> bool:
+        """Delete the instance with its journal, events and history; False if there was none."""
+        ...
+
     def purge_ended(self, before: float, limit: int) -> int:
         """Delete up to ``limit`` instances in a terminal status (complete, errored, terminated) last
         updated before ``before``, with their journal, events and history; return how many."""

@@ -119,6 +119,10 @@ class Client:
     def terminate(self, tenant: str, id: str) -> pb.Instance:
         return self._call(self.workflows.Terminate, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
 
+    def delete(self, tenant: str, id: str) -> None:
+        """Delete the instance and everything recorded for it (a live one is terminated first)."""
+        self._call(self.workflows.Delete, pb.InstanceRef(tenant=tenant, id=id))
+
     def restart(self, tenant: str, id: str, from_step: str = "") -> pb.Instance:
         request = pb.RestartRequest(tenant=tenant, id=id, from_step=from_step)
         return self._call(self.workflows.Restart, request)  # type: ignore[no-any-return]

@@ -407,15 +407,17 @@ class SQLiteStorage:
             )
             return cur.rowcount
 
+    def delete_instance(self, tenant: str, id: str) -> bool:
+        with self._write() as conn:
+            return _delete(conn, [(tenant, id)]) == 1
+
     def purge_ended(self, before: float, limit: int) -> int:
         with self._write() as conn:
             keys = conn.execute(
                 "SELECT tenant, id FROM instances WHERE status IN (4, 5, 6) AND updated_at < ? LIMIT ?",
                 (before, limit),
             ).fetchall()
-            for table in ("steps", "events", "history", "instances"):
-                conn.executemany(f"DELETE FROM {table} WHERE tenant = ? AND id = ?", keys)  # noqa: S608
-            return len(keys)
+            return _delete(conn, keys)
 
     def next_run_at(self) -> float | None:
         row = (
@@ -428,3 +430,12 @@ class SQLiteStorage:
     def close(self) -> None:
         with self._lock:
             self._writer.close()
+
+
+def _delete(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> int:
+    """Delete instances and every row that belongs to them; return how many instances existed."""
+    for table in ("steps", "events", "history"):
+        conn.executemany(f"DELETE FROM {table} WHERE tenant = ? AND id = ?", keys)  # noqa: S608
+    before = conn.total_changes
+    conn.executemany("DELETE FROM instances WHERE tenant = ? AND id = ?", keys)
+    return conn.total_changes - before

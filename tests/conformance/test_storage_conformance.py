@@ -216,3 +216,19 @@ def test_create_respects_the_live_instance_cap(storage: Storage) -> None:
     assert storage.get_instance("t", "d") is None
     storage.create_instances([instance("u", "d")], [entry()], max_live=2)  # another tenant's own cap
     storage.create_instances([instance("t", "e")], [entry()])  # 0: no cap
+
+
+def test_delete_removes_an_instance_and_all_its_rows(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a"), instance("t", "b")], [entry(), entry()])
+    step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="running")
+    storage.apply(
+        [Change(tenant="t", id="a", now=1.0, steps=[step], add_events=[EventRecord(0, "go", "null", 1.0)])]
+    )
+    assert storage.delete_instance("t", "a") and not storage.delete_instance("t", "a")
+    assert storage.get_instance("t", "a") is None and storage.get_steps("t", "a") == []
+    assert (
+        storage.get_events("t", "a", unconsumed_only=False) == []
+        and storage.get_history("t", "a", 0, 9) == []
+    )
+    assert storage.get_instance("t", "b") is not None
+    storage.create_instances([instance("t", "a")], [entry()])  # the id can be used again

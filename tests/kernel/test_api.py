@@ -315,6 +315,7 @@ def test_health_and_reflection(kernel: object) -> None:
         lambda c: c.workflows.Pause(pb.InstanceRef(tenant="t", id="")),
         lambda c: c.workflows.Resume(pb.InstanceRef(tenant="", id="x")),
         lambda c: c.workflows.Terminate(pb.InstanceRef(tenant="t", id="-x")),
+        lambda c: c.workflows.Delete(pb.InstanceRef(tenant="t", id="")),
         lambda c: c.workflows.Restart(pb.RestartRequest(tenant="t", id="x y")),
         lambda c: c.workflows.SendEvent(pb.SendEventRequest(tenant="t", id="x", type="", payload_json="{}")),
         lambda c: c.workflows.SendEvent(

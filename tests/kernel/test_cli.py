@@ -79,6 +79,8 @@ def test_control_commands_and_errors(kernel: KernelProcess, tenant: str) -> None
     )
     assert "terminated" in tf(kernel, "terminate", "--tenant", tenant, "o1")
     assert "queued" in tf(kernel, "restart", "--tenant", tenant, "o1")
+    assert tf(kernel, "delete", "--tenant", tenant, "o1").splitlines()[-1].split() == ["o1", "deleted"]
+    assert "NOT_FOUND" in tf(kernel, "status", "--tenant", tenant, "o1", ok=False)
     error = tf(kernel, "status", "--tenant", tenant, "ghost", ok=False)
     assert error.startswith("error: NOT_FOUND: instance 'ghost' not found")
 

@@ -169,7 +169,27 @@ def test_restart_an_errored_instance(client: Client, tenant: str) -> None:
 
 
 def test_control_of_unknown_instances_is_not_found(client: Client, tenant: str) -> None:
-    for action in (client.pause, client.resume, client.terminate, client.restart):
+    for action in (client.pause, client.resume, client.terminate, client.restart, client.delete):
         with pytest.raises(TenantflowRpcError) as err:
             action(tenant, "ghost")
         assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_delete_removes_ended_and_live_instances(client: Client, tenant: str, ref: str) -> None:
+    ended = client.create(tenant, "Steps", ref, params={"nap": 0})
+    assert client.wait(tenant, ended.id).status == pb.STATUS_COMPLETE
+    busy = client.create(tenant, "Busy", ref)
+    wait_for(lambda: any(s.status == "running" for s in client.get(tenant, busy.id).steps))
+    for inst in (ended, busy):
+        client.delete(tenant, inst.id)
+        with pytest.raises(TenantflowRpcError) as err:
+            client.get(tenant, inst.id)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+    assert list(client.iter_instances(tenant)) == []
+    with pytest.raises(TenantflowRpcError) as err:
+        client.delete(tenant, busy.id)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    time.sleep(1.5)  # the deleted instance's step would have finished by now: nothing reappears
+    assert list(client.iter_instances(tenant)) == []
+    again = client.create(tenant, "Steps", ref, params={"nap": 0}, id=ended.id)  # the id is free again
+    assert client.wait(tenant, again.id).status == pb.STATUS_COMPLETE

@@ -30,6 +30,7 @@ def test_another_tenant_cannot_see_or_touch_instances_or_code(client: Client, te
         lambda: client.pause(other, "shared-id"),
         lambda: client.resume(other, "shared-id"),
         lambda: client.terminate(other, "shared-id"),
+        lambda: client.delete(other, "shared-id"),
         lambda: client.restart(other, "shared-id"),
         lambda: client.send_event(other, "shared-id", "go", {}),
         lambda: list(client.watch(other, "shared-id")),

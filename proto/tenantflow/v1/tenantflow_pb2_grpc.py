@@ -84,6 +84,11 @@ class WorkflowsStub:
                 request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
                 response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/tenantflow.v1.Workflows/Delete',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowsServicer:
@@ -149,6 +154,13 @@ class WorkflowsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Delete(self, request, context):
+        """Deletes the instance with its journal, events and history; a live one is terminated first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +213,11 @@ def add_WorkflowsServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.FromString,
                     response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.WatchEvent.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +490,33 @@ class Workflows:
             '/tenantflow.v1.Workflows/Watch',
             tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
             tenantflow_dot_v1_dot_tenantflow__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Workflows/Delete',
+            tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,8 @@ class WorkflowsStub:
     Restart: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.RestartRequest, _tenantflow_pb2.Instance]
     SendEvent: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.SendEventRequest, _tenantflow_pb2.SendEventResponse]
     Watch: _grpc.UnaryStreamMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.WatchEvent]
+    Delete: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.DeleteResponse]
+    """Deletes the instance with its journal, events and history; a live one is terminated first."""
 
 @_typing.type_check_only
 class WorkflowsAsyncStub(WorkflowsStub):
@@ -57,6 +59,8 @@ class WorkflowsAsyncStub(WorkflowsStub):
     Restart: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.RestartRequest, _tenantflow_pb2.Instance]  # type: ignore[assignment]
     SendEvent: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.SendEventRequest, _tenantflow_pb2.SendEventResponse]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.WatchEvent]  # type: ignore[assignment]
+    Delete: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.DeleteResponse]  # type: ignore[assignment]
+    """Deletes the instance with its journal, events and history; a live one is terminated first."""
 
 class WorkflowsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -128,6 +132,14 @@ class WorkflowsServicer(metaclass=_abc_1.ABCMeta):
         request: _tenantflow_pb2.InstanceRef,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tenantflow_pb2.WatchEvent], _abc.AsyncIterator[_tenantflow_pb2.WatchEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _tenantflow_pb2.InstanceRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.DeleteResponse, _abc.Awaitable[_tenantflow_pb2.DeleteResponse]]:
+        """Deletes the instance with its journal, events and history; a live one is terminated first."""
 
 def add_WorkflowsServicer_to_server(servicer: WorkflowsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
