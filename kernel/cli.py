@@ -32,6 +32,7 @@ def _short(text: str, width: int = 60) -> str:
 
 # -- serve ------------------------------------------------------------------------------------------
 async def _serve(args: argparse.Namespace) -> None:
+    from tenantflow.kernel.auth import Tokens
     from tenantflow.kernel.config import KernelConfig, default_data_dir
     from tenantflow.kernel.sandbox import Limits
     from tenantflow.kernel.server import create_server
@@ -59,11 +60,21 @@ async def _serve(args: argparse.Namespace) -> None:
         sandbox_writable_dirs=args.sandbox_writable_dir or [],
         sandbox_network=args.sandbox_network,
     )
+    tokens = None
+    if args.auth_tokens:
+        try:
+            tokens = Tokens.load(Path(args.auth_tokens))
+        except ValueError as exc:
+            raise SystemExit(f"error: --auth-tokens {exc}") from None
+    host = args.listen.rsplit(":", 1)[0]
+    if tokens is None and host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
+        logging.getLogger("tenantflow.server").warning(
+            "listening on %s without --auth-tokens: any client that reaches it may act for any tenant", host
+        )
     kernel = Kernel(config)
     await kernel.start()
-    server, port = await create_server(kernel, args.listen)
+    server, port = await create_server(kernel, args.listen, tokens)
     await server.start()
-    host = args.listen.rsplit(":", 1)[0]
     print(
         f"tenantflow kernel listening on {host}:{port} (storage {config.resolved_storage_url()})", flush=True
     )
@@ -77,11 +88,23 @@ async def _serve(args: argparse.Namespace) -> None:
     await kernel.stop()
 
 
+def _cmd_token(args: argparse.Namespace) -> None:
+    from tenantflow.kernel.auth import new_token
+
+    tenants = [t.strip() for t in args.tenants.split(",") if t.strip()]
+    if not tenants:
+        raise SystemExit("error: --tenants needs at least one tenant or glob")
+    token, entry = new_token(args.name, tenants)
+    print(table([[args.name, token]], ["name", "token (shown once; give it to its holder)"]))
+    print('\nadd to the --auth-tokens file\'s "tokens" list:')
+    print(json.dumps(entry))
+
+
 # -- client commands --------------------------------------------------------------------------------
 def _client(args: argparse.Namespace) -> Any:
     from tenantflow.client import Client
 
-    return Client(args.address)
+    return Client(args.address, token=args.token or None)
 
 
 def _status(status: int) -> str:
@@ -289,11 +312,27 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR|https://PREFIX",
         help="allow git refs under this directory or URL prefix ('{tenant}' = the tenant); repeatable",
     )
+    s.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        help="require bearer tokens; FILE lists each token's SHA-256 and tenants (see `tenantflow token`)",
+    )
     s.set_defaults(func=lambda a: asyncio.run(_serve(a)))
+    t = sub.add_parser("token", help="make a bearer token and its --auth-tokens entry")
+    t.add_argument("--name", required=True, help="who holds it, e.g. 'platform-backend'")
+    t.add_argument(
+        "--tenants", required=True, help="comma-separated tenants or globs it may act for ('*': all)"
+    )
+    t.set_defaults(func=_cmd_token)
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         c.add_argument("--address", default=os.environ.get("TENANTFLOW_ADDRESS", DEFAULT_ADDRESS))
+        c.add_argument(
+            "--token",
+            default=os.environ.get("TENANTFLOW_TOKEN", ""),
+            help="bearer token, for a kernel started with --auth-tokens (default $TENANTFLOW_TOKEN)",
+        )
         c.add_argument("--tenant", required=True)
         return c
 

@@ -33,3 +33,11 @@ class Conflict(TenantflowError):
 
 class Unavailable(TenantflowError):
     """The kernel is shutting down or a backend is unreachable; try again later."""
+
+
+class Unauthenticated(TenantflowError):
+    """The kernel requires a token and the call carried none, or one it does not know."""
+
+
+class PermissionDenied(TenantflowError):
+    """The caller's token may not act for the tenant the request names."""

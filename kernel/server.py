@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tenantflow.kernel import errors
+from tenantflow.kernel.auth import Tokens
 from tenantflow.kernel.model import HistoryEntry, InstanceRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, Kernel
 from tenantflow.v1 import tenantflow_pb2 as pb
@@ -30,6 +31,8 @@ STATUS_CODES: dict[type[errors.TenantflowError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Conflict: grpc.StatusCode.ABORTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -41,13 +44,26 @@ def status_code(exc: errors.TenantflowError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def _authorize(tokens: Tokens | None, request: Any, context: grpc.aio.ServicerContext) -> None:
+    """With tokens configured, the call's token must be allowed every tenant the request names."""
+    if tokens is None:
+        return
+    if isinstance(request, pb.CreateBatchRequest):
+        tenants = sorted({r.tenant for r in request.requests})
+    else:
+        tenants = [request.tenant]
+    tokens.check(context.invocation_metadata() or (), tenants)
+
+
 def _mapped(method: F) -> F:
-    """Turn kernel errors into gRPC statuses with their message; anything else is INTERNAL."""
+    """Authorize the call, then turn kernel errors into gRPC statuses with their message; anything
+    else is INTERNAL."""
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
+                _authorize(self.tokens, request, context)
                 async for item in method(self, request, context):
                     yield item
             except errors.TenantflowError as exc:
@@ -58,6 +74,7 @@ def _mapped(method: F) -> F:
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _authorize(self.tokens, request, context)
             return await method(self, request, context)
         except errors.TenantflowError as exc:
             await context.abort(status_code(exc), str(exc))
@@ -108,8 +125,9 @@ def _spec(request: pb.CreateRequest) -> CreateSpec:
 class WorkflowsServicer(pb_grpc.WorkflowsServicer):
     """``tenantflow.v1.Workflows``."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, tokens: Tokens | None = None) -> None:
         self.k = kernel
+        self.tokens = tokens
 
     @_mapped
     async def Create(self, request: pb.CreateRequest, context: Any) -> pb.Instance:
@@ -176,8 +194,9 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
 class CodeServicer(pb_grpc.CodeServicer):
     """``tenantflow.v1.Code``."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, tokens: Tokens | None = None) -> None:
         self.k = kernel
+        self.tokens = tokens
 
     @_mapped
     async def Publish(self, request: pb.PublishRequest, context: Any) -> pb.CodeVersion:
@@ -187,13 +206,16 @@ class CodeServicer(pb_grpc.CodeServicer):
         return pb.CodeVersion(ref=ref, runtime=runtime, workflows=workflows)
 
 
-async def create_server(kernel: Kernel, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
-    """A started-to-be server bound to ``address``; returns it and the bound port (bind port 0 in tests)."""
+async def create_server(
+    kernel: Kernel, address: str = "127.0.0.1:0", tokens: Tokens | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """A started-to-be server bound to ``address``; returns it and the bound port (bind port 0 in tests).
+    With ``tokens``, every tenantflow call is authorized (health and reflection stay open)."""
     limit = kernel.config.max_code_bytes + 1024 * 1024
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])  # fmt: skip
-    pb_grpc.add_WorkflowsServicer_to_server(WorkflowsServicer(kernel), server)
-    pb_grpc.add_CodeServicer_to_server(CodeServicer(kernel), server)
+    pb_grpc.add_WorkflowsServicer_to_server(WorkflowsServicer(kernel, tokens), server)
+    pb_grpc.add_CodeServicer_to_server(CodeServicer(kernel, tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code")]

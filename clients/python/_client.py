@@ -35,18 +35,54 @@ def _json(value: Any) -> str:
     return "" if value is None else json.dumps(value)
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <token>`` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._header]
+        return (
+            details._replace(metadata=metadata)
+            if hasattr(details, "_replace")
+            else _Details(details, metadata)
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+
+class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
+    """A call's details with our metadata added."""
+
+    def __init__(self, details: Any, metadata: list[tuple[str, str]]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = details.compression
+
+
 class Client:
     """Blocking client; every method raises :class:`TenantflowRpcError` on a failed call."""
 
-    def __init__(self, address: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 30.0, token: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(
             address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024),
                               ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )  # fmt: skip
-        self.workflows = pb_grpc.WorkflowsStub(self._channel)
-        self.code = pb_grpc.CodeStub(self._channel)
+        channel: grpc.Channel = self._channel
+        if token:
+            channel = grpc.intercept_channel(channel, _BearerToken(token))
+        self.workflows = pb_grpc.WorkflowsStub(channel)
+        self.code = pb_grpc.CodeStub(channel)
 
     def __enter__(self) -> Client:
         return self
