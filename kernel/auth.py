@@ -89,6 +89,8 @@ class Tokens:
 
 
 def new_token(name: str, tenants: Sequence[str]) -> tuple[str, dict[str, object]]:
-    """A fresh random token and the entry that grants it ``tenants``."""
-    token = secrets.token_urlsafe(32)
+    """A fresh random token and the entry that grants it ``tenants``. The ``tf_`` prefix keeps it
+    from starting with ``-`` (which a command line would read as an option) and lets secret
+    scanners recognise it."""
+    token = "tf_" + secrets.token_urlsafe(32)
     return token, {"name": name, "sha256": digest(token), "tenants": list(tenants)}

@@ -71,12 +71,22 @@ async def _serve(args: argparse.Namespace) -> None:
         logging.getLogger("tenantflow.server").warning(
             "listening on %s without --auth-tokens: any client that reaches it may act for any tenant", host
         )
+    tls = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    if args.tls_cert:
+        try:
+            tls = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+        except OSError as exc:
+            raise SystemExit(f"error: cannot read the TLS key or certificate: {exc}") from None
     kernel = Kernel(config)
     await kernel.start()
-    server, port = await create_server(kernel, args.listen, tokens)
+    server, port = await create_server(kernel, args.listen, tokens, tls)
     await server.start()
     print(
-        f"tenantflow kernel listening on {host}:{port} (storage {config.resolved_storage_url()})", flush=True
+        f"tenantflow kernel listening on {host}:{port}{' (TLS)' if tls else ''} "
+        f"(storage {config.resolved_storage_url()})",
+        flush=True,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -104,7 +114,8 @@ def _cmd_token(args: argparse.Namespace) -> None:
 def _client(args: argparse.Namespace) -> Any:
     from tenantflow.client import Client
 
-    return Client(args.address, token=args.token or None)
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return Client(args.address, token=args.token or None, tls=bool(args.tls or ca), tls_ca=ca)
 
 
 def _status(status: int) -> str:
@@ -313,6 +324,10 @@ def parser() -> argparse.ArgumentParser:
         help="allow git refs under this directory or URL prefix ('{tenant}' = the tenant); repeatable",
     )
     s.add_argument(
+        "--tls-cert", metavar="FILE", help="serve TLS only: PEM certificate chain (with --tls-key)"
+    )
+    s.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    s.add_argument(
         "--auth-tokens",
         metavar="FILE",
         help="require bearer tokens; FILE lists each token's SHA-256 and tenants (see `tenantflow token`)",
@@ -332,6 +347,12 @@ def parser() -> argparse.ArgumentParser:
             "--token",
             default=os.environ.get("TENANTFLOW_TOKEN", ""),
             help="bearer token, for a kernel started with --auth-tokens (default $TENANTFLOW_TOKEN)",
+        )
+        c.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots")
+        c.add_argument(
+            "--tls-ca",
+            default=os.environ.get("TENANTFLOW_TLS_CA", ""),
+            help="connect with TLS, trusting this PEM CA file (default $TENANTFLOW_TLS_CA)",
         )
         c.add_argument("--tenant", required=True)
         return c

@@ -207,10 +207,14 @@ class CodeServicer(pb_grpc.CodeServicer):
 
 
 async def create_server(
-    kernel: Kernel, address: str = "127.0.0.1:0", tokens: Tokens | None = None
+    kernel: Kernel,
+    address: str = "127.0.0.1:0",
+    tokens: Tokens | None = None,
+    tls: tuple[bytes, bytes] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started-to-be server bound to ``address``; returns it and the bound port (bind port 0 in tests).
-    With ``tokens``, every tenantflow call is authorized (health and reflection stay open)."""
+    With ``tokens``, every tenantflow call is authorized (health and reflection stay open); with
+    ``tls`` (PEM private key, PEM certificate chain) the port speaks TLS only."""
     limit = kernel.config.max_code_bytes + 1024 * 1024
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])  # fmt: skip
@@ -222,7 +226,10 @@ async def create_server(
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
     if port == 0:
         raise errors.Unavailable(f"cannot listen on {address}")
     return server, port

@@ -71,13 +71,26 @@ class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
 class Client:
     """Blocking client; every method raises :class:`TenantflowRpcError` on a failed call."""
 
-    def __init__(self, address: str, *, timeout: float = 30.0, token: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: bytes | None = None,
+    ) -> None:
+        """``token``: sent as ``authorization: Bearer`` on every call. ``tls``: connect with TLS,
+        trusting the system's roots, or ``tls_ca`` (PEM) when given."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024),
-                              ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        )  # fmt: skip
+        options = [("grpc.max_send_message_length", 64 * 1024 * 1024),
+                   ("grpc.max_receive_message_length", 64 * 1024 * 1024)]  # fmt: skip
+        if tls or tls_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         channel: grpc.Channel = self._channel
         if token:
             channel = grpc.intercept_channel(channel, _BearerToken(token))

@@ -83,7 +83,7 @@ def test_token_command_prints_a_working_entry(tmp_path: Path) -> None:
     entry = json.loads(out.strip().splitlines()[-1])
     (tmp_path / "t.json").write_text(json.dumps({"tokens": [entry]}))
     grant = Tokens.load(tmp_path / "t.json").check([("authorization", f"Bearer {token}")], ["acme-x"])
-    assert grant.name == "ci" and grant.tenants == ("acme", "acme-*")
+    assert grant.name == "ci" and grant.tenants == ("acme", "acme-*") and token.startswith("tf_")
 
 
 def test_a_bad_tokens_file_stops_the_kernel_with_a_reason(tmp_path: Path) -> None:
