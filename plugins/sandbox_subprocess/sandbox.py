@@ -160,10 +160,17 @@ class SubprocessSandbox:
                 elif waiter is None:
                     self._early_exits[pid] = status
 
-    async def _respawn_if_gone(self) -> None:
-        """Start a new template if the old one died (it should not: runs cannot signal it)."""
+    async def _respawn_if_gone(self, broken: subprocess.Popen[bytes] | None = None) -> None:
+        """Start a new template if the old one died (it should not: runs cannot signal it).
+        ``broken``: a template that just failed us, so it is dying even if not yet reaped (unless
+        another run has replaced it already)."""
         async with self._lock:
-            if self._proc is None or self._proc.poll() is None:
+            if self._proc is None:
+                return
+            if broken is self._proc and self._proc.poll() is None:
+                self._proc.kill()
+                await asyncio.to_thread(self._proc.wait, 5)
+            if self._proc.poll() is None:
                 return
             log.error("the sandbox template exited with %s; starting a new one", self._proc.returncode)
             if self._ctrl is not None:
@@ -173,7 +180,17 @@ class SubprocessSandbox:
             await self.start()
 
     async def _fork(self, child_sock: socket.socket, limits: Limits) -> int:
+        """A confined child from the template; a template found dead is replaced, and asked again."""
         await self._respawn_if_gone()
+        template = self._proc
+        try:
+            return await self._fork_once(child_sock, limits)
+        except (OSError, RuntimeError) as exc:  # it died between our check and our request
+            log.warning("the sandbox template failed a fork (%s); replacing it", exc)
+            await self._respawn_if_gone(broken=template)
+            return await self._fork_once(child_sock, limits)
+
+    async def _fork_once(self, child_sock: socket.socket, limits: Limits) -> int:
         assert self._ctrl is not None
         self._req += 1
         req = self._req
