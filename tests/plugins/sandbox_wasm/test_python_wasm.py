@@ -64,9 +64,9 @@ def test_guarded_and_own_imports_pass_the_check() -> None:
 
 
 def test_cpu_limit_stops_an_infinite_loop_within_a_tick(python_wasm: PythonWasmSandbox) -> None:
-    exit_, host, seconds = run(python_wasm, job({"wf.py": WORKFLOW}, "wf", "Spin"), Limits(cpu_seconds=0.2))
+    exit_, host, cpu = run(python_wasm, job({"wf.py": WORKFLOW}, "wf", "Spin"), Limits(cpu_seconds=0.2))
     assert exit_.crashed and "CPU limit exceeded (0.2 s of CPU per step)" in exit_.detail
-    assert seconds < 0.2 + 0.5  # the limit, plus instantiation and a tick or two of slack
+    assert cpu < 0.2 + 0.5  # the limit, plus instantiation and a tick or two of slack
     assert [m["op"] for m in host.calls] == ["step"]
 
 

@@ -55,8 +55,8 @@ def test_publish_rejects_what_cannot_run(
 def test_cpu_limit_and_traps(raw_wasm: RawWasmSandbox) -> None:
     files = {"h.wat": HOSTILE}
     assert raw_wasm.inspect(files) == {"Spin": "h.wat", "Bomb": "h.wat", "Deep": "h.wat"}
-    exit_, _, seconds = run(raw_wasm, job(files, "h.wat", "Spin"), Limits(cpu_seconds=0.1))
-    assert exit_.crashed and "CPU limit exceeded" in exit_.detail and seconds < 0.4
+    exit_, _, cpu = run(raw_wasm, job(files, "h.wat", "Spin"), Limits(cpu_seconds=0.1))
+    assert exit_.crashed and "CPU limit exceeded" in exit_.detail and cpu < 0.4
     exit_, _, _ = run(raw_wasm, job(files, "h.wat", "Bomb"), Limits(memory_bytes=32 * 1024 * 1024))
     assert "unreachable" in exit_.detail and "memory limit" in exit_.detail
     exit_, _, _ = run(raw_wasm, job(files, "h.wat", "Deep"))
