@@ -32,6 +32,7 @@ _KEY = re.compile(r"^(?P<name>.{1,256})#(?P<occ>\d{1,6})$", re.S)
 _BACKOFFS = ("constant", "linear", "exponential")
 MAX_DELAY = 365 * 86400.0
 CODE_RETRY_SECONDS = 30.0  # when a loader is unavailable (a git remote down), wake again this much later
+WALL_GRACE_SECONDS = 5.0  # after a step that outlasted the wake-up's wall-clock limit
 FLUSH_DELAY = 0.02  # how long a step-started or log line may wait for a commit to ride along with
 
 
@@ -119,6 +120,7 @@ class WakeUp:
         self.stopped = ""  # stopped by this wake-up itself (time-outs): record why
         self.log_lines = 0
         self.sandbox_task: asyncio.Task[Any] | None = None
+        self.wall = math.inf  # when this wake-up's wall-clock limit strikes (set once it runs)
         self._pending: list[Change] = []
         self._flush_handle: asyncio.TimerHandle | None = None
 
@@ -253,12 +255,12 @@ class WakeUp:
     async def _watch_deadlines(self) -> list[str]:
         """Wait for the sandbox; stop it when a step attempt outlives its time-out."""
         assert self.sandbox_task is not None
-        wall = time.time() + self.engine.config.limits.wall_seconds
+        self.wall = time.time() + self.engine.config.limits.wall_seconds
         while not self.sandbox_task.done():
             now = time.time()
             flights = [f.deadline for f in self.flights.values()]
             # A step's own time-out may outlast the wake-up limit: the wake-up waits for it.
-            deadline = min([*flights, max([wall, *flights])])
+            deadline = min([*flights, max([self.wall, *flights])])
             if now >= deadline:
                 late = [k for k, f in self.flights.items() if f.deadline <= now]
                 limit = self.engine.config.limits.wall_seconds
@@ -451,6 +453,8 @@ class WakeUp:
         if flight is None or m["attempt"] != flight.attempt:
             raise ValueError(f"no attempt {m.get('attempt')!r} of step {step.key!r} is running")
         del self.flights[step.key]
+        # A step allowed past the wake-up limit leaves a moment to commit and reach the next boundary.
+        self.wall = max(self.wall, time.time() + WALL_GRACE_SECONDS)
         if m["ok"] is True:
             output = json.dumps(m.get("value"))
             if len(output) <= self.engine.config.max_payload_bytes:

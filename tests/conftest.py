@@ -67,18 +67,20 @@ class KernelProcess:
     def _close_output(self) -> None:
         assert self.proc is not None
         self._pump.join(10)
-        if self.proc.stdout is not None:
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
             self.proc.stdout.close()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            self._close_output()
+        self._close_output()  # also when it had crashed: an open pipe would be reported later
 
 
 TEST_LIMITS = ["--cpu-seconds", "3", "--memory-mb", "256"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import KernelProcess
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).parents[2]
 
@@ -74,9 +75,8 @@ def test_control_commands_and_errors(kernel: KernelProcess, tenant: str) -> None
     )
     tf(kernel, "create", "--tenant", tenant, "--workflow", "Onboarding", "--code", f"artifact://{tenant}/onboarding",
        "--params", '{"email": "a@b.c", "grace": "1 hour"}', "--id", "o1")  # fmt: skip
-    assert "paused" in tf(kernel, "pause", "--tenant", tenant, "o1") or "waiting_for_pause" in tf(
-        kernel, "status", "--tenant", tenant, "o1"
-    )
+    assert "paused" in tf(kernel, "pause", "--tenant", tenant, "o1")  # paused, or waiting_for_pause
+    wait_for(lambda: "paused" in tf(kernel, "status", "--tenant", tenant, "o1").split())
     assert "terminated" in tf(kernel, "terminate", "--tenant", tenant, "o1")
     assert "queued" in tf(kernel, "restart", "--tenant", tenant, "o1")
     assert tf(kernel, "delete", "--tenant", tenant, "o1").splitlines()[-1].split() == ["o1", "deleted"]

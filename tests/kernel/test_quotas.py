@@ -40,7 +40,7 @@ class Sleeper(WorkflowEntrypoint):
 
 
 def test_quotas_answer_resource_exhausted_and_touch_one_tenant(tmp_path: Path, tenant: str) -> None:
-    args = ["--tenant-create-rate", "0.5", "--tenant-create-burst", "8", "--tenant-max-live", "6"]
+    args = ["--tenant-create-rate", "0.01", "--tenant-create-burst", "8", "--tenant-max-live", "6"]
     kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, *args])
     kernel.start()
     try:
@@ -58,6 +58,6 @@ def test_quotas_answer_resource_exhausted_and_touch_one_tenant(tmp_path: Path, t
             with pytest.raises(TenantflowRpcError) as err:
                 client.create_batch(tenant, [{"workflow": "Sleeper", "code": ref}] * 3)
             assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "0.5 instances per second" in err.value.message and "try again in" in err.value.message
+            assert "0.01 instances per second" in err.value.message and "try again in" in err.value.message
     finally:
         kernel.stop()
