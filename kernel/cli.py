@@ -115,7 +115,7 @@ def _client(args: argparse.Namespace) -> Any:
     from tenantflow.client import Client
 
     ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    return Client(args.address, token=args.token or None, tls=bool(args.tls or ca), tls_ca=ca)
+    return Client(args.address, token=args.token or None, tls=args.tls, tls_ca=ca)
 
 
 def _status(status: int) -> str:

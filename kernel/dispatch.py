@@ -69,7 +69,7 @@ class Dispatcher:
     async def _claim_once(self) -> int:
         # Count our own tasks, not engine.active: a task created by the previous claim has not
         # started yet (so is not active) and must still hold its slot.
-        free = self._config.max_concurrent_runs - max(len(self._tasks), len(self._engine.active))
+        free = self._config.max_concurrent_runs - len(self._tasks)
         if free <= 0:
             return 0
         now = time.time()

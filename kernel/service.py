@@ -332,7 +332,8 @@ class Kernel:
 
     async def delete(self, tenant: str, id: str) -> None:
         """Delete an instance and everything recorded for it; a live one is stopped first."""
-        await self._record(tenant, id)
+        check_tenant(tenant)
+        check_id(id)
         if not await asyncio.to_thread(self.storage.delete_instance, tenant, id):
             raise NotFound(f"instance {id!r} not found in tenant {tenant!r}")
         self.engine.kill(tenant, id, "deleted")  # its next commit finds no instance and writes nothing

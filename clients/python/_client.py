@@ -42,12 +42,7 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         self._header = ("authorization", f"Bearer {token}")
 
     def _with_token(self, details: Any) -> Any:
-        metadata = [*(details.metadata or ()), self._header]
-        return (
-            details._replace(metadata=metadata)
-            if hasattr(details, "_replace")
-            else _Details(details, metadata)
-        )
+        return _Details(details, [*(details.metadata or ()), self._header])
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return continuation(self._with_token(details), request)

@@ -124,6 +124,15 @@ def _load_pyseccomp() -> Any:
         return f"syscall filter off: {exc}"
 
 
+def _deny(seccomp: Any, rules: Any, names: tuple[str, ...]) -> None:
+    """Make each syscall in ``names`` fail with EPERM (skipping those this architecture lacks)."""
+    for name in names:
+        try:
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        except Exception:  # noqa: S112 - a syscall this architecture does not have
+            continue
+
+
 def no_new_processes() -> None:
     """In a run's child: threads yes, processes no, so a fork bomb fails with EPERM instead of
     filling the machine's process table (RLIMIT_NPROC does not bind root, nor separate tenants
@@ -133,11 +142,7 @@ def no_new_processes() -> None:
     if seccomp is None:  # no libseccomp: the template already reported the filter off
         return
     rules = seccomp.SyscallFilter(seccomp.ALLOW)
-    for name in ("fork", "vfork"):
-        try:
-            rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
-        except Exception:  # noqa: S112 - a syscall this architecture does not have
-            continue
+    _deny(seccomp, rules, ("fork", "vfork"))
     rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0))
     rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
     rules.load()
@@ -147,11 +152,7 @@ def _seccomp(pyseccomp: Any) -> str:
     if isinstance(pyseccomp, str):
         return pyseccomp
     rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    for name in DENIED_SYSCALLS:
-        try:
-            rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
-        except Exception:  # noqa: S112 - a syscall this architecture does not have
-            continue
+    _deny(pyseccomp, rules, DENIED_SYSCALLS)
     try:
         rules.load()
     except OSError as exc:

@@ -38,6 +38,9 @@ _INSTANCE_COLUMNS = (
 _SETTABLE = frozenset(
     {"status", "output_json", "error_name", "error_message", "run_at", "lease_owner", "lease_until"}
 )
+# Terminal statuses as SQL, "4, 5, 6": the same text as the partial index instances_ended, so
+# SQLite uses it.
+_ENDED = ", ".join(str(int(s)) for s in sorted(TERMINAL))
 _STEP_COLUMNS = "key, seq, name, kind, status, attempts, output_json, error_name, error_message, wake_at, event_type, updated_at"
 
 
@@ -161,7 +164,7 @@ class SQLiteStorage:
     def _check_live(conn: sqlite3.Connection, records: Sequence[InstanceRecord], max_live: int) -> None:
         for tenant, adding in Counter(r.tenant for r in records).items():
             (live,) = conn.execute(
-                "SELECT COUNT(*) FROM instances WHERE tenant = ? AND status NOT IN (4, 5, 6)", (tenant,)
+                f"SELECT COUNT(*) FROM instances WHERE tenant = ? AND status NOT IN ({_ENDED})", (tenant,)
             ).fetchone()
             if live + adding > max_live:
                 raise ResourceExhausted(
@@ -414,7 +417,7 @@ class SQLiteStorage:
     def purge_ended(self, before: float, limit: int) -> int:
         with self._write() as conn:
             keys = conn.execute(
-                "SELECT tenant, id FROM instances WHERE status IN (4, 5, 6) AND updated_at < ? LIMIT ?",
+                f"SELECT tenant, id FROM instances WHERE status IN ({_ENDED}) AND updated_at < ? LIMIT ?",
                 (before, limit),
             ).fetchall()
             return _delete(conn, keys)
