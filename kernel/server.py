@@ -91,11 +91,15 @@ def _ts(value: float | None) -> str:
     return dt.datetime.fromtimestamp(value, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+# The journal's internal step kinds, as the proto documents them for clients.
+STEP_KINDS = {"do": "do", "sleep": "sleep", "wait": "wait_for_event"}
+
+
 def step_pb(step: StepRecord) -> pb.Step:
     return pb.Step(
         name=step.name, status=step.status, attempts=step.attempts, output_json=step.output_json,
         error=pb.Error(name=step.error_name, message=step.error_message) if step.error_name else None,
-        kind=step.kind, occurrence=int(step.key.rsplit("#", 1)[1]), wake_at=_ts(step.wake_at),
+        kind=STEP_KINDS.get(step.kind, step.kind), occurrence=int(step.key.rsplit("#", 1)[1]), wake_at=_ts(step.wake_at),
     )  # fmt: skip
 
 
