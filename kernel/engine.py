@@ -90,6 +90,20 @@ def _valid_text(raw: Any, what: str) -> str:
     return text
 
 
+def _strict_json(value: Any) -> str | None:
+    """``value`` as RFC 8259 JSON, or None if it holds NaN or Infinity (no other language reads them)."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return None
+
+
+def _not_json(what: str) -> dict[str, str]:
+    return {"name": "NotJson", "message": (
+        f"{what} a value with NaN or Infinity, which is not JSON (RFC 8259) and clients in other "
+        "languages cannot read: return null or a string instead")}  # fmt: skip
+
+
 def _error(raw: Any, limit: int = 4096) -> dict[str, str]:
     raw = raw if isinstance(raw, dict) else {}
     return {"name": _text(raw.get("name") or "Error", 200), "message": _text(raw.get("message") or "", limit)}
@@ -455,8 +469,8 @@ class WakeUp:
         del self.flights[step.key]
         # A step allowed past the wake-up limit leaves a moment to commit and reach the next boundary.
         self.wall = max(self.wall, time.time() + WALL_GRACE_SECONDS)
-        if m["ok"] is True:
-            output = json.dumps(m.get("value"))
+        output = _strict_json(m.get("value")) if m["ok"] is True else None
+        if output is not None:
             if len(output) <= self.engine.config.max_payload_bytes:
                 step.status, step.output_json, step.updated_at = "complete", output, time.time()
                 step.error_name = step.error_message = ""
@@ -467,6 +481,8 @@ class WakeUp:
                 f"the step returned {len(output)} bytes of JSON; the limit is "
                 f"{self.engine.config.max_payload_bytes}: store large data elsewhere and return a reference")}  # fmt: skip
             retryable = False
+        elif m["ok"] is True:
+            error, retryable = _not_json("the step returned"), False
         else:
             error = _error(m.get("error"))
             retryable = bool((m.get("error") or {}).get("retryable", True))
@@ -565,7 +581,10 @@ class WakeUp:
 
     async def _finish(self, m: dict[str, Any]) -> dict[str, Any]:
         if m["ok"] is True:
-            output = json.dumps(m.get("value"))
+            output = _strict_json(m.get("value"))
+            if output is None:
+                await self._end_errored(_not_json("run() returned"))
+                return {"do": "ack"}
             if len(output) > self.engine.config.max_payload_bytes:
                 await self._end_errored({"name": "OutputTooLarge", "message": (
                     f"run() returned {len(output)} bytes of JSON; the limit is {self.engine.config.max_payload_bytes}")})  # fmt: skip

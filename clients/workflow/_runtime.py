@@ -197,9 +197,11 @@ class _Core:
             return message
         problem: Exception
         try:
-            encoded = json.dumps(value)
+            encoded = json.dumps(value, allow_nan=False)  # RFC 8259: other languages read it
         except (TypeError, ValueError) as err:
-            problem = TypeError(f"step {name!r} returned a value that is not JSON-serializable: {err}")
+            problem = TypeError(
+                f"step {name!r} returned a value that is not JSON-serializable (NaN and Infinity are not JSON either): {err}"
+            )
             message.update(ok=False, error={**error_dict(problem, with_traceback=False), "retryable": False})
             return message
         if len(encoded) > MAX_VALUE_BYTES:
@@ -456,11 +458,11 @@ def _replay_aware(core: _Core) -> None:
 
 def _finish(transport: Transport, value: Any) -> None:
     try:
-        encoded = json.dumps(value)
+        encoded = json.dumps(value, allow_nan=False)  # RFC 8259: other languages read it
     except (TypeError, ValueError) as exc:
         error = {
             "name": "TypeError",
-            "message": f"run() returned a value that is not JSON-serializable: {exc}",
+            "message": f"run() returned a value that is not JSON-serializable (NaN and Infinity are not JSON either): {exc}",
         }
         transport.call({"op": "finish", "ok": False, "error": error})
         return
