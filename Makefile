@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit proto-check runtimes bench clean
+.PHONY: demo test lint typecheck unit proto-check runtimes node-deps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP) lint typecheck proto-check runtimes unit
+test: $(STAMP) lint typecheck proto-check runtimes node-deps unit
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -33,6 +33,14 @@ runtimes: $(STAMP)
 	@echo "preparing the python-wasm runner (once per machine; ~20 s the first time)"
 	$(PY) -c "from tenantflow.plugins.sandbox_wasm.python_wasm import PythonWasmSandbox as S; print('python-wasm runner ready: CPython', S(1).runner().python)"
 
+# The Node.js client test's packages (skipped, with that reason, where Node.js is not installed).
+NODE_DIR := tests/clients/node
+node-deps:
+	@if command -v npm >/dev/null; then \
+		[ $(NODE_DIR)/node_modules/.package-lock.json -nt $(NODE_DIR)/package-lock.json ] || \
+		(cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error); \
+	else echo "npm not found: the Node.js client test will be skipped"; fi
+
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q
 
@@ -40,4 +48,4 @@ bench: $(STAMP)
 	$(PY) loadtests/bench_steps.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules
