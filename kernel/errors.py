@@ -41,3 +41,11 @@ class Unauthenticated(TenantflowError):
 
 class PermissionDenied(TenantflowError):
     """The caller's token may not act for the tenant the request names."""
+
+
+def excerpt(value: str, limit: int = 64) -> str:
+    """``repr(value)``, shortened for an error message: a caller's 10 MB string must not come back
+    as a 10 MB status message."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -44,8 +46,96 @@ def status_code(exc: errors.TenantflowError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+MAX_MESSAGE_BYTES = 1024  # of a status message; gRPC clients refuse trailers over 8-16 KiB
+
+
+class Undecodable:
+    """What the servicer receives instead of a request whose bytes do not decode."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _decoder(message: Any) -> Callable[[bytes], Any]:
+    """``message.FromString``, except that bytes which do not decode give an :class:`Undecodable`
+    (grpc.aio would answer UNKNOWN "DecodeError" and log a traceback for every such call)."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(
+                f"the request is not a valid {message.DESCRIPTOR.full_name}: "
+                f"{_wire_problem(message.DESCRIPTOR, data) or exc}"
+            )
+
+    return decode
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 70:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+    raise ValueError("a varint is cut short")
+
+
+_LENGTH_DELIMITED = {FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE}
+
+
+def _wire_problem(descriptor: Descriptor, data: bytes, where: str = "") -> str | None:
+    """Say which field of an undecodable request is wrong, for the caller's sake; None if no field is
+    to blame. Request messages do not nest recursively, so neither does this."""
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            field = descriptor.fields_by_number.get(key >> 3)
+            name = f"field '{where}{field.name}'" if field else f"unknown field number {key >> 3}"
+            wire = key & 7
+            if field is not None and (wire == 2) != (field.type in _LENGTH_DELIMITED):
+                return f"{name} has wire type {wire}, which does not fit its type in the .proto"
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            elif wire == 2:
+                size, pos = _varint(data, pos)
+                chunk, pos = data[pos : pos + size], pos + size
+                if pos > len(data):
+                    return f"{name} is cut short: the request holds fewer bytes than its length says"
+                if field is not None and field.type == FieldDescriptor.TYPE_STRING:
+                    try:
+                        chunk.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        return (
+                            f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start}); string fields "
+                            "must be UTF-8 text, so a lone UTF-16 surrogate cannot be sent: replace it, "
+                            "or send binary data as base64"
+                        )
+                elif field is not None and field.message_type is not None:
+                    inner = _wire_problem(field.message_type, chunk, f"{where}{field.name}.")
+                    if inner:
+                        return inner
+            else:
+                return f"{name} uses wire type {wire}, which this API does not use"
+    except ValueError as exc:
+        return f"the protobuf encoding is corrupt ({exc})"
+    if pos > len(data):
+        return "the request is cut short"
+    return None
+
+
 def _authorize(tokens: Tokens | None, request: Any, context: grpc.aio.ServicerContext) -> None:
-    """With tokens configured, the call's token must be allowed every tenant the request names."""
+    """With tokens configured, the call's token must be allowed every tenant the request names. A
+    request that did not decode names no tenant: its token must still be known, then it is refused."""
+    if isinstance(request, Undecodable):
+        if tokens is not None:
+            tokens.check(context.invocation_metadata() or (), ())
+        raise errors.InvalidArgument(request.reason)
     if tokens is None:
         return
     if isinstance(request, pb.CreateBatchRequest):
@@ -53,6 +143,14 @@ def _authorize(tokens: Tokens | None, request: Any, context: grpc.aio.ServicerCo
     else:
         tenants = [request.tenant]
     tokens.check(context.invocation_metadata() or (), tenants)
+
+
+def _message(exc: errors.TenantflowError) -> str:
+    """The status message, cut to :data:`MAX_MESSAGE_BYTES` of UTF-8."""
+    text = str(exc)
+    if len(text.encode()) <= MAX_MESSAGE_BYTES:
+        return text
+    return text.encode()[: MAX_MESSAGE_BYTES - 20].decode("utf-8", "ignore") + "... (cut short)"
 
 
 def _mapped(method: F) -> F:
@@ -67,7 +165,10 @@ def _mapped(method: F) -> F:
                 async for item in method(self, request, context):
                     yield item
             except errors.TenantflowError as exc:
-                await context.abort(status_code(exc), str(exc))
+                await context.abort(status_code(exc), _message(exc))
+            except Exception:
+                log.exception("%s failed", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kernel log")
 
         return stream  # type: ignore[return-value]
 
@@ -77,7 +178,7 @@ def _mapped(method: F) -> F:
             _authorize(self.tokens, request, context)
             return await method(self, request, context)
         except errors.TenantflowError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await context.abort(status_code(exc), _message(exc))
         except Exception:
             log.exception("%s failed", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kernel log")
@@ -156,7 +257,9 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
     @_mapped
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
         if request.status not in Status._value2member_map_:
-            raise errors.InvalidArgument(f"unknown status {request.status}")
+            raise errors.InvalidArgument(
+                f"unknown status {request.status}: a tenantflow.v1.Status value, 0 for every status"
+            )
         status = Status(request.status) if request.status else None
         records, token = await self.k.list_instances(
             request.tenant, status, request.page_size, request.page_token
@@ -210,6 +313,26 @@ class CodeServicer(pb_grpc.CodeServicer):
         return pb.CodeVersion(ref=ref, runtime=runtime, workflows=workflows)
 
 
+def _add_service(server: grpc.aio.Server, name: str, servicer: Any) -> None:
+    """Register a tenantflow.v1 service as its generated ``add_*_to_server`` does, with request
+    deserializers that never raise (see :func:`_decoder`)."""
+    service = pb.DESCRIPTOR.services_by_name[name]
+    handlers = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_decoder(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 async def create_server(
     kernel: Kernel,
     address: str = "127.0.0.1:0",
@@ -222,8 +345,8 @@ async def create_server(
     limit = kernel.config.max_code_bytes + 1024 * 1024
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])  # fmt: skip
-    pb_grpc.add_WorkflowsServicer_to_server(WorkflowsServicer(kernel, tokens), server)
-    pb_grpc.add_CodeServicer_to_server(CodeServicer(kernel, tokens), server)
+    _add_service(server, "Workflows", WorkflowsServicer(kernel, tokens))
+    _add_service(server, "Code", CodeServicer(kernel, tokens))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code")]

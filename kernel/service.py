@@ -22,7 +22,9 @@ from tenantflow.kernel.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    excerpt,
 )
+from tenantflow.kernel.jsonsafe import check_json
 from tenantflow.kernel.model import (
     TERMINAL,
     Change,
@@ -39,9 +41,16 @@ from tenantflow.kernel.sandbox import Sandbox
 from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.kernel")
-ID = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_-]{0,99}$")
-TENANT = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}$")
-WORKFLOW = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
+# Matched with fullmatch: "$" alone would also accept a trailing newline.
+ID = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_-]{0,99}")
+TENANT = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}")
+WORKFLOW = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+CODE_NAME = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_REF = 2048  # characters of a code ref
+MAX_NAME = 256  # characters of a step name or event type (as the tenant SDK allows)
+MAX_FILES = 1000  # files in one Publish
+MAX_PATH_BYTES = 1024  # of one file name; each part at most 255 (NAME_MAX)
 
 
 @dataclass(frozen=True)
@@ -63,17 +72,59 @@ class InstanceView:
 
 
 def check_tenant(tenant: str) -> None:
-    if not TENANT.match(tenant or ""):
+    if not TENANT.fullmatch(tenant or ""):
         raise InvalidArgument(
-            f"bad tenant {tenant!r}: 1-100 of letters, digits, '_', '-', '.' (not starting with - or .)"
+            f"bad tenant {excerpt(tenant)}: 1-100 of letters, digits, '_', '-', '.' (not starting with - or .)"
         )
 
 
 def check_id(id: str) -> None:
-    if not ID.match(id or ""):
+    if not ID.fullmatch(id or ""):
         raise InvalidArgument(
-            f"bad instance id {id!r}: 1-100 of letters, digits, '_' and '-', not starting with '-'"
+            f"bad instance id {excerpt(id)}: 1-100 of letters, digits, '_' and '-', not starting with '-'"
         )
+
+
+def check_ref(ref: str) -> None:
+    """Shape only; the loader of its scheme decides the rest."""
+    if len(ref) > MAX_REF or CONTROL.search(ref):
+        raise InvalidArgument(
+            f"bad code ref {excerpt(ref)}: at most {MAX_REF} characters, no control characters; "
+            "pass a ref returned by Code.Publish, e.g. artifact://<tenant>/<name>"
+        )
+
+
+def check_name(text: str, what: str) -> None:
+    """A step name or event type: 1-256 characters, no control characters."""
+    if not text or len(text) > MAX_NAME or CONTROL.search(text):
+        raise InvalidArgument(
+            f"bad {what} {excerpt(text)}: 1-{MAX_NAME} characters, no control characters (NUL, newline...)"
+        )
+
+
+def check_files(files: Mapping[str, bytes]) -> None:
+    """File names a sandbox can write anywhere: relative, '/'-separated, no '.' or '..' parts, no control
+    characters, within the file system's name limits."""
+    if not files:
+        raise InvalidArgument("no files: publish at least one .py module")
+    if len(files) > MAX_FILES:
+        raise ResourceExhausted(
+            f"{len(files)} files; the limit is {MAX_FILES} per Publish: publish only the workflow modules"
+        )
+    for path in files:
+        size = len(path.encode())
+        parts = path.split("/")
+        why = (
+            "control characters (NUL, newline...) are not allowed" if CONTROL.search(path)
+            else f"it is {size} bytes; the limit is {MAX_PATH_BYTES}" if size > MAX_PATH_BYTES
+            else "a part is longer than 255 bytes" if any(len(p.encode()) > 255 for p in parts)
+            else "use '/' to separate directories" if "\\" in path
+            else "use relative paths like 'pipeline.py' or 'pkg/util.py'"
+            if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts)
+            else ""
+        )  # fmt: skip
+        if why:
+            raise InvalidArgument(f"bad file name {excerpt(path)}: {why}")
 
 
 class Notifier:
@@ -167,18 +218,7 @@ class Kernel:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _json(self, text: str, what: str) -> str:
-        if not text:
-            return "null"
-        if len(text.encode()) > self.config.max_payload_bytes:
-            raise ResourceExhausted(
-                f"{what} is {len(text.encode())} bytes; the limit is {self.config.max_payload_bytes} (1 MiB): "
-                "pass a reference to large data instead"
-            )
-        try:
-            json.loads(text)
-        except ValueError as exc:
-            raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
-        return text
+        return check_json(text, what, self.config.max_payload_bytes)
 
     async def _record(self, tenant: str, id: str) -> InstanceRecord:
         check_tenant(tenant)
@@ -213,10 +253,11 @@ class Kernel:
             if id in seen:
                 raise AlreadyExistsInBatch(f"instance id {id!r} appears twice in the batch")
             seen.add(id)
-            if not WORKFLOW.match(spec.workflow or ""):
+            if not WORKFLOW.fullmatch(spec.workflow or ""):
                 raise InvalidArgument(
-                    f"bad workflow {spec.workflow!r}: the name of the entrypoint class, e.g. 'Pipeline'"
+                    f"bad workflow {excerpt(spec.workflow)}: the name of the entrypoint class, e.g. 'Pipeline'"
                 )
+            check_ref(spec.code)
             params = self._json(spec.params_json, "params_json")
             if spec.code not in pins:
                 pins[spec.code] = await asyncio.to_thread(self.catalog.pin, tenant, spec.code)
@@ -339,6 +380,10 @@ class Kernel:
         self.engine.kill(tenant, id, "deleted")  # its next commit finds no instance and writes nothing
 
     async def restart(self, tenant: str, id: str, from_step: str) -> InstanceRecord:
+        if len(from_step) > MAX_NAME:  # step names may hold any character: only the length is checked
+            raise InvalidArgument(
+                f"from_step is {len(from_step)} characters; step names have at most {MAX_NAME}"
+            )
         await self._record(tenant, id)
         delete_from = 0
         message = "restarted from the start"
@@ -346,8 +391,10 @@ class Kernel:
             steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
             match = next((s for s in steps if s.name == from_step), None)
             if match is None:
-                names = ", ".join(dict.fromkeys(s.name for s in steps)) or "none yet"
-                raise NotFound(f"instance {id!r} has no step named {from_step!r} (steps: {names})")
+                known = list(dict.fromkeys(excerpt(s.name) for s in steps))
+                more = f" and {len(known) - 20} more" if len(known) > 20 else ""
+                names = ", ".join(known[:20]) + more or "none yet"
+                raise NotFound(f"instance {id!r} has no step named {from_step!r}; its steps: {names}")
             delete_from = match.seq
             message = f"restarted from step {from_step!r}"
         now = time.time()
@@ -363,8 +410,7 @@ class Kernel:
         return await self._record(tenant, id)
 
     async def send_event(self, tenant: str, id: str, type: str, payload_json: str) -> int:
-        if not type or len(type) > 256:
-            raise InvalidArgument("an event needs a type: a non-empty string of at most 256 characters")
+        check_name(type, "event type")
         payload = self._json(payload_json, "payload_json")
         record = await self._record(tenant, id)
         if record.status in TERMINAL:
@@ -413,8 +459,13 @@ class Kernel:
         self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
     ) -> tuple[str, str, list[str]]:
         check_tenant(tenant)
+        if not CODE_NAME.fullmatch(name):
+            raise InvalidArgument(f"bad code name {excerpt(name)}: 1-100 of letters, digits, '_', '-', '.'")
         runtime = runtime or "python"
-        ref, workflows = await asyncio.to_thread(self.catalog.publish, tenant, name, runtime, files)
+        if runtime not in self.sandboxes:
+            raise InvalidArgument(f"unknown runtime {excerpt(runtime)}; installed: {sorted(self.sandboxes)}")
+        check_files(files)
+        ref, workflows = await self.catalog.publish_async(tenant, name, runtime, files)
         return ref, runtime, workflows
 
 
