@@ -5,21 +5,27 @@ life, ``Restart`` included; new code reaches new instances only. The cache keeps
 ``(tenant, pinned ref)`` in LRU order, bounded by ``code_cache_entries``, by ``code_cache_bytes`` of
 source and by ``code_cache_idle_seconds`` of disuse; ``Kernel`` runs :meth:`CodeCatalog.sweep_forever` so idle
 tenants' code is dropped even when no new code arrives.
+
+Checking code (``Sandbox.inspect``) is tenant input handled by the sandboxes in limited child
+processes, never parsed here; the catalog runs those checks concurrently for different tenants,
+one at a time per tenant and at most :data:`MAX_INSPECTIONS` at once, on threads of its own (a
+slow check never holds a thread the rest of the kernel needs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import gc
 import hashlib
 import logging
 import re
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from tenantflow.kernel.config import KernelConfig
@@ -30,7 +36,7 @@ from tenantflow.kernel.sandbox import CodeError, Sandbox
 from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.kernel.code")
-_INSPECT = threading.Lock()
+MAX_INSPECTIONS = 4  # code checks at once (each a child process with its own memory cap)
 NAME = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}$")
 
 
@@ -95,6 +101,8 @@ class CodeCatalog:
         self.bytes = 0  # source bytes held by the cache
         self._loading: dict[tuple[str, str], asyncio.Task[LoadedCode]] = {}
         self.loads = 0  # how many times code was actually loaded (cache misses)
+        self._checkers = concurrent.futures.ThreadPoolExecutor(MAX_INSPECTIONS, "tenantflow-inspect")
+        self._gate: _Gate | None = None
 
     def sandbox(self, runtime: str) -> Sandbox:
         sandbox = self._sandboxes.get(runtime)
@@ -102,19 +110,23 @@ class CodeCatalog:
             raise InvalidArgument(f"unknown runtime {runtime!r}; installed: {sorted(self._sandboxes)}")
         return sandbox
 
-    def inspect(self, runtime: str, files: Mapping[str, bytes]) -> dict[str, str]:
-        """Check code with its sandbox: one at a time, since CPython 3.11's ``ast.parse`` keeps its
-        recursion counter per interpreter, and parses in two threads at once fail with "SystemError:
-        AST constructor recursion depth mismatch" (python/cpython#106905)."""
+    def inspect_now(self, runtime: str, files: Mapping[str, bytes]) -> dict[str, str]:
+        """Check code with its sandbox on this thread (the sandbox does it in a limited child)."""
         try:
-            with _INSPECT:
-                return self.sandbox(runtime).inspect(files)
+            return self.sandbox(runtime).inspect(files)
         except CodeError as exc:
             raise InvalidArgument(f"code rejected: {exc}") from None
 
-    def publish(
-        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
-    ) -> tuple[str, list[str]]:
+    async def inspect(self, tenant: str, runtime: str, files: Mapping[str, bytes]) -> dict[str, str]:
+        """:meth:`inspect_now` on the catalog's own threads, once ``tenant`` has no other check
+        running and one of the :data:`MAX_INSPECTIONS` slots is free."""
+        if self._gate is None or self._gate.loop is not asyncio.get_running_loop():
+            self._gate = _Gate(MAX_INSPECTIONS)
+        async with self._gate.enter(tenant):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._checkers, self.inspect_now, runtime, dict(files))
+
+    def _check_publish(self, name: str, files: Mapping[str, bytes]) -> None:
         if not NAME.match(name):
             raise InvalidArgument(f"bad code name {name!r}: 1-100 of letters, digits, '_', '-', '.'")
         size = sum(len(p) + len(d) for p, d in files.items())
@@ -122,7 +134,10 @@ class CodeCatalog:
             raise ResourceExhausted(
                 f"code is {size} bytes; the limit is {self._config.max_code_bytes}: publish only the workflow modules"
             )
-        workflows = self.inspect(runtime, files)
+
+    def _store(
+        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes], workflows: dict[str, str]
+    ) -> tuple[str, list[str]]:
         if not workflows:
             raise InvalidArgument("the code defines no workflow class (a top-level class with a run method)")
         digest = digest_files(runtime, files)
@@ -130,6 +145,21 @@ class CodeCatalog:
             Artifact(tenant, name, digest, runtime, dict(files), workflows, time.time())
         )
         return artifact_ref(tenant, name, digest), sorted(workflows)
+
+    async def publish_async(
+        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
+    ) -> tuple[str, list[str]]:
+        """What ``Code.Publish`` does: check the code (queued per tenant), store it, return its ref."""
+        self._check_publish(name, files)
+        workflows = await self.inspect(tenant, runtime, files)
+        return await asyncio.to_thread(self._store, tenant, name, runtime, files, workflows)
+
+    def publish(
+        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
+    ) -> tuple[str, list[str]]:
+        """:meth:`publish_async` on the calling thread, without the per-tenant queue (tools, tests)."""
+        self._check_publish(name, files)
+        return self._store(tenant, name, runtime, files, self.inspect_now(runtime, files))
 
     def loader(self, ref: str) -> Loader:
         scheme = scheme_of(ref)
@@ -163,7 +193,7 @@ class CodeCatalog:
 
     async def _fill(self, key: tuple[str, str]) -> LoadedCode:
         try:
-            code = await asyncio.to_thread(self._load, *key)
+            code = await self._load(*key)
             self.loads += 1
             self._cache[key] = _Entry(code, time.monotonic())
             self.bytes += code.size
@@ -172,14 +202,14 @@ class CodeCatalog:
         finally:
             del self._loading[key]
 
-    def _load(self, tenant: str, pinned: str) -> LoadedCode:
-        bundle = self.loader(pinned).load(tenant, pinned)
-        workflows = self.inspect(bundle.runtime, bundle.files)  # checks every file
+    async def _load(self, tenant: str, pinned: str) -> LoadedCode:
+        bundle = await asyncio.to_thread(self.loader(pinned).load, tenant, pinned)
+        workflows = await self.inspect(tenant, bundle.runtime, bundle.files)  # checks every file
         if bundle.entry is not None:  # only the entry module's classes are workflows
             entry = {p: d for p, d in bundle.files.items() if _module(p) == bundle.entry}
             if not entry:
                 raise InvalidArgument(f"{pinned}: the bundle has no module {bundle.entry!r}")
-            workflows = self.inspect(bundle.runtime, entry)
+            workflows = await self.inspect(tenant, bundle.runtime, entry)
         return LoadedCode(bundle, workflows)
 
     def _evict(self) -> int:
@@ -217,6 +247,30 @@ class CodeCatalog:
         while True:
             await asyncio.sleep(interval)
             self.sweep()
+
+
+class _Gate:
+    """At most ``slots`` holders at once, and one per tenant: a tenant's burst queues behind itself,
+    so it holds one slot at most and others' checks go ahead."""
+
+    def __init__(self, slots: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(slots)
+        self._tenants: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, holders and waiters
+
+    @contextlib.asynccontextmanager
+    async def enter(self, tenant: str) -> AsyncIterator[None]:
+        lock, users = self._tenants.get(tenant, (asyncio.Lock(), 0))
+        self._tenants[tenant] = (lock, users + 1)
+        try:
+            async with lock, self._slots:
+                yield
+        finally:
+            lock, users = self._tenants[tenant]
+            if users == 1:
+                del self._tenants[tenant]
+            else:
+                self._tenants[tenant] = (lock, users - 1)
 
 
 def _module(path: str) -> str:

@@ -1,7 +1,8 @@
 """Static checks of tenant Python source, shared by the sandboxes that run Python.
 
-Tenant code is never imported in the kernel: it is parsed, compiled (to report syntax errors with
-file and line) and searched for top-level workflow classes.
+Tenant code is never imported, parsed or compiled in the kernel: :func:`inspect_python` parses and
+compiles it (to report syntax errors with file and line) and searches it for top-level workflow
+classes in a limited child process (:mod:`tenantflow.plugins.isolated`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import ast
 from collections.abc import Mapping
 
 from tenantflow.kernel.sandbox import CodeError
+from tenantflow.plugins import isolated
 from tenantflow.workflow._runtime import module_name
 
 
@@ -46,7 +48,10 @@ def python_entrypoints(files: Mapping[str, bytes], entry: str | None = None) -> 
             tree = ast.parse(source, filename=path)
             compile(tree, path, "exec")
         except SyntaxError as exc:
-            raise CodeError(f"{path}, line {exc.lineno}: {exc.msg}") from None
+            where = f"{path}, line {exc.lineno}" if exc.lineno else path
+            raise CodeError(f"{where}: {exc.msg}") from None
+        except ValueError as exc:  # Python 3.11: "source code string cannot contain null bytes"
+            raise CodeError(f"{path}: {exc}") from None
         if entry is not None and path != entry:
             continue
         for node in tree.body:
@@ -56,3 +61,16 @@ def python_entrypoints(files: Mapping[str, bytes], entry: str | None = None) -> 
             ):
                 found.setdefault(node.name, module_name(path))
     return found
+
+
+def inspect_python(files: Mapping[str, bytes], entry: str | None = None) -> dict[str, str]:
+    """:func:`python_entrypoints` in a limited child process (never in the kernel)."""
+    found: dict[str, str] = isolated.call(
+        f"{__name__}:entrypoints_packed", [isolated.pack_files(files), entry]
+    )
+    return found
+
+
+def entrypoints_packed(packed: dict[str, str], entry: str | None) -> dict[str, str]:
+    """The child side of :func:`inspect_python`."""
+    return python_entrypoints(isolated.unpack_files(packed), entry)

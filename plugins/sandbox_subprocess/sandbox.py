@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
-from tenantflow.plugins.pysource import decode_files, python_entrypoints
+from tenantflow.plugins.pysource import decode_files, inspect_python
 from tenantflow.plugins.sandbox_subprocess import wire
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
@@ -105,7 +105,7 @@ class SubprocessSandbox:
         self.protections_off: list[str] = []
 
     def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
-        return python_entrypoints(files)
+        return inspect_python(files)
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -6,6 +6,8 @@ import ast
 from collections.abc import Mapping, Set
 
 from tenantflow.kernel.sandbox import CodeError
+from tenantflow.plugins import isolated
+from tenantflow.plugins.pysource import decode_files, python_entrypoints
 from tenantflow.workflow._runtime import module_name
 
 _GUARDS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
@@ -55,3 +57,19 @@ def check_imports(sources: Mapping[str, str], available: Set[str]) -> None:
                 "(it has the standard library modules its runner was built with, tenantflow.workflow "
                 "and your own files; use runtime 'python' for anything else)"
             )
+
+
+def inspect_python_wasm(files: Mapping[str, bytes], available: Set[str]) -> dict[str, str]:
+    """Workflow classes of python-wasm code, checked (syntax, imports) in a limited child process."""
+    found: dict[str, str] = isolated.call(
+        f"{__name__}:inspect_packed", [isolated.pack_files(files), sorted(available)]
+    )
+    return found
+
+
+def inspect_packed(packed: dict[str, str], available: list[str]) -> dict[str, str]:
+    """The child side of :func:`inspect_python_wasm`."""
+    files = isolated.unpack_files(packed)
+    workflows = python_entrypoints(files)
+    check_imports(decode_files(files), frozenset(available))
+    return workflows

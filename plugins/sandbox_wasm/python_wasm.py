@@ -22,7 +22,7 @@ from wasmtime import Store, Trap, WasmtimeError
 from wasmtime.component import Component, Linker
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
-from tenantflow.plugins.pysource import decode_files, python_entrypoints
+from tenantflow.plugins.pysource import decode_files
 from tenantflow.plugins.sandbox_wasm import build, cache
 from tenantflow.plugins.sandbox_wasm.bridge import (
     Bridge,
@@ -32,7 +32,7 @@ from tenantflow.plugins.sandbox_wasm.bridge import (
     run_guest,
 )
 from tenantflow.plugins.sandbox_wasm.engine import shared_engine, trap_reason, wasi_config
-from tenantflow.plugins.sandbox_wasm.pycheck import check_imports
+from tenantflow.plugins.sandbox_wasm.pycheck import inspect_python_wasm
 
 log = logging.getLogger("tenantflow.sandbox.wasm")
 READY_TIMEOUT = 600.0
@@ -111,9 +111,7 @@ class PythonWasmSandbox:
         return self._prepare().result(timeout)
 
     def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
-        workflows = python_entrypoints(files)
-        check_imports(decode_files(files), self.runner().modules)
-        return workflows
+        return inspect_python_wasm(files, self.runner().modules)
 
     async def start(self) -> None:
         self._prepare()  # build/compile/load off the event loop; runs wait for it

@@ -33,7 +33,7 @@ from wasmtime import (
 )  # fmt: skip
 
 from tenantflow.kernel.sandbox import CodeError, Host, Limits, RunExit
-from tenantflow.plugins.sandbox_wasm import cache
+from tenantflow.plugins.sandbox_wasm import cache, rawcheck
 from tenantflow.plugins.sandbox_wasm.abi import MAX_REQUEST_BYTES, RawSession
 from tenantflow.plugins.sandbox_wasm.bridge import (
     Bridge,
@@ -155,6 +155,11 @@ class RawWasmSandbox:
         return module
 
     def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
+        """Checked in a limited child process (``rawcheck``), which also fills the disk cache."""
+        return rawcheck.inspect_raw(files)
+
+    def inspect_here(self, files: Mapping[str, bytes]) -> dict[str, str]:
+        """What :meth:`inspect` does, in this process: only ever called in the checker's child."""
         paths = sorted(files)
         modules = [p for p in paths if p.endswith((".wasm", ".wat"))]
         if len(modules) != 1 or len(paths) != 1:
