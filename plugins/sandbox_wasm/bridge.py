@@ -94,7 +94,7 @@ def _on_thread(bridge: Bridge, execute: Callable[[Bridge], RunExit]) -> RunExit:
 
 
 async def run_guest(
-    pool: concurrent.futures.ThreadPoolExecutor,
+    pool: concurrent.futures.Executor,
     execute: Callable[[Bridge], RunExit],
     host: Host,
     limits: Limits,

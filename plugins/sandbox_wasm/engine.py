@@ -4,24 +4,43 @@ Epoch interruption, not fuel: a ticker thread advances the engine's epoch every 
 seconds while any run is active. Every store's deadline is one tick away, and its deadline
 callback decides each time: carry on, or trap with a reason (CPU limit, wall-clock limit, stopped
 by the kernel). So a runaway guest is stopped within a tick of its limit, and the kernel can
-stop one guest from another thread without touching the others.
+stop one guest from another thread without touching the others. Epochs do not interrupt a host
+call, so guest waits (WASI sleep/poll, see :mod:`.waits`) wait on :meth:`Budget.wait_until`,
+which the same limits and :meth:`Budget.stop` end.
+
+The engine has only the WebAssembly features the guest ABI and the python-wasm runner need:
+no multiple memories, threads/shared memory, 64-bit memory, GC or exceptions, so a store's
+limits (:func:`limit_store`) bound everything a guest can allocate.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
+import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any
+from typing import Any, TypeVar
 
-from wasmtime import Config, Engine, ExitTrap, Store, WasiConfig
+from wasmtime import Config, Engine, ExitTrap, Store, Trap, WasiConfig
 from wasmtime import _ffi as ffi  # the deadline callback has no public wrapper in wasmtime-py 50
 
 TICK = 0.01
+T = TypeVar("T")
 WASMTIME_VERSION = version("wasmtime")
-ENGINE_TAG = f"wasmtime-{WASMTIME_VERSION}-epoch"  # compiled artifacts depend on both
+ENGINE_TAG = f"wasmtime-{WASMTIME_VERSION}-epoch-mvp"  # compiled artifacts depend on both
+WAIT_SLICE = 0.25  # a waiting guest re-checks its limits at least this often (stop() wakes it at once)
+
+# Proposals the guests do not need, turned off: each is a way to allocate outside the one memory
+# the store limits count (several memories, shared memory, GC heaps) or attack surface.
+_FEATURES_OFF = (
+    "wasm_multi_memory", "wasm_threads", "shared_memory", "wasm_memory64", "wasm_gc", "gc_support",
+    "wasm_function_references", "wasm_exceptions", "wasm_stack_switching", "wasm_custom_page_sizes",
+    "wasm_wide_arithmetic",
+)  # fmt: skip
 
 _CONTINUE = 0
 _Callback = ctypes.CFUNCTYPE(
@@ -70,9 +89,31 @@ def shared_engine() -> tuple[Engine, _Ticker]:
             config = Config()
             config.epoch_interruption = True
             config.cranelift_opt_level = "speed"
+            for feature in _FEATURES_OFF:
+                setattr(config, feature, False)
             engine = Engine(config)
             _shared = (engine, _Ticker(engine))
         return _shared
+
+
+@dataclass(frozen=True)
+class StoreShape:
+    """How many instances, tables and table elements a store may create (one memory, always)."""
+
+    instances: int
+    tables: int
+    table_elements: int  # per table; wasmtime keeps 8 bytes per element
+
+
+RAW_SHAPE = StoreShape(instances=1, tables=2, table_elements=1 << 20)  # tables: at most 16 MiB
+RUNNER_SHAPE = StoreShape(instances=32, tables=4, table_elements=1 << 16)  # the runner uses 16, 2, 5672
+
+
+def limit_store(store: Store, memory_bytes: int, shape: StoreShape) -> None:
+    """Bound the whole store, not each memory: wasmtime's ``memory_size`` limit applies to every
+    linear memory separately, so the store may create only one."""
+    store.set_limits(memory_size=memory_bytes, memories=1, instances=shape.instances,
+                     tables=shape.tables, table_elements=shape.table_elements)  # fmt: skip
 
 
 def wasi_config(writable: Sequence[str] = ()) -> WasiConfig:
@@ -95,7 +136,8 @@ class Budget:
         self.stop_reason = ""  # set by stop(): the guest traps at its next tick
         self.reason = ""  # why this budget trapped the guest ("" if it did not)
         self._cpu0 = 0.0
-        self._wall0 = 0.0
+        self._wall0 = time.monotonic()
+        self._stopped = threading.Event()  # wakes a guest waiting in wait_until
         self._callback: Any = None  # keeps the C callback alive as long as the store
 
     def arm(self, store: Store) -> None:
@@ -108,6 +150,21 @@ class Budget:
     def stop(self, reason: str) -> None:
         if not self.stop_reason:
             self.stop_reason = reason
+        self._stopped.set()
+
+    def wait_until(self, deadline: float) -> None:
+        """Block the guest's thread until ``deadline`` (``time.monotonic()``), for a WASI sleep or
+        poll; traps the guest as soon as it is stopped or its run's wall-clock limit passes."""
+        while True:
+            reason = self.stop_reason or self._wall_reason()
+            if reason:
+                self.reason = reason
+                raise Trap(reason)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            wall_left = self._wall0 + self.wall_seconds - time.monotonic()
+            self._stopped.wait(max(0.0, min(left, wall_left, WAIT_SLICE)))
 
     def new_step(self) -> None:
         """A host call returned: the guest starts a fresh CPU budget (call on the guest's thread)."""
@@ -123,6 +180,9 @@ class Budget:
             return self.stop_reason
         if self.cpu_used() > self.cpu_seconds:
             return f"CPU limit exceeded ({self.cpu_seconds:g} s of CPU per step)"
+        return self._wall_reason()
+
+    def _wall_reason(self) -> str:
         if time.monotonic() - self._wall0 > self.wall_seconds:
             return f"wall-clock limit exceeded ({self.wall_seconds:g} s per run)"
         return ""
@@ -153,3 +213,32 @@ def trap_reason(exc: BaseException) -> str:
         lines = [line.strip() for line in tail.strip().splitlines() if line.strip()]
         return "; ".join(lines)[:2000]
     return (text.strip().splitlines() or [type(exc).__name__])[0][:2000]
+
+
+class ThreadPerRun(concurrent.futures.Executor):
+    """Runs every guest on a thread of its own: a guest stuck in a host call can never hold a
+    thread from a small shared pool that other tenants' runs then queue behind."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._count = itertools.count(1)
+        self._closed = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        if self._closed:
+            raise RuntimeError(f"{self._name}: the sandbox is closed")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def work() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"{self._name}-{next(self._count)}", daemon=True).start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True

@@ -23,7 +23,7 @@ from wasmtime.component import Component, Linker
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
 from tenantflow.plugins.pysource import decode_files
-from tenantflow.plugins.sandbox_wasm import build, cache
+from tenantflow.plugins.sandbox_wasm import build, cache, waits
 from tenantflow.plugins.sandbox_wasm.bridge import (
     Bridge,
     GuestStopped,
@@ -31,7 +31,14 @@ from tenantflow.plugins.sandbox_wasm.bridge import (
     guest_ended,
     run_guest,
 )
-from tenantflow.plugins.sandbox_wasm.engine import shared_engine, trap_reason, wasi_config
+from tenantflow.plugins.sandbox_wasm.engine import (
+    RUNNER_SHAPE,
+    ThreadPerRun,
+    limit_store,
+    shared_engine,
+    trap_reason,
+    wasi_config,
+)
 from tenantflow.plugins.sandbox_wasm.pycheck import inspect_python_wasm
 
 log = logging.getLogger("tenantflow.sandbox.wasm")
@@ -60,6 +67,7 @@ class Runner:
         )
         self.linker = Linker(self.engine)
         self.linker.add_wasip2()
+        waits.shadow_preview2(self.engine, self.linker)  # sleeps and polls the kernel can stop
         with self.linker.root() as root:
             root.add_func("call", _call)
             root.add_func("notify", _notify)
@@ -70,13 +78,14 @@ class Runner:
     def invoke(self, job: str, memory_bytes: int, bridge: Bridge | None, writable: Sequence[str] = ()) -> str:
         """Instantiate the runner in a fresh store and call ``run(job)`` (on the current thread)."""
         store = Store(self.engine)
-        store.set_limits(memory_size=memory_bytes)
+        limit_store(store, memory_bytes, RUNNER_SHAPE)
         store.set_wasi(wasi_config(writable))
         if bridge is not None:
             bridge.budget.arm(store)
         else:
             store.set_epoch_deadline(1 << 62)
         self.ticker.enter()
+        waits.begin_run()
         try:
             instance = self.linker.instantiate(store, self.component)
             run = instance.get_func(store, "run")
@@ -84,6 +93,7 @@ class Runner:
             result: str = run(store, job)
             return result
         finally:
+            waits.end_run()
             self.ticker.leave()
 
 
@@ -94,9 +104,7 @@ class PythonWasmSandbox:
 
     def __init__(self, max_runs: int = 64, writable: Sequence[str] = ()) -> None:
         self._writable = [str(Path(p).resolve()) for p in writable]
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_runs, thread_name_prefix="tenantflow-python-wasm"
-        )
+        self._pool = ThreadPerRun("tenantflow-python-wasm")  # max_runs: the dispatcher bounds runs
         self._runner: concurrent.futures.Future[Runner] | None = None
         self._lock = threading.Lock()
 

@@ -8,7 +8,6 @@ no files but the operator's ``--sandbox-writable-dir`` directories), and calls t
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import re
 import threading
@@ -42,7 +41,15 @@ from tenantflow.plugins.sandbox_wasm.bridge import (
     guest_ended,
     run_guest,
 )
-from tenantflow.plugins.sandbox_wasm.engine import shared_engine, trap_reason, wasi_config
+from tenantflow.plugins.sandbox_wasm.engine import (
+    RAW_SHAPE,
+    ThreadPerRun,
+    limit_store,
+    shared_engine,
+    trap_reason,
+    wasi_config,
+)
+from tenantflow.plugins.sandbox_wasm.waits import shadow_preview1
 
 PREFIX = "workflow_"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
@@ -103,6 +110,7 @@ IMPORTS: dict[str, tuple[list[ValType], list[ValType]]] = {
 def _linker(engine: Engine) -> Linker:
     linker = Linker(engine)
     linker.define_wasi()
+    shadow_preview1(linker)  # sleeps and polls the kernel can stop
     for name, func in (("call", _host_call), ("reply", _host_reply), ("log", _host_log)):
         params, results = IMPORTS[name]
         linker.define_func("tenantflow", name, FuncType(params, results), func, access_caller=True)
@@ -128,7 +136,7 @@ class RawWasmSandbox:
         self._writable = [str(Path(p).resolve()) for p in writable]
         self.engine, self.ticker = shared_engine()
         self.linker = _linker(self.engine)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_runs, thread_name_prefix="tenantflow-wasm")
+        self._pool = ThreadPerRun("tenantflow-wasm")  # max_runs: the dispatcher bounds runs
         self._modules: OrderedDict[str, Module] = OrderedDict()
         self._capacity = cached_modules
         self._lock = threading.Lock()
@@ -224,7 +232,7 @@ class RawWasmSandbox:
             session = RawSession(job, bridge.call)
             _sessions.session = session
             store = Store(self.engine)
-            store.set_limits(memory_size=limits.memory_bytes)
+            limit_store(store, limits.memory_bytes, RAW_SHAPE)
             store.set_wasi(wasi_config(self._writable))
             bridge.budget.arm(store)
             self.ticker.enter()
