@@ -337,3 +337,75 @@ def test_every_rpc_rejects_malformed_requests(client: Client, call: object) -> N
         call(client)  # type: ignore[operator]
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert err.value.details()
+
+
+# -- input at and over the boundaries ------------------------------------------------------------------
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("params_json", "expected", "needle"),
+    [
+        ("[" * 64 + "]" * 64, grpc.StatusCode.OK, ""),
+        ("[" * 65 + "]" * 65, grpc.StatusCode.INVALID_ARGUMENT, "nests arrays and objects 65 deep; the limit is 64"),
+        ('["' + "[" * 100 + '\\"["]', grpc.StatusCode.OK, ""),  # brackets inside strings do not nest
+        ('"' + "x" * (MIB - 2) + '"', grpc.StatusCode.OK, ""),
+        ('"' + "x" * (MIB - 1) + '"', grpc.StatusCode.RESOURCE_EXHAUSTED, "the limit is 1048576 (1 MiB)"),
+        ("1.7976931348623157e308", grpc.StatusCode.OK, ""),
+        ("1e309", grpc.StatusCode.INVALID_ARGUMENT, "beyond a double's range"),
+        ('{"x": -Infinity}', grpc.StatusCode.INVALID_ARGUMENT, "-Infinity is not a JSON number"),
+        ('"\\ud83e\\udd80"', grpc.StatusCode.OK, ""),  # a surrogate pair is one character
+        ('["\\udd80"]', grpc.StatusCode.INVALID_ARGUMENT, "lone UTF-16 surrogate"),
+        ("9" * 5000, grpc.StatusCode.INVALID_ARGUMENT, "send it as a string"),
+        ("{} {}", grpc.StatusCode.INVALID_ARGUMENT, "not valid JSON"),
+    ],
+)  # fmt: skip
+def test_params_json_is_strict_rfc_8259_within_limits(
+    client: Client, tenant: str, params_json: str, expected: grpc.StatusCode, needle: str
+) -> None:
+    ref = publish(client, tenant, SLEEPER)
+    request = pb.CreateRequest(tenant=tenant, workflow="Sleeper", code=ref, params_json=params_json)
+    if expected == grpc.StatusCode.OK:
+        client.terminate(tenant, client.workflows.Create(request).id)
+        return
+    with pytest.raises(grpc.RpcError) as err:
+        client.workflows.Create(request)
+    assert err.value.code() == expected and needle in (err.value.details() or ""), err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("page_size", "page_token", "ok"),
+    [(1000, "", True), (1001, "", False), (-1, "", False), (0, "9" * 18, True), (0, "9" * 19, False),
+     (0, "١٢", False), (0, "1\n", False)],
+)  # fmt: skip
+def test_list_page_bounds(client: Client, tenant: str, page_size: int, page_token: str, ok: bool) -> None:
+    if ok:
+        client.list(tenant, page_size=page_size, page_token=page_token)
+        return
+    with pytest.raises(TenantflowRpcError) as err:
+        client.list(tenant, page_size=page_size, page_token=page_token)
+    assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("files", "expected", "needle"),
+    [
+        ({"a" * 252 + ".py": HELLO}, grpc.StatusCode.OK, ""),  # 255 bytes: NAME_MAX
+        ({"a" * 253 + ".py": HELLO}, grpc.StatusCode.INVALID_ARGUMENT, "longer than 255 bytes"),
+        ({"pkg\\wf.py": HELLO}, grpc.StatusCode.INVALID_ARGUMENT, "use '/' to separate"),
+        ({"wf.py": HELLO, "x\u2028.py": ""}, grpc.StatusCode.INVALID_ARGUMENT, "control characters"),
+        ({f"m{i}.py": "" for i in range(1001)}, grpc.StatusCode.RESOURCE_EXHAUSTED, "the limit is 1000"),
+    ],
+)
+def test_publish_file_name_bounds(
+    client: Client, tenant: str, files: dict[str, str], expected: grpc.StatusCode, needle: str
+) -> None:
+    request = pb.PublishRequest(
+        tenant=tenant, name="wf", files={k: source(v).encode() for k, v in files.items()}
+    )
+    if expected == grpc.StatusCode.OK:
+        client.code.Publish(request)
+        return
+    with pytest.raises(grpc.RpcError) as err:
+        client.code.Publish(request)
+    assert err.value.code() == expected and needle in (err.value.details() or ""), err.value.details()
