@@ -59,6 +59,10 @@ async def _serve(args: argparse.Namespace) -> None:
         git_roots=args.git_root or [],
         sandbox_writable_dirs=args.sandbox_writable_dir or [],
         sandbox_network=args.sandbox_network,
+        metrics_listen=args.metrics_listen or "",
+        metrics_tenant_labels=args.metrics_tenant_labels,
+        log_format=args.log_format,
+        otel=args.otel,
     )
     tokens = None
     if args.auth_tokens:
@@ -79,10 +83,28 @@ async def _serve(args: argparse.Namespace) -> None:
             tls = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
         except OSError as exc:
             raise SystemExit(f"error: cannot read the TLS key or certificate: {exc}") from None
+    from tenantflow.kernel import metrics, tracing
+
+    metrics.configure(config.metrics_tenant_labels)
+    try:
+        traces = tracing.configure(config.otel, config.node_id)
+    except RuntimeError as exc:
+        raise SystemExit(f"error: {exc}") from None
     kernel = Kernel(config)
     await kernel.start()
     server, port = await create_server(kernel, args.listen, tokens, tls)
     await server.start()
+    endpoint = None
+    if config.metrics_listen:
+        try:
+            endpoint = metrics.serve(config.metrics_listen, kernel)
+        except ValueError as exc:
+            await server.stop(None)
+            await kernel.stop()
+            raise SystemExit(f"error: {exc}") from None
+        print(f"tenantflow metrics on {endpoint.url}", flush=True)
+    if traces:
+        logging.getLogger("tenantflow.tracing").info("OpenTelemetry tracing on: %s", traces)
     print(
         f"tenantflow kernel listening on {host}:{port}{' (TLS)' if tls else ''} "
         f"(storage {config.resolved_storage_url()})",
@@ -96,6 +118,9 @@ async def _serve(args: argparse.Namespace) -> None:
     print("tenantflow kernel stopping", flush=True)
     await server.stop(grace=2)
     await kernel.stop()
+    if endpoint is not None:
+        endpoint.close()
+    tracing.shutdown()
 
 
 def _cmd_token(args: argparse.Namespace) -> None:
@@ -248,6 +273,14 @@ def _number(kind: type[int] | type[float], minimum: float, what: str) -> Any:
     return parse
 
 
+def _host_port(text: str) -> str:
+    """An argparse type: HOST:PORT with a numeric port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdecimal() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:9464 (port 0: any)")
+    return text
+
+
 _COUNT = _number(int, 1, "use 1 or more")
 _COUNT_OR_ZERO = _number(int, 0, "use 0 or more")
 _POSITIVE = _number(float, 0.001, "use a positive number")
@@ -332,6 +365,28 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="require bearer tokens; FILE lists each token's SHA-256 and tenants (see `tenantflow token`)",
     )
+    s.add_argument(
+        "--metrics-listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks a free one; default: off)",
+    )
+    s.add_argument(
+        "--metrics-tenant-labels",
+        type=_COUNT_OR_ZERO,
+        default=0,
+        metavar="N",
+        help="label metrics with the N most active tenants, the rest as 'other' (0: no tenant label)",
+    )
+    s.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one object per line on stderr"
+    )
+    s.add_argument(
+        "--otel",
+        action="store_true",
+        help="OpenTelemetry traces to the OTLP collector of OTEL_EXPORTER_OTLP_ENDPOINT (needs tenantflow[otel]; "
+        "also on when OTEL_* variables configure an exporter)",
+    )
     s.set_defaults(func=lambda a: asyncio.run(_serve(a)))
     t = sub.add_parser("token", help="make a bearer token and its --auth-tokens entry")
     t.add_argument("--name", required=True, help="who holds it, e.g. 'platform-backend'")
@@ -395,9 +450,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from tenantflow.kernel import logformat
+
+    logformat.configure(getattr(args, "log_format", "text"), node=getattr(args, "node_id", ""))
     from tenantflow.client import TenantflowRpcError
 
     try:

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
+from tenantflow.kernel import metrics
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import InvalidArgument, ResourceExhausted
 from tenantflow.kernel.loader import CodeBundle, Loader
@@ -180,6 +181,7 @@ class CodeCatalog:
         cancelled does not cancel the load for the others."""
         key = (tenant, pinned)
         cached = self._cache.get(key)
+        metrics.code_cache(hit=cached is not None)
         if cached is not None:
             cached.used = time.monotonic()
             self._cache.move_to_end(key)
@@ -225,6 +227,7 @@ class CodeCatalog:
             _, entry = self._cache.popitem(last=False)
             self.bytes -= entry.code.size
             dropped += 1
+        metrics.code_evicted(dropped)
         return dropped
 
     def __len__(self) -> int:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
+from tenantflow.kernel import metrics
 from tenantflow.kernel.errors import Conflict
 from tenantflow.kernel.model import ApplyResult, Change
 from tenantflow.kernel.storage import Storage
@@ -74,7 +76,9 @@ class Committer:
                         self._fail([(change, future)], one)
 
     async def _apply(self, changes: list[Change], futures: list[asyncio.Future[ApplyResult]]) -> None:
+        started = time.perf_counter()
         results = await asyncio.to_thread(self._storage.apply, changes)
+        metrics.committed(len(changes), time.perf_counter() - started)
         self.batches += 1
         self.changes += len(changes)
         for future, result in zip(futures, results, strict=True):

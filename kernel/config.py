@@ -45,6 +45,10 @@ class KernelConfig:
     # directories the operator grants tenant code read-write access to (none by default)
     sandbox_writable_dirs: list[str] = field(default_factory=list)
     sandbox_network: bool = False  # let tenant code open connections (sandboxes that have sockets)
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus /metrics endpoint ("": none)
+    metrics_tenant_labels: int = 0  # tenants with a metrics label of their own, the most active (0: none)
+    log_format: str = "text"  # or "json": one object per line
+    otel: bool = False  # OpenTelemetry traces (also on when OTEL_* variables configure an exporter)
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"sqlite:///{self.data_dir / 'tenantflow.sqlite3'}"

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 
+from tenantflow.kernel import metrics
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.engine import Engine
 from tenantflow.kernel.storage import Storage
@@ -73,6 +74,7 @@ class Dispatcher:
         if free <= 0:
             return 0
         now = time.time()
+        started = time.perf_counter()
         records = await asyncio.to_thread(
             self._storage.claim,
             self._config.node_id,
@@ -81,6 +83,7 @@ class Dispatcher:
             free,
             self._config.max_running_per_tenant,
         )
+        metrics.claimed(len(records), time.perf_counter() - started)
         for record in records:
             task = asyncio.create_task(self._engine.execute(record), name=f"wake {record.tenant}/{record.id}")
             self._tasks.add(task)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tenantflow.kernel import metrics
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -208,6 +209,7 @@ class WakeUp:
         except Unavailable as exc:  # e.g. a git remote is unreachable: try again later, keep the instance
             log.warning("cannot load %s for %s/%s (%s); retrying in %g s", rec.code, rec.tenant, rec.id, exc,
                         CODE_RETRY_SECONDS)  # fmt: skip
+            metrics.outcome(self, "code_unavailable")
             self.ended = True
             retry = self._change(
                 set={"run_at": time.time() + CODE_RETRY_SECONDS, "lease_owner": None, "lease_until": None}
@@ -253,6 +255,7 @@ class WakeUp:
             "journal": [self._journal_entry(s) for s in sorted(self.steps.values(), key=lambda s: s.seq)],
         }  # fmt: skip
         self.sandbox_task = asyncio.create_task(sandbox.run(job, self, engine.config.limits))
+        metrics.sandbox_started(self, code.bundle.runtime)
         timed_out = await self._watch_deadlines()
         try:
             exit_ = await self.sandbox_task
@@ -262,6 +265,7 @@ class WakeUp:
         except Exception as exc:  # a broken sandbox must not take the kernel down
             log.exception("sandbox failed for %s/%s", rec.tenant, rec.id)
             detail = f"the sandbox failed: {exc}"
+        metrics.sandbox_ended(self, code.bundle.runtime, detail)
         if self.ended or self.aborted:
             return
         await self._crashed(detail, timed_out)
@@ -299,6 +303,7 @@ class WakeUp:
         return entry
 
     async def _end_errored(self, error: dict[str, str]) -> None:
+        metrics.outcome(self, "errored")
         self.ended = True
         change = self._change(
             set={"status": Status.ERRORED, "error_name": error["name"], "error_message": error["message"],
@@ -314,6 +319,7 @@ class WakeUp:
         steps: list[StepRecord] = []
         history: list[HistoryEntry] = []
         charged = timed_out or list(self.flights)
+        metrics.outcome(self, "timed_out" if timed_out or self.stopped else "crashed")
         if not charged:
             await self._end_errored(
                 {"name": "SandboxCrash", "message": f"the workflow crashed outside a step: {detail}"}
@@ -440,6 +446,7 @@ class WakeUp:
         step.attempts += 1
         step.status, step.wake_at, step.updated_at = "running", None, now
         self.flights[step.key] = _Flight(step.attempts, now + policy["timeout"], policy)
+        metrics.attempt_started(self, step)
         entry = self._history("step_started", step, attempt=step.attempts)
         self._submit(self._change(steps=[dataclasses.replace(step)], history=[entry]))
         return {"do": "run", "attempt": step.attempts}
@@ -451,6 +458,7 @@ class WakeUp:
         now = time.time()
         step.error_name, step.error_message, step.updated_at = error["name"], error["message"], now
         text = f"{error['name']}: {error['message']}"
+        metrics.attempt_failed(self, step, error, retry=retryable and step.attempts <= policy["limit"])
         history = [self._history("step_failed", step, attempt=step.attempts, message=text,
                                  data_json=json.dumps({"final": not retryable or step.attempts > policy["limit"]}))]  # fmt: skip
         if not retryable or step.attempts > policy["limit"]:
@@ -476,6 +484,7 @@ class WakeUp:
                 step.error_name = step.error_message = ""
                 entry = self._history("step_completed", step, attempt=step.attempts)
                 await self._commit(self._change(steps=[step], history=[entry]))
+                metrics.attempt_succeeded(self, step)
                 return {"do": "return", "value": m.get("value")}
             error = {"name": "OutputTooLarge", "message": (
                 f"the step returned {len(output)} bytes of JSON; the limit is "
@@ -590,6 +599,7 @@ class WakeUp:
                     f"run() returned {len(output)} bytes of JSON; the limit is {self.engine.config.max_payload_bytes}")})  # fmt: skip
                 return {"do": "ack"}
             self.ended = True
+            metrics.outcome(self, "complete")
             change = self._change(
                 set={"status": Status.COMPLETE, "output_json": output, "error_name": "", "error_message": "",
                      "run_at": None, "lease_owner": None, "lease_until": None},
@@ -607,6 +617,7 @@ class WakeUp:
             status = Status.WAITING if self.hibernating else Status.RUNNING
             run_at = min(self.wakes) if self.wakes else None
         history = [self._status(status)] if status != Status.RUNNING else []
+        metrics.outcome(self, "suspended" if status == Status.RUNNING else status.name.lower())
         change = self._change(
             set={"status": status, "run_at": run_at, "lease_owner": None, "lease_until": None},
             wake_on_events=sorted(self.wait_types), pause_aware=True, history=history,
@@ -639,7 +650,8 @@ class Engine:
         wake = WakeUp(self, record)
         self.active[key] = wake
         try:
-            await wake.execute()
+            with metrics.wakeup(wake):
+                await wake.execute()
         except _Abort:
             pass
         except Exception:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from tenantflow.kernel import metrics
 from tenantflow.kernel.errors import ResourceExhausted
 
 
@@ -27,6 +28,7 @@ class CreationRate:
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         if count > tokens:
             wait = (count - tokens) / self.rate
+            metrics.quota_refused(tenant, "create_rate")
             raise ResourceExhausted(
                 f"tenant {tenant!r} may create {self.rate:g} instances per second (bursts of "
                 f"{self.burst:g}); try again in {wait:.2f} s"

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tenantflow.kernel import errors
+from tenantflow.kernel import errors, metrics
 from tenantflow.kernel.auth import Tokens
 from tenantflow.kernel.model import HistoryEntry, InstanceRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, Kernel
@@ -343,7 +343,8 @@ async def create_server(
     With ``tokens``, every tenantflow call is authorized (health and reflection stay open); with
     ``tls`` (PEM private key, PEM certificate chain) the port speaks TLS only."""
     limit = kernel.config.max_code_bytes + 1024 * 1024
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+    server = grpc.aio.server(interceptors=[metrics.RpcInterceptor()],
+                             options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])  # fmt: skip
     _add_service(server, "Workflows", WorkflowsServicer(kernel, tokens))
     _add_service(server, "Code", CodeServicer(kernel, tokens))

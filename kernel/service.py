@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+from tenantflow.kernel import metrics
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -277,7 +278,10 @@ class Kernel:
             HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message="created") for _ in records
         ]
         self.creation_rate.take(tenant, len(records))
-        await asyncio.to_thread(self.storage.create_instances, records, history, self.config.tenant_max_live)
+        with metrics.counting_refusals(tenant, "max_live"):
+            await asyncio.to_thread(
+                self.storage.create_instances, records, history, self.config.tenant_max_live
+            )
         self._poke()
         return records
 

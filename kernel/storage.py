@@ -91,4 +91,9 @@ class Storage(Protocol):
         """The earliest ``run_at`` of any unleased instance (the dispatcher sleeps until then)."""
         ...
 
+    def count_by_status(self) -> dict[Status, int]:
+        """How many instances have each status, across tenants (for metrics; may scan, so the
+        kernel calls it at most every few seconds). Statuses with none may be left out."""
+        ...
+
     def close(self) -> None: ...

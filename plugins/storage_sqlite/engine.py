@@ -430,6 +430,10 @@ class SQLiteStorage:
         )
         return float(row[0]) if row and row[0] is not None else None
 
+    def count_by_status(self) -> dict[Status, int]:
+        rows = self._reader().execute("SELECT status, COUNT(*) FROM instances GROUP BY status").fetchall()
+        return {Status(status): count for status, count in rows}
+
     def close(self) -> None:
         with self._lock:
             self._writer.close()

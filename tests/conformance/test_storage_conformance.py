@@ -232,3 +232,14 @@ def test_delete_removes_an_instance_and_all_its_rows(storage: Storage) -> None:
     )
     assert storage.get_instance("t", "b") is not None
     storage.create_instances([instance("t", "a")], [entry()])  # the id can be used again
+
+
+def test_count_by_status_counts_every_tenant(storage: Storage) -> None:
+    assert all(count == 0 for count in storage.count_by_status().values())
+    storage.create_instances([instance("t", "a"), instance("t", "b", status=Status.WAITING)], [entry()] * 2)
+    storage.create_instances([instance("u", "a", status=Status.WAITING)], [entry()])
+    storage.create_instances([instance("u", "b", status=Status.COMPLETE)], [entry()])
+    counts = {status: count for status, count in storage.count_by_status().items() if count}
+    assert counts == {Status.QUEUED: 1, Status.WAITING: 2, Status.COMPLETE: 1}
+    storage.delete_instance("u", "a")
+    assert storage.count_by_status()[Status.WAITING] == 1
