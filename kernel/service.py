@@ -96,7 +96,7 @@ def check_ref(ref: str) -> None:
 
 
 def check_name(text: str, what: str) -> None:
-    """A step name or event type: 1-256 characters, no control characters."""
+    """An event type: 1-256 characters, no control characters."""
     if not text or len(text) > MAX_NAME or CONTROL.search(text):
         raise InvalidArgument(
             f"bad {what} {excerpt(text)}: 1-{MAX_NAME} characters, no control characters (NUL, newline...)"

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tenantflow.client import Client
+from tenantflow.kernel.auth import new_token
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.helpers import source
@@ -512,3 +513,26 @@ def test_reported_bad_input_is_refused_clearly(
         assert needle in (err.value.details() or ""), err.value.details()
         assert len((err.value.details() or "").encode()) <= 1024
         bystander_completes(client, f"{TENANT}-finding", within=30.0)
+
+
+def test_undecodable_requests_still_need_a_token(tmp_path: Path) -> None:
+    """A request that does not decode names no tenant, but is not a way around authentication."""
+    token, entry = new_token("ci", ["acme", "acme-*"])
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [entry]}))
+    kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--auth-tokens", str(tokens)])
+    kernel.start()
+    try:
+        bad = with_bad_string([1], b"\xed\xa0\xbd")
+        with grpc.insecure_channel(kernel.address) as channel:
+            get = channel.unary_unary("/tenantflow.v1.Workflows/Get", request_serializer=None)
+            with pytest.raises(grpc.RpcError) as err:
+                get(bad, timeout=30)
+            assert err.value.code() == Code.UNAUTHENTICATED, err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                get(bad, timeout=30, metadata=[("authorization", f"Bearer {token}")])
+            assert err.value.code() == Code.INVALID_ARGUMENT and "UTF-8" in (err.value.details() or "")
+        with Client(kernel.address, token=token) as client:
+            bystander_completes(client, "acme", within=30.0)
+    finally:
+        kernel.stop()
