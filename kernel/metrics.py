@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from tenantflow.kernel.service import Kernel
 
 log = logging.getLogger("tenantflow.metrics")
+_sandbox_log = logging.getLogger("tenantflow.sandbox")
 F = TypeVar("F", bound=Callable[..., Any])
 OTHER = "other"
 RERANK_SECONDS = 60.0
@@ -265,8 +266,13 @@ def sandbox_started(wake: WakeUp, runtime: str) -> None:
 def sandbox_ended(wake: WakeUp, runtime: str, detail: str) -> None:
     """The sandbox run is over; count a kill, classified from what the sandbox or the kernel said."""
     reason = kill_reason(detail, wake.stopped, wake.aborted)
-    if reason:
-        _m.kills.labels(runtime, reason).inc()
+    if not reason:
+        return
+    _m.kills.labels(runtime, reason).inc()
+    if reason != "stopped":  # stops asked for (terminate, pause, restart) are not news
+        steps = sorted({wake.steps[key].name for key in wake.flights if key in wake.steps})
+        _sandbox_log.info("%s run of %s/%s stopped (%s): %s", runtime, wake.record.tenant, wake.record.id,
+                          reason, wake.stopped or detail, extra={"step": ", ".join(steps)})  # fmt: skip
 
 
 def kill_reason(detail: str, stopped: str, aborted: str) -> str:
