@@ -48,7 +48,7 @@ OTHER = "other"
 RERANK_SECONDS = 60.0
 STATUS_CACHE_SECONDS = 10.0  # instances by status are counted by storage at most this often
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-_LONG = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
+_LONG = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)  # steps, wake-ups
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _code_hit: contextvars.ContextVar[bool] = contextvars.ContextVar("tenantflow_code_hit", default=True)
 
