@@ -59,6 +59,7 @@ async def _serve(args: argparse.Namespace) -> None:
         git_roots=args.git_root or [],
         sandbox_writable_dirs=args.sandbox_writable_dir or [],
         sandbox_network=args.sandbox_network,
+        unsafe_allow_weak_sandbox=args.unsafe_allow_weak_sandbox,
         metrics_listen=args.metrics_listen or "",
         metrics_tenant_labels=args.metrics_tenant_labels,
         log_format=args.log_format,
@@ -336,6 +337,12 @@ def parser() -> argparse.ArgumentParser:
         "--sandbox-network",
         action="store_true",
         help="let tenant code open network connections (subprocess sandbox; wasm guests have no sockets)",
+    )
+    s.add_argument(
+        "--unsafe-allow-weak-sandbox",
+        action="store_true",
+        help="start the python sandbox even where a protection it needs (capability drop, no_new_privs, "
+        "seccomp, network namespace, Landlock) is missing; each is logged as a WARNING. Not for production",
     )
     s.add_argument(
         "--retention-days",

@@ -45,6 +45,8 @@ class KernelConfig:
     # directories the operator grants tenant code read-write access to (none by default)
     sandbox_writable_dirs: list[str] = field(default_factory=list)
     sandbox_network: bool = False  # let tenant code open connections (sandboxes that have sockets)
+    # run tenant code even where a sandbox protection is missing (each one logged as a WARNING)
+    unsafe_allow_weak_sandbox: bool = False
     metrics_listen: str = ""  # HOST:PORT of the Prometheus /metrics endpoint ("": none)
     metrics_tenant_labels: int = 0  # tenants with a metrics label of their own, the most active (0: none)
     log_format: str = "text"  # or "json": one object per line

@@ -10,4 +10,10 @@ from tenantflow.plugins.sandbox_subprocess.sandbox import SubprocessSandbox
 
 @hookimpl
 def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
-    return [SubprocessSandbox(network=config.sandbox_network, writable=config.sandbox_writable_dirs)]
+    return [
+        SubprocessSandbox(
+            network=config.sandbox_network,
+            writable=config.sandbox_writable_dirs,
+            unsafe_allow_weak=config.unsafe_allow_weak_sandbox,
+        )
+    ]

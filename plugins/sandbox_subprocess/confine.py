@@ -1,15 +1,18 @@
 """Process confinement for the sandbox template and its children (Linux; best effort elsewhere).
 
-The template (zygote) confines itself once, so every forked child inherits it for free:
-no network (a fresh network namespace, unless the operator grants it), read-only access to the interpreter's directories only
-(Landlock), no privilege gain, an unprivileged uid where the interpreter stays readable.
-Each child then sets its own resource limits. What could not be applied is reported, never hidden.
+The template (zygote) confines itself once, so every forked child inherits it for free: no
+capabilities at all (bounding, permitted, effective, inheritable and ambient sets empty, securebits
+locked so uid 0 cannot regain them), no network (a fresh network namespace, unless the operator
+grants it), read-only access to the interpreter's directories only (Landlock), no privilege gain,
+a seccomp allow-list of system calls, and an unprivileged uid where the interpreter stays readable
+by one (else uid 0 without capabilities: owner bits still let it read root's files, which Landlock
+restricts). Each child then sets its own limits and filter. What could not be applied is reported,
+never hidden: the kernel refuses to start the sandbox without it unless the operator opts out.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import resource
 import signal
@@ -18,12 +21,20 @@ import struct
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-CLONE_THREAD = 0x00010000
+from tenantflow.plugins.sandbox_subprocess import syscalls
+
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24
+PR_GET_SECUREBITS, PR_SET_SECUREBITS = 27, 28
+PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS = 38, 39
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, PR_CAP_AMBIENT_CLEAR_ALL = 47, 1, 4
+# SECBIT_NOROOT, NO_SETUID_FIXUP and NO_CAP_AMBIENT_RAISE on, KEEP_CAPS off, each with its _LOCKED bit
+SECUREBITS_LOCKED = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_LANDLOCK_CREATE_RULESET = 444
 _SYS_LANDLOCK_ADD_RULE = 445
 _SYS_LANDLOCK_RESTRICT_SELF = 446
@@ -37,15 +48,20 @@ _FS_READ_WRITE = (
 _NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
 _SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1
 
-# Syscalls tenant code has no business making: debugging other processes, kernel modules and
-# keys, mounts and namespaces (escaping the confinement), eBPF, io_uring. They fail with EPERM.
-DENIED_SYSCALLS = (
-    "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root", "chroot",
-    "bpf", "perf_event_open", "kexec_load", "kexec_file_load", "init_module", "finit_module",
-    "delete_module", "keyctl", "add_key", "request_key", "userfaultfd", "unshare", "setns",
-    "swapon", "swapoff", "reboot", "acct", "quotactl", "open_by_handle_at", "name_to_handle_at",
-    "io_uring_setup", "personality",
-)  # fmt: skip
+# The protections the python sandbox refuses to run without (unless the operator opts out).
+CAPABILITIES = "capability drop"
+NO_NEW_PRIVS = "no_new_privs"
+SECCOMP = "seccomp syscall filter"
+NETWORK = "network namespace"
+LANDLOCK = "Landlock file isolation"
+
+
+class Confinement(NamedTuple):
+    """What ``confine_template`` could not establish (``{protection: why}``) and what it notes."""
+
+    missing: dict[str, str]
+    notes: list[str]
+
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -121,43 +137,110 @@ def _load_pyseccomp() -> Any:
         _pyseccomp = pyseccomp
         return pyseccomp
     except Exception as exc:  # libseccomp missing on this machine
-        return f"syscall filter off: {exc}"
+        return f"libseccomp is not available ({exc})"
 
 
-def _deny(seccomp: Any, rules: Any, names: tuple[str, ...]) -> None:
-    """Make each syscall in ``names`` fail with EPERM (skipping those this architecture lacks)."""
-    for name in names:
-        try:
-            rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
-        except Exception:  # noqa: S112 - a syscall this architecture does not have
-            continue
-
-
-def no_new_processes() -> None:
-    """In a run's child: threads yes, processes no, so a fork bomb fails with EPERM instead of
-    filling the machine's process table (RLIMIT_NPROC does not bind root, nor separate tenants
-    sharing one uid). ``clone`` is refused without ``CLONE_THREAD``; ``clone3`` answers ENOSYS, as
-    its flags are out of a filter's reach and glibc then falls back to ``clone``."""
-    seccomp = _pyseccomp
-    if seccomp is None:  # no libseccomp: the template already reported the filter off
+def filter_child() -> None:
+    """In a run's child, stacked on the template's filter: threads yes, processes no (a fork bomb
+    fails with EPERM instead of filling the process table; RLIMIT_NPROC binds neither root nor
+    tenants sharing one uid), signals only to itself, and a death signal it cannot unset."""
+    if _pyseccomp is None:  # no libseccomp: the template reported the filter missing
         return
-    rules = seccomp.SyscallFilter(seccomp.ALLOW)
-    _deny(seccomp, rules, ("fork", "vfork"))
-    rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0))
-    rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
-    rules.load()
+    syscalls.build_filter(_pyseccomp, network=_network, run_pid=os.getpid()).load()
 
 
-def _seccomp(pyseccomp: Any) -> str:
+def _seccomp(pyseccomp: Any, network: bool) -> str:
     if isinstance(pyseccomp, str):
         return pyseccomp
-    rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    _deny(pyseccomp, rules, DENIED_SYSCALLS)
     try:
-        rules.load()
+        syscalls.build_filter(pyseccomp, network=network).load()
     except OSError as exc:
-        return f"syscall filter off: {exc}"
+        return f"the filter could not be loaded ({exc})"
     return ""
+
+
+def die_with_parent(parent: int) -> bool:
+    """SIGKILL this process when the thread that started it dies; False if ``parent`` is gone
+    already (it died before the death signal was set: the race a fork or spawn always has)."""
+    _libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
+                ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip
+    return os.getppid() == parent
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _prctl(option: int, arg: int = 0, arg3: int = 0) -> int:
+    result: int = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(arg3),
+                              ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip
+    return result
+
+
+def _last_cap() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    except (OSError, ValueError):
+        return 63  # PR_CAPBSET_READ answers EINVAL past the last one: counted out below
+
+
+def capability_state() -> dict[str, int]:
+    """This process's capability sets as bit masks, and its securebits (what /proc/self/status shows)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    bounding = ambient = 0
+    for cap in range(_last_cap() + 1):
+        if _prctl(PR_CAPBSET_READ, cap) == 1:
+            bounding |= 1 << cap
+        if _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, cap) == 1:
+            ambient |= 1 << cap
+    return {
+        "effective": data[0].effective | data[1].effective << 32,
+        "permitted": data[0].permitted | data[1].permitted << 32,
+        "inheritable": data[0].inheritable | data[1].inheritable << 32,
+        "bounding": bounding,
+        "ambient": ambient,
+        "securebits": _prctl(PR_GET_SECUREBITS),
+    }
+
+
+def _lock_capabilities() -> None:
+    """While CAP_SETPCAP is still ours: empty the bounding and ambient sets, lock the securebits
+    (so setuid and execve, setuid binaries included, never give uid 0 a capability again)."""
+    for cap in range(_last_cap() + 1):
+        _prctl(PR_CAPBSET_DROP, cap)
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    _prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED)
+
+
+def _clear_capabilities() -> str:
+    """Empty the effective, permitted and inheritable sets, then check every set: a problem, or ""."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        return f"capset failed (errno {ctypes.get_errno()})"
+    try:
+        state = capability_state()
+    except OSError as exc:
+        return str(exc)
+    left = [name for name in ("effective", "permitted", "inheritable", "ambient") if state[name]]
+    # Without CAP_SETPCAP (a non-root kernel granting the network: no user namespace) the bounding
+    # set cannot shrink; with no capability held and no_new_privs it can never be used.
+    if state["bounding"] and (os.geteuid() == 0 or _prctl(PR_GET_NO_NEW_PRIVS) != 1):
+        left.append("bounding")
+    if os.geteuid() == 0 and state["securebits"] & SECUREBITS_LOCKED != SECUREBITS_LOCKED:
+        left.append("securebits (not locked)")
+    return f"capability sets still hold something: {', '.join(left)}" if left else ""
 
 
 def scope_child() -> bool:
@@ -190,18 +273,25 @@ def _world_readable(path: str) -> bool:
     return True
 
 
+_network = False  # what the template was told, for its children's filters
+
+
 def confine_template(
     *, network: bool = False, filesystem: bool = True, writable: list[str] | None = None
-) -> list[str]:
-    """Confine the calling (template) process for good; return what could not be applied."""
-    off: list[str] = []
+) -> Confinement:
+    """Confine the calling (template) process for good; say what could not be established."""
+    global _network
+    _network = network
+    missing: dict[str, str] = {}
+    notes: list[str] = []
     pyseccomp = _load_pyseccomp()
     if not network:
         flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
         if _libc.unshare(ctypes.c_int(flags)) != 0:
-            off.append(f"network isolation off: unshare failed (errno {ctypes.get_errno()})")
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        off.append("no_new_privs off")
+            missing[NETWORK] = f"unshare failed (errno {ctypes.get_errno()})"
+    if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
+        missing[NO_NEW_PRIVS] = f"prctl failed (errno {ctypes.get_errno()})"
+    _lock_capabilities()
     if os.geteuid() == 0:
         if all(_world_readable(p) for p in (sys.base_prefix, sys.prefix)):
             try:
@@ -209,10 +299,14 @@ def confine_template(
                 os.setgid(65534)
                 os.setuid(65534)
             except OSError as exc:
-                off.append(f"running as root: could not drop to uid 65534 ({exc})")
+                notes.append(
+                    f"tenant code runs as uid 0 without capabilities: could not switch to uid 65534 ({exc})"
+                )
         else:
-            off.append(
-                f"running as root: the interpreter under {sys.base_prefix} is not readable by an unprivileged uid"
+            notes.append(
+                f"tenant code runs as uid 0 without capabilities: the interpreter under {sys.base_prefix} "
+                "is not readable by an unprivileged uid (install it world-readable to run tenant code as "
+                "uid 65534)"
             )
     if filesystem:
         problem = (
@@ -221,11 +315,14 @@ def confine_template(
             else "landlock needs Linux"
         )
         if problem:
-            off.append(f"file isolation off: {problem}")
-    problem = _seccomp(pyseccomp)  # last: it forbids the unshare and landlock set-up above
+            missing[LANDLOCK] = problem
+    problem = _clear_capabilities()
     if problem:
-        off.append(problem)
-    return off
+        missing[CAPABILITIES] = problem
+    problem = _seccomp(pyseccomp, network)  # last: it forbids the set-up above
+    if problem:
+        missing[SECCOMP] = problem
+    return Confinement(missing, notes)
 
 
 def limit_child(memory_bytes: int, cpu_seconds: float, open_files: int, file_bytes: int = 0) -> None:

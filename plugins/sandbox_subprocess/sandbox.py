@@ -8,10 +8,12 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,9 @@ from tenantflow.plugins.pysource import decode_files, inspect_python
 from tenantflow.plugins.sandbox_subprocess import wire
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
+RUN_OUTPUT_BYTES = 64 * 1024  # of a run's raw stdout/stderr kept as tenant log lines
+TEMPLATE_OUTPUT_BYTES = 64 * 1024  # of a template's own output logged by the kernel
+UNSAFE_FLAG = "--unsafe-allow-weak-sandbox"
 
 
 def describe_exit(status: int | None, limits: Limits) -> str:
@@ -81,14 +86,187 @@ async def cpu_watchdog(pid: int, limits: Limits, calls: list[int], kill: Callabl
             return f"CPU limit exceeded ({limits.cpu_seconds:g} s of CPU per step)"
 
 
+class _Spawner:
+    """Starts templates from one thread that lives as long as the kernel process: a template's
+    parent-death signal fires when the *thread* that started it ends, not the whole process."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="tenantflow-sandbox-spawner", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            start, future = self._requests.get()
+            loop = future.get_loop()
+            try:
+                result = start()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(_settle_future, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle_future, future, result, None)
+
+    async def spawn(self, start: Callable[[], Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._requests.put((start, future))
+        return await future
+
+
+def _settle_future(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+_spawner_lock = threading.Lock()
+_spawner: _Spawner | None = None
+
+
+def _the_spawner() -> _Spawner:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = _Spawner()
+        return _spawner
+
+
+class _TemplateOutput:
+    """Logs what a template writes to its own stdout/stderr as ``sandbox-template`` lines, up to
+    ``TEMPLATE_OUTPUT_BYTES``; the rest is counted and said once (runs never write there)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._kept = self._dropped = 0
+        self._partial = b""
+        os.set_blocking(fd, False)
+        asyncio.get_running_loop().add_reader(fd, self._read)
+
+    def _read(self) -> None:
+        try:
+            chunk = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.close()
+            return
+        room = max(0, TEMPLATE_OUTPUT_BYTES - self._kept)
+        kept, self._dropped = chunk[:room], self._dropped + len(chunk) - min(room, len(chunk))
+        self._kept += len(kept)
+        *lines, self._partial = (self._partial + kept).split(b"\n")
+        for line in lines:
+            log.warning("sandbox-template: %s", line.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self._fd)
+        if self._partial:
+            log.warning("sandbox-template: %s", self._partial.decode("utf-8", "replace"))
+        if self._dropped:
+            log.warning("sandbox-template: %d more bytes of output dropped", self._dropped)
+        self._fd = -1
+
+
+class RunOutput:
+    """A run's own stdout/stderr (what bypasses ``sys.stdout``: ``os.write(2, ...)``, C libraries,
+    a crash's traceback) becomes its tenant log, as stderr lines, up to ``budget`` bytes. Past it
+    the pipe is read at most 20 times a second (a flood costs the kernel next to nothing, and a
+    chatty run is slowed, not stuck) and the rest is dropped, counted in one closing line that
+    :meth:`close` says before the run reports its end. Takes ownership of ``fd``."""
+
+    def __init__(self, fd: int, host: Host, budget: int = RUN_OUTPUT_BYTES) -> None:
+        self._fd, self._host, self._budget = fd, host, budget
+        self._kept = self._dropped = 0
+        self._partial = b""
+        self._lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._later: asyncio.TimerHandle | None = None
+        self._sender = asyncio.create_task(self._send())
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._read)
+
+    async def _send(self) -> None:
+        while (line := await self._lines.get()) is not None:
+            await self._host.notify({"op": "log", "stream": "stderr", "line": line})
+
+    def _read(self) -> None:
+        if self._drain(once=True) and self._kept >= self._budget:
+            self._loop.remove_reader(self._fd)
+            self._later = self._loop.call_later(0.05, self._loop.add_reader, self._fd, self._read)
+
+    def _drain(self, once: bool = False) -> bool:
+        """Read what the pipe holds (one chunk if ``once``); False at its end."""
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._loop.remove_reader(self._fd)
+                return False
+            room = max(0, self._budget - self._kept)
+            kept = chunk[:room]
+            self._kept, self._dropped = self._kept + len(kept), self._dropped + len(chunk) - len(kept)
+            *lines, self._partial = (self._partial + kept).split(b"\n")
+            for line in lines:
+                self._emit(line)
+            if self._kept >= self._budget and self._partial:
+                self._emit(self._partial)
+                self._partial = b""
+            if once:
+                return True
+
+    def _emit(self, line: bytes) -> None:
+        if self._host.admit(len(line)):
+            self._lines.put_nowait(line.decode("utf-8", "replace"))
+
+    async def close(self) -> None:
+        """Take what the run wrote so far, say what was dropped, stop reading. Idempotent."""
+        if self._fd < 0:
+            return
+        if self._later is not None:
+            self._later.cancel()
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self._fd)
+        self._drain()
+        os.close(self._fd)
+        self._fd = -1
+        if self._partial:
+            self._emit(self._partial)
+        if self._dropped:
+            self._lines.put_nowait(
+                f"[tenantflow] {self._dropped} more bytes this run wrote to stdout/stderr were dropped "
+                f"(the limit is {self._budget // 1024} KiB per run)"
+            )
+        self._lines.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._sender, 5.0)
+        except TimeoutError:
+            log.warning("a run's output could not be logged in time; the rest is dropped")
+
+
 class SubprocessSandbox:
     """``runtime = "python"``: CPython in a forked, confined child process."""
 
     runtime = "python"
 
     def __init__(
-        self, *, network: bool = False, filesystem: bool = True, writable: list[str] | None = None
+        self,
+        *,
+        network: bool = False,
+        filesystem: bool = True,
+        writable: list[str] | None = None,
+        unsafe_allow_weak: bool = False,
     ) -> None:
+        self._unsafe_allow_weak = unsafe_allow_weak
+        self._template_output: _TemplateOutput | None = None
         self._writable = [str(Path(p).resolve()) for p in writable or []]
         self._settings: dict[str, Any] = {
             "network": network,
@@ -102,7 +280,7 @@ class SubprocessSandbox:
         self._early_exits: dict[int, int] = {}
         self._req = 0
         self._lock = asyncio.Lock()
-        self.protections_off: list[str] = []
+        self.protections_off: list[str] = []  # each protection missing, with why
 
     def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
         return inspect_python(files)
@@ -115,22 +293,46 @@ class SubprocessSandbox:
             "PYTHONHASHSEED": "0",
             "LANG": "C.UTF-8",
         }
-        self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "tenantflow.plugins.sandbox_subprocess.zygote", str(theirs.fileno()),
-             json.dumps(self._settings)],
-            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, cwd="/",
-        )  # fmt: skip
-        theirs.close()
+        argv = [sys.executable, "-I", "-m", "tenantflow.plugins.sandbox_subprocess.zygote", str(theirs.fileno()),
+                json.dumps(self._settings), f"tenantflow-kernel={os.getpid()}"]  # fmt: skip
+        try:
+            self._proc = await _the_spawner().spawn(
+                lambda: subprocess.Popen(
+                    argv,
+                    pass_fds=[theirs.fileno()],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    cwd="/",
+                )  # fmt: skip
+            )
+        finally:
+            theirs.close()
+        assert self._proc is not None and self._proc.stdout is not None
+        self._template_output = _TemplateOutput(self._proc.stdout.fileno())
         self._ctrl = ours
         loop = asyncio.get_running_loop()
         hello = json.loads(await loop.sock_recv(ours, 65536) or b"{}")
         if not hello.get("ready"):
-            raise RuntimeError("the subprocess sandbox template failed to start")
-        self.protections_off = list(hello.get("off", []))
+            raise RuntimeError("the subprocess sandbox template failed to start (its output is logged above)")
+        missing: dict[str, str] = hello.get("missing", {})
+        self.protections_off = [f"{name}: {why}" for name, why in missing.items()]
         if self._settings["network"]:
             log.warning("subprocess sandbox: network access granted to tenant code (--sandbox-network)")
+        for note in hello.get("notes", []):
+            log.info("subprocess sandbox: %s", note)
+        if missing and not self._unsafe_allow_weak:
+            await self.close()
+            raise SystemExit(
+                "error: the python sandbox cannot establish "
+                + "; ".join(self.protections_off)
+                + ". Tenant code would run with less isolation than it needs, so the kernel does not"
+                " start. Run it where these are available (Linux with Landlock, seccomp and network"
+                f" namespaces; see the README's Security model), or pass {UNSAFE_FLAG} to run without them."
+            )
         for line in self.protections_off:
-            log.warning("subprocess sandbox: %s", line)
+            log.warning("UNSAFE (%s): subprocess sandbox runs tenant code WITHOUT %s", UNSAFE_FLAG, line)
         ours.setblocking(False)
         loop.add_reader(ours.fileno(), self._on_control)
 
@@ -173,24 +375,28 @@ class SubprocessSandbox:
             if self._proc.poll() is None:
                 return
             log.error("the sandbox template exited with %s; starting a new one", self._proc.returncode)
+            if self._template_output is not None:
+                self._template_output.close()
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
             if self._ctrl is not None:
                 with contextlib.suppress(Exception):
                     asyncio.get_running_loop().remove_reader(self._ctrl.fileno())
                 self._ctrl.close()
             await self.start()
 
-    async def _fork(self, child_sock: socket.socket, limits: Limits) -> int:
+    async def _fork(self, child_sock: socket.socket, output: int, limits: Limits) -> int:
         """A confined child from the template; a template found dead is replaced, and asked again."""
         await self._respawn_if_gone()
         template = self._proc
         try:
-            return await self._fork_once(child_sock, limits)
+            return await self._fork_once(child_sock, output, limits)
         except (OSError, RuntimeError) as exc:  # it died between our check and our request
             log.warning("the sandbox template failed a fork (%s); replacing it", exc)
             await self._respawn_if_gone(broken=template)
-            return await self._fork_once(child_sock, limits)
+            return await self._fork_once(child_sock, output, limits)
 
-    async def _fork_once(self, child_sock: socket.socket, limits: Limits) -> int:
+    async def _fork_once(self, child_sock: socket.socket, output: int, limits: Limits) -> int:
         assert self._ctrl is not None
         self._req += 1
         req = self._req
@@ -202,9 +408,12 @@ class SubprocessSandbox:
             "limits": {"memory_bytes": limits.memory_bytes, "cpu_seconds": run_cpu_backstop(limits),
                        "open_files": limits.open_files, "file_bytes": 256 * 1024 * 1024 if self._writable else 0},
         }  # fmt: skip
-        fds = array.array("i", [child_sock.fileno()])
+        fds = array.array("i", [child_sock.fileno(), output])
         self._ctrl.sendmsg([json.dumps(request).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        return await fut
+        pid = await fut
+        if pid <= 0:
+            raise RuntimeError("the sandbox template could not fork a run")
+        return pid
 
     def _kill(self, pid: int) -> None:
         try:
@@ -217,10 +426,16 @@ class SubprocessSandbox:
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
         job = {**job, "files": decode_files(job["files"])}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        output_r, output_w = os.pipe()  # the run's own stdout/stderr
         try:
-            pid = await self._fork(theirs, limits)
+            pid = await self._fork(theirs, output_w, limits)
+        except BaseException:
+            os.close(output_r)
+            raise
         finally:
             theirs.close()
+            os.close(output_w)
+        output = RunOutput(output_r, host)
         loop = asyncio.get_running_loop()
         exit_future: asyncio.Future[int] = loop.create_future()
         if pid in self._early_exits:
@@ -242,6 +457,8 @@ class SubprocessSandbox:
                     await host.notify(message)
                     continue
                 calls[0] += 1
+                if message.get("op") in ("finish", "suspend"):
+                    await output.close()  # its raw output is logged before it ends
                 reply = await host.call(message)
                 writer.write(wire.encode(reply))
                 await writer.drain()
@@ -255,6 +472,7 @@ class SubprocessSandbox:
             writer.close()
             self._kill(pid)
             watchdog.cancel()
+            await output.close()
         if ended:
             return RunExit(False)
         # The watchdog kills and returns in one loop step, so it is done before the EOF is seen.
@@ -267,6 +485,9 @@ class SubprocessSandbox:
         return RunExit(True, describe_exit(status, limits))
 
     async def close(self) -> None:
+        if self._template_output is not None:
+            self._template_output.close()
+            self._template_output = None
         if self._ctrl is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._ctrl.fileno())
@@ -278,4 +499,6 @@ class SubprocessSandbox:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
             self._proc = None

@@ -1,8 +1,11 @@
 """The warm template process: imported once, confined once, forks one child per run.
 
-Run as ``python -m tenantflow.plugins.sandbox_subprocess.zygote <control-fd>`` by the sandbox,
-with an empty environment. The control socket (SOCK_SEQPACKET) carries JSON requests with the
-child's socket as an SCM_RIGHTS fd; the template answers ``{"pid"}`` and later ``{"exit", "status"}``.
+Run as ``python -m tenantflow.plugins.sandbox_subprocess.zygote <control-fd> <settings>
+tenantflow-kernel=<pid>`` by the sandbox, with an empty environment and its own stdout/stderr (a
+pipe the kernel logs). The control socket (SOCK_SEQPACKET) carries JSON requests with two
+SCM_RIGHTS fds, the child's socket and the write end of its stdout/stderr pipe; the template
+answers ``{"pid"}`` and later ``{"exit", "status"}``. The template dies with the kernel's thread
+that started it, and each child with the template (SIGKILL), so no run outlives its kernel.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tenantflow.workflow._runtime import run_job
 
 def _recv(ctrl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     fds = array.array("i")
-    data, ancdata, _flags, _addr = ctrl.recvmsg(65536, socket.CMSG_LEN(4 * fds.itemsize))
+    data, ancdata, _flags, _addr = ctrl.recvmsg(65536, socket.CMSG_LEN(2 * fds.itemsize))
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
@@ -39,21 +42,26 @@ def _recv(ctrl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(data), list(fds)
 
 
-def _child(sock_fd: int, request: dict[str, Any]) -> None:
-    """In the forked child: limit, then run one job. Never returns."""
+def _child(template: int, fds: list[int], request: dict[str, Any]) -> None:
+    """In the forked child: confine, then run one job. Never returns."""
     code = 0
     try:
+        if not confine.die_with_parent(template):
+            os._exit(75)  # the template died before we could be tied to it: so does this run
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
-        os.closerange(3, sock_fd)
-        os.closerange(sock_fd + 1, 65536)
+        sock_fd, output_fd = fds
+        for target in (1, 2):  # the run's own stdout/stderr, never the template's (nor the kernel's)
+            os.dup2(output_fd, target)
+        sock_fd = os.dup2(sock_fd, 3)
+        os.closerange(4, 65536)
         limits = request.get("limits", {})
         confine.limit_child(
             limits["memory_bytes"], limits["cpu_seconds"], limits["open_files"], limits.get("file_bytes", 0)
         )
         confine.scope_child()  # no signals to the template or other tenants' runs
-        confine.no_new_processes()
+        confine.filter_child()
         sock = socket.socket(fileno=sock_fd)
         transport = SocketTransport(sock)
         run_job(transport.recv(), transport, threads=True)
@@ -74,14 +82,18 @@ def main() -> None:
 
 
 def _serve() -> None:
+    kernel = int(sys.argv[3].rpartition("=")[2])
+    if not confine.die_with_parent(kernel):
+        return  # the kernel died while starting us
     ctrl = socket.socket(fileno=int(sys.argv[1]))
-    settings = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    off = confine.confine_template(
+    settings = json.loads(sys.argv[2])
+    confinement = confine.confine_template(
         writable=settings.get("writable", []),
         network=settings.get("network", False),
         filesystem=settings.get("filesystem", True),
     )
-    ctrl.send(json.dumps({"ready": True, "off": off}).encode())
+    ctrl.send(json.dumps({"ready": True, **confinement._asdict()}).encode())
+    template = os.getpid()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -109,10 +121,15 @@ def _serve() -> None:
                 except (ProcessLookupError, PermissionError):
                     pass
                 continue
+            if len(fds) != 2:
+                for fd in fds:
+                    os.close(fd)
+                ctrl.send(json.dumps({"pid": -1, "req": request.get("req")}).encode())
+                continue
             pid = os.fork()
             if pid == 0:
                 ctrl.close()
-                _child(fds[0], request)
+                _child(template, fds, request)
             for fd in fds:
                 os.close(fd)
             ctrl.send(json.dumps({"pid": pid, "req": request.get("req")}).encode())
