@@ -59,6 +59,11 @@ async def _serve(args: argparse.Namespace) -> None:
         git_roots=args.git_root or [],
         sandbox_writable_dirs=args.sandbox_writable_dir or [],
         sandbox_network=args.sandbox_network,
+        max_log_lines_per_run=args.max_log_lines_per_run,
+        max_log_bytes_per_run=int(args.max_log_kib_per_run * 1024),
+        tenant_log_lines_per_second=args.tenant_log_lines_rate,
+        tenant_log_bytes_per_second=args.tenant_log_kib_rate * 1024,
+        log_flood_factor=args.log_flood_factor,
         unsafe_allow_weak_sandbox=args.unsafe_allow_weak_sandbox,
         metrics_listen=args.metrics_listen or "",
         metrics_tenant_labels=args.metrics_tenant_labels,
@@ -343,6 +348,33 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start the python sandbox even where a protection it needs (capability drop, no_new_privs, "
         "seccomp, network namespace, Landlock) is missing; each is logged as a WARNING. Not for production",
+    )
+    s.add_argument(
+        "--max-log-lines-per-run",
+        type=_COUNT,
+        default=1000,
+        help="log lines kept per wake-up; the rest dropped",
+    )
+    s.add_argument(
+        "--max-log-kib-per-run", type=_POSITIVE, default=1024.0, help="log bytes kept per wake-up, in KiB"
+    )
+    s.add_argument(
+        "--tenant-log-lines-rate",
+        type=_AMOUNT_OR_ZERO,
+        default=200.0,
+        help="log lines one tenant may keep per second across its wake-ups, bursts of 10 s (0: no limit)",
+    )
+    s.add_argument(
+        "--tenant-log-kib-rate",
+        type=_AMOUNT_OR_ZERO,
+        default=256.0,
+        help="log KiB one tenant may keep per second across its wake-ups, bursts of 10 s (0: no limit)",
+    )
+    s.add_argument(
+        "--log-flood-factor",
+        type=_POSITIVE,
+        default=10.0,
+        help="stop a wake-up that sends this many times its per-wake-up log budget (lines or bytes)",
     )
     s.add_argument(
         "--retention-days",

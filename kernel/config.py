@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tenantflow.kernel.sandbox import Limits
+from tenantflow.kernel.sandbox import ENVELOPE_BYTES, Limits
 
 
 def default_data_dir() -> Path:
@@ -34,6 +35,10 @@ class KernelConfig:
     max_batch: int = 100
     max_sleep_seconds: float = 365 * 86400.0
     max_log_lines_per_run: int = 1000
+    max_log_bytes_per_run: int = 1024 * 1024
+    tenant_log_lines_per_second: float = 200.0  # one tenant across its wake-ups, bursts of 10 s (0: no limit)
+    tenant_log_bytes_per_second: float = 256 * 1024.0  # ... likewise in bytes
+    log_flood_factor: float = 10.0  # a wake-up sending this many times its log budget is stopped
     max_code_bytes: int = 10 * 1024 * 1024
     code_cache_entries: int = 256
     code_cache_bytes: int = 64 * 1024 * 1024  # of tenant source held in memory
@@ -51,6 +56,12 @@ class KernelConfig:
     metrics_tenant_labels: int = 0  # tenants with a metrics label of their own, the most active (0: none)
     log_format: str = "text"  # or "json": one object per line
     otel: bool = False  # OpenTelemetry traces (also on when OTEL_* variables configure an exporter)
+
+    def __post_init__(self) -> None:
+        # A guest message must have room for the largest output it may carry.
+        room = self.max_payload_bytes + ENVELOPE_BYTES
+        if self.limits.message_bytes < room:
+            self.limits = dataclasses.replace(self.limits, message_bytes=room)
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"sqlite:///{self.data_dir / 'tenantflow.sqlite3'}"

@@ -25,6 +25,7 @@ from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import Conflict, TenantflowError, Unavailable
+from tenantflow.kernel.logbudget import LogBudget, TenantLogRate
 from tenantflow.kernel.model import Change, HistoryEntry, InstanceRecord, Status, StepRecord
 from tenantflow.kernel.storage import Storage
 
@@ -133,7 +134,10 @@ class WakeUp:
         self.pause_requested = False
         self.aborted = ""  # stopped from outside (terminated, restarted, lease lost): write nothing more
         self.stopped = ""  # stopped by this wake-up itself (time-outs): record why
-        self.log_lines = 0
+        config = engine.config
+        self.logs = LogBudget(record.tenant, engine.log_rate, config.max_log_lines_per_run,
+                              config.max_log_bytes_per_run, config.log_flood_factor, self._flooded)  # fmt: skip
+        self._loop = asyncio.get_running_loop()
         self.sandbox_task: asyncio.Task[Any] | None = None
         self.wall = math.inf  # when this wake-up's wall-clock limit strikes (set once it runs)
         self._pending: list[Change] = []
@@ -170,6 +174,10 @@ class WakeUp:
             self.abort(str(exc) if exc else future.result().reason)
 
     async def _commit(self, change: Change) -> None:
+        if self.ended and (dropped := self.logs.summary()):  # the wake-up's last commit says it once
+            entry = self._history("log", message=dropped, data_json=json.dumps({
+                "stream": "stderr", "dropped_lines": self.logs.dropped_lines, "dropped_bytes": self.logs.dropped_bytes}))  # fmt: skip
+            change = dataclasses.replace(change, history=[*change.history, entry])
         self._flush()  # queued together, so they share one transaction
         try:
             await self.engine.committer.commit(change)
@@ -347,18 +355,23 @@ class WakeUp:
             await self._commit(change)
 
     # -- the host protocol ------------------------------------------------------------------------
+    def admit(self, size: int) -> bool:
+        return not self.aborted and self.logs.admit(size)
+
     async def notify(self, message: dict[str, Any]) -> None:
         if message.get("op") != "log" or self.aborted:
             return
-        self.log_lines += 1
-        limit = self.engine.config.max_log_lines_per_run
-        if self.log_lines > limit + 1:
-            return
-        line = _text(message.get("line", ""), 8192)
-        if self.log_lines == limit + 1:
-            line = f"[tenantflow] more than {limit} log lines in this wake-up; the rest are dropped"
-        self._submit(self._change(history=[self._history("log", message=line, data_json=json.dumps(
-            {"stream": _text(message.get("stream", "stdout"), 16)}))]))  # fmt: skip
+        self._submit(self._change(history=[self._history("log", message=_text(message.get("line", ""), 8192),
+            data_json=json.dumps({"stream": _text(message.get("stream", "stdout"), 16)}))]))  # fmt: skip
+
+    def _flooded(self, reason: str) -> None:
+        """From any thread: stop a guest that keeps flooding its log (its attempts fail as a crash)."""
+
+        def stop() -> None:
+            self.stopped = self.stopped or reason
+            self._cancel_sandbox()
+
+        self._loop.call_soon_threadsafe(stop)
 
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         if self.aborted:
@@ -644,6 +657,7 @@ class Engine:
         self.config = config
         self.active: dict[tuple[str, str], WakeUp] = {}
         self._on_idle = on_idle
+        self.log_rate = TenantLogRate(config.tenant_log_lines_per_second, config.tenant_log_bytes_per_second)
 
     async def execute(self, record: InstanceRecord) -> None:
         key = (record.tenant, record.id)

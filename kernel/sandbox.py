@@ -22,12 +22,19 @@ class Limits:
 
     ``cpu_seconds`` is per step: the CPU a guest may use between two host calls (one step attempt,
     or the workflow code between steps), so a long workflow is not cut off by its total.
-    ``wall_seconds`` bounds a whole wake-up."""
+    ``wall_seconds`` bounds a whole wake-up. ``message_bytes`` bounds one message from the guest
+    (its JSON as the guest encoded it): a sandbox checks the length the guest announces *before*
+    reading or decoding the message, and a larger one fails the run at once. The kernel sets it to
+    its output limit plus :data:`ENVELOPE_BYTES`."""
 
     memory_bytes: int = 512 * 1024 * 1024  # per run
     cpu_seconds: float = 60.0
     open_files: int = 64
     wall_seconds: float = 3600.0  # a whole wake-up, a backstop behind per-step time-outs
+    message_bytes: int = 1024 * 1024 + 64 * 1024  # one guest message: 1 MiB of output + envelope
+
+
+ENVELOPE_BYTES = 64 * 1024  # a message's room beyond the output it carries (names, keys, error text)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,13 @@ class Host(Protocol):
         ...
 
     async def notify(self, message: dict[str, Any]) -> None:
-        """Handle a guest message that expects no reply (log lines)."""
+        """Handle a guest message that expects no reply (log lines), once :meth:`admit` took it."""
+        ...
+
+    def admit(self, size: int) -> bool:
+        """Charge a guest notification of ``size`` bytes to the log budgets, before it is decoded;
+        callable from any thread. False: drop it unread (the host counted it, and stops a run that
+        keeps flooding far past its budget)."""
         ...
 
 

@@ -81,6 +81,9 @@ class BenchHost:
             return {"do": "return", "value": message.get("value")}
         return {"do": "ack"}
 
+    def admit(self, size: int) -> bool:
+        return True
+
     async def notify(self, message: dict[str, Any]) -> None:
         pass
 

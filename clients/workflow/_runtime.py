@@ -70,7 +70,8 @@ class _Fatal(BaseException):
 
 def error_dict(exc: BaseException, *, with_traceback: bool = True) -> dict[str, Any]:
     """Describe an exception for the kernel."""
-    info: dict[str, Any] = {"name": type(exc).__name__, "message": str(exc)}
+    # Bounded like the kernel keeps it, so a huge message never exceeds the kernel's message limit.
+    info: dict[str, Any] = {"name": type(exc).__name__[:200], "message": str(exc)[:16384]}
     if with_traceback:
         info["traceback"] = "".join(traceback.format_exception(exc)[-6:])[-4000:]
     return info

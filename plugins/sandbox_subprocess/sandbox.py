@@ -23,6 +23,7 @@ from tenantflow.plugins.pysource import decode_files, inspect_python
 from tenantflow.plugins.sandbox_subprocess import wire
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
+YIELD_EVERY = 64  # frames read from one guest between turns of the kernel's event loop
 RUN_OUTPUT_BYTES = 64 * 1024  # of a run's raw stdout/stderr kept as tenant log lines
 TEMPLATE_OUTPUT_BYTES = 64 * 1024  # of a template's own output logged by the kernel
 UNSAFE_FLAG = "--unsafe-allow-weak-sandbox"
@@ -449,13 +450,27 @@ class SubprocessSandbox:
         try:
             writer.write(wire.encode(job))
             await writer.drain()
+            frames = 0
             while True:
-                message = await wire.read(reader)
+                frames += 1
+                if frames % YIELD_EVERY == 0:  # a guest's stream must not hold the kernel's loop
+                    await asyncio.sleep(0)
+                frame = await wire.read_header(reader, limits.message_bytes)
+                if frame is None:
+                    break
+                size, kind = frame
+                if kind == wire.NOTIFY:
+                    if not host.admit(size):  # over its log budget: dropped without decoding
+                        if not await wire.skip(reader, size):
+                            break
+                        continue
+                    if (note := await wire.read_body(reader, size)) is None:
+                        break
+                    await host.notify(note)
+                    continue
+                message = await wire.read_body(reader, size)
                 if message is None:
                     break
-                if message.pop("notify", False):
-                    await host.notify(message)
-                    continue
                 calls[0] += 1
                 if message.get("op") in ("finish", "suspend"):
                     await output.close()  # its raw output is logged before it ends

@@ -14,10 +14,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from tenantflow.plugins import guestmsg
 from tenantflow.workflow._durations import parse_duration
 from tenantflow.workflow._runtime import _policy
 
-MAX_REQUEST_BYTES = 2 * 1024 * 1024
 _KINDS = ("do", "sleep", "wait")
 
 
@@ -50,10 +50,7 @@ class RawSession:
     # -- the ABI ------------------------------------------------------------------------------
     def handle(self, request: bytes) -> bytes:
         try:
-            message = json.loads(request)
-            if not isinstance(message, dict):
-                raise BadRequest("a request must be a JSON object")
-            reply = self._dispatch(message)
+            reply = self._dispatch(guestmsg.decode(request))  # bounded in size by the bridge
         except (BadRequest, ValueError, TypeError, KeyError) as exc:
             reply = {"do": "raise", "error": {"name": "ABIError", "message": str(exc)[:2000]}}
         return json.dumps(reply, separators=(",", ":")).encode()

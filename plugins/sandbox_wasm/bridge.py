@@ -4,18 +4,26 @@ Wasm calls are blocking (and release the GIL), while the kernel's :class:`Host` 
 run gets a worker thread, and every guest request becomes ``host.call(...)`` scheduled on the
 kernel's loop, the worker waiting for the reply. Cancelling the run (how the kernel stops a step
 past its time-out) stops the guest at its next epoch tick or host call, whichever comes first.
+
+Every message a guest sends is bounded here before the host decodes it: :meth:`Bridge.check_size`
+on the length the guest claims (a raw module's pointer and length: before guest memory is copied),
+:meth:`Bridge.admit` charges a log line to the kernel's log budgets (dropped lines are never
+decoded), and :meth:`Bridge.decode` refuses JSON nested too deep. A message over the limit fails
+the run at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
+from tenantflow.plugins import guestmsg
 from tenantflow.plugins.sandbox_wasm.engine import Budget
 
 log = logging.getLogger("tenantflow.sandbox.wasm")
@@ -61,6 +69,44 @@ class Bridge:
         self.budget.new_step()
         return reply
 
+    def fail(self, reason: str) -> NoReturn:
+        """End the run now with ``reason`` (raised in a host call: the guest traps)."""
+        self.budget.stop(reason)
+        self.budget.reason = reason
+        raise GuestStopped(reason)
+
+    def check_size(self, size: int) -> None:
+        """Fail the run if the guest claims a message longer than the run's message limit."""
+        if error := guestmsg.too_large(size, self.limits.message_bytes):
+            self.fail(str(error))
+
+    def decode(self, data: bytes | str) -> dict[str, Any]:
+        """A guest message of a checked size, decoded; a malformed one fails the run."""
+        try:
+            return guestmsg.decode(data)
+        except guestmsg.MessageError as exc:
+            self.fail(str(exc))
+
+    def admit(self, size: int) -> bool:
+        """Charge a log line of ``size`` bytes to the kernel's log budgets (False: drop it unread);
+        a run the kernel is stopping (a log flood) traps here."""
+        self.check_size(size)
+        if self.host.admit(size):
+            return True
+        if self.budget.stop_reason:
+            self.fail(self.budget.stop_reason)
+        return False
+
+    def notify_text(self, data: str) -> None:
+        """A guest's JSON notification (python-wasm ``notify``): budgeted, then decoded."""
+        if self.admit(_utf8_size(data, self.limits.message_bytes)):
+            self.notify(self.decode(data))
+
+    def call_text(self, data: str) -> str:
+        """A guest's JSON request (python-wasm ``call``) and the host's JSON reply."""
+        self.check_size(_utf8_size(data, self.limits.message_bytes))
+        return json.dumps(self.call(self.decode(data)))
+
     def notify(self, message: dict[str, Any]) -> None:
         """``host.notify`` without waiting (messages still arrive in order)."""
         future = asyncio.run_coroutine_threadsafe(self.host.notify(message), self.loop)
@@ -72,6 +118,11 @@ class Bridge:
         pending = self._pending
         if pending is not None:
             pending.cancel()
+
+
+def _utf8_size(text: str, limit: int) -> int:
+    """``text``'s UTF-8 length (at least its length in characters: no need to encode a huge one)."""
+    return len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
 
 
 _current = threading.local()

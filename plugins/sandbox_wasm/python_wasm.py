@@ -46,13 +46,11 @@ READY_TIMEOUT = 600.0
 
 
 def _call(_store: Any, message: str) -> str:
-    return json.dumps(current_bridge().call(json.loads(message)))
+    return current_bridge().call_text(message)
 
 
 def _notify(_store: Any, message: str) -> None:
-    decoded = json.loads(message)
-    if isinstance(decoded, dict):
-        current_bridge().notify(decoded)
+    current_bridge().notify_text(message)
 
 
 class Runner:

@@ -33,7 +33,7 @@ from wasmtime import (
 
 from tenantflow.kernel.sandbox import CodeError, Host, Limits, RunExit
 from tenantflow.plugins.sandbox_wasm import cache, rawcheck
-from tenantflow.plugins.sandbox_wasm.abi import MAX_REQUEST_BYTES, RawSession
+from tenantflow.plugins.sandbox_wasm.abi import RawSession
 from tenantflow.plugins.sandbox_wasm.bridge import (
     Bridge,
     GuestStopped,
@@ -73,8 +73,7 @@ def _memory(caller: Caller) -> Memory:
 
 def _read(caller: Caller, ptr: int, length: int) -> bytes:
     memory = _memory(caller)
-    if length < 0 or length > MAX_REQUEST_BYTES:
-        raise Trap(f"a request must be 0..{MAX_REQUEST_BYTES} bytes, got {length}")
+    current_bridge().check_size(length)  # before a byte of guest memory is copied
     if ptr < 0 or ptr + length > memory.data_len(caller):
         raise Trap(f"request [{ptr}, {ptr + length}) is outside linear memory")
     return bytes(memory.read(caller, ptr, ptr + length))
@@ -96,8 +95,11 @@ def _host_reply(caller: Caller, ptr: int) -> None:
 
 
 def _host_log(caller: Caller, ptr: int, length: int) -> None:
-    line = _read(caller, ptr & 0xFFFFFFFF, min(length, 8192)).decode("utf-8", "replace")
-    current_bridge().notify({"op": "log", "stream": "stdout", "line": line})
+    bridge, size = current_bridge(), min(length, 8192)
+    if size >= 0 and not bridge.admit(size):  # over the log budget: dropped unread
+        return
+    line = _read(caller, ptr & 0xFFFFFFFF, size).decode("utf-8", "replace")
+    bridge.notify({"op": "log", "stream": "stdout", "line": line})
 
 
 IMPORTS: dict[str, tuple[list[ValType], list[ValType]]] = {

@@ -35,6 +35,9 @@ class ScriptedHost:
             )
         return {"do": "ack"}
 
+    def admit(self, size: int) -> bool:
+        return True
+
     async def notify(self, message: dict[str, Any]) -> None:
         self.notes.append(message)
 
