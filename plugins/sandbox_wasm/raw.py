@@ -1,8 +1,8 @@
 """``runtime = "wasm"``: a module compiled from any language that speaks the guest ABI (``ABI.md``).
 
 The bundle is one ``.wasm`` (or ``.wat``) file. Publish validates and compiles it (the compiled
-code is cached on disk by digest); each run instantiates it in a fresh store with a memory cap,
-an epoch-checked CPU budget and WASI with nothing granted (no environment, arguments or sockets,
+code is cached on disk by digest); each run instantiates it in a fresh store limited as a whole
+(one memory, one instance, bounded tables), an epoch-checked CPU budget and WASI with nothing granted (no environment, arguments or sockets,
 no files but the operator's ``--sandbox-writable-dir`` directories), and calls the exported ``workflow_<Name>`` function.
 """
 
