@@ -39,6 +39,7 @@ from tenantflow.kernel.sandbox import CodeError
 
 log = logging.getLogger("tenantflow.plugins.isolated")
 MAX_CHILDREN = 4  # checks at once in this process: bounds their total memory
+SPARES = 2  # ready children kept per module, so a burst of small checks need not wait for a start
 _slots = threading.BoundedSemaphore(MAX_CHILDREN)
 _STDERR_BYTES = 16 * 1024
 _PR_SET_PDEATHSIG = 1
@@ -101,11 +102,11 @@ def _spawn(module: str, limits: ChildLimits) -> subprocess.Popen[bytes]:
 
 
 class _Spares:
-    """One idle, ready child per (module, limits), started by a long-lived thread (the parent-death
-    signal fires when the *thread* that started a child ends)."""
+    """Up to :data:`SPARES` idle, ready children per (module, limits), started by one long-lived
+    thread (the parent-death signal fires when the *thread* that started a child ends)."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[str, ChildLimits], subprocess.Popen[bytes]] = {}
+        self._idle: dict[tuple[str, ChildLimits], list[subprocess.Popen[bytes]]] = {}
         self._wanted: set[tuple[str, ChildLimits]] = set()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -113,18 +114,19 @@ class _Spares:
     def close(self) -> None:
         """End the idle children (at exit: they would die with this process anyway)."""
         with self._cond:
-            idle, self._idle = list(self._idle.values()), {}
+            idle, self._idle = [p for procs in self._idle.values() for p in procs], {}
         for proc in idle:
             _end(proc)
 
     def take(self, module: str, limits: ChildLimits) -> subprocess.Popen[bytes] | None:
-        with self._cond:
-            proc = self._idle.pop((module, limits), None)
-        if proc is not None and proc.poll() is None:
-            return proc
-        if proc is not None:
+        """A ready child, if one is idle and alive."""
+        while True:
+            with self._cond:
+                procs = self._idle.get((module, limits))
+                proc = procs.pop(0) if procs else None
+            if proc is None or proc.poll() is None:
+                return proc
             _end(proc)
-        return None
 
     def refill(self, module: str, limits: ChildLimits) -> None:
         with self._cond:
@@ -140,7 +142,7 @@ class _Spares:
                 while not self._wanted:
                     self._cond.wait()
                 key = self._wanted.pop()
-                if key in self._idle and self._idle[key].poll() is None:
+                if len(self._idle.get(key, ())) >= SPARES:
                     continue
             try:
                 proc = _spawn(*key)
@@ -149,7 +151,8 @@ class _Spares:
                 time.sleep(1.0)
                 continue
             with self._cond:
-                self._idle[key] = proc
+                self._idle.setdefault(key, []).append(proc)
+                self._wanted.add(key)  # until SPARES are ready
 
 
 _spares = _Spares()
