@@ -71,7 +71,11 @@ class Sandbox(Protocol):
     def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
         """Check tenant code without running it; return ``{workflow class: module}``.
 
-        Raise :class:`CodeError` naming file and line for code this sandbox cannot run."""
+        Tenant code is hostile input: parse, compile or validate it in a limited child process
+        (``tenantflow.plugins.isolated``), never in the kernel. Raise :class:`CodeError` naming file
+        and line for code this sandbox cannot run, and ``errors.ResourceExhausted`` when checking it
+        hits a CPU, memory or time limit. Called from a thread; checks of different tenants run at
+        once."""
         ...
 
     async def start(self) -> None:
