@@ -197,6 +197,29 @@ def test_a_3_million_line_log_flood_is_cut_and_counted_while_others_run(
         assert len(kept) <= 3 * 1000
 
 
+RAW_FLOOD = """
+(module
+  (import "tenantflow" "log" (func $log (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x")
+  (func (export "workflow_Flood")
+    (loop $again (call $log (i32.const 0) (i32.const 1)) (br $again))))
+"""
+
+
+def test_a_raw_wasm_log_loop_is_cut_and_counted(client: Client, tenant: str) -> None:
+    ref = client.publish(tenant, "flood", {"flood.wat": RAW_FLOOD}, runtime="wasm").ref
+    id = client.create(tenant, "Flood", ref).id
+    bystander_completes(client, tenant, within=8.0)
+    (done,) = _ended(client, tenant, [id])
+    assert done.status == pb.STATUS_ERRORED, done
+    assert "log flood: the workflow sent over 10000 log lines" in done.error.message, done.error
+    events = _history(client, tenant, id)
+    assert len([e for e in events if e.kind == "log" and "dropped" not in e.message]) == 1000
+    (dropped,) = [e.message for e in events if e.kind == "log" and "dropped" in e.message]
+    assert re.match(r"\[tenantflow\] \d{4,} log lines \(\d+ bytes\) dropped: over the per-run", dropped)
+
+
 def test_a_tenant_log_budget_spans_its_wake_ups(tmp_path: Path, tenant: str) -> None:
     k = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--tenant-log-lines-rate", "1"])  # bursts of 10
     k.start()
