@@ -1,12 +1,15 @@
 """The storage contract (kernel/storage.py), checked directly against every installed engine.
 
-Engines are found through the plugins, exactly as the kernel finds them. SQLite runs everywhere;
-an engine that needs a server is listed with the reason it is skipped when none is reachable.
+Engines are found through the plugins, exactly as the kernel finds them. SQLite and kv+lmdb (the
+FoundationDB plugin's logic over LMDB) run everywhere; fdb runs against a real FoundationDB cluster
+when ``TENANTFLOW_FDB_CLUSTER_FILE`` names one, and is skipped with that reason otherwise.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,13 +29,34 @@ from tenantflow.kernel.model import (
 from tenantflow.kernel.plugins import Plugins
 from tenantflow.kernel.storage import Storage
 
-ENGINES = ["sqlite"]
+ENGINES = ["sqlite", "kv+lmdb", "fdb"]
+FDB_CLUSTER_FILE = os.environ.get("TENANTFLOW_FDB_CLUSTER_FILE", "")
+
+
+def engine_url(engine: str, tmp_path: Path) -> str:
+    """The URL of a fresh, empty store of ``engine`` (skips fdb when no cluster is configured)."""
+    if engine == "sqlite":
+        return f"sqlite:///{tmp_path / 'conformance.sqlite3'}"
+    if engine == "kv+lmdb":
+        return f"kv+lmdb://{tmp_path / 'conformance.lmdb'}?map_size_mb=1024"
+    if not FDB_CLUSTER_FILE:
+        pytest.skip("no FoundationDB cluster: set TENANTFLOW_FDB_CLUSTER_FILE to a cluster file to run fdb")
+    # a subspace of its own per test, so tests never see each other's keys on a shared cluster
+    return f"fdb://{FDB_CLUSTER_FILE}?root=conformance-{uuid.uuid4().hex}"
+
+
+def open_storage(url: str, tmp_path: Path) -> Storage:
+    return Plugins().storage(url, KernelConfig(data_dir=tmp_path))
 
 
 @pytest.fixture(params=ENGINES)
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    urls = {"sqlite": f"sqlite:///{tmp_path / 'conformance.sqlite3'}"}
-    engine = Plugins().storage(urls[request.param], KernelConfig(data_dir=tmp_path))
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return engine_url(request.param, tmp_path)
+
+
+@pytest.fixture
+def storage(storage_url: str, tmp_path: Path) -> Iterator[Storage]:
+    engine = open_storage(storage_url, tmp_path)
     yield engine
     engine.close()
 

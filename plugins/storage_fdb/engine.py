@@ -1,0 +1,499 @@
+"""The :class:`tenantflow.kernel.storage.Storage` contract over an ordered transactional key-value
+layer (FoundationDB, or LMDB in CI), with the SQLite engine's semantics.
+
+Every write is one layer transaction, retried whole by the layer, so each is idempotent: ``apply``
+writes its batch id (chosen before the retry loop) next to each instance it touched, and a retry
+that finds it returns the results recorded then instead of applying the batch twice.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
+from tenantflow.kernel.model import (
+    ApplyResult,
+    Artifact,
+    Change,
+    EventRecord,
+    HistoryEntry,
+    InstanceRecord,
+    Status,
+    StepRecord,
+)
+from tenantflow.plugins.storage_fdb import claims
+from tenantflow.plugins.storage_fdb.indexes import delete, reindex
+from tenantflow.plugins.storage_fdb.keys import Keys, pack, part, unpack
+from tenantflow.plugins.storage_fdb.layer import (
+    CHUNK_BYTES,
+    MAX_TXN_BYTES,
+    Layer,
+    Txn,
+    decode_int,
+    encode_int,
+)
+from tenantflow.plugins.storage_fdb.records import (
+    ENVELOPE,
+    RESULT,
+    Head,
+    group_chunks,
+    join_chunks,
+    put_blob,
+    record,
+    step_json,
+)
+
+_SETTABLE = frozenset(
+    {"status", "output_json", "error_name", "error_message", "run_at", "lease_owner", "lease_until"}
+)
+PAGE = 100  # instances deleted or released per transaction
+_INSTANCE_OVERHEAD = 2_000  # bytes of keys and index entries an instance write adds
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _change_bytes(ch: Change) -> int:
+    size = _INSTANCE_OVERHEAD + sum(len(str(v)) for v in ch.set.values())
+    size += sum(len(s.output_json) + len(s.error_message) + len(s.key) + 300 for s in ch.steps)
+    size += sum(len(e.payload_json) + len(e.type) + 200 for e in ch.add_events)
+    return size + sum(len(h.message) + len(h.data_json) + 200 for h in ch.history)
+
+
+class KVStorage:
+    """Storage over a :class:`~tenantflow.plugins.storage_fdb.layer.Layer`, under root subspace ``root``."""
+
+    def __init__(self, layer: Layer, *, root: str = "tenantflow") -> None:
+        self.layer = layer
+        self.k = Keys(root)
+
+    # -- artifacts ------------------------------------------------------------------------------
+    def put_artifact(self, artifact: Artifact) -> None:
+        k, a = self.k, artifact
+        meta_key = k.tenant(a.tenant, "a", a.name, "m", a.digest)
+        if self.layer.read(lambda tr: tr.get(meta_key)) is None:
+            # Up to 10 MiB of files: written in several transactions, then made visible by the meta
+            # key. Content-addressed, so a retry or a concurrent publisher writes the same bytes.
+            names = sorted(a.files)
+            data = _json([[n, len(a.files[n])] for n in names]) + b"\n" + b"".join(a.files[n] for n in names)
+            chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+            base = k.tenant(a.tenant, "a", a.name, "f", a.digest)
+            per_txn = MAX_TXN_BYTES // CHUNK_BYTES
+
+            for first in range(0, len(chunks), per_txn):
+
+                def write(tr: Txn, first: int = first) -> None:
+                    for n in range(first, min(first + per_txn, len(chunks))):
+                        tr.set(base + pack((n,)), chunks[n])
+
+                self.layer.transact(write)
+        meta = _json({"runtime": a.runtime, "workflows": a.workflows, "created_at": a.created_at})
+
+        def publish(tr: Txn) -> None:
+            if tr.get(meta_key) is None:
+                tr.set(meta_key, meta)
+            tr.set(k.tenant(a.tenant, "a", a.name, "latest"), a.digest.encode())  # latest again
+
+        self.layer.transact(publish)
+
+    def get_artifact(self, tenant: str, name: str, digest: str | None) -> Artifact | None:
+        k = self.k
+
+        def read(tr: Txn) -> Artifact | None:
+            want = digest
+            if want is None:
+                latest = tr.get(k.tenant(tenant, "a", name, "latest"))
+                if latest is None:
+                    return None
+                want = latest.decode()
+            meta = tr.get(k.tenant(tenant, "a", name, "m", want))
+            if meta is None:
+                return None
+            data = join_chunks(tr.get_range(*k.tenant_range(tenant, "a", name, "f", want)))
+            header, _, body = data.partition(b"\n")
+            files, at = {}, 0
+            for file, size in json.loads(header):
+                files[file] = body[at : at + size]
+                at += size
+            m = json.loads(meta)
+            return Artifact(tenant, name, want, m["runtime"], files, m["workflows"], m["created_at"])
+
+        return self.layer.read(read)
+
+    # -- instances ------------------------------------------------------------------------------
+    def create_instances(
+        self, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry], max_live: int = 0
+    ) -> None:
+        size = sum(
+            _INSTANCE_OVERHEAD + len(r.params_json) + len(r.output_json) + len(r.code) for r in records
+        )
+        if size > MAX_TXN_BYTES:
+            raise ResourceExhausted(
+                f"these {len(records)} instances need {size} bytes in one transaction and the limit is "
+                f"{MAX_TXN_BYTES}: create them in smaller batches"
+            )
+        self.layer.transact(lambda tr: self._create(tr, records, history, max_live))
+
+    def _create(
+        self, tr: Txn, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry], max_live: int
+    ) -> None:
+        k = self.k
+        if max_live:
+            for tenant, adding in Counter(r.tenant for r in records).items():
+                live = decode_int(tr.get(k.tenant(tenant, "live")))
+                if live + adding > max_live:
+                    raise ResourceExhausted(
+                        f"tenant {tenant!r} has {live} live instances and the limit is {max_live}: wait for "
+                        "some to complete, or terminate them, then create again"
+                    )
+        seqs: dict[str, int] = {}
+        seen: set[tuple[str, str]] = set()
+        for r in records:
+            if (r.tenant, r.id) in seen or tr.get(k.inst(r.tenant, r.id, "h")) is not None:
+                raise AlreadyExists(
+                    f"instance {r.id!r} already exists in tenant {r.tenant!r}; "
+                    "pick another id or leave it empty to get a generated one"
+                )
+            seen.add((r.tenant, r.id))
+            if r.tenant not in seqs:
+                seqs[r.tenant] = decode_int(tr.get(k.tenant(r.tenant, "c")))
+            seqs[r.tenant] += 1
+            head = Head(Status(r.status), r.run_at, r.generation, r.lease_owner, r.lease_until,
+                        r.created_at, r.updated_at, seqs[r.tenant])  # fmt: skip
+            tr.set(k.inst(r.tenant, r.id, "h"), head.encode())
+            put_blob(tr, k.inst(r.tenant, r.id, "e"), _json({f: getattr(r, f) for f in ENVELOPE}))
+            if r.output_json or r.error_name or r.error_message:
+                put_blob(tr, k.inst(r.tenant, r.id, "o"), _json({f: getattr(r, f) for f in RESULT}))
+            reindex(tr, k, r.tenant, r.id, None, head)
+        for tenant, last in seqs.items():
+            tr.set(k.tenant(tenant, "c"), encode_int(last))
+        for r, entry in zip(records, history, strict=False):
+            self._history(tr, r.tenant, r.id, [entry])
+
+    def _load(self, tr: Txn, tenant: str, id: str) -> InstanceRecord | None:
+        raw = tr.get(self.k.inst(tenant, id, "h"))
+        if raw is None:
+            return None
+        envelope = json.loads(join_chunks(tr.get_range(*self.k.inst_range(tenant, id, "e"))))
+        result_rows = tr.get_range(*self.k.inst_range(tenant, id, "o"))
+        result = json.loads(join_chunks(result_rows)) if result_rows else {}
+        return record(tenant, id, Head.decode(raw), envelope, result)
+
+    def get_instance(self, tenant: str, id: str) -> InstanceRecord | None:
+        return self.layer.read(lambda tr: self._load(tr, tenant, id))
+
+    def list_instances(
+        self, tenant: str, status: Status | None, cursor: str | None, limit: int
+    ) -> tuple[list[InstanceRecord], str | None]:
+        after = int(cursor) if cursor else 0
+        index: tuple[Any, ...] = ("l",) if status is None else ("s", int(status))
+        begin = self.k.tenant(tenant, *index, after + 1)
+        end = self.k.tenant_range(tenant, *index)[1]
+        rows = self.layer.read(lambda tr: tr.get_range(begin, end, limit=limit + 1))
+        more = len(rows) > limit
+        page = [(self.k.strip(key)[-1], value.decode()) for key, value in rows[:limit]]
+        found: list[InstanceRecord] = []
+        for start in range(0, len(page), 20):  # large params: a few instances per read transaction
+            group = page[start : start + 20]
+            loaded = self.layer.read(lambda tr, g=group: [self._load(tr, tenant, id) for _, id in g])  # type: ignore[misc]
+            found += [r for r in loaded if r is not None]
+        return found, (str(page[-1][0]) if more and page else None)
+
+    def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
+        rows = self.layer.read(lambda tr: tr.get_range(*self.k.inst_range(tenant, id, "s")))
+        steps = [StepRecord(**json.loads(value)) for _, value in group_chunks(rows, 0)]
+        return sorted(steps, key=lambda s: s.seq)
+
+    def get_events(self, tenant: str, id: str, *, unconsumed_only: bool) -> list[EventRecord]:
+        k = self.k
+
+        def read(tr: Txn) -> list[EventRecord]:
+            consumed = {
+                k.strip(key)[-1]: value.decode()
+                for key, value in tr.get_range(*k.inst_range(tenant, id, "vc"))
+            }
+            events = []
+            for items, value in group_chunks(tr.get_range(*k.inst_range(tenant, id, "v")), 0):
+                seq = items[-1]
+                if unconsumed_only and seq in consumed:
+                    continue
+                e = json.loads(value)
+                events.append(
+                    EventRecord(seq, e["type"], e["payload_json"], e["created_at"], consumed.get(seq, ""))
+                )
+            return events
+
+        return self.layer.read(read)
+
+    def get_history(self, tenant: str, id: str, after_seq: int, limit: int) -> list[HistoryEntry]:
+        begin = self.k.inst(tenant, id, "y", after_seq + 1)
+        end = self.k.inst(tenant, id, "y", after_seq + limit + 1)
+        rows = self.layer.read(lambda tr: tr.get_range(begin, end))
+        return [HistoryEntry(**json.loads(value)) for _, value in group_chunks(rows, 0)]
+
+    def _history(self, tr: Txn, tenant: str, id: str, entries: Sequence[HistoryEntry]) -> None:
+        if not entries:
+            return
+        counter = self.k.inst(tenant, id, "yn")
+        last = decode_int(tr.get(counter))
+        for entry in entries:
+            last += 1
+            entry.seq = last
+            put_blob(tr, self.k.inst(tenant, id, "y", last), _json(entry.__dict__))
+        tr.set(counter, encode_int(last))
+
+    # -- the write path of running instances ----------------------------------------------------
+    def apply(self, changes: Sequence[Change]) -> list[ApplyResult]:
+        # One transaction per batch (group commit), unless the batch would pass the transaction
+        # size limit: then it is split between changes, each change still atomic.
+        groups: list[list[Change]] = []
+        size = 0
+        for ch in changes:
+            grown = _change_bytes(ch)
+            if not groups or size + grown > MAX_TXN_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(ch)
+            size += grown
+        results: list[ApplyResult] = []
+        for group in groups:
+            batch_id = uuid.uuid4().hex  # outside the retry loop: a retry recognises its own commit
+            results += self.layer.transact(lambda tr, g=group, b=batch_id: self._apply_batch(tr, g, b))  # type: ignore[misc]
+        return results
+
+    def _apply_batch(self, tr: Txn, changes: list[Change], batch_id: str) -> list[ApplyResult]:
+        done: dict[tuple[str, str], dict[int, ApplyResult] | None] = {}
+        mine: dict[tuple[str, str], list[tuple[int, ApplyResult]]] = {}
+        results: list[ApplyResult] = []
+        for pos, ch in enumerate(changes):
+            key = (ch.tenant, ch.id)
+            if key not in done:
+                raw = tr.get(self.k.inst(ch.tenant, ch.id, "x"))
+                marker = json.loads(raw) if raw is not None else None
+                done[key] = (
+                    {
+                        p: ApplyResult(ok, reason, seqs, Status(s) if s is not None else None)
+                        for p, ok, reason, seqs, s in marker["results"]
+                    }  # fmt: skip
+                    if marker is not None and marker["batch"] == batch_id
+                    else None
+                )
+            earlier = done[key]
+            if earlier is not None:  # this batch committed before (the commit reported unknown)
+                results.append(earlier[pos])
+                continue
+            result = self._apply_one(tr, ch)
+            results.append(result)
+            if result.ok or result.reason != f"instance {ch.id!r} does not exist":
+                mine.setdefault(key, []).append((pos, result))
+        for (tenant, id), applied in mine.items():
+            rows = [[p, r.ok, r.reason, r.event_seqs, int(r.status) if r.status is not None else None]
+                    for p, r in applied]  # fmt: skip
+            tr.set(self.k.inst(tenant, id, "x"), _json({"batch": batch_id, "results": rows}))
+        return results
+
+    def _apply_one(self, tr: Txn, ch: Change) -> ApplyResult:
+        k, t, i = self.k, ch.tenant, ch.id
+        raw = tr.get(k.inst(t, i, "h"))
+        if raw is None:
+            return ApplyResult(False, f"instance {i!r} does not exist")
+        old = Head.decode(raw)
+        if ch.generation is not None and old.generation != ch.generation:
+            return ApplyResult(False, "the instance was restarted or terminated meanwhile")
+        if ch.owner is not None and old.lease_owner != ch.owner:
+            return ApplyResult(False, "the lease on the instance was lost")
+        if ch.expect_status and old.status not in ch.expect_status:
+            return ApplyResult(False, f"the instance is {old.status.name.lower()}", status=old.status)
+        values = dict(ch.set)
+        unknown = set(values) - _SETTABLE
+        if unknown:
+            raise ValueError(f"cannot set instance columns {sorted(unknown)}")
+        history = list(ch.history)
+        if (
+            ch.pause_aware
+            and old.status == Status.WAITING_FOR_PAUSE
+            and values.get("status") not in (Status.COMPLETE, Status.ERRORED)
+        ):
+            values.update(status=Status.PAUSED, run_at=None)
+            history = [h for h in history if h.kind != "status"]
+            history.append(HistoryEntry(kind="status", at=ch.now, status=int(Status.PAUSED)))
+        # Everything that can fail is checked before the first write (no savepoints here).
+        released = self._released(tr, ch)
+        consumed_now: set[int] = set()
+        for seq, _ in ch.consume_events:
+            exists = tr.get(k.inst(t, i, "v", seq, 0)) is not None
+            taken = tr.get(k.inst(t, i, "vc", seq)) is not None and seq not in released
+            if not exists or taken or seq in consumed_now:
+                return ApplyResult(False, f"event {seq} was already consumed")
+            consumed_now.add(seq)
+        if ch.delete_steps_from is not None:
+            self._delete_steps(tr, ch)
+        for step in ch.steps:
+            kp = part(step.key)
+            old_seq = tr.get(k.inst(t, i, "sk", kp))
+            if old_seq is not None and unpack(old_seq)[0] != step.seq:
+                tr.clear(k.inst(t, i, "sq", unpack(old_seq)[0], kp))
+            put_blob(tr, k.inst(t, i, "s", kp), step_json(step))
+            tr.set(k.inst(t, i, "sk", kp), pack((step.seq,)))
+            tr.set(k.inst(t, i, "sq", step.seq, kp), b"")
+        for seq, step_key in ch.consume_events:
+            event = json.loads(join_chunks(tr.get_range(*k.inst_range(t, i, "v", seq))))
+            tr.set(k.inst(t, i, "vc", seq), step_key.encode())
+            tr.clear(k.inst(t, i, "w", part(event["type"]), seq))
+            tr.set(k.inst(t, i, "c", part(step_key), seq), event["type"].encode())
+        event_seqs: list[int] = []
+        if ch.add_events:
+            last = decode_int(tr.get(k.inst(t, i, "vn")))
+            for event in ch.add_events:
+                last += 1
+                body = {
+                    "type": event.type,
+                    "payload_json": event.payload_json,
+                    "created_at": event.created_at,
+                }
+                put_blob(tr, k.inst(t, i, "v", last), _json(body))
+                tr.set(k.inst(t, i, "w", part(event.type), last), b"")
+                event_seqs.append(last)
+            tr.set(k.inst(t, i, "vn"), encode_int(last))
+        final = Status(int(values.get("status", old.status)))
+        if ch.wake_on_events and final not in (Status.PAUSED, Status.WAITING_FOR_PAUSE, Status.COMPLETE,
+                                               Status.ERRORED, Status.TERMINATED):  # fmt: skip
+            if any(tr.get_range(*k.inst_range(t, i, "w", part(type)), limit=1) for type in ch.wake_on_events):
+                values["run_at"] = ch.now
+        new = old.replace(
+            status=final,
+            run_at=values["run_at"] if "run_at" in values else old.run_at,
+            generation=old.generation + 1 if ch.bump_generation else old.generation,
+            lease_owner=values["lease_owner"] if "lease_owner" in values else old.lease_owner,
+            lease_until=values["lease_until"] if "lease_until" in values else old.lease_until,
+            updated_at=ch.now,
+        )
+        if any(f in values for f in RESULT):
+            rows = tr.get_range(*k.inst_range(t, i, "o"))
+            result = json.loads(join_chunks(rows)) if rows else {}
+            result.update({f: values[f] for f in RESULT if f in values})
+            put_blob(tr, k.inst(t, i, "o"), _json(result))
+        tr.set(k.inst(t, i, "h"), new.encode())
+        reindex(tr, k, t, i, old, new)
+        self._history(tr, t, i, history)
+        return ApplyResult(True, event_seqs=event_seqs, status=final)
+
+    def _steps_from(self, tr: Txn, ch: Change) -> list[tuple[int, str | bytes]]:
+        begin = self.k.inst(ch.tenant, ch.id, "sq", ch.delete_steps_from)
+        end = self.k.inst_range(ch.tenant, ch.id, "sq")[1]
+        return [tuple(self.k.strip(key)[-2:]) for key, _ in tr.get_range(begin, end)]  # type: ignore[misc]
+
+    def _released(self, tr: Txn, ch: Change) -> set[int]:
+        """Events a restart in ``ch`` gives back (consumed by the journal entries it deletes)."""
+        if ch.delete_steps_from is None:
+            return set()
+        seqs: set[int] = set()
+        for _, kp in self._steps_from(tr, ch):
+            seqs |= {
+                self.k.strip(key)[-1]
+                for key, _ in tr.get_range(*self.k.inst_range(ch.tenant, ch.id, "c", kp))
+            }
+        return seqs
+
+    def _delete_steps(self, tr: Txn, ch: Change) -> None:
+        k, t, i = self.k, ch.tenant, ch.id
+        for seq, kp in self._steps_from(tr, ch):
+            tr.clear_range(*k.inst_range(t, i, "s", kp))
+            tr.clear(k.inst(t, i, "sk", kp))
+            tr.clear(k.inst(t, i, "sq", seq, kp))
+            for key, type in tr.get_range(*k.inst_range(t, i, "c", kp)):
+                event_seq = k.strip(key)[-1]
+                tr.clear(k.inst(t, i, "vc", event_seq))
+                tr.set(k.inst(t, i, "w", part(type.decode()), event_seq), b"")
+            tr.clear_range(*k.inst_range(t, i, "c", kp))
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def claim(
+        self, owner: str, now: float, lease_seconds: float, limit: int, per_tenant: int = 0
+    ) -> list[InstanceRecord]:
+        if limit <= 0:
+            return []
+        return self.layer.transact(
+            lambda tr: claims.claim(tr, self.k, self._load, owner, now, lease_seconds, limit, per_tenant)
+        )
+
+    def renew_leases(
+        self, owner: str, keys: Sequence[tuple[str, str]], until: float
+    ) -> list[tuple[str, str]]:
+        def renew(tr: Txn) -> list[tuple[str, str]]:
+            lost = []
+            for tenant, id in keys:
+                raw = tr.get(self.k.inst(tenant, id, "h"))
+                head = Head.decode(raw) if raw is not None else None
+                if head is None or head.lease_owner != owner:
+                    lost.append((tenant, id))
+                    continue
+                new = head.replace(lease_until=until)
+                tr.set(self.k.inst(tenant, id, "h"), new.encode())
+                reindex(tr, self.k, tenant, id, head, new)
+            return lost
+
+        return self.layer.transact(renew)
+
+    def release_leases(self, owner: str) -> int:
+        def release(tr: Txn) -> tuple[int, bool]:
+            rows = tr.get_range(*self.k.glob_range("o", owner), limit=PAGE)
+            count = 0
+            for key, _ in rows:
+                tenant, id = self.k.strip(key)[-2:]
+                raw = tr.get(self.k.inst(tenant, id, "h"))
+                head = Head.decode(raw) if raw is not None else None
+                if head is None or head.lease_owner != owner:
+                    tr.clear(key)
+                    continue
+                new = head.replace(lease_owner=None, lease_until=None)
+                tr.set(self.k.inst(tenant, id, "h"), new.encode())
+                reindex(tr, self.k, tenant, id, head, new)
+                count += 1
+            return count, len(rows) == PAGE
+
+        total, more = 0, True
+        while more:
+            count, more = self.layer.transact(release)
+            total += count
+        return total
+
+    def delete_instance(self, tenant: str, id: str) -> bool:
+        return self.layer.transact(lambda tr: delete(tr, self.k, tenant, id))
+
+    def purge_ended(self, before: float, limit: int) -> int:
+        begin = self.k.glob_range("e")[0]
+        end = self.k.glob("e", before)
+
+        def purge(tr: Txn, page: int) -> tuple[int, bool]:
+            rows = tr.get_range(begin, end, limit=page)
+            count = 0
+            for key, _ in rows:
+                _, _, tenant, id = self.k.strip(key)
+                count += delete(tr, self.k, tenant, id)
+                tr.clear(key)
+            return count, len(rows) == page
+
+        total, more = 0, True
+        while more and total < limit:
+            page = min(PAGE, limit - total)
+            count, more = self.layer.transact(lambda tr, p=page: purge(tr, p))  # type: ignore[misc]
+            total += count
+        return total
+
+    def next_run_at(self) -> float | None:
+        return self.layer.read(lambda tr: claims.next_run_at(tr, self.k))
+
+    def count_by_status(self) -> dict[Status, int]:
+        counts: Counter[Status] = Counter()
+        for key, value in self.layer.read(lambda tr: tr.get_range(*self.k.glob_range("n"))):
+            counts[Status(self.k.strip(key)[1])] += decode_int(value)
+        return dict(counts)
+
+    def close(self) -> None:
+        self.layer.close()

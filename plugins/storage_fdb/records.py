@@ -1,0 +1,92 @@
+"""How records are stored as values: the small mutable head of an instance as a tuple, everything
+else as JSON split into chunks under the value limit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tenantflow.kernel.model import TERMINAL, InstanceRecord, Status, StepRecord
+from tenantflow.plugins.storage_fdb.keys import pack, unpack
+from tenantflow.plugins.storage_fdb.layer import CHUNK_BYTES, Txn
+
+
+@dataclass
+class Head:
+    """The fields of an instance that change while it runs, and its creation sequence."""
+
+    status: Status
+    run_at: float | None
+    generation: int
+    lease_owner: str | None
+    lease_until: float | None
+    created_at: float
+    updated_at: float
+    cseq: int
+
+    def encode(self) -> bytes:
+        return pack((int(self.status), self.run_at, self.generation, self.lease_owner, self.lease_until,
+                     self.created_at, self.updated_at, self.cseq))  # fmt: skip
+
+    @staticmethod
+    def decode(raw: bytes) -> Head:
+        s, run_at, gen, owner, until, created, updated, cseq = unpack(raw)
+        return Head(Status(s), run_at, gen, owner, until, created, updated, cseq)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    def replace(self, **changes: Any) -> Head:
+        return dataclasses.replace(self, **changes)
+
+
+ENVELOPE = ("workflow", "code", "runtime", "module", "params_json")
+RESULT = ("output_json", "error_name", "error_message")
+
+
+def record(
+    tenant: str, id: str, head: Head, envelope: dict[str, str], result: dict[str, str]
+) -> InstanceRecord:
+    return InstanceRecord(
+        tenant=tenant, id=id, **envelope, status=head.status,
+        output_json=result.get("output_json", ""), error_name=result.get("error_name", ""),
+        error_message=result.get("error_message", ""), created_at=head.created_at,
+        updated_at=head.updated_at, run_at=head.run_at, generation=head.generation,
+        lease_owner=head.lease_owner, lease_until=head.lease_until,
+    )  # fmt: skip
+
+
+def step_json(step: StepRecord) -> bytes:
+    return json.dumps(dataclasses.asdict(step), separators=(",", ":")).encode()
+
+
+def put_blob(tr: Txn, key: bytes, data: bytes) -> None:
+    """Store ``data`` as chunks ``key + (n,)`` under the value limit, replacing what was there."""
+    tr.clear_range(key + b"\x00", key + b"\xff")
+    for n, start in enumerate(range(0, max(len(data), 1), CHUNK_BYTES)):
+        tr.set(key + pack((n,)), data[start : start + CHUNK_BYTES])
+
+
+def join_chunks(rows: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(value for _, value in rows)
+
+
+def group_chunks(rows: list[tuple[bytes, bytes]], strip: int) -> list[tuple[tuple[Any, ...], bytes]]:
+    """Chunked values read in one range, joined: (key elements without the chunk number, value).
+    ``strip``: key elements to drop in front."""
+    out: list[tuple[tuple[Any, ...], bytes]] = []
+    parts: list[bytes] = []
+    current: tuple[Any, ...] | None = None
+    for key, value in rows:
+        items = unpack(key)[strip:-1]
+        if items != current:
+            if current is not None:
+                out.append((current, b"".join(parts)))
+            current, parts = items, []
+        parts.append(value)
+    if current is not None:
+        out.append((current, b"".join(parts)))
+    return out
