@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,9 +55,11 @@ def test_publish_create_watch_event_status_list(kernel: KernelProcess, tenant: s
         "↻ test",
         "✔ deploy",
         "status → complete",
-        "test      do    complete  2",
     ):
         assert needle in watched, needle
+    # the closing steps table: step, kind, status, attempts (column widths follow the longest kind)
+    assert re.search(r"^test +do +complete +2 ", watched, re.M), watched
+    assert re.search(r"^approval +wait_for_event +complete +0 ", watched, re.M), watched
     status = tf(kernel, "status", "--tenant", tenant, "b1")
     assert "complete" in status and "https://app.example" in status
     listed = tf(kernel, "list", "--tenant", tenant, "--status", "complete")
