@@ -51,7 +51,7 @@ class ChildLimits:
 
     cpu_seconds: float = 10.0
     memory_bytes: int = 1024 * 1024 * 1024
-    wall_seconds: float = 30.0
+    wall_seconds: float = 20.0  # under the clients' default 30 s deadline
     output_bytes: int = 1024 * 1024
     what: str = "inspecting your code"
 
