@@ -386,7 +386,7 @@ class KVStorage:
     def _steps_from(self, tr: Txn, ch: Change) -> list[tuple[int, str | bytes]]:
         begin = self.k.inst(ch.tenant, ch.id, "sq", ch.delete_steps_from)
         end = self.k.inst_range(ch.tenant, ch.id, "sq")[1]
-        return [tuple(self.k.strip(key)[-2:]) for key, _ in tr.get_range(begin, end)]  # type: ignore[misc]
+        return [tuple(self.k.strip(key)[-2:]) for key, _ in tr.get_range(begin, end)]
 
     def _released(self, tr: Txn, ch: Change) -> set[int]:
         """Events a restart in ``ch`` gives back (consumed by the journal entries it deletes)."""

@@ -25,7 +25,7 @@ def load_fdb(api_version: int) -> Any:
     """``fdb`` with its API version selected, or an error that says what to install."""
     with _open_lock:
         try:
-            import fdb  # type: ignore[import-untyped]
+            import fdb
         except ImportError:
             raise Unavailable(
                 "fdb:// storage needs the FoundationDB Python binding: pip install foundationdb"
@@ -94,11 +94,11 @@ class FdbLayer:
         self._db.options.set_transaction_timeout(10_000)
         self._db.options.set_transaction_retry_limit(100)
 
-        @self._fdb.transactional
         def run(tr: Any, fn: Callable[[Txn], Any]) -> Any:
             return fn(FdbTxn(tr))
 
-        self._run = run
+        # the binding's retry loop: commit, and on an error let on_error decide whether to run again
+        self._run: Callable[[Any, Callable[[Txn], Any]], Any] = self._fdb.transactional(run)
 
     def transact(self, fn: Callable[[Txn], T]) -> T:
         result: T = self._run(self._db, fn)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import fdb.tuple  # type: ignore[import-untyped]
+import fdb.tuple
 
 SHARDS = 16
 _LONG = 64  # bytes of a name kept as is in a key; longer ones become their SHA-256 (a key stays < 511)

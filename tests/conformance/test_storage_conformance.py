@@ -8,10 +8,13 @@ when ``TENANTFLOW_FDB_CLUSTER_FILE`` names one, and is skipped with that reason 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -267,3 +270,143 @@ def test_count_by_status_counts_every_tenant(storage: Storage) -> None:
     assert counts == {Status.QUEUED: 1, Status.WAITING: 2, Status.COMPLETE: 1}
     storage.delete_instance("u", "a")
     assert storage.count_by_status()[Status.WAITING] == 1
+
+
+# -- concurrency: threads on one storage object, and on two objects over one store ------------------
+@pytest.fixture(params=["one object", "two objects"])
+def pair(
+    request: pytest.FixtureRequest, storage_url: str, tmp_path: Path
+) -> Iterator[tuple[Storage, Storage]]:
+    """Two handles on one store: the same object twice, or two objects (as two kernel nodes have)."""
+    first = open_storage(storage_url, tmp_path)
+    second = first if request.param == "one object" else open_storage(storage_url, tmp_path)
+    yield first, second
+    first.close()
+    if second is not first:
+        second.close()
+
+
+def race(*calls: Callable[[], Any]) -> list[Any]:
+    """Run the calls on threads released together; their results in order."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], Any]) -> Any:
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def test_two_writers_racing_on_one_instance_one_wins(pair: tuple[Storage, Storage]) -> None:
+    a, b = pair
+    a.create_instances([instance("t", f"i{n}") for n in range(20)], [entry() for _ in range(20)])
+    for n in range(20):
+
+        def write(storage: Storage, who: str, n: int = n) -> bool:
+            step = StepRecord(
+                key="s#0", seq=1, name="s", kind="do", status="complete", output_json=f'"{who}"'
+            )
+            change = Change(tenant="t", id=f"i{n}", generation=0, bump_generation=True, now=1.0, steps=[step],
+                            set={"status": Status.RUNNING})  # fmt: skip
+            return storage.apply([change])[0].ok
+
+        won = race(lambda n=n: write(a, "a", n), lambda n=n: write(b, "b", n))  # type: ignore[misc]
+        assert sorted(won) == [False, True]
+        (step,) = a.get_steps("t", f"i{n}")
+        assert step.output_json == ('"a"' if won[0] else '"b"')
+        assert b.get_instance("t", f"i{n}").generation == 1  # type: ignore[union-attr]
+
+
+def test_lease_expiry_takeover_and_a_fenced_late_writer(pair: tuple[Storage, Storage]) -> None:
+    a, b = pair
+    now = time.time()
+    a.create_instances([instance("t", "x", run_at=now - 1)], [entry()])
+    (mine,) = a.claim("node-a", now, 5, 10)
+    assert b.claim("node-b", now + 4, 5, 10) == []  # the lease is live
+    (taken,) = b.claim("node-b", now + 6, 5, 10)  # expired: node-b takes over
+    assert taken.id == "x" and taken.lease_owner == "node-b"
+    assert a.renew_leases("node-a", [("t", "x")], now + 30) == [("t", "x")]  # node-a learns it lost
+    step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="complete", output_json="1")
+    late = Change(tenant="t", id="x", owner="node-a", generation=mine.generation, now=now + 7, steps=[step],
+                  set={"status": Status.COMPLETE})  # fmt: skip
+    (result,) = a.apply([late])
+    assert not result.ok and "lease" in result.reason
+    assert b.get_steps("t", "x") == [] and b.get_instance("t", "x").status == Status.QUEUED  # type: ignore[union-attr]
+    assert b.apply([Change(tenant="t", id="x", owner="node-b", now=now + 7, steps=[step])])[0].ok
+
+
+def test_a_timer_is_due_exactly_once_under_concurrent_pollers(pair: tuple[Storage, Storage]) -> None:
+    a, b = pair
+    now = time.time()
+    count = 60
+    # half due already, half due during the polling; two tenants
+    records = [instance(f"t{n % 2}", f"i{n}", run_at=now - 1 if n % 2 else now + 0.5) for n in range(count)]
+    a.create_instances(records, [entry() for _ in records])
+    claimed: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def poll(storage: Storage, owner: str) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            got = storage.claim(owner, time.time(), 300, 3)
+            with lock:
+                claimed.extend((r.tenant, r.id) for r in got)
+                if len(claimed) >= count:
+                    return
+            time.sleep(0.001)
+
+    race(*[lambda s=s, n=n: poll(s, f"node-{n}") for n, s in enumerate([a, b, a, b])])  # type: ignore[misc]
+    assert sorted(claimed) == sorted((r.tenant, r.id) for r in records)  # each once, none missed
+
+
+def test_an_event_is_delivered_once(pair: tuple[Storage, Storage]) -> None:
+    a, b = pair
+    a.create_instances([instance("t", "x")], [entry()])
+    (sent,) = a.apply([Change(tenant="t", id="x", now=1.0, add_events=[EventRecord(0, "go", "1", 1.0)])])
+    seq = sent.event_seqs[0]
+
+    def consume(storage: Storage, n: int) -> bool:
+        wait = StepRecord(key=f"w#{n}", seq=n + 1, name="w", kind="wait", status="complete", event_type="go")
+        return storage.apply(
+            [Change(tenant="t", id="x", now=2.0, steps=[wait], consume_events=[(seq, f"w#{n}")])]
+        )[0].ok
+
+    outcomes = race(*[lambda s=s, n=n: consume(s, n) for n, s in enumerate([a, b, a, b])])  # type: ignore[misc]
+    assert outcomes.count(True) == 1
+    (event,) = b.get_events("t", "x", unconsumed_only=False)
+    assert event.consumed_by == f"w#{outcomes.index(True)}"
+    assert [s.key for s in b.get_steps("t", "x")] == [f"w#{outcomes.index(True)}"]  # losers rolled back
+
+
+def test_paging_under_writes_sees_every_instance_once_in_order(pair: tuple[Storage, Storage]) -> None:
+    a, b = pair
+    a.create_instances([instance("t", f"a{n:03}") for n in range(150)], [entry() for _ in range(150)])
+    stop = threading.Event()
+
+    def write() -> int:
+        n = 0
+        while not stop.is_set():
+            b.create_instances([instance("t", f"b{n:04}")], [entry()])
+            if n % 3 == 0 and n >= 3:
+                b.delete_instance("t", f"b{n - 3:04}")
+            n += 1
+        return n
+
+    with ThreadPoolExecutor(1) as pool:
+        writer = pool.submit(write)
+        seen: list[str] = []
+        page, cursor = a.list_instances("t", None, None, 7)
+        seen += [r.id for r in page]
+        while cursor:
+            page, cursor = a.list_instances("t", None, cursor, 7)
+            seen += [r.id for r in page]
+            time.sleep(0.001)
+            if len(seen) > 10_000:
+                break
+        stop.set()
+        written = writer.result()
+    assert written > 0
+    assert seen[:150] == [f"a{n:03}" for n in range(150)]  # the ones there before: all, once, in order
+    later = seen[150:]
+    assert len(later) == len(set(later)) and later == sorted(later)  # no repeats, creation order
