@@ -1,95 +1,39 @@
-"""Tenant density under load: every locust user is a tenant with its own code.
+"""Tenant density under load, over gRPC: pick a scenario by name with ``TENANTFLOW_SCENARIO``.
 
-Each user publishes its own workflow (a never-seen tenant for the kernel), then keeps creating
-instances that run a step, hibernate on ``wait_for_event`` and finish when the user sends the
-event. Measured per RPC by locust; the kernel's RSS and its hibernating-instance count tell the
-density. Run against a kernel you started (``tenantflow serve``):
+Scenarios (see scenarios.py): ``density`` (default), ``noisy``, ``soak``; several may be joined with
+commas, or ``all``. ``make loadtest`` starts a kernel, runs this headless and writes a report folder
+(loadtests/loadtest.py). Against a kernel you started yourself:
 
     .venv/bin/pip install -e '.[load]'
-    .venv/bin/locust -f loadtests/locustfile.py --headless -u 200 -r 20 -t 60s --host 127.0.0.1:7450
+    TENANTFLOW_SCENARIO=noisy .venv/bin/locust -f loadtests/locustfile.py --headless -u 50 -r 10 -t 60s \\
+        --host 127.0.0.1:7450
 """
 
 from __future__ import annotations
 
-import itertools
-import random
-import time
-from collections.abc import Callable
-from typing import Any
+import os
+import sys
+from pathlib import Path
 
-import grpc
 import grpc.experimental.gevent as grpc_gevent
-from locust import User, between, events, task
 
-from tenantflow.v1 import tenantflow_pb2 as pb
-from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
+grpc_gevent.init_gevent()  # before any channel: gRPC must cooperate with locust's greenlets
 
-grpc_gevent.init_gevent()
+sys.path.insert(0, str(Path(__file__).parent))
 
-CODE = """
-from tenantflow.workflow import WorkflowEntrypoint
-
-class Order(WorkflowEntrypoint):
-    async def run(self, event, step):
-        total = await step.do("price", lambda: sum(event.payload["items"]))
-        paid = await step.wait_for_event("payment", type="paid", timeout="1 hour")
-        return await step.do("ship", lambda: {"total": total, "paid": paid["payload"]})
-"""
-_tenants = itertools.count()
+from scenarios import SCENARIOS  # noqa: E402
 
 
-class TenantUser(User):
-    """One tenant: its own code, its own instances, its own events."""
-
-    wait_time = between(0.05, 0.5)
-
-    def on_start(self) -> None:
-        self.channel = grpc.insecure_channel(self.host)
-        self.workflows = pb_grpc.WorkflowsStub(self.channel)
-        self.code = pb_grpc.CodeStub(self.channel)
-        self.tenant = f"load-{next(_tenants)}-{random.getrandbits(32):08x}"
-        files = {"order.py": (CODE + f"\n# tenant {self.tenant}\n").encode()}
-        self.ref = self.call(
-            "Publish", self.code.Publish, pb.PublishRequest(tenant=self.tenant, name="order", files=files)
-        ).ref
-        self.waiting: list[str] = []
-
-    def on_stop(self) -> None:
-        self.channel.close()
-
-    def call(self, name: str, method: Callable[..., Any], request: Any) -> Any:
-        started = time.perf_counter()
-        response, error = None, None
-        try:
-            response = method(request, timeout=30)
-        except grpc.RpcError as exc:
-            error = exc
-        events.request.fire(request_type="grpc", name=name, response_time=(time.perf_counter() - started) * 1000,
-                            response_length=response.ByteSize() if response is not None else 0, exception=error,
-                            context={})  # fmt: skip
-        return response
-
-    @task(3)
-    def create(self) -> None:
-        request = pb.CreateRequest(
-            tenant=self.tenant, workflow="Order", code=self.ref, params_json='{"items": [1, 2, 3]}'
+def _chosen() -> list[str]:
+    raw = os.environ.get("TENANTFLOW_SCENARIO", "density").strip().lower()
+    names = list(SCENARIOS) if raw == "all" else [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise SystemExit(
+            f"TENANTFLOW_SCENARIO={raw!r}: choose from {', '.join(SCENARIOS)} or all (comma-separated)"
         )
-        instance = self.call("Create", self.workflows.Create, request)
-        if instance is not None:
-            self.waiting.append(instance.id)
+    return names
 
-    @task(2)
-    def pay(self) -> None:
-        if self.waiting:
-            id = self.waiting.pop(0)
-            request = pb.SendEventRequest(
-                tenant=self.tenant, id=id, type="paid", payload_json='{"card": "ok"}'
-            )
-            self.call("SendEvent", self.workflows.SendEvent, request)
 
-    @task(1)
-    def status(self) -> None:
-        if self.waiting:
-            self.call(
-                "Get", self.workflows.Get, pb.InstanceRef(tenant=self.tenant, id=random.choice(self.waiting))
-            )
+# locust runs the User classes it finds here: only the chosen scenarios' ones.
+globals().update({user.__name__: user for name in _chosen() for user in SCENARIOS[name]})
