@@ -146,7 +146,7 @@ def filter_child() -> None:
     tenants sharing one uid), signals only to itself, and a death signal it cannot unset."""
     if _pyseccomp is None:  # no libseccomp: the template reported the filter missing
         return
-    syscalls.build_filter(_pyseccomp, network=_network, run_pid=os.getpid()).load()
+    syscalls.build_run_filter(_pyseccomp, os.getpid()).load()
 
 
 def _seccomp(pyseccomp: Any, network: bool) -> str:
@@ -273,15 +273,10 @@ def _world_readable(path: str) -> bool:
     return True
 
 
-_network = False  # what the template was told, for its children's filters
-
-
 def confine_template(
     *, network: bool = False, filesystem: bool = True, writable: list[str] | None = None
 ) -> Confinement:
     """Confine the calling (template) process for good; say what could not be established."""
-    global _network
-    _network = network
     missing: dict[str, str] = {}
     notes: list[str] = []
     pyseccomp = _load_pyseccomp()

@@ -71,49 +71,55 @@ CLONE_THREAD = 0x00010000
 _LOW32 = 0xFFFFFFFF
 
 
-def build_filter(seccomp: Any, *, network: bool, run_pid: int | None = None) -> Any:
-    """The allow-list as a pyseccomp filter (default: EPERM).
-
-    ``run_pid``: the filter of one run's child, stacked on the template's: threads but no
-    processes (``clone`` only with ``CLONE_THREAD``), signals only to itself, its death signal
-    fixed, no new session, filter or Landlock domain."""
+def build_filter(seccomp: Any, *, network: bool) -> Any:
+    """The template's allow-list as a pyseccomp filter (default: EPERM); its runs inherit it."""
     rules = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
-
-    def add(action: Any, name: str, *args: Any) -> None:
-        try:
-            rules.add_rule(action, name, *args)
-        except (OSError, ValueError, RuntimeError):  # noqa: PERF203 - a syscall this architecture lacks
-            pass
-
-    def masked(index: int, value: int, mask: int = _LOW32) -> Any:
-        return seccomp.Arg(index, seccomp.MASKED_EQ, mask, value & mask)
-
     allow = seccomp.ALLOW
-    for name in ALLOWED:
-        add(allow, name)
+    for name in (*ALLOWED, *TEMPLATE_ONLY, "clone", "kill", "tgkill"):
+        _add(rules, allow, name)
     for name in XATTR:
-        add(seccomp.ERRNO(errno.EOPNOTSUPP), name)
-    add(seccomp.ERRNO(errno.ENOSYS), "clone3")  # glibc then falls back to clone, which we can filter
+        _add(rules, seccomp.ERRNO(errno.EOPNOTSUPP), name)
+    _add(rules, seccomp.ERRNO(errno.ENOSYS), "clone3")  # glibc then falls back to clone, which we can filter
     for request in IOCTLS:
-        add(allow, "ioctl", masked(1, request))
+        _add(rules, allow, "ioctl", _masked(seccomp, 1, request))
     for family in (
         socket.AF_UNIX,
         socket.AF_INET,
         socket.AF_INET6,
         *([socket.AF_NETLINK] if network else []),
     ):
-        add(allow, "socket", masked(0, family))
-    add(allow, "prlimit64", seccomp.Arg(0, seccomp.EQ, 0))  # its own limits, never another process's
+        _add(rules, allow, "socket", _masked(seccomp, 0, family))
+    _add(rules, allow, "prlimit64", seccomp.Arg(0, seccomp.EQ, 0))  # its own limits, never another process's
     for option in PRCTLS:
-        if not (run_pid is not None and option == PR_SET_PDEATHSIG):
-            add(allow, "prctl", masked(0, option))
-    add(allow, "prctl", masked(0, PR_CAP_AMBIENT), masked(1, PR_CAP_AMBIENT_IS_SET))
-    if run_pid is None:
-        for name in (*TEMPLATE_ONLY, "clone", "kill", "tgkill"):
-            add(allow, name)
-    else:
-        add(allow, "clone", masked(0, CLONE_THREAD, CLONE_THREAD))
-        for target in (0, run_pid):
-            add(allow, "kill", masked(0, target))
-        add(allow, "tgkill", masked(0, run_pid))
+        _add(rules, allow, "prctl", _masked(seccomp, 0, option))
+    _add(
+        rules, allow, "prctl", _masked(seccomp, 0, PR_CAP_AMBIENT), _masked(seccomp, 1, PR_CAP_AMBIENT_IS_SET)
+    )
     return rules
+
+
+def build_run_filter(seccomp: Any, pid: int) -> Any:
+    """One run's filter, stacked on the template's (the stricter answer wins): threads but no
+    processes (``clone`` only with ``CLONE_THREAD``), signals only to itself, its death signal
+    fixed, no new session, filter or Landlock domain. A handful of rules: a run starts fast."""
+    rules = seccomp.SyscallFilter(seccomp.ALLOW)
+    deny = seccomp.ERRNO(errno.EPERM)
+    for name in TEMPLATE_ONLY:
+        _add(rules, deny, name)
+    _add(rules, deny, "clone", _masked(seccomp, 0, 0, CLONE_THREAD))
+    _add(rules, deny, "kill", seccomp.Arg(0, seccomp.NE, pid))
+    _add(rules, deny, "tgkill", seccomp.Arg(0, seccomp.NE, pid))
+    _add(rules, deny, "prctl", _masked(seccomp, 0, PR_SET_PDEATHSIG))
+    return rules
+
+
+def _add(rules: Any, action: Any, name: str, *args: Any) -> None:
+    try:
+        rules.add_rule(action, name, *args)
+    except (OSError, ValueError, RuntimeError):  # a syscall this architecture lacks
+        pass
+
+
+def _masked(seccomp: Any, index: int, value: int, mask: int = _LOW32) -> Any:
+    """Argument ``index`` equals ``value`` in the bits of ``mask`` (ints are 32-bit in registers)."""
+    return seccomp.Arg(index, seccomp.MASKED_EQ, mask, value & mask)
