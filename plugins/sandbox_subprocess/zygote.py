@@ -92,6 +92,8 @@ def _serve() -> None:
         network=settings.get("network", False),
         filesystem=settings.get("filesystem", True),
     )
+    if not confine.die_with_parent(kernel):  # again: a change of uid cleared the death signal
+        return
     ctrl.send(json.dumps({"ready": True, **confinement._asdict()}).encode())
     template = os.getpid()
     wake_r, wake_w = os.pipe()
