@@ -33,15 +33,19 @@ def _short(text: str, width: int = 60) -> str:
 # -- serve ------------------------------------------------------------------------------------------
 async def _serve(args: argparse.Namespace) -> None:
     from tenantflow.kernel.auth import Tokens
-    from tenantflow.kernel.config import KernelConfig, default_data_dir
+    from tenantflow.kernel.config import KernelConfig, default_data_dir, lease_problem
     from tenantflow.kernel.sandbox import Limits
     from tenantflow.kernel.server import create_server
     from tenantflow.kernel.service import Kernel
 
+    if problem := lease_problem(args.lease_seconds, args.lease_renew_seconds):
+        raise SystemExit(f"error: --lease-seconds/--lease-renew-seconds: {problem}")
     config = KernelConfig(
         data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
         storage_url=args.storage or "",
         node_id=args.node_id,
+        lease_seconds=args.lease_seconds,
+        lease_renew_seconds=args.lease_renew_seconds,
         max_concurrent_runs=args.max_concurrent,
         max_running_per_tenant=args.max_running_per_tenant,
         tenant_create_rate=args.tenant_create_rate,
@@ -303,6 +307,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="storage URL (default sqlite:///<data-dir>/tenantflow.sqlite3)")
     s.add_argument("--data-dir", help="default $TENANTFLOW_DATA_DIR or ~/.local/share/tenantflow")
     s.add_argument("--node-id", default="local", help="lease owner name; unique per kernel sharing storage")
+    s.add_argument(
+        "--lease-seconds",
+        type=_POSITIVE,
+        default=6.0,
+        help="how long a node holds an instance without renewing: a dead node's instances run again on "
+        "another node within about this long, plus a second",
+    )
+    s.add_argument(
+        "--lease-renew-seconds",
+        type=_AMOUNT_OR_ZERO,
+        default=0.0,
+        help="how often a node renews its leases; at most half the lease (0: a quarter of it)",
+    )
     s.add_argument("--max-concurrent", type=_COUNT, default=64, help="wake-ups running at once")
     s.add_argument(
         "--max-running-per-tenant",

@@ -16,6 +16,18 @@ def default_data_dir() -> Path:
     return Path(env) if env else Path.home() / ".local" / "share" / "tenantflow"
 
 
+def lease_problem(lease_seconds: float, renew_seconds: float) -> str:
+    """Why these lease settings cannot work ("" if they can)."""
+    if not lease_seconds >= 1:
+        return f"the lease must last at least 1 s, got {lease_seconds:g}"
+    if not 0 <= renew_seconds <= lease_seconds / 2:
+        return (
+            f"leases must be renewed at least twice per lease: the renewal interval {renew_seconds:g} s "
+            f"must be at most half the {lease_seconds:g} s lease (0 picks a quarter of it)"
+        )
+    return ""
+
+
 @dataclass
 class KernelConfig:
     """Everything ``tenantflow serve`` can set."""
@@ -28,7 +40,10 @@ class KernelConfig:
     tenant_create_rate: float = 100.0  # instances a tenant may create per second (0: no limit)
     tenant_create_burst: float = 1000.0  # ... in bursts of up to this many
     tenant_max_live: int = 0  # instances of a tenant not yet ended (0: no cap)
-    lease_seconds: float = 30.0
+    # A node renews the leases of the instances it runs every lease_renew_seconds (0: a quarter of the
+    # lease); a node that dies stops renewing, and the others take its instances over once they expire.
+    lease_seconds: float = 6.0
+    lease_renew_seconds: float = 0.0
     limits: Limits = field(default_factory=Limits)
     max_payload_bytes: int = 1024 * 1024
     max_steps: int = 10_000
@@ -62,6 +77,10 @@ class KernelConfig:
         room = self.max_payload_bytes + ENVELOPE_BYTES
         if self.limits.message_bytes < room:
             self.limits = dataclasses.replace(self.limits, message_bytes=room)
+
+    @property
+    def lease_renew_interval(self) -> float:
+        return self.lease_renew_seconds or self.lease_seconds / 4
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"sqlite:///{self.data_dir / 'tenantflow.sqlite3'}"

@@ -1,5 +1,13 @@
 """The dispatch and timer contracts: lease runnable instances (new, timer due, event arrived,
-resumed), run them, keep their leases alive. Fairness comes from the storage's round-robin claim."""
+resumed), run them, keep their leases alive. Fairness comes from the storage's round-robin claim.
+
+Several kernel nodes may share one storage. A node renews the leases of the wake-ups it runs every
+``lease_renew_interval`` (a quarter of the lease by default), so a node that dies stops renewing
+and its instances are claimed by the others once the lease runs out. A node that lost a lease is
+fenced: storage refuses every write it makes for that instance (the lease owner guard), its
+wake-up is stopped, and it claims nothing until the changes that wake-up had queued are through,
+so it can never take the instance back while a stale write of its own is still on its way.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +15,39 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tenantflow.kernel import metrics
-from tenantflow.kernel.config import KernelConfig
-from tenantflow.kernel.engine import Engine
+from tenantflow.kernel.config import KernelConfig, lease_problem
+from tenantflow.kernel.engine import Engine, WakeUp
+from tenantflow.kernel.model import Change, InstanceRecord
 from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.dispatch")
+# How soon an idle node looks again for work another node made due (an expired lease, a timer set or
+# an event sent through another node); its own wake-ups and RPCs poke it at once.
+IDLE_POLL_SECONDS = 1.0
+
+Key = tuple[str, str]
 
 
 class Dispatcher:
     """Claims due instances up to the concurrency limit and runs each wake-up as a task."""
 
     def __init__(self, storage: Storage, engine: Engine, config: KernelConfig) -> None:
+        if problem := lease_problem(config.lease_seconds, config.lease_renew_seconds):
+            raise ValueError(problem)
         self._storage = storage
         self._engine = engine
         self._config = config
         self._poke = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[Key, asyncio.Task[None]] = {}
+        self._leases: dict[Key, float] = {}  # lease expiry this node last secured, per running instance
+        self._fenced: set[Key] = set()  # lost leases whose wake-up may still have writes queued
+        self._renewing = asyncio.Lock()
+        # Renewals never wait behind reads or loads in the shared default thread pool.
+        self._renewer = ThreadPoolExecutor(1, thread_name_prefix="tenantflow-leases")
         self._loops: list[asyncio.Task[None]] = []
         self.claimed = 0
 
@@ -46,6 +69,7 @@ class Dispatcher:
             wake.abort("kernel shutting down")
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
+        self._renewer.shutdown(wait=False)
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -57,7 +81,7 @@ class Dispatcher:
                 claimed = 0
             if claimed:
                 continue
-            timeout = 1.0
+            timeout = IDLE_POLL_SECONDS
             with contextlib.suppress(Exception):
                 next_at = await asyncio.to_thread(self._storage.next_run_at)
                 # Due work that could not be claimed (slots or tenant caps full) waits for a poke:
@@ -74,6 +98,8 @@ class Dispatcher:
         if free <= 0:
             return 0
         now = time.time()
+        if not await self._fence(now):
+            return 0
         started = time.perf_counter()
         records = await asyncio.to_thread(
             self._storage.claim,
@@ -85,24 +111,82 @@ class Dispatcher:
         )
         metrics.claimed(len(records), time.perf_counter() - started)
         for record in records:
-            task = asyncio.create_task(self._engine.execute(record), name=f"wake {record.tenant}/{record.id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._run(record, record.lease_until or now + self._config.lease_seconds)
         self.claimed += len(records)
         return len(records)
 
+    def _run(self, record: InstanceRecord, lease_until: float) -> None:
+        key = (record.tenant, record.id)
+        task = asyncio.create_task(self._engine.execute(record), name=f"wake {record.tenant}/{record.id}")
+        self._tasks.add(task)
+        self._running[key] = task
+        self._leases[key] = lease_until
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if self._running.get(key) is task:
+                del self._running[key]
+                self._leases.pop(key, None)
+
+        task.add_done_callback(done)
+
+    async def _fence(self, now: float) -> bool:
+        """Whether claiming with ``now`` is safe: no wake-up of ours whose lease ``now`` counts as
+        expired may still write, or the claim could hand the instance back to this node while the
+        old wake-up's writes pass the owner guard. After a stall (a paused process, a frozen event
+        loop) leases still ours are renewed first; lost ones are stopped and drained."""
+        stale = {k: w for k, w in self._engine.active.items() if self._leases.get(k, now) <= now}
+        if stale:
+            await self._renew(stale)
+        if not self._fenced:
+            return True
+        if any(key in self._running for key in self._fenced):
+            return False  # their wake-ups are stopping; each pokes the dispatcher as it ends
+        # The committer applies changes in order: once this guard that never holds (no instance has
+        # an empty id) is answered, every change the stopped wake-ups queued has been refused.
+        await self._engine.committer.submit(Change(tenant="", id="", now=now))
+        self._fenced.clear()
+        return True
+
+    async def _renew(self, wakes: dict[Key, WakeUp]) -> None:
+        """Extend the leases of ``wakes``; stop every wake-up whose lease another node took over,
+        or that an RPC on another node ended, restarted or terminated meanwhile."""
+        async with self._renewing:
+            until = time.time() + self._config.lease_seconds
+            loop = asyncio.get_running_loop()
+            lost = set(
+                await loop.run_in_executor(
+                    self._renewer, self._storage.renew_leases, self._config.node_id, list(wakes), until
+                )
+            )
+            for key, wake in wakes.items():
+                if self._engine.active.get(key) is not wake:
+                    continue  # ended meanwhile; a new wake-up of the same instance has its own lease
+                if key not in lost:
+                    self._leases[key] = max(self._leases.get(key, until), until)
+                    continue
+                if not wake.ended and not wake.aborted:
+                    log.info("lost the lease on %s/%s (another node took it, or an RPC ended or "
+                             "restarted it); its wake-up stops without writing", *key)  # fmt: skip
+                self._fenced.add(key)
+                self._leases.pop(key, None)
+                wake.abort("the lease on the instance was lost")
+
     async def _lease_loop(self) -> None:
-        interval = self._config.lease_seconds / 3
+        interval = self._config.lease_renew_interval
+        due = time.monotonic() + interval
         while True:
-            await asyncio.sleep(interval)
-            keys = list(self._engine.active)
-            if not keys:
+            await asyncio.sleep(max(due - time.monotonic(), 0))
+            late = time.monotonic() - due
+            if late > self._config.lease_seconds - interval:
+                log.warning("lease renewal ran %.1f s late (the process or its event loop stalled); leases "
+                            "may have expired and their instances moved to other nodes", late)  # fmt: skip
+            due = max(due + interval, time.monotonic())
+            # A wake-up that ended has made (or is making) the commit that releases its lease.
+            wakes = {k: w for k, w in self._engine.active.items() if not w.ended}
+            if not wakes:
                 continue
             try:
-                until = time.time() + self._config.lease_seconds
-                lost = await asyncio.to_thread(self._storage.renew_leases, self._config.node_id, keys, until)
+                await self._renew(wakes)
             except Exception:
-                log.exception("renewing leases failed")
-                continue
-            for tenant, id in lost:
-                self._engine.kill(tenant, id, "the lease on the instance was lost")
+                log.exception("renewing leases failed; retrying in %g s", interval)

@@ -180,7 +180,7 @@ class WakeUp:
             change = dataclasses.replace(change, history=[*change.history, entry])
         self._flush()  # queued together, so they share one transaction
         try:
-            await self.engine.committer.commit(change)
+            result = await self.engine.committer.commit(change)
         except Conflict as exc:
             self.aborted = self.aborted or str(exc)
             raise _Abort(str(exc)) from None
@@ -189,6 +189,12 @@ class WakeUp:
                       self.record.tenant, self.record.id, exc)  # fmt: skip
             self.abort(f"storage failed: {exc}")
             raise _Abort(str(exc)) from None
+        # Pause and Resume reach a wake-up running on another node through storage: it learns of
+        # them at its next commit.
+        if result.status == Status.WAITING_FOR_PAUSE:
+            self.pause_requested = True
+        elif result.status == Status.RUNNING:
+            self.pause_requested = False
 
     def abort(self, reason: str) -> None:
         """Stop the sandbox; nothing more is written for this wake-up."""

@@ -52,6 +52,10 @@ MAX_REF = 2048  # characters of a code ref
 MAX_NAME = 256  # characters of a step name or event type (as the tenant SDK allows)
 MAX_FILES = 1000  # files in one Publish
 MAX_PATH_BYTES = 1024  # of one file name; each part at most 255 (NAME_MAX)
+# Watch re-reads storage for changes committed by other nodes: first after 0.1 s, doubling while
+# nothing changes, up to 1 s; and slower when many streams watch, to stay within the poll budget.
+WATCH_POLL_SECONDS = (0.1, 1.0)
+WATCH_POLLS_PER_SECOND = 200.0
 
 
 @dataclass(frozen=True)
@@ -437,15 +441,19 @@ class Kernel:
         return result.event_seqs[0]
 
     async def watch(self, tenant: str, id: str) -> AsyncIterator[HistoryEntry]:
-        """The instance's timeline from the start, then live, until it ends."""
+        """The instance's timeline from the start, then live, until it ends. Changes committed by
+        this node wake the stream at once; changes another node commits are found by re-reading
+        storage, soon after activity and less often while the instance is quiet."""
         await self._record(tenant, id)
         after = 0
+        quiet = 0  # polls in a row that found nothing new
         while True:
             entries = await self.history(tenant, id, after)
             for entry in entries:
                 after = entry.seq
                 yield entry
             if entries:
+                quiet = 0
                 continue
             record = await self._record(tenant, id)
             if record.status in TERMINAL:
@@ -456,7 +464,11 @@ class Kernel:
                     return
                 after = rest[-1].seq
                 continue
-            await self.notifier.wait(tenant, id, 1.0)
+            # Bounded cost: all the watchers of this node together poll at most WATCH_POLLS_PER_SECOND.
+            floor = max(WATCH_POLL_SECONDS[0], len(self.notifier) / WATCH_POLLS_PER_SECOND)
+            delay = min(WATCH_POLL_SECONDS[0] * 2**quiet, WATCH_POLL_SECONDS[1])
+            await self.notifier.wait(tenant, id, max(delay, floor))
+            quiet = min(quiet + 1, 16)
 
     # -- code -------------------------------------------------------------------------------------
     async def publish(
