@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from tenantflow.kernel.model import InstanceRecord
 from tenantflow.plugins.storage_fdb.indexes import reindex
-from tenantflow.plugins.storage_fdb.keys import Keys, unpack
+from tenantflow.plugins.storage_fdb.keys import Keys, pack, unpack
 from tenantflow.plugins.storage_fdb.layer import Txn
 from tenantflow.plugins.storage_fdb.records import Head
 
@@ -40,11 +40,24 @@ def ready_tenants(tr: Txn, k: Keys) -> list[str]:
 
 
 def claim(
-    tr: Txn, k: Keys, load: Loader, owner: str, now: float, lease_seconds: float, limit: int, per_tenant: int
+    tr: Txn,
+    k: Keys,
+    load: Loader,
+    claim_id: str,
+    owner: str,
+    now: float,
+    lease_seconds: float,
+    limit: int,
+    per_tenant: int,
 ) -> list[InstanceRecord]:
     """Lease up to ``limit`` due, unleased instances: each tenant's oldest first, then tenants with
-    the fewest running (as the SQLite engine's window query), none above ``per_tenant``."""
+    the fewest running (as the SQLite engine's window query), none above ``per_tenant``.
+    ``claim_id``, chosen before the retry loop, marks the leases taken, so a retry after a commit
+    that did apply returns them instead of losing them."""
     cap = per_tenant if per_tenant > 0 else 1 << 62
+    until = now + lease_seconds
+    claimed = _claimed_before(tr, k, load, owner, claim_id)
+    limit -= len(claimed)
     promote_due(tr, k, now)
     candidates: list[tuple[int, int, float, str, str]] = []  # (rank in tenant, running, run_at, tenant, id)
     for tenant in ready_tenants(tr, k):
@@ -62,17 +75,17 @@ def claim(
         rank = 0
         for key, _ in rows:
             run_at, id = k.strip(key)[-2:]
-            until = leases.get(id)
-            if id in leases and until is not None and until >= now:
+            held_until = leases.get(id)
+            if held_until is not None and held_until >= now:
                 continue
             rank += 1
             if rank > room:
                 break
             candidates.append((rank, running, run_at, tenant, id))
     candidates.sort(key=lambda c: c[:3])
-    claimed: list[InstanceRecord] = []
+    taken = 0
     for _, _, run_at, tenant, id in candidates:
-        if len(claimed) >= limit:
+        if taken >= limit:
             break
         raw = tr.get(k.inst(tenant, id, "h"))
         head = Head.decode(raw) if raw is not None else None
@@ -81,14 +94,28 @@ def claim(
             continue
         if head.lease_until is not None and head.lease_until >= now:
             continue
-        new = head.replace(lease_owner=owner, lease_until=now + lease_seconds)
+        new = head.replace(lease_owner=owner, lease_until=until)
         tr.set(k.inst(tenant, id, "h"), new.encode())
         reindex(tr, k, tenant, id, head, new)
+        tr.set(k.glob("o", owner, tenant, id), pack((until, claim_id)))
+        taken += 1
         found = load(tr, tenant, id)
         if found is not None:
             claimed.append(found)
     claimed.sort(key=lambda r: r.run_at or 0.0)
     return claimed
+
+
+def _claimed_before(tr: Txn, k: Keys, load: Loader, owner: str, claim_id: str) -> list[InstanceRecord]:
+    """Leases this very claim took on an earlier try whose commit reported an unknown result."""
+    found = []
+    for key, value in tr.get_range(*k.glob_range("o", owner)):
+        if unpack(value)[1:] == (claim_id,):
+            tenant, id = k.strip(key)[-2:]
+            record = load(tr, tenant, id)
+            if record is not None:
+                found.append(record)
+    return found
 
 
 def next_run_at(tr: Txn, k: Keys) -> float | None:

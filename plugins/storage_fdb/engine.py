@@ -8,7 +8,6 @@ that finds it returns the results recorded then instead of applying the batch tw
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -40,10 +39,13 @@ from tenantflow.plugins.storage_fdb.records import (
     ENVELOPE,
     RESULT,
     Head,
+    dumps,
     group_chunks,
     join_chunks,
+    loads,
     put_blob,
     record,
+    size,
     step_json,
 )
 
@@ -54,15 +56,11 @@ PAGE = 100  # instances deleted or released per transaction
 _INSTANCE_OVERHEAD = 2_000  # bytes of keys and index entries an instance write adds
 
 
-def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
 def _change_bytes(ch: Change) -> int:
-    size = _INSTANCE_OVERHEAD + sum(len(str(v)) for v in ch.set.values())
-    size += sum(len(s.output_json) + len(s.error_message) + len(s.key) + 300 for s in ch.steps)
-    size += sum(len(e.payload_json) + len(e.type) + 200 for e in ch.add_events)
-    return size + sum(len(h.message) + len(h.data_json) + 200 for h in ch.history)
+    total = _INSTANCE_OVERHEAD + sum(size(str(v)) for v in ch.set.values())
+    total += sum(size(s.output_json) + size(s.error_message) + size(s.key) + 300 for s in ch.steps)
+    total += sum(size(e.payload_json) + size(e.type) + 200 for e in ch.add_events)
+    return total + sum(size(h.message) + size(h.data_json) + 200 for h in ch.history)
 
 
 class KVStorage:
@@ -80,7 +78,7 @@ class KVStorage:
             # Up to 10 MiB of files: written in several transactions, then made visible by the meta
             # key. Content-addressed, so a retry or a concurrent publisher writes the same bytes.
             names = sorted(a.files)
-            data = _json([[n, len(a.files[n])] for n in names]) + b"\n" + b"".join(a.files[n] for n in names)
+            data = dumps([[n, len(a.files[n])] for n in names]) + b"\n" + b"".join(a.files[n] for n in names)
             chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
             base = k.tenant(a.tenant, "a", a.name, "f", a.digest)
             per_txn = MAX_TXN_BYTES // CHUNK_BYTES
@@ -92,7 +90,7 @@ class KVStorage:
                         tr.set(base + pack((n,)), chunks[n])
 
                 self.layer.transact(write)
-        meta = _json({"runtime": a.runtime, "workflows": a.workflows, "created_at": a.created_at})
+        meta = dumps({"runtime": a.runtime, "workflows": a.workflows, "created_at": a.created_at})
 
         def publish(tr: Txn) -> None:
             if tr.get(meta_key) is None:
@@ -117,10 +115,10 @@ class KVStorage:
             data = join_chunks(tr.get_range(*k.tenant_range(tenant, "a", name, "f", want)))
             header, _, body = data.partition(b"\n")
             files, at = {}, 0
-            for file, size in json.loads(header):
-                files[file] = body[at : at + size]
-                at += size
-            m = json.loads(meta)
+            for file, length in loads(header):
+                files[file] = body[at : at + length]
+                at += length
+            m = loads(meta)
             return Artifact(tenant, name, want, m["runtime"], files, m["workflows"], m["created_at"])
 
         return self.layer.read(read)
@@ -129,20 +127,30 @@ class KVStorage:
     def create_instances(
         self, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry], max_live: int = 0
     ) -> None:
-        size = sum(
-            _INSTANCE_OVERHEAD + len(r.params_json) + len(r.output_json) + len(r.code) for r in records
+        needed = sum(
+            _INSTANCE_OVERHEAD + size(r.params_json) + size(r.output_json) + size(r.code) for r in records
         )
-        if size > MAX_TXN_BYTES:
+        if needed > MAX_TXN_BYTES:
             raise ResourceExhausted(
-                f"these {len(records)} instances need {size} bytes in one transaction and the limit is "
+                f"these {len(records)} instances need {needed} bytes in one transaction and the limit is "
                 f"{MAX_TXN_BYTES}: create them in smaller batches"
             )
-        self.layer.transact(lambda tr: self._create(tr, records, history, max_live))
+        batch_id = uuid.uuid4().hex  # outside the retry loop: a retry recognises its own commit
+        self.layer.transact(lambda tr: self._create(tr, records, history, max_live, batch_id))
 
     def _create(
-        self, tr: Txn, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry], max_live: int
+        self,
+        tr: Txn,
+        records: Sequence[InstanceRecord],
+        history: Sequence[HistoryEntry],
+        max_live: int,
+        batch_id: str,
     ) -> None:
         k = self.k
+        if records:
+            marker = tr.get(k.inst(records[0].tenant, records[0].id, "x"))
+            if marker is not None and loads(marker)["batch"] == batch_id:
+                return  # this very create committed on an earlier try
         if max_live:
             for tenant, adding in Counter(r.tenant for r in records).items():
                 live = decode_int(tr.get(k.tenant(tenant, "live")))
@@ -166,10 +174,11 @@ class KVStorage:
             head = Head(Status(r.status), r.run_at, r.generation, r.lease_owner, r.lease_until,
                         r.created_at, r.updated_at, seqs[r.tenant])  # fmt: skip
             tr.set(k.inst(r.tenant, r.id, "h"), head.encode())
-            put_blob(tr, k.inst(r.tenant, r.id, "e"), _json({f: getattr(r, f) for f in ENVELOPE}))
+            put_blob(tr, k.inst(r.tenant, r.id, "e"), dumps({f: getattr(r, f) for f in ENVELOPE}))
             if r.output_json or r.error_name or r.error_message:
-                put_blob(tr, k.inst(r.tenant, r.id, "o"), _json({f: getattr(r, f) for f in RESULT}))
+                put_blob(tr, k.inst(r.tenant, r.id, "o"), dumps({f: getattr(r, f) for f in RESULT}))
             reindex(tr, k, r.tenant, r.id, None, head)
+            tr.set(k.inst(r.tenant, r.id, "x"), dumps({"batch": batch_id, "results": []}))
         for tenant, last in seqs.items():
             tr.set(k.tenant(tenant, "c"), encode_int(last))
         for r, entry in zip(records, history, strict=False):
@@ -179,9 +188,9 @@ class KVStorage:
         raw = tr.get(self.k.inst(tenant, id, "h"))
         if raw is None:
             return None
-        envelope = json.loads(join_chunks(tr.get_range(*self.k.inst_range(tenant, id, "e"))))
+        envelope = loads(join_chunks(tr.get_range(*self.k.inst_range(tenant, id, "e"))))
         result_rows = tr.get_range(*self.k.inst_range(tenant, id, "o"))
-        result = json.loads(join_chunks(result_rows)) if result_rows else {}
+        result = loads(join_chunks(result_rows)) if result_rows else {}
         return record(tenant, id, Head.decode(raw), envelope, result)
 
     def get_instance(self, tenant: str, id: str) -> InstanceRecord | None:
@@ -206,7 +215,7 @@ class KVStorage:
 
     def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
         rows = self.layer.read(lambda tr: tr.get_range(*self.k.inst_range(tenant, id, "s")))
-        steps = [StepRecord(**json.loads(value)) for _, value in group_chunks(rows, 0)]
+        steps = [StepRecord(**loads(value)) for _, value in group_chunks(rows, 0)]
         return sorted(steps, key=lambda s: s.seq)
 
     def get_events(self, tenant: str, id: str, *, unconsumed_only: bool) -> list[EventRecord]:
@@ -222,7 +231,7 @@ class KVStorage:
                 seq = items[-1]
                 if unconsumed_only and seq in consumed:
                     continue
-                e = json.loads(value)
+                e = loads(value)
                 events.append(
                     EventRecord(seq, e["type"], e["payload_json"], e["created_at"], consumed.get(seq, ""))
                 )
@@ -234,7 +243,7 @@ class KVStorage:
         begin = self.k.inst(tenant, id, "y", after_seq + 1)
         end = self.k.inst(tenant, id, "y", after_seq + limit + 1)
         rows = self.layer.read(lambda tr: tr.get_range(begin, end))
-        return [HistoryEntry(**json.loads(value)) for _, value in group_chunks(rows, 0)]
+        return [HistoryEntry(**loads(value)) for _, value in group_chunks(rows, 0)]
 
     def _history(self, tr: Txn, tenant: str, id: str, entries: Sequence[HistoryEntry]) -> None:
         if not entries:
@@ -244,7 +253,7 @@ class KVStorage:
         for entry in entries:
             last += 1
             entry.seq = last
-            put_blob(tr, self.k.inst(tenant, id, "y", last), _json(entry.__dict__))
+            put_blob(tr, self.k.inst(tenant, id, "y", last), dumps(entry.__dict__))
         tr.set(counter, encode_int(last))
 
     # -- the write path of running instances ----------------------------------------------------
@@ -252,14 +261,14 @@ class KVStorage:
         # One transaction per batch (group commit), unless the batch would pass the transaction
         # size limit: then it is split between changes, each change still atomic.
         groups: list[list[Change]] = []
-        size = 0
+        used = 0
         for ch in changes:
             grown = _change_bytes(ch)
-            if not groups or size + grown > MAX_TXN_BYTES:
+            if not groups or used + grown > MAX_TXN_BYTES:
                 groups.append([])
-                size = 0
+                used = 0
             groups[-1].append(ch)
-            size += grown
+            used += grown
         results: list[ApplyResult] = []
         for group in groups:
             batch_id = uuid.uuid4().hex  # outside the retry loop: a retry recognises its own commit
@@ -274,7 +283,7 @@ class KVStorage:
             key = (ch.tenant, ch.id)
             if key not in done:
                 raw = tr.get(self.k.inst(ch.tenant, ch.id, "x"))
-                marker = json.loads(raw) if raw is not None else None
+                marker = loads(raw) if raw is not None else None
                 done[key] = (
                     {
                         p: ApplyResult(ok, reason, seqs, Status(s) if s is not None else None)
@@ -294,7 +303,7 @@ class KVStorage:
         for (tenant, id), applied in mine.items():
             rows = [[p, r.ok, r.reason, r.event_seqs, int(r.status) if r.status is not None else None]
                     for p, r in applied]  # fmt: skip
-            tr.set(self.k.inst(tenant, id, "x"), _json({"batch": batch_id, "results": rows}))
+            tr.set(self.k.inst(tenant, id, "x"), dumps({"batch": batch_id, "results": rows}))
         return results
 
     def _apply_one(self, tr: Txn, ch: Change) -> ApplyResult:
@@ -342,7 +351,7 @@ class KVStorage:
             tr.set(k.inst(t, i, "sk", kp), pack((step.seq,)))
             tr.set(k.inst(t, i, "sq", step.seq, kp), b"")
         for seq, step_key in ch.consume_events:
-            event = json.loads(join_chunks(tr.get_range(*k.inst_range(t, i, "v", seq))))
+            event = loads(join_chunks(tr.get_range(*k.inst_range(t, i, "v", seq))))
             tr.set(k.inst(t, i, "vc", seq), step_key.encode())
             tr.clear(k.inst(t, i, "w", part(event["type"]), seq))
             tr.set(k.inst(t, i, "c", part(step_key), seq), event["type"].encode())
@@ -356,7 +365,7 @@ class KVStorage:
                     "payload_json": event.payload_json,
                     "created_at": event.created_at,
                 }
-                put_blob(tr, k.inst(t, i, "v", last), _json(body))
+                put_blob(tr, k.inst(t, i, "v", last), dumps(body))
                 tr.set(k.inst(t, i, "w", part(event.type), last), b"")
                 event_seqs.append(last)
             tr.set(k.inst(t, i, "vn"), encode_int(last))
@@ -375,9 +384,9 @@ class KVStorage:
         )
         if any(f in values for f in RESULT):
             rows = tr.get_range(*k.inst_range(t, i, "o"))
-            result = json.loads(join_chunks(rows)) if rows else {}
+            result = loads(join_chunks(rows)) if rows else {}
             result.update({f: values[f] for f in RESULT if f in values})
-            put_blob(tr, k.inst(t, i, "o"), _json(result))
+            put_blob(tr, k.inst(t, i, "o"), dumps(result))
         tr.set(k.inst(t, i, "h"), new.encode())
         reindex(tr, k, t, i, old, new)
         self._history(tr, t, i, history)
@@ -418,8 +427,11 @@ class KVStorage:
     ) -> list[InstanceRecord]:
         if limit <= 0:
             return []
+        claim_id = uuid.uuid4().hex  # outside the retry loop: a retry recognises its own leases
         return self.layer.transact(
-            lambda tr: claims.claim(tr, self.k, self._load, owner, now, lease_seconds, limit, per_tenant)
+            lambda tr: claims.claim(
+                tr, self.k, self._load, claim_id, owner, now, lease_seconds, limit, per_tenant
+            )
         )
 
     def renew_leases(

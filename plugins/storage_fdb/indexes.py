@@ -45,7 +45,7 @@ def reindex(tr: Txn, k: Keys, tenant: str, id: str, old: Head | None, new: Head 
             tr.clear(k.glob("o", old_lease[0], tenant, id))
         if new_lease[0] is not None:
             tr.set(k.tenant(tenant, "k", id), pack((new_lease[1],)))
-            tr.set(k.glob("o", new_lease[0], tenant, id), b"")
+            tr.set(k.glob("o", new_lease[0], tenant, id), pack((new_lease[1],)))
     old_end = old.updated_at if old is not None and old.ended else None
     new_end = new.updated_at if new is not None and new.ended else None
     if old_end != new_end:

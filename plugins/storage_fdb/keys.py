@@ -13,7 +13,7 @@ Tenant first, so a tenant's data is one key range. Under the root subspace ``R``
 ``R "T" tenant "a" name ...`` artifacts: ``"m" digest`` meta, ``"f" digest n`` files, ``"latest"``
 ``R "t" run_at tenant id``    timers not yet due, ordered by due time (moved to ``q`` when due)
 ``R "r" tenant``              tenants whose runnable queue may be non-empty
-``R "o" owner tenant id``     leases by owner
+``R "o" owner tenant id``     leases by owner (value: lease_until, and the id of the claim)
 ``R "e" updated_at tenant id`` ended instances by age (retention)
 ``R "n" status shard``        instance counts (atomic, sharded so no key is hot)
 """

@@ -59,8 +59,22 @@ def record(
     )  # fmt: skip
 
 
+def dumps(value: Any) -> bytes:
+    """JSON as UTF-8 (not \\u escapes: 1 MiB of non-ASCII text stays near 1 MiB); any string,
+    even one with a lone surrogate, round-trips."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+
+def loads(raw: bytes) -> Any:
+    return json.loads(raw.decode("utf-8", "surrogatepass"))
+
+
+def size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def step_json(step: StepRecord) -> bytes:
-    return json.dumps(dataclasses.asdict(step), separators=(",", ":")).encode()
+    return dumps(dataclasses.asdict(step))
 
 
 def put_blob(tr: Txn, key: bytes, data: bytes) -> None:

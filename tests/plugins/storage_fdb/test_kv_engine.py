@@ -1,0 +1,172 @@
+"""The FoundationDB plugin's engine over real LMDB, held to FoundationDB's limits: idempotent commits
+when a commit's result is unknown, one transaction per batch, large values, a very large tenant."""
+
+from __future__ import annotations
+
+import ctypes.util
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tenantflow.kernel.errors import InvalidArgument, Unavailable
+from tenantflow.kernel.model import (
+    Artifact,
+    Change,
+    EventRecord,
+    HistoryEntry,
+    InstanceRecord,
+    Status,
+    StepRecord,
+)
+from tenantflow.plugins.storage_fdb import open_url
+from tenantflow.plugins.storage_fdb.engine import KVStorage
+from tests.plugins.storage_fdb.checked import CheckedLayer
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def layer(tmp_path: Path) -> Iterator[CheckedLayer]:
+    layer = CheckedLayer(tmp_path / "kv")
+    yield layer
+    layer.close()
+
+
+@pytest.fixture
+def storage(layer: CheckedLayer) -> KVStorage:
+    return KVStorage(layer)
+
+
+def instance(
+    tenant: str, id: str, run_at: float | None = None, params: str = "null", **kw: object
+) -> InstanceRecord:
+    now = time.time()
+    return InstanceRecord(tenant=tenant, id=id, workflow="W", code="artifact://t/c@sha256:" + "0" * 64,
+                          runtime="python", module="wf", params_json=params, created_at=now, updated_at=now,
+                          run_at=run_at, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def entry(message: str = "") -> HistoryEntry:
+    return HistoryEntry(kind="status", at=time.time(), status=int(Status.QUEUED), message=message)
+
+
+def test_a_commit_with_unknown_result_records_nothing_twice(storage: KVStorage, layer: CheckedLayer) -> None:
+    layer.unknown_results = 1
+    storage.create_instances([instance("t", "a"), instance("t", "b")], [entry("created")] * 2)
+    assert layer.commits == 2  # committed, reported unknown, retried: and the retry did not fail
+    now = time.time()
+    step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="complete", attempts=1, output_json="1")
+    batch = [
+        Change(tenant="t", id="a", now=now, steps=[step], history=[entry("step")],
+               add_events=[EventRecord(0, "go", "1", now)]),
+        Change(tenant="t", id="a", now=now, add_events=[EventRecord(0, "go", "2", now)], history=[entry("event")]),
+        Change(tenant="t", id="b", generation=0, bump_generation=True, now=now, set={"status": Status.RUNNING}),
+        Change(tenant="t", id="ghost", now=now),
+    ]  # fmt: skip
+    layer.unknown_results = 1
+    commits = layer.commits
+    results = storage.apply(batch)
+    assert layer.commits == commits + 2  # the batch ran twice; its first commit counts, once
+    assert [(r.ok, r.event_seqs) for r in results] == [(True, [1]), (True, [2]), (True, []), (False, [])]
+    assert [s.key for s in storage.get_steps("t", "a")] == ["s#0"]
+    assert [e.payload_json for e in storage.get_events("t", "a", unconsumed_only=False)] == ["1", "2"]
+    assert [h.message for h in storage.get_history("t", "a", 0, 10)] == ["created", "step", "event"]
+    assert storage.get_instance("t", "b").generation == 1  # type: ignore[union-attr]  # bumped once
+    # a claim whose commit applied keeps its leases on the retry instead of stranding them
+    storage.create_instances([instance("t", "due", run_at=now - 1)], [entry()])
+    layer.unknown_results = 1
+    (claimed,) = storage.claim("node", time.time(), 30, 10)
+    assert claimed.id == "due" and claimed.lease_owner == "node"
+    assert storage.claim("node", time.time(), 30, 10) == []
+    # without the batch id a retry would have applied a second time: show the retry did run
+    layer.unknown_results = 1
+    (again,) = storage.apply([Change(tenant="t", id="b", generation=1, bump_generation=True, now=now)])
+    assert again.ok and storage.get_instance("t", "b").generation == 2  # type: ignore[union-attr]
+
+
+def test_group_commit_is_one_transaction_per_batch(storage: KVStorage, layer: CheckedLayer) -> None:
+    storage.create_instances([instance("t", f"i{n}") for n in range(200)], [entry()] * 200)
+    commits = layer.commits
+    step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="complete", output_json="1")
+    results = storage.apply([Change(tenant="t", id=f"i{n}", now=1.0, steps=[step]) for n in range(200)])
+    assert all(r.ok for r in results) and layer.commits == commits + 1
+    # a batch past the transaction size limit is split between changes, each still atomic
+    big = StepRecord(
+        key="big#0", seq=2, name="big", kind="do", status="complete", output_json='"' + "x" * MIB + '"'
+    )
+    results = storage.apply([Change(tenant="t", id=f"i{n}", now=2.0, steps=[big]) for n in range(20)])
+    assert all(r.ok for r in results) and layer.commits == commits + 1 + 3  # 7 MiB per transaction
+    assert layer.stats["max_written"] <= 10_000_000
+
+
+def test_large_values_are_chunked_under_the_value_limit(storage: KVStorage, layer: CheckedLayer) -> None:
+    params = '"' + "p" * MIB + '"'
+    storage.create_instances([instance("t", "big", params=params)], [entry()])
+    name = "\U0001f600" * 256  # a step name of 1 KiB in UTF-8, and an event type like it
+    output = '"' + "\u00e9" * MIB + '"'
+    step = StepRecord(key=f"{name}#0", seq=1, name=name, kind="do", status="complete", output_json=output)
+    event = EventRecord(0, name, '"' + "e" * MIB + '"', 1.0)
+    assert storage.apply([Change(tenant="t", id="big", now=1.0, steps=[step], add_events=[event],
+                                 set={"output_json": output}, wake_on_events=[name])])[0].ok  # fmt: skip
+    record = storage.get_instance("t", "big")
+    assert record is not None and record.params_json == params and record.output_json == output
+    assert record.run_at == 1.0  # the event of that long type woke it
+    assert storage.get_steps("t", "big") == [step]
+    assert storage.get_events("t", "big", unconsumed_only=True)[0].payload_json == event.payload_json
+    files = {f"m{n}.py": bytes([n]) * MIB for n in range(10)}  # 10 MiB of code: several transactions
+    storage.put_artifact(Artifact("t", "code", "d" * 64, "python", files, {"W": "m0"}, 1.0))
+    assert storage.get_artifact("t", "code", None).files == files  # type: ignore[union-attr]
+    assert layer.stats["max_value"] <= 100_000 and layer.stats["max_written"] <= 10_000_000
+
+
+def test_a_tenant_with_100000_instances_pages_through(storage: KVStorage, layer: CheckedLayer) -> None:
+    total, batch = 100_000, 2_000
+    now = time.time()
+    for start in range(0, total, batch):
+        records = [instance("big", f"i{n:06}", run_at=now - 10, status=Status.COMPLETE if n % 2 else Status.QUEUED)
+                   for n in range(start, start + batch)]  # fmt: skip
+        storage.create_instances(records, [entry()] * batch)
+    storage.create_instances([instance("small", "s", run_at=now - 1)], [entry()])
+    page, cursor = storage.list_instances("big", Status.COMPLETE, None, 50)
+    assert [r.id for r in page][:2] == ["i000001", "i000003"] and cursor
+    claimed = storage.claim("node", now, 30, 5, per_tenant=3)
+    assert sorted(r.tenant for r in claimed) == ["big", "big", "big", "small"]
+    assert storage.count_by_status()[Status.COMPLETE] == total // 2
+    assert storage.next_run_at() is not None
+    assert storage.purge_ended(time.time() + 1, total) == total // 2
+    assert storage.count_by_status()[Status.COMPLETE] == 0
+    assert layer.stats["max_written"] <= 10_000_000 and layer.stats["max_value"] <= 100_000
+    print(
+        f"\nslowest transaction {layer.stats['max_seconds']:.3f} s, largest {layer.stats['max_written']:.0f} bytes"
+    )
+
+
+def test_storage_urls_say_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="unknown option 'mapsize'"):
+        open_url(f"kv+lmdb://{tmp_path}/kv?mapsize=1")
+    with pytest.raises(InvalidArgument, match="map_size_mb must be an integer"):
+        open_url(f"kv+lmdb://{tmp_path}/kv?map_size_mb=lots")
+    with pytest.raises(InvalidArgument, match="names no directory"):
+        open_url("kv+lmdb://")
+    with pytest.raises(InvalidArgument, match="api_version must be an integer of at least 730"):
+        open_url("fdb://?api_version=620")
+
+
+@pytest.mark.skipif(ctypes.util.find_library("fdb_c") is not None, reason="libfdb_c is installed here")
+def test_fdb_without_its_client_library_names_what_to_install() -> None:
+    with pytest.raises(Unavailable, match="libfdb_c.*foundationdb-clients"):
+        open_url("fdb://")
+
+
+def test_two_storage_objects_share_one_lmdb_environment(tmp_path: Path) -> None:
+    url = f"kv+lmdb://{tmp_path}/kv"
+    first, second = open_url(url), open_url(url)
+    first.create_instances([instance("t", "a")], [entry()])
+    first.close()  # the other one keeps working
+    assert second.get_instance("t", "a") is not None
+    second.close()
+    third = open_url(url)
+    assert third.get_instance("t", "a") is not None
+    third.close()
