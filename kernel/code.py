@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ctypes
 import functools
 import gc
@@ -25,7 +24,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tenantflow.kernel import metrics
@@ -121,11 +120,20 @@ class CodeCatalog:
     async def inspect(self, tenant: str, runtime: str, files: Mapping[str, bytes]) -> dict[str, str]:
         """:meth:`inspect_now` on the catalog's own threads, once ``tenant`` has no other check
         running and one of the :data:`MAX_INSPECTIONS` slots is free."""
-        if self._gate is None or self._gate.loop is not asyncio.get_running_loop():
+        loop = asyncio.get_running_loop()
+        if self._gate is None or self._gate.loop is not loop:
             self._gate = _Gate(MAX_INSPECTIONS)
-        async with self._gate.enter(tenant):
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._checkers, self.inspect_now, runtime, dict(files))
+        gate = self._gate
+        await gate.acquire(tenant)
+        try:
+            check = loop.run_in_executor(self._checkers, self.inspect_now, runtime, dict(files))
+        except BaseException:
+            gate.release(tenant)
+            raise
+        # A caller that gives up (cancelled Publish) does not end the check: its slot stays taken
+        # until the check does, so a tenant cannot run more than one at a time by cancelling.
+        check.add_done_callback(lambda done: _finished(done, gate, tenant))
+        return await asyncio.shield(check)
 
     def _check_publish(self, name: str, files: Mapping[str, bytes]) -> None:
         if not NAME.match(name):
@@ -261,19 +269,38 @@ class _Gate:
         self._slots = asyncio.Semaphore(slots)
         self._tenants: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, holders and waiters
 
-    @contextlib.asynccontextmanager
-    async def enter(self, tenant: str) -> AsyncIterator[None]:
+    async def acquire(self, tenant: str) -> None:
         lock, users = self._tenants.get(tenant, (asyncio.Lock(), 0))
         self._tenants[tenant] = (lock, users + 1)
         try:
-            async with lock, self._slots:
-                yield
-        finally:
-            lock, users = self._tenants[tenant]
-            if users == 1:
-                del self._tenants[tenant]
-            else:
-                self._tenants[tenant] = (lock, users - 1)
+            await lock.acquire()
+            try:
+                await self._slots.acquire()
+            except BaseException:
+                lock.release()
+                raise
+        except BaseException:
+            self._forget(tenant)
+            raise
+
+    def release(self, tenant: str) -> None:
+        self._slots.release()
+        self._tenants[tenant][0].release()
+        self._forget(tenant)
+
+    def _forget(self, tenant: str) -> None:
+        lock, users = self._tenants[tenant]
+        if users == 1:
+            del self._tenants[tenant]
+        else:
+            self._tenants[tenant] = (lock, users - 1)
+
+
+def _finished(check: asyncio.Future[dict[str, str]], gate: _Gate, tenant: str) -> None:
+    """Free the check's slot; mark its outcome as seen even if its caller is gone."""
+    gate.release(tenant)
+    if not check.cancelled():
+        check.exception()
 
 
 def _module(path: str) -> str:

@@ -225,6 +225,25 @@ def test_one_tenants_bombs_queue_behind_each_other_not_others(
     assert len(errors) == 6 and all(e.code == EXHAUSTED for e in errors)  # type: ignore[attr-defined]
 
 
+def test_cancelled_bombs_keep_their_slot_until_their_check_ends(
+    kernel: KernelProcess, client: Client, tenant: str
+) -> None:
+    """A tenant that gives up on each bomb (1 s deadline) and sends the next still has only one
+    check running: the others' Publish does not queue behind a pile of abandoned checks."""
+    tenant = tenant[:40]
+    files = {"wf.py": (PYTHON_BOMBS["list-literal-9MB"][0]() + WORKFLOW).encode()}
+    with Client(kernel.address, timeout=1.0) as impatient:
+        for _ in range(6):
+            with pytest.raises(TenantflowRpcError) as err:
+                impatient.publish(tenant, "bomb", files)
+            assert err.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, EXHAUSTED), err.value
+    for i in range(2):
+        t0 = time.monotonic()
+        publish(client, f"{tenant}-other{i}", BYSTANDER, name="tiny")
+        assert time.monotonic() - t0 < OTHER_PUBLISH_WITHIN
+    bystander_completes(client, tenant)
+
+
 # -- the limited child itself -----------------------------------------------------------------------
 def test_child_wall_time_limit() -> None:
     limits = isolated.ChildLimits(wall_seconds=0.5, what="the check")
