@@ -98,6 +98,7 @@ class LmdbLayer:
             if found is None:
                 # max_dbs 0: one keyspace; writemap off keeps a crashed writer from corrupting pages
                 env = lmdb.open(self.path, map_size=map_size, max_readers=1024, max_dbs=0, sync=True)
+                env.reader_check()  # free reader slots of processes that died (a SIGKILLed kernel)
                 found = (env, threading.Lock(), 0)
             _envs[self.path] = (found[0], found[1], found[2] + 1)
         self._env, self._write_lock = found[0], found[1]
