@@ -45,6 +45,7 @@ class InstanceRecord:
     generation: int = 0
     lease_owner: str | None = None
     lease_until: float | None = None
+    parent: str = ""  # the id of the instance (same tenant) whose step.create started this one
 
 
 @dataclass
@@ -54,7 +55,7 @@ class StepRecord:
     key: str
     seq: int
     name: str
-    kind: str  # do | sleep | wait
+    kind: str  # do | sleep | wait | create | wait_instance | undo | rollback
     status: str  # running | complete | failed | retrying | sleeping | waiting
     attempts: int = 0
     output_json: str = ""

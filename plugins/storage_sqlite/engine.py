@@ -33,7 +33,7 @@ from tenantflow.kernel.model import (
 
 _INSTANCE_COLUMNS = (
     "tenant, id, workflow, code, runtime, module, params_json, status, output_json, error_name, "
-    "error_message, created_at, updated_at, run_at, generation, lease_owner, lease_until"
+    "error_message, created_at, updated_at, run_at, generation, lease_owner, lease_until, parent"
 )
 _SETTABLE = frozenset(
     {"status", "output_json", "error_name", "error_message", "run_at", "lease_owner", "lease_until"}
@@ -63,7 +63,7 @@ def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
         tenant=row[0], id=row[1], workflow=row[2], code=row[3], runtime=row[4], module=row[5],
         params_json=row[6], status=Status(row[7]), output_json=row[8], error_name=row[9],
         error_message=row[10], created_at=row[11], updated_at=row[12], run_at=row[13],
-        generation=row[14], lease_owner=row[15], lease_until=row[16],
+        generation=row[14], lease_owner=row[15], lease_until=row[16], parent=row[17],
     )  # fmt: skip
 
 
@@ -79,6 +79,14 @@ class SQLiteStorage:
         self._writer = self._connect()
         schema = resources.files(__package__).joinpath("schema.sql").read_text()
         self._writer.executescript(schema)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older version up to the schema (CREATE IF NOT EXISTS leaves
+        existing tables as they were)."""
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(instances)")}
+        if "parent" not in columns:
+            self._writer.execute("ALTER TABLE instances ADD COLUMN parent TEXT NOT NULL DEFAULT ''")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -146,11 +154,11 @@ class SQLiteStorage:
             for record in records:
                 try:
                     conn.execute(
-                        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+                        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({', '.join('?' * 18)})",
                         (record.tenant, record.id, record.workflow, record.code, record.runtime, record.module,
                          record.params_json, int(record.status), record.output_json, record.error_name,
                          record.error_message, record.created_at, record.updated_at, record.run_at,
-                         record.generation, record.lease_owner, record.lease_until),
+                         record.generation, record.lease_owner, record.lease_until, record.parent),
                     )  # fmt: skip
                 except sqlite3.IntegrityError:
                     raise AlreadyExists(
@@ -192,7 +200,7 @@ class SQLiteStorage:
         rows = self._reader().execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [_instance(r) for r in rows], (str(rows[-1][17]) if more and rows else None)
+        return [_instance(r) for r in rows], (str(rows[-1][18]) if more and rows else None)
 
     def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
         rows = (

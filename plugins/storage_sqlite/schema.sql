@@ -15,6 +15,7 @@ CREATE TABLE IF NOT EXISTS instances (
     error_name TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL, updated_at REAL NOT NULL, run_at REAL,
     generation INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_until REAL,
+    parent TEXT NOT NULL DEFAULT '',  -- added by engine.py to databases made before it
     UNIQUE (tenant, id)
 );
 CREATE INDEX IF NOT EXISTS instances_due ON instances (run_at) WHERE run_at IS NOT NULL;

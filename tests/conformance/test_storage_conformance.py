@@ -98,6 +98,18 @@ def test_create_is_all_or_nothing_per_tenant(storage: Storage) -> None:
     assert storage.get_instance("u", "a") is not None and storage.get_instance("v", "a") is None
 
 
+def test_the_parent_link_is_kept_by_get_list_and_claim(storage: Storage) -> None:
+    child = instance("t", "child", run_at=time.time() - 1)
+    child.parent = "parent-1"
+    storage.create_instances([instance("t", "parent-1"), child], [entry(), entry()])
+    assert storage.get_instance("t", "child").parent == "parent-1"  # type: ignore[union-attr]
+    assert storage.get_instance("t", "parent-1").parent == ""  # type: ignore[union-attr]
+    listed, _ = storage.list_instances("t", None, None, 10)
+    assert {r.id: r.parent for r in listed} == {"parent-1": "", "child": "parent-1"}
+    claimed = storage.claim("node", time.time(), 30, 10)
+    assert [r.parent for r in claimed if r.id == "child"] == ["parent-1"]
+
+
 def test_list_pages_in_creation_order_and_filters(storage: Storage) -> None:
     storage.create_instances([instance("t", f"i{n}") for n in range(5)], [entry() for _ in range(5)])
     storage.create_instances([instance("t", "w", status=Status.WAITING)], [entry()])
