@@ -152,13 +152,17 @@ class Dispatcher:
         """Extend the leases of ``wakes``; stop every wake-up whose lease another node took over,
         or that an RPC on another node ended, restarted or terminated meanwhile."""
         async with self._renewing:
-            until = time.time() + self._config.lease_seconds
+            started = time.time()
+            until = started + self._config.lease_seconds
             loop = asyncio.get_running_loop()
             lost = set(
                 await loop.run_in_executor(
                     self._renewer, self._storage.renew_leases, self._config.node_id, list(wakes), until
                 )
             )
+            if (took := time.time() - started) > self._config.lease_renew_interval:
+                log.warning("renewing %d leases took %.1f s (storage busy); at %g s they expire and other "
+                            "nodes take the instances over", len(wakes), took, self._config.lease_seconds)  # fmt: skip
             for key, wake in wakes.items():
                 if self._engine.active.get(key) is not wake:
                     continue  # ended meanwhile; a new wake-up of the same instance has its own lease
