@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit proto-check runtimes node-deps bench clean
+.PHONY: demo test lint typecheck unit proto-check runtimes node-deps bench loadtest figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,load]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -46,6 +46,17 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) loadtests/bench_steps.py
+
+# A locust scenario against a kernel of its own (or ARGS='--host HOST:PORT'); writes a report folder
+# with locust's HTML/CSV and PNG plots of the kernel. E.g. make loadtest ARGS='--scenario noisy -t 2m'
+loadtest: $(STAMP)
+	$(PY) loadtests/loadtest.py $(ARGS)
+
+# The quick figures of README's "Figures" section (a few minutes; the million-instance run is separate).
+figures: $(STAMP)
+	$(PY) loadtests/bench_steps.py
+	nice -n 19 $(PY) loadtests/bench_density.py --instances 10000 --tenants 1000 --wake 1000
+	nice -n 19 $(PY) loadtests/loadtest.py --scenario all --users 30 --duration 60s --quiet
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules

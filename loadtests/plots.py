@@ -33,7 +33,7 @@ def _draw(
     ax.set_title(title)
     ax.set_xlabel("seconds")
     ax.set_ylabel(unit)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0, top=None if ax.get_ylim()[1] >= 1 else 1)  # an all-zero series reads as 0
     ax.grid(True, alpha=0.3)
     if len(series) > 1:
         ax.legend(loc="upper left", fontsize="small")
