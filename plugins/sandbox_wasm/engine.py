@@ -215,6 +215,16 @@ def trap_reason(exc: BaseException) -> str:
     return (text.strip().splitlines() or [type(exc).__name__])[0][:2000]
 
 
+GUEST_THREAD = b"tf-wasm-guest"  # the OS name of threads running guests (``top -H``, /proc)
+
+
+def _name_os_thread(name: bytes) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(15, name, 0, 0, 0)  # PR_SET_NAME (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
 class ThreadPerRun(concurrent.futures.Executor):
     """Runs every guest on a thread of its own: a guest stuck in a host call can never hold a
     thread from a small shared pool that other tenants' runs then queue behind."""
@@ -230,6 +240,7 @@ class ThreadPerRun(concurrent.futures.Executor):
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def work() -> None:
+            _name_os_thread(GUEST_THREAD)
             if not future.set_running_or_notify_cancel():
                 return
             try:

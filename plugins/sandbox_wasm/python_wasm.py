@@ -65,7 +65,7 @@ class Runner:
         )
         self.linker = Linker(self.engine)
         self.linker.add_wasip2()
-        waits.shadow_preview2(self.engine, self.linker)  # sleeps and polls the kernel can stop
+        self.waits = waits.shadow_preview2(self.engine, self.linker)  # sleeps the kernel can stop
         with self.linker.root() as root:
             root.add_func("call", _call)
             root.add_func("notify", _notify)
@@ -83,8 +83,8 @@ class Runner:
         else:
             store.set_epoch_deadline(1 << 62)
         self.ticker.enter()
-        waits.begin_run()
         try:
+            self.waits.begin_run(self.linker, store)
             instance = self.linker.instantiate(store, self.component)
             run = instance.get_func(store, "run")
             assert run is not None

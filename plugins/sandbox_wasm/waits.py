@@ -8,10 +8,9 @@ run's wall-clock limit traps the guest within moments, and its thread returns.
 
 - Preview 1 (raw modules): ``poll_oneoff``, and ``clock_time_get``/``clock_res_get`` so that
   absolute deadlines use the same clock as the waits.
-- Preview 2 (the python-wasm runner): the ``wasi:io/poll`` interface and its ``pollable``
-  resource, ``wasi:clocks/monotonic-clock``, and every ``subscribe`` that makes a pollable
-  (streams and sockets). Clock pollables wait for their deadline; stream and socket pollables are
-  always ready: stdio is empty or discarded, files never block, and guests have no network.
+- Preview 2 (the python-wasm runner): ``wasi:io/poll``'s ``poll`` and ``[method]pollable.block``,
+  which every blocking wait (clock subscriptions, streams, sockets) goes through; they wait by
+  asking wasmtime's own ``[method]pollable.ready``.
 """
 
 from __future__ import annotations
@@ -23,16 +22,14 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from wasmtime import Caller, Engine, FuncType, Linker, Memory, Trap, ValType, WasmtimeError
+from wasmtime import Caller, Engine, FuncType, Linker, Memory, Store, Trap, ValType, WasmtimeError, wat2wasm
+from wasmtime.component import Component, ResourceAny
 from wasmtime.component import Linker as ComponentLinker
-from wasmtime.component import ResourceAny, ResourceHost, ResourceType
 
 from tenantflow.plugins.sandbox_wasm.bridge import current_bridge
 from tenantflow.plugins.sandbox_wasm.engine import Budget
 
-MAX_POLLABLES = 10_000  # live pollables per run: each costs the kernel a little memory
 MAX_SUBSCRIPTIONS = 4096  # per poll_oneoff call
-_NEVER = float("inf")
 
 
 def _budget() -> Budget:
@@ -134,31 +131,32 @@ def shadow_preview1(linker: Linker) -> None:
 
 
 # -- preview 2 -------------------------------------------------------------------------------------
-_POLLABLE_TYPE = 0x7466_7031  # our host resource type for wasi:io/poll's pollable ("tfp1")
-
-
-class _Pollables:
-    """One run's live pollables: rep -> monotonic deadline (0: always ready, inf: never)."""
-
-    def __init__(self) -> None:
-        self.deadlines: dict[int, float] = {}
-        self._next = 1
-
-    def add(self, deadline: float) -> ResourceHost:
-        if len(self.deadlines) >= MAX_POLLABLES:
-            raise Trap(f"too many live WASI pollables (at most {MAX_POLLABLES} per run)")
-        rep, self._next = self._next, self._next + 1
-        self.deadlines[rep] = deadline
-        return ResourceHost.own(rep, _POLLABLE_TYPE)
-
-    def deadline(self, store: Any, pollable: ResourceAny) -> float:
-        host = pollable.to_host(store)
-        deadline = self.deadlines.get(host.rep) if host.type == _POLLABLE_TYPE else None
-        if deadline is None:
-            raise Trap("unknown WASI pollable")
-        return deadline
-
-
+# wasmtime's own pollables stay (file streams only make progress when wasmtime's `ready` polls
+# them); only the two calls that block are ours. They ask wasmtime's non-blocking
+# `[method]pollable.ready`, through this tiny component instantiated in each run's store (the
+# only way a host function can call another host function's implementation), and wait between
+# asks on the run's budget.
+_READY_HELPER = """
+(component
+  (import "%(poll)s" (instance $poll
+    (export "pollable" (type $p (sub resource)))
+    (export "[method]pollable.ready" (func (param "self" (borrow $p)) (result bool)))))
+  (alias export $poll "pollable" (type $pollable))
+  (alias export $poll "[method]pollable.ready" (func $ready))
+  (core func $ready_lowered (canon lower (func $ready)))
+  (core func $drop (canon resource.drop $pollable))
+  (core module $m
+    (import "host" "ready" (func $r (param i32) (result i32)))
+    (import "host" "drop" (func $d (param i32)))
+    ;; a callee must drop the borrows it was lent before it returns
+    (func (export "ready") (param $p i32) (result i32)
+      (call $r (local.get $p)) (call $d (local.get $p))))
+  (core instance $host (export "ready" (func $ready_lowered)) (export "drop" (func $drop)))
+  (core instance $i (instantiate $m (with "host" (instance $host))))
+  (func (export "ready") (param "p" (borrow $pollable)) (result bool)
+    (canon lift (core func $i "ready"))))
+"""
+_FIRST_SLICE, _LAST_SLICE = 0.0005, 0.02  # seconds between asks: short for I/O, then backing off
 _runs = threading.local()
 
 
@@ -176,75 +174,55 @@ def _component_func(func: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def begin_run() -> None:
-    """A fresh pollable table for the run about to start on this thread."""
-    _runs.pollables = _Pollables()
+class ReadyHelper:
+    """The compiled helper component; :meth:`begin_run` instantiates it in a run's store."""
+
+    def __init__(self, engine: Engine, poll: str) -> None:
+        self.component = Component(engine, wat2wasm(_READY_HELPER % {"poll": poll}))
+
+    def begin_run(self, linker: ComponentLinker, store: Store) -> None:
+        """Make this thread's guest waits ask readiness through ``store``'s helper instance."""
+        ready = linker.instantiate(store, self.component).get_func(store, "ready")
+        assert ready is not None
+        _runs.ready = ready
 
 
 def end_run() -> None:
-    _runs.pollables = None
+    _runs.ready = None
 
 
-def _table() -> _Pollables:
-    table: _Pollables | None = getattr(_runs, "pollables", None)
-    if table is None:
+def _wait_for(store: Any, pollables: list[ResourceAny]) -> list[int]:
+    """Indices of the ready pollables, waiting (in slices, on the budget) until there is one."""
+    ready_func = getattr(_runs, "ready", None)
+    if ready_func is None:
         raise Trap("no run is active on this thread")
-    return table
-
-
-@_component_func
-def _subscribe_duration(_store: Any, nanos: int) -> ResourceHost:
-    return _table().add(time.monotonic() + nanos / 1e9)
-
-
-@_component_func
-def _subscribe_instant(_store: Any, when: int) -> ResourceHost:
-    return _table().add(when / 1e9)  # our `now` is time.monotonic_ns(), so the same clock
-
-
-@_component_func
-def _ready_pollable(_store: Any, _resource: ResourceAny) -> ResourceHost:
-    return _table().add(0.0)
-
-
-@_component_func
-def _ready(store: Any, pollable: ResourceAny) -> bool:
-    return _table().deadline(store, pollable) <= time.monotonic()
+    budget = _budget()
+    pause = _FIRST_SLICE
+    while True:
+        ready = [i for i, p in enumerate(pollables) if ready_func(store, p)]
+        if ready:
+            return ready
+        budget.wait_until(time.monotonic() + pause)
+        pause = min(pause * 2, _LAST_SLICE)
 
 
 @_component_func
 def _block(store: Any, pollable: ResourceAny) -> None:
-    _budget().wait_until(_table().deadline(store, pollable))
+    try:
+        _wait_for(store, [pollable])
+    finally:
+        pollable.drop(store)  # release the borrow before the call returns
 
 
 @_component_func
 def _poll(store: Any, pollables: list[ResourceAny]) -> list[int]:
     if not pollables:
         raise Trap("wasi:io/poll.poll: the list of pollables is empty")
-    table = _table()
-    deadlines = [table.deadline(store, p) for p in pollables]
-    if min(deadlines) > time.monotonic():
-        _budget().wait_until(min(deadlines))
-    now = time.monotonic()
-    return [i for i, deadline in enumerate(deadlines) if deadline <= now]
-
-
-def _drop(_store: Any, rep: int) -> None:
-    table: _Pollables | None = getattr(_runs, "pollables", None)
-    if table is not None:
-        table.deadlines.pop(rep, None)
-
-
-_P2_SUBSCRIBERS = {
-    "wasi:io/streams": ("[method]input-stream.subscribe", "[method]output-stream.subscribe"),
-    "wasi:sockets/tcp": ("[method]tcp-socket.subscribe",),
-    "wasi:sockets/udp": (
-        "[method]udp-socket.subscribe",
-        "[method]incoming-datagram-stream.subscribe",
-        "[method]outgoing-datagram-stream.subscribe",
-    ),
-    "wasi:sockets/ip-name-lookup": ("[method]resolve-address-stream.subscribe",),
-}
+    try:
+        return _wait_for(store, pollables)
+    finally:
+        for pollable in pollables:
+            pollable.drop(store)
 
 
 def _defined_version(engine: Engine, interface: str, probe: str) -> str:
@@ -255,31 +233,20 @@ def _defined_version(engine: Engine, interface: str, probe: str) -> str:
         linker.add_wasip2()
         try:
             with linker.root() as root, root.add_instance(f"{interface}@0.2.{patch}") as instance:
-                instance.add_func(probe, _drop)
+                instance.add_func(probe, _block)
         except Exception:  # noqa: BLE001 - "defined twice": this is wasmtime's version
             return f"{interface}@0.2.{patch}"
     raise RuntimeError(f"cannot find wasmtime's {interface} (is this wasmtime's WASI 0.2?)")
 
 
-def shadow_preview2(engine: Engine, linker: ComponentLinker) -> None:
-    """Replace wasi:io/poll, the monotonic clock and every ``subscribe`` (after ``add_wasip2()``)."""
+def shadow_preview2(engine: Engine, linker: ComponentLinker) -> ReadyHelper:
+    """Replace ``wasi:io/poll``'s ``poll`` and ``[method]pollable.block`` (after ``add_wasip2()``);
+    returns the helper each run's store needs (:meth:`ReadyHelper.begin_run`)."""
     poll = _defined_version(engine, "wasi:io/poll", "poll")
-    clock = _defined_version(engine, "wasi:clocks/monotonic-clock", "now")
+    helper = ReadyHelper(engine, poll)
     linker.allow_shadowing = True
-    with linker.root() as root:
-        with root.add_instance(poll) as instance:
-            instance.add_resource("pollable", ResourceType.host(_POLLABLE_TYPE), _drop)
-            instance.add_func("[method]pollable.ready", _ready)
-            instance.add_func("[method]pollable.block", _block)
-            instance.add_func("poll", _poll)
-        with root.add_instance(clock) as instance:
-            instance.add_func("now", lambda _store: time.monotonic_ns())
-            instance.add_func("resolution", lambda _store: 1)
-            instance.add_func("subscribe-duration", _subscribe_duration)
-            instance.add_func("subscribe-instant", _subscribe_instant)
-        version = poll.rsplit("@", 1)[1]
-        for interface, names in _P2_SUBSCRIBERS.items():
-            with root.add_instance(f"{interface}@{version}") as instance:
-                for name in names:
-                    instance.add_func(name, _ready_pollable)
+    with linker.root() as root, root.add_instance(poll) as instance:
+        instance.add_func("[method]pollable.block", _block)
+        instance.add_func("poll", _poll)
     linker.allow_shadowing = False
+    return helper

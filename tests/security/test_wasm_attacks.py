@@ -70,6 +70,19 @@ def _proc_status(kernel: KernelProcess, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{kernel.proc.pid}/status")
 
 
+def _guest_threads(kernel: KernelProcess) -> int:
+    """Kernel threads running wasm guests (the sandboxes name them ``tf-wasm-guest``)."""
+    assert kernel.proc is not None
+    tasks = Path(f"/proc/{kernel.proc.pid}/task")
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return names.count("tf-wasm-guest")
+
+
 def _no_stuck_guest(kernel: KernelProcess) -> None:
     stuck = [line for line in kernel.lines if "did not stop within" in line]
     assert not stuck, stuck
@@ -90,7 +103,6 @@ def test_sleeping_guests_time_out_and_hold_no_slot_or_thread(
 ) -> None:
     with two_slots.client() as client:
         bystander_completes(client, f"{tenant}-warm", runtime=bystander_runtime, within=60)  # warm up
-        threads_before = _proc_status(two_slots, "Threads")
         started = time.monotonic()
         sleepers = []
         for i, workflow in enumerate(["Sleep", "Sleep", "Select"]):  # three tenants, one sleeper each
@@ -98,6 +110,7 @@ def test_sleeping_guests_time_out_and_hold_no_slot_or_thread(
             sleepers.append(client.create(f"{tenant}-{i}", workflow, ref, params={"timeout": 2}))
         wait_for(lambda: any(s.name == "nap" for s in client.get(f"{tenant}-0", sleepers[0].id).steps))
         # Both slots hold sleepers now; they must still let another tenant through in time.
+        assert _guest_threads(two_slots) >= 1
         bystander_completes(client, tenant, runtime=bystander_runtime, within=10)
         for i, sleeper in enumerate(sleepers):
             done = client.wait(f"{tenant}-{i}", sleeper.id, timeout=60)
@@ -106,7 +119,7 @@ def test_sleeping_guests_time_out_and_hold_no_slot_or_thread(
             assert nap.attempts == 2 and "did not finish within 2 s" in nap.error.message, nap
         # 3 sleepers x 2 attempts x 2 s on 2 slots: ~6 s of waits; an hour if they were not stopped
         assert time.monotonic() - started < 45
-        wait_for(lambda: _proc_status(two_slots, "Threads") <= threads_before + 2, timeout=10)
+        wait_for(lambda: _guest_threads(two_slots) == 0, timeout=5)  # every guest thread returned
         _no_stuck_guest(two_slots)
 
 
