@@ -97,3 +97,35 @@ def test_serve_with_fdb_but_no_client_library_says_what_to_install(tmp_path: Pat
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "listening" not in done.stdout
     assert "libfdb_c" in done.stderr and "foundationdb-clients" in done.stderr
+
+
+def test_two_kernels_share_one_lmdb_store(tmp_path: Path) -> None:
+    store, effects_dir, tenant = tmp_path / "kv", tmp_path / "effects", "pair"
+    effects_dir.mkdir()
+    kernels = [
+        KernelProcess(tmp_path / f"n{n}", [*TEST_LIMITS, "--node-id", f"n{n}", "--storage", f"kv+lmdb://{store}",
+                                           "--sandbox-writable-dir", str(effects_dir)])
+        for n in (1, 2)
+    ]  # fmt: skip
+    for kernel in kernels:
+        kernel.start()
+    try:
+        clients = [k.client() for k in kernels]
+        ref = publish(clients[0], tenant, FLOW)
+        ids = [f"p{n}" for n in range(INSTANCES)]
+        for n, id in enumerate(ids):  # creates and events spread over both nodes
+            params = {"steps": STEPS, "log": str(effects_dir / f"{id}.log")}
+            clients[n % 2].create(tenant, "Flow", ref, id=id, params=params)
+            clients[(n + 1) % 2].send_event(tenant, id, "go", n)
+        for n, id in enumerate(ids):
+            done = clients[n % 2].wait(tenant, id, timeout=120)
+            assert done.status == pb.STATUS_COMPLETE, (id, done.error)
+            assert Client.output(done) == sum(range(STEPS)) + n
+        final = effects(effects_dir)
+        assert set(final) == {(id, f"s{i}") for id in ids for i in range(STEPS)}
+        assert all(count == 1 for count in final.values())  # no kill: every step ran exactly once
+        for client in clients:
+            client.close()
+    finally:
+        for kernel in kernels:
+            kernel.stop()
