@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -45,6 +46,18 @@ def runner_digest(files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+_BUILDS: set[subprocess.Popen[str]] = set()
+_BUILDS_LOCK = threading.Lock()
+
+
+def abandon_builds() -> None:
+    """Kill runner builds in progress (a stopping kernel does not wait ~20 s for one); the next
+    start builds again, since a build only lands in the cache once it is complete."""
+    with _BUILDS_LOCK:
+        for proc in _BUILDS:
+            proc.kill()
+
+
 def _componentize(files: dict[str, bytes], out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="tenantflow-runner-") as tmp:
         root = Path(tmp)
@@ -53,9 +66,17 @@ def _componentize(files: dict[str, bytes], out: Path) -> None:
             (root / rel).write_bytes(data)
         cmd = [sys.executable, "-c", _CLI, "-d", str(root / "wit"), "-w", WORLD,
                "componentize", "-p", str(root), "app", "-o", str(root / "runner.wasm")]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)  # fmt: skip
+        with _BUILDS_LOCK:
+            _BUILDS.add(proc)
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            with _BUILDS_LOCK:
+                _BUILDS.discard(proc)
         if proc.returncode != 0:
-            raise RuntimeError(f"componentize-py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"componentize-py failed ({proc.returncode}):\n{stderr[-4000:]}")
         shutil.move(root / "runner.wasm", out)
 
 

@@ -96,7 +96,7 @@ class Runner:
 
 
 class PythonWasmSandbox:
-    """The python-wasm sandbox; the runner is prepared in the background from :meth:`start`."""
+    """The python-wasm sandbox; the runner is prepared on first use (see :meth:`_prepare`)."""
 
     runtime = "python-wasm"
 
@@ -107,9 +107,21 @@ class PythonWasmSandbox:
         self._lock = threading.Lock()
 
     def _prepare(self) -> concurrent.futures.Future[Runner]:
+        """Build (once per machine), compile and load the runner when something first needs it,
+        on a daemon thread: a kernel that never runs python-wasm never pays for it, and a stopping
+        kernel does not wait for it (:meth:`close` abandons a build in progress)."""
         with self._lock:
             if self._runner is None:
-                self._runner = concurrent.futures.ThreadPoolExecutor(1).submit(Runner)
+                future: concurrent.futures.Future[Runner] = concurrent.futures.Future()
+                self._runner = future
+
+                def prepare() -> None:
+                    try:
+                        future.set_result(Runner())
+                    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                        future.set_exception(exc)
+
+                threading.Thread(target=prepare, name="tenantflow-python-wasm-runner", daemon=True).start()
             return self._runner
 
     def runner(self, timeout: float = READY_TIMEOUT) -> Runner:
@@ -120,7 +132,7 @@ class PythonWasmSandbox:
         return inspect_python_wasm(files, self.runner().modules)
 
     async def start(self) -> None:
-        self._prepare()  # build/compile/load off the event loop; runs wait for it
+        """Nothing to do yet: the runner is prepared by the first Publish or run that needs it."""
 
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
         runner = await asyncio.wrap_future(self._prepare())
@@ -138,4 +150,5 @@ class PythonWasmSandbox:
         return await run_guest(self._pool, execute, host, limits)
 
     async def close(self) -> None:
+        build.abandon_builds()
         self._pool.shutdown(wait=False, cancel_futures=True)
