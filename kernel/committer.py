@@ -1,11 +1,20 @@
 """Group commit: every state change of every running instance goes through one queue, and each
 batch is one storage transaction. Many concurrent instances share a commit, so the aggregate step
-rate can exceed the storage's commit rate."""
+rate can exceed the storage's commit rate.
+
+The batches are applied by one writer thread of the committer's own: a change handed over wakes
+it at once (no hop through the event loop, no timer), it takes everything queued meanwhile (the
+changes that arrived during the previous commit's fsync ride in the next one), and one callback
+per batch hands the results back to the loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 
@@ -17,6 +26,9 @@ from tenantflow.kernel.storage import Storage
 log = logging.getLogger("tenantflow.committer")
 MAX_BATCH = 512
 
+_Item = tuple[Change, "asyncio.Future[ApplyResult]"]
+_Settled = tuple["asyncio.Future[ApplyResult]", ApplyResult | None, BaseException | None]
+
 
 class Committer:
     """Queues changes and applies them in batches, in order; a change is acknowledged only once durable."""
@@ -24,26 +36,40 @@ class Committer:
     def __init__(self, storage: Storage, on_applied: Callable[[list[Change]], None]) -> None:
         self._storage = storage
         self._on_applied = on_applied
-        self._queue: asyncio.Queue[tuple[Change, asyncio.Future[ApplyResult]]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unsettled = 0  # changes queued or being applied, counted on the loop
+        self._drained: asyncio.Event | None = None
         self.batches = 0
         self.changes = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="tenantflow-committer")
+        self._loop = asyncio.get_running_loop()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._thread = threading.Thread(target=self._run, name="tenantflow-committer", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            while not self._queue.empty():
-                await asyncio.sleep(0.01)
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Commit what is queued, then end the writer thread."""
+        if self._thread is None:
+            return
+        assert self._drained is not None
+        await self._drained.wait()
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join, 10)
+        self._thread = None
 
     def submit(self, change: Change) -> asyncio.Future[ApplyResult]:
         """Queue ``change``; the future resolves once it is committed (or its guard failed)."""
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((change, future))
+        if self._thread is None:  # stopped: as before, nothing more is committed
+            return future
+        assert self._drained is not None
+        self._unsettled += 1
+        self._drained.clear()
+        self._queue.put((change, future))
         return future
 
     async def commit(self, change: Change) -> ApplyResult:
@@ -53,43 +79,71 @@ class Committer:
             raise Conflict(result.reason)
         return result
 
-    async def _run(self) -> None:
+    # -- the writer thread ------------------------------------------------------------------------
+    def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
             while len(batch) < MAX_BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
                     break
-            try:
-                await self._apply([change for change, _ in batch], [future for _, future in batch])
-            except Exception as exc:
-                if len(batch) == 1:
-                    self._fail(batch, exc)
-                    continue
-                # One bad change must not fail the others riding in its transaction: retry alone.
-                log.warning("commit of %d changes failed (%s); committing them one by one", len(batch), exc)
-                for change, future in batch:
-                    try:
-                        await self._apply([change], [future])
-                    except Exception as one:
-                        self._fail([(change, future)], one)
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._apply_batch(batch)
+            if stop:
+                return
 
-    async def _apply(self, changes: list[Change], futures: list[asyncio.Future[ApplyResult]]) -> None:
+    def _apply_batch(self, batch: list[_Item]) -> None:
+        changes = [change for change, _ in batch]
         started = time.perf_counter()
-        results = await asyncio.to_thread(self._storage.apply, changes)
-        metrics.committed(len(changes), time.perf_counter() - started)
-        self.batches += 1
-        self.changes += len(changes)
-        for future, result in zip(futures, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-        self._on_applied(changes)
+        try:
+            results = self._storage.apply(changes)
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch, exc)
+                return
+            # One bad change must not fail the others riding in its transaction: retry alone.
+            log.warning("commit of %d changes failed (%s); committing them one by one", len(batch), exc)
+            for item in batch:
+                self._apply_batch([item])
+            return
+        self._hand_back(changes, [(f, r, None) for (_, f), r in zip(batch, results, strict=True)],
+                        time.perf_counter() - started)  # fmt: skip
 
-    @staticmethod
-    def _fail(batch: list[tuple[Change, asyncio.Future[ApplyResult]]], exc: Exception) -> None:
+    def _fail(self, batch: list[_Item], exc: Exception) -> None:
         """Storage failed: the waiters learn it, nothing is acknowledged."""
         log.error("commit of a change to %s/%s failed: %s", batch[0][0].tenant, batch[0][0].id, exc)
-        for _, future in batch:
-            if not future.done():
+        self._hand_back([], [(f, None, exc) for _, f in batch], None)
+
+    def _hand_back(self, applied: list[Change], settled: list[_Settled], seconds: float | None) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._settle, applied, settled, seconds)
+
+    # -- back on the loop -------------------------------------------------------------------------
+    def _settle(self, applied: list[Change], settled: list[_Settled], seconds: float | None) -> None:
+        if seconds is not None:
+            metrics.committed(len(applied), seconds)
+            self.batches += 1
+            self.changes += len(applied)
+        for future, result, exc in settled:
+            if future.done():
+                continue
+            if exc is not None:
                 future.set_exception(exc)
+            else:
+                assert result is not None
+                future.set_result(result)
+        self._unsettled -= len(settled)
+        if applied:
+            self._on_applied(applied)
+        if self._unsettled == 0:
+            assert self._drained is not None
+            self._drained.set()

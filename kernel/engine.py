@@ -111,6 +111,20 @@ def _error(raw: Any, limit: int = 4096) -> dict[str, str]:
     return {"name": _text(raw.get("name") or "Error", 200), "message": _text(raw.get("message") or "", limit)}
 
 
+def _foldable(change: Change, into: Change | None = None) -> bool:
+    """Whether ``change`` guards nothing but generation and lease (as ``into``'s), and, when
+    ``into`` is given, only adds steps and history: folded into ``into`` it commits exactly when it
+    would have committed on its own in the same transaction."""
+    if change.expect_status or change.consume_events or change.add_events or change.bump_generation:
+        return False
+    if change.delete_steps_from is not None:
+        return False
+    if into is None:
+        return True
+    return (not change.set and not change.wake_on_events and not change.pause_aware
+            and (change.generation, change.owner) == (into.generation, into.owner))  # fmt: skip
+
+
 @dataclasses.dataclass
 class _Flight:
     attempt: int
@@ -166,6 +180,22 @@ class WakeUp:
             future = self.engine.committer.submit(change)
             future.add_done_callback(self._check_async_commit)
 
+    def _with_pending(self, change: Change) -> Change:
+        """``change`` (about to be awaited) with the pending changes folded in when its guards are
+        theirs, so they cost no statements of their own and commit exactly as they would have in its
+        transaction; otherwise they are queued just before it."""
+        pending = self._pending
+        if pending and _foldable(change) and all(_foldable(p, change) for p in pending):
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+            self._pending = []
+            steps = {s.key: s for p in (*pending, change) for s in p.steps}  # a step's latest record wins
+            history = [h for p in pending for h in p.history]
+            return dataclasses.replace(change, steps=list(steps.values()), history=[*history, *change.history])
+        self._flush()
+        return change
+
     def _check_async_commit(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
             return
@@ -178,7 +208,7 @@ class WakeUp:
             entry = self._history("log", message=dropped, data_json=json.dumps({
                 "stream": "stderr", "dropped_lines": self.logs.dropped_lines, "dropped_bytes": self.logs.dropped_bytes}))  # fmt: skip
             change = dataclasses.replace(change, history=[*change.history, entry])
-        self._flush()  # queued together, so they share one transaction
+        change = self._with_pending(change)  # one transaction: a fast step costs one commit
         try:
             result = await self.engine.committer.commit(change)
         except Conflict as exc:

@@ -1,17 +1,35 @@
-"""Durable step throughput and cold start, against a real kernel on embedded SQLite.
+"""Durable steps at the speed of the storage (issue 11): one benchmark, one run, every ratio.
 
-Prints: steps/s for one instance running sequential steps, steps/s with 50 concurrent instances
-(group commit at work), and Create -> first step running for never-seen tenants (p50/p99).
-Run: `.venv/bin/python loadtests/bench_steps.py [--steps 2000] [--instances 50]`.
+    nice .venv/bin/python loadtests/bench_steps.py [--steps 1000] [--instances 50] [--steps-each 100]
+                                                   [--cold 20] [--sync FULL NORMAL] [--only python ...]
+
+Prints, for the file system of the kernel's data directory:
+
+- raw SQLite: single-row commits/s in WAL mode, ``synchronous=FULL`` and ``NORMAL``, on a file in
+  the same directory as the kernel's storage;
+- P1: one instance running ``--steps`` sequential trivial steps, per sandbox and ``run`` style;
+- P2: ``--instances`` concurrent instances x ``--steps-each`` steps (aggregate), with the kernel's
+  own CPU per step and the group commit's changes per transaction;
+- P3: Create -> first step running for never-seen tenants (p50/p99);
+
+each as a figure and as a ratio to the raw commit rate of the same ``synchronous`` mode. Step rates
+are measured on the kernel's clock, from the first step started to the instance's end (so the
+start of the run, which P3 measures, is not in them).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import os
+import sqlite3
 import statistics
 import sys
+import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -20,80 +38,233 @@ from _kernel import BenchKernel  # noqa: E402
 
 from tenantflow.client import Client  # noqa: E402
 
-LOOP = """
+SYNC_LOOP = """
 from tenantflow.workflow import WorkflowEntrypoint
+# {nonce}
+class Loop(WorkflowEntrypoint):
+    def run(self, event, step):
+        total = 0
+        for i in range(event.payload["steps"]):
+            total += step.do(f"s{{i}}", lambda i=i: i)
+        return total
+"""
 
+ASYNC_LOOP = """
+from tenantflow.workflow import WorkflowEntrypoint
+# {nonce}
 class Loop(WorkflowEntrypoint):
     async def run(self, event, step):
         total = 0
         for i in range(event.payload["steps"]):
-            total += await step.do(f"s{i}", lambda i=i: i)
+            total += await step.do(f"s{{i}}", lambda i=i: i)
         return total
 """
+
+# A raw module cannot read its params without a JSON parser: the step count is baked in, and the
+# module returns it (steps are keyed by the kernel's ABI layer: "s#0", "s#1", ...).
+WAT = """
+(module
+  (import "tenantflow" "call" (func $call (param i32 i32) (result i32)))
+  (import "tenantflow" "reply" (func $reply (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "{step}")
+  (data (i32.const 256) "{result}")
+  (data (i32.const 512) "{finish}")
+  (data (i32.const 768) "tenant {nonce}")
+  (func $send (param i32 i32) (drop (call $call (local.get 0) (local.get 1))) (call $reply (i32.const 4096)))
+  (func (export "workflow_Loop") (local $i i32)
+    (loop $l
+      (call $send (i32.const 0) (i32.const {step_len}))
+      (call $send (i32.const 256) (i32.const {result_len}))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (i32.const {steps}))))
+    (call $send (i32.const 512) (i32.const {finish_len}))))
+"""
+
+
+def wat(steps: int, nonce: str) -> str:
+    step, result = '{"op":"step","kind":"do","name":"s"}', '{"op":"result","ok":true,"value":1}'
+    finish = '{"op":"finish","ok":true,"value":' + str(steps) + '}'
+    esc = {"step": step, "result": result, "finish": finish}
+    return WAT.format(**{k: v.replace('"', '\\"') for k, v in esc.items()},
+                      **{f"{k}_len": len(v) for k, v in esc.items()}, steps=steps, nonce=nonce)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """One sandbox and ``run`` style."""
+
+    label: str
+    runtime: str
+    style: str  # sync | async | raw
+
+    def files(self, steps: int, nonce: str) -> dict[str, str]:
+        if self.style == "raw":
+            return {"loop.wat": wat(steps, nonce)}
+        return {"wf.py": (SYNC_LOOP if self.style == "sync" else ASYNC_LOOP).format(nonce=nonce)}
+
+    def expected(self, steps: int) -> int:
+        return steps if self.style == "raw" else sum(range(steps))
+
+
+SUBJECTS = [
+    Subject("python sync", "python", "sync"),
+    Subject("python async", "python", "async"),
+    Subject("python-wasm sync", "python-wasm", "sync"),
+    Subject("python-wasm async", "python-wasm", "async"),
+    Subject("wasm (raw)", "wasm", "raw"),
+]
 
 
 def epoch(at: str) -> float:
     return dt.datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
 
 
-def throughput(client: Client, tenant: str, ref: str, instances: int, steps: int) -> float:
-    started = time.perf_counter()
+# -- raw SQLite ---------------------------------------------------------------------------------
+def raw_commit_rate(directory: Path, synchronous: str, seconds: float) -> float:
+    """Single-row commits/s into a WAL file in ``directory`` (a fresh file, removed after)."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix="raw-sqlite-") as tmp:
+        conn = sqlite3.connect(Path(tmp) / "raw.sqlite3", isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        value = "x" * 100
+        n, started = 0, time.perf_counter()
+        deadline = started + seconds
+        while True:
+            for _ in range(50):
+                conn.execute("INSERT INTO t (v) VALUES (?)", (value,))  # one autocommit transaction
+            n += 50
+            if (now := time.perf_counter()) >= deadline:
+                break
+        conn.close()
+        return n / (now - started)
+
+
+# -- the kernel ----------------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def commit_counters(kernel: BenchKernel) -> tuple[float, float]:
+    """(group commits, changes committed) so far, from the kernel's Prometheus endpoint."""
+    text = urllib.request.urlopen(kernel.metrics_url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("tenantflow_commit_batch_size_"):
+            name, value = line.split()
+            values[name] = float(value)
+    return values.get("tenantflow_commit_batch_size_count", 0.0), values.get("tenantflow_commit_batch_size_sum", 0.0)
+
+
+def first_step_at(client: Client, tenant: str, id: str) -> float:
+    for event in client.watch(tenant, id, timeout=60):
+        if event.kind == "step_started":
+            return epoch(event.at)
+    raise RuntimeError(f"instance {id} has no step_started event")
+
+
+@dataclasses.dataclass
+class Rate:
+    steps_per_s: float
+    kernel_cpu_ms_per_step: float
+    changes_per_commit: float
+    commits_per_step: float
+
+
+def run_steps(kernel: BenchKernel, client: Client, subject: Subject, instances: int, steps: int) -> Rate:
+    tenant = f"bench-{subject.runtime}-{subject.style}-{steps}"
+    ref = client.publish(tenant, "loop", subject.files(steps, tenant), runtime=subject.runtime).ref
+    warm = client.create(tenant, "Loop", ref, params={"steps": steps})  # loads code, starts templates
+    client.wait(tenant, warm.id, timeout=600)
+    cpu0, (commits0, changes0) = cpu_seconds(kernel.pid), commit_counters(kernel)
     ids = [client.create(tenant, "Loop", ref, params={"steps": steps}).id for _ in range(instances)]
-    for n, id in enumerate(ids, 1):
+    ends = []
+    for id in ids:
         done = client.wait(tenant, id, timeout=600)
-        assert Client.output(done) == sum(range(steps)), done
-        if sys.stderr.isatty():
-            print(f"\r  {n}/{instances} instances complete", end="", file=sys.stderr, flush=True)
-    elapsed = time.perf_counter() - started
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    return instances * steps / elapsed
+        assert Client.output(done) == subject.expected(steps), done
+        ends.append(epoch(done.updated_at))
+    cpu = cpu_seconds(kernel.pid) - cpu0
+    commits, changes = (a - b for a, b in zip(commit_counters(kernel), (commits0, changes0), strict=True))
+    start = min(first_step_at(client, tenant, id) for id in ids)
+    total = instances * steps
+    return Rate(total / (max(ends) - start), cpu / total * 1000, changes / max(commits, 1), commits / total)
 
 
-def cold_starts(client: Client, count: int) -> list[float]:
+def cold_starts(client: Client, subject: Subject, count: int) -> list[float]:
     """Seconds from Create to the first step starting, each for a tenant the kernel never saw."""
     latencies = []
     for n in range(count):
-        tenant = f"cold{n}-{time.time_ns()}"
-        ref = client.publish(tenant, "loop", {"wf.py": LOOP}).ref
+        tenant = f"cold-{subject.runtime}-{subject.style}-{n}-{time.time_ns()}"
+        ref = client.publish(tenant, "loop", subject.files(1, tenant), runtime=subject.runtime).ref
         sent = time.time()
         inst = client.create(tenant, "Loop", ref, params={"steps": 1})
         client.wait(tenant, inst.id)
-        started = next(e for e in client.watch(tenant, inst.id) if e.kind == "step_started")
-        latencies.append(epoch(started.at) - sent)
+        latencies.append(first_step_at(client, tenant, inst.id) - sent)
     return latencies
 
 
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=2000, help="steps in the single-instance run")
-    parser.add_argument("--instances", type=int, default=50)
-    parser.add_argument(
-        "--steps-each", type=int, default=200, help="steps per instance in the concurrent run"
-    )
-    parser.add_argument("--cold", type=int, default=30, help="never-seen tenants for the cold-start figure")
-    parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000, help="steps of the single instance (P1)")
+    parser.add_argument("--instances", type=int, default=50, help="concurrent instances (P2)")
+    parser.add_argument("--steps-each", type=int, default=100, help="steps per concurrent instance (P2)")
+    parser.add_argument("--cold", type=int, default=20, help="never-seen tenants per sandbox (P3)")
+    parser.add_argument("--raw-seconds", type=float, default=2.0, help="length of each raw SQLite run")
+    parser.add_argument("--sync", nargs="+", default=["FULL", "NORMAL"], choices=["FULL", "NORMAL"])
+    parser.add_argument("--only", nargs="+", default=[], help="subjects whose label contains one of these")
+    parser.add_argument("--skip", nargs="+", default=[], choices=["P1", "P2", "P3"])
     args = parser.parse_args()
-    kernel = BenchKernel("--max-concurrent", str(max(64, args.instances)), synchronous=args.synchronous)
-    try:
-        with Client(kernel.address, timeout=600) as client:
-            ref = client.publish("bench", "loop", {"wf.py": LOOP}).ref
-            client.wait("bench", client.create("bench", "Loop", ref, params={"steps": 10}).id)  # warm up
-            print(f"storage: SQLite WAL, synchronous={args.synchronous}; kernel {kernel.address}", flush=True)
-            one = throughput(client, "bench", ref, 1, args.steps)
-            print(f"1 instance, {args.steps} sequential steps:      {one:8.0f} durable steps/s", flush=True)
-            many = throughput(client, "bench", ref, args.instances, args.steps_each)
-            print(
-                f"{args.instances} concurrent instances x {args.steps_each} steps: {many:8.0f} durable steps/s",
-                flush=True,
-            )
-            lat = sorted(cold_starts(client, args.cold))
-            p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-            print(f"Create -> first step running, never-seen tenant: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms "
-                  f"({args.cold} tenants)")  # fmt: skip
+    subjects = [s for s in SUBJECTS if not args.only or any(o in s.label for o in args.only)]
+    for synchronous in args.sync:
+        kernel = BenchKernel("--max-concurrent", str(max(64, args.instances)), synchronous=synchronous,
+                             metrics=True)  # fmt: skip
+        try:
+            raw = raw_commit_rate(kernel.data_dir, synchronous, args.raw_seconds)
+            print(f"\n== SQLite WAL, synchronous={synchronous}, in {kernel.data_dir.parent}: raw single-row "
+                  f"commits {raw:,.0f}/s ({1e6 / raw:.0f} us each)", flush=True)  # fmt: skip
+            with Client(kernel.address, timeout=600) as client:
+                report(kernel, client, subjects, raw, args)
             print(f"kernel RSS after the run: {kernel.rss_mib():.0f} MiB")
-    finally:
-        kernel.stop()
+        finally:
+            kernel.stop()
+
+
+def report(kernel: BenchKernel, client: Client, subjects: list[Subject], raw: float,
+           args: argparse.Namespace) -> None:  # fmt: skip
+    p1: dict[str, float] = {}
+    show: Callable[[str], None] = lambda line: print(line, flush=True)  # noqa: E731
+    if "P1" not in args.skip:
+        show(f"P1  1 instance x {args.steps} sequential steps    steps/s   x raw  kernel CPU/step  commits/step")
+        for s in subjects:
+            r = run_steps(kernel, client, s, 1, args.steps)
+            p1[s.label] = r.steps_per_s
+            show(f"    {s.label:<36} {r.steps_per_s:8,.0f}  {r.steps_per_s / raw:5.2f}x  "
+                 f"{r.kernel_cpu_ms_per_step:9.3f} ms  {r.commits_per_step:10.2f}")  # fmt: skip
+        pairs = [("python async", "python sync"), ("python-wasm async", "python-wasm sync"),
+                 ("python-wasm sync", "python sync"), ("python-wasm async", "python async")]  # fmt: skip
+        for a, b in pairs:
+            if a in p1 and b in p1:
+                show(f"    {a} / {b}: {p1[a] / p1[b]:.2f}")
+    if "P2" not in args.skip:
+        show(f"P2  {args.instances} instances x {args.steps_each} steps (aggregate)   steps/s   x raw  "
+             "kernel CPU/step  changes/commit")  # fmt: skip
+        for s in subjects:
+            r = run_steps(kernel, client, s, args.instances, args.steps_each)
+            show(f"    {s.label:<36} {r.steps_per_s:8,.0f}  {r.steps_per_s / raw:5.2f}x  "
+                 f"{r.kernel_cpu_ms_per_step:9.3f} ms  {r.changes_per_commit:10.1f}")  # fmt: skip
+    if "P3" not in args.skip:
+        show(f"P3  Create -> first step running, {args.cold} never-seen tenants each     p50       p99")
+        for s in subjects:
+            lat = cold_starts(client, s, args.cold)
+            show(f"    {s.label:<36} {pct(lat, 50) * 1000:7.1f} ms {pct(lat, 99) * 1000:7.1f} ms "
+                 f"(mean {statistics.fmean(lat) * 1000:.1f})")  # fmt: skip
 
 
 if __name__ == "__main__":

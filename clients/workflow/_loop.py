@@ -105,6 +105,11 @@ class GuestLoop(asyncio.AbstractEventLoop):
         threading.Thread(target=work, name="tenantflow-step", daemon=True).start()
         return future
 
+    def alone(self) -> bool:
+        """Whether nothing but the running callback could make progress now (no other callback
+        ready, no thread or timer pending): a blocking call made now holds nothing else up."""
+        return not self._ready and not self._in_flight and all(t.cancelled() for t in self._timers)
+
     def quiet(self) -> asyncio.Future[None]:
         """A future resolved once no callback is ready to run (only timers or threads pending)."""
         future: asyncio.Future[None] = self.create_future()

@@ -26,6 +26,7 @@ Keys are ``"<name>#<occurrence>"``. Durations are seconds; ``until`` is epoch se
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import importlib.abc
 import importlib.util
@@ -337,6 +338,15 @@ def _call_blocking(fn: Callable[..., Any], name: str, attempt: int) -> Any:
     return value
 
 
+def _call_inline(fn: Callable[..., Any], name: str, attempt: int) -> Any:
+    """:func:`_call_blocking` on the workflow's own thread, which keeps its running loop."""
+    outer = asyncio.events._get_running_loop()
+    try:
+        return _call_blocking(fn, name, attempt)
+    finally:
+        asyncio.events._set_running_loop(outer)
+
+
 class AsyncStep:
     """``step`` for an ``async def run``: every call returns an awaitable; use ``asyncio.gather``
     for parallel steps."""
@@ -373,6 +383,10 @@ class AsyncStep:
         try:
             if inspect.iscoroutinefunction(fn):
                 value = await _invoke(fn, name, attempt)
+            elif self._loop.alone() and not self._core.unseen:
+                # Nothing else could run meanwhile (a sequential step), so a thread would only add two
+                # hand-offs; parallel branches (gather) still get a thread each.
+                value = _call_inline(fn, name, attempt)
             else:
                 value = await self._loop.run_in_executor(None, _call_blocking, fn, name, attempt)
         except Exception as exc:
