@@ -1,11 +1,12 @@
 """Run a check of tenant input in a separate, limited process: the kernel never parses or compiles
 tenant code itself.
 
-``call("pkg.mod:func", args)`` runs ``func(*args)`` in a child ``python -I`` with an empty
-environment, CPU (``RLIMIT_CPU``), address-space (``RLIMIT_AS``), wall-time and output limits, and
-returns its JSON result. The child dies with the kernel (parent-death signal). A warm spare child per
-module (started, limits set, module imported, waiting on stdin) keeps the process start off the
-caller's path; each child serves one call and exits.
+``call("pkg.mod:func", args)`` runs ``func(*args)`` in a child process with CPU (``RLIMIT_CPU``),
+address-space (``RLIMIT_AS``), wall-time and output limits and returns its JSON result. Children
+are forked from a fork server (``python -I``, empty environment, working directory ``/``) that has
+imported the checking module already, so a check costs a fork, not an interpreter start. The
+server exits when the kernel does; each child dies with the server (parent-death signal) and serves
+one call.
 
 Outcomes: the result; :class:`CodeError` for code the check rejects (including nesting too deep for
 the parser); :class:`ResourceExhausted` when the check hits a limit.
@@ -25,12 +26,13 @@ import os
 import resource
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,7 +41,6 @@ from tenantflow.kernel.sandbox import CodeError
 
 log = logging.getLogger("tenantflow.plugins.isolated")
 MAX_CHILDREN = 4  # checks at once in this process: bounds their total memory
-SPARES = 2  # ready children kept per module, so a burst of small checks need not wait for a start
 _slots = threading.BoundedSemaphore(MAX_CHILDREN)
 _STDERR_BYTES = 16 * 1024
 _PR_SET_PDEATHSIG = 1
@@ -74,145 +75,186 @@ def call(target: str, args: list[Any], limits: ChildLimits = DEFAULT_LIMITS) -> 
     module, _, function = target.partition(":")
     request = json.dumps({"function": function, "args": args}).encode()
     with _slots:
-        proc = _spares.take(module, limits) or _spawn(module, limits)
-        _spares.refill(module, limits)
+        child = _server.fork(module, limits)
         try:
-            return _exchange(proc, request, limits)
+            return _exchange(child, request, limits)
         finally:
-            _end(proc)
-
-
-def _end(proc: subprocess.Popen[bytes]) -> None:
-    """Kill (if still running), reap and close a child's pipes."""
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    proc.wait()
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
+            child.close()
 
 
 # -- the kernel side -------------------------------------------------------------------------------
-def _spawn(module: str, limits: ChildLimits) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-I", "-m", __name__, module, json.dumps(asdict(limits)), str(os.getpid())],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}, cwd="/",
-        start_new_session=True, close_fds=True,
-    )  # fmt: skip
+@dataclass
+class _Child:
+    """A forked checker as the kernel sees it: its pid and our ends of its pipes."""
 
+    pid: int
+    stdin: int
+    stdout: int
+    stderr: int
+    status: int  # the server writes the child's exit code here once it has reaped it
 
-class _Spares:
-    """Up to :data:`SPARES` idle, ready children per (module, limits), started by one long-lived
-    thread (the parent-death signal fires when the *thread* that started a child ends)."""
-
-    def __init__(self) -> None:
-        self._idle: dict[tuple[str, ChildLimits], list[subprocess.Popen[bytes]]] = {}
-        self._wanted: set[tuple[str, ChildLimits]] = set()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+    def kill(self) -> None:
+        _server.kill(self.pid)
 
     def close(self) -> None:
-        """End the idle children (at exit: they would die with this process anyway)."""
-        with self._cond:
-            idle, self._idle = [p for procs in self._idle.values() for p in procs], {}
-        for proc in idle:
-            _end(proc)
+        for fd in (self.stdin, self.stdout, self.stderr, self.status):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
-    def take(self, module: str, limits: ChildLimits) -> subprocess.Popen[bytes] | None:
-        """A ready child, if one is idle and alive."""
-        while True:
-            with self._cond:
-                procs = self._idle.get((module, limits))
-                proc = procs.pop(0) if procs else None
-            if proc is None or proc.poll() is None:
-                return proc
-            _end(proc)
 
-    def refill(self, module: str, limits: ChildLimits) -> None:
-        with self._cond:
-            self._wanted.add((module, limits))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="tenantflow-isolated", daemon=True)
-                self._thread.start()
-            self._cond.notify()
+class _ForkServer:
+    """The fork server process and the socket to it (one request at a time: a fork is quick)."""
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._wanted:
-                    self._cond.wait()
-                key = self._wanted.pop()
-                if len(self._idle.get(key, ())) >= SPARES:
-                    continue
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    def _ensure(self) -> socket.socket:
+        if self._proc is not None and self._proc.poll() is None and self._sock is not None:
+            return self._sock
+        self._stop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        started: list[subprocess.Popen[bytes] | BaseException] = []
+        ready = threading.Event()
+
+        def run() -> None:
+            # The parent-death signal fires when the *thread* that started the server ends, so a
+            # thread of our own starts it and stays until it exits.
             try:
-                proc = _spawn(*key)
-            except OSError as exc:
-                log.warning("could not start a spare checker process: %s", exc)
-                time.sleep(1.0)
-                continue
-            with self._cond:
-                self._idle.setdefault(key, []).append(proc)
-                self._wanted.add(key)  # until SPARES are ready
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-m", __name__, str(theirs.fileno()), str(os.getpid())],
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env={}, cwd="/",
+                    start_new_session=True,
+                )  # fmt: skip
+            except BaseException as exc:
+                started.append(exc)
+                ready.set()
+                return
+            started.append(proc)
+            ready.set()
+            proc.wait()
+
+        with ours, theirs:
+            threading.Thread(target=run, name="tenantflow-checker-server", daemon=True).start()
+            ready.wait()
+            if isinstance(started[0], BaseException):
+                raise started[0]
+            self._proc = started[0]
+            self._sock = ours.dup()
+        return self._sock
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def _ask(self, message: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
+        for _ in range(2):  # a server that died is restarted once
+            with self._lock:
+                sock = self._ensure()
+                try:
+                    socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
+                    reply = sock.recv(65536)
+                except OSError:
+                    reply = b""
+                if reply:
+                    answer: dict[str, Any] = json.loads(reply)
+                    return answer
+                self._stop()
+        raise RuntimeError("the code checker's fork server is not answering; see the kernel log")
+
+    def fork(self, module: str, limits: ChildLimits) -> _Child:
+        """A new child that has imported ``module`` and set ``limits``, waiting on its stdin."""
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        status_r, status_w = os.pipe()
+        try:
+            reply = self._ask(
+                {"module": module, "limits": asdict(limits)}, [stdin_r, stdout_w, stderr_w, status_w]
+            )
+        except BaseException:
+            for fd in (stdin_w, stdout_r, stderr_r, status_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (stdin_r, stdout_w, stderr_w, status_w):
+                os.close(fd)
+        if "pid" not in reply:
+            for fd in (stdin_w, stdout_r, stderr_r, status_r):
+                os.close(fd)
+            raise RuntimeError(f"the code checker could not start: {reply.get('error')}")
+        return _Child(reply["pid"], stdin_w, stdout_r, stderr_r, status_r)
+
+    def kill(self, pid: int) -> None:
+        """Kill a child of the server (only a child it has not reaped yet: never a reused pid)."""
+        self._ask({"kill": pid})
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
 
 
-_spares = _Spares()
-atexit.register(_spares.close)
+_server = _ForkServer()
+atexit.register(_server.close)
 
 
-def _exchange(proc: subprocess.Popen[bytes], request: bytes, limits: ChildLimits) -> Any:
+def _exchange(child: _Child, request: bytes, limits: ChildLimits) -> Any:
     """Send the request, read bounded replies until the child exits or the wall limit strikes."""
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     deadline = time.monotonic() + limits.wall_seconds
-    out, err = bytearray(), bytearray()
+    too_long = f"{limits.what} took more than {limits.wall_seconds:g} s: split it or make it smaller"
+    out, err, status = bytearray(), bytearray(), bytearray()
+    caps = {child.stdout: limits.output_bytes, child.stderr: _STDERR_BYTES, child.status: 64}
+    bufs = {child.stdout: out, child.stderr: err, child.status: status}
     sel = selectors.DefaultSelector()
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        os.set_blocking(pipe.fileno(), False)
-    sel.register(proc.stdin, selectors.EVENT_WRITE)
-    sel.register(proc.stdout, selectors.EVENT_READ, out)
-    sel.register(proc.stderr, selectors.EVENT_READ, err)
+    for fd in (child.stdin, child.stdout, child.stderr, child.status):
+        os.set_blocking(fd, False)
+    sel.register(child.stdin, selectors.EVENT_WRITE)
+    for fd in bufs:
+        sel.register(fd, selectors.EVENT_READ)
     view = memoryview(request)
     try:
         while sel.get_map():
             left = deadline - time.monotonic()
             if left <= 0:
-                proc.kill()
-                raise ResourceExhausted(
-                    f"{limits.what} took more than {limits.wall_seconds:g} s: split it or make it smaller"
-                )
+                child.kill()
+                raise ResourceExhausted(too_long)
             for key, _ in sel.select(min(left, 1.0)):
-                if key.fileobj is proc.stdin:
+                fd = key.fd
+                if fd == child.stdin:
                     try:
-                        view = view[os.write(proc.stdin.fileno(), view[: 1 << 16]) :]
+                        view = view[os.write(fd, view[: 1 << 16]) :]
                     except BrokenPipeError:
                         view = view[:0]
                     if not view:
-                        sel.unregister(proc.stdin)
-                        proc.stdin.close()
+                        sel.unregister(fd)
+                        os.close(fd)
+                        child.stdin = -1
                     continue
-                chunk = os.read(key.fileobj.fileno(), 1 << 16)  # type: ignore[union-attr]
-                buf: bytearray = key.data
+                chunk = os.read(fd, 1 << 16)
                 if not chunk:
-                    sel.unregister(key.fileobj)
+                    sel.unregister(fd)
                     continue
-                cap = limits.output_bytes if buf is out else _STDERR_BYTES
-                buf += chunk[: max(0, cap + 1 - len(buf))]
-                if buf is out and len(out) > limits.output_bytes:
-                    proc.kill()
+                buf = bufs[fd]
+                buf += chunk[: max(0, caps[fd] + 1 - len(buf))]
+                if fd == child.stdout and len(out) > limits.output_bytes:
+                    child.kill()
                     raise ResourceExhausted(
                         f"{limits.what} gave a result over {limits.output_bytes} bytes "
                         "(too many workflows?): split the code"
                     )
-        try:
-            code = proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise ResourceExhausted(
-                f"{limits.what} took more than {limits.wall_seconds:g} s: split it or make it smaller"
-            ) from None
     finally:
         sel.close()
-        if proc.stdin and not proc.stdin.closed:
-            proc.stdin.close()
+    try:
+        code = int(status)
+    except ValueError:
+        raise RuntimeError(f"the code checker's fork server lost child {child.pid}") from None
     return _outcome(code, bytes(out), bytes(err), limits)
 
 
@@ -241,6 +283,10 @@ def _outcome(code: int, out: bytes, err: bytes, limits: ChildLimits) -> Any:
             raise ResourceExhausted(memory)
         log.error("%s failed in the checker: %s\n%s", limits.what, message, reply.get("trace", ""))
         raise CodeError(f"{limits.what} failed: {message}")
+    if code == -signal.SIGALRM:  # the child's own wall-clock backstop
+        raise ResourceExhausted(
+            f"{limits.what} took more than {limits.wall_seconds:g} s: split it or make it smaller"
+        )
     if code in (-signal.SIGXCPU, -signal.SIGKILL):  # soft then hard RLIMIT_CPU (or the OOM killer)
         raise ResourceExhausted(cpu if code == -signal.SIGXCPU or b"Memory" not in err else memory)
     text = err.decode("utf-8", "replace")
@@ -250,17 +296,23 @@ def _outcome(code: int, out: bytes, err: bytes, limits: ChildLimits) -> Any:
     raise CodeError(f"{limits.what} crashed the checker (exit {code}): the code is too large or too deep")
 
 
-# -- the child side --------------------------------------------------------------------------------
-def _confine(limits: ChildLimits, parent: int) -> None:
-    """Die with the kernel, then cap CPU, address space and core dumps before reading any input."""
+# -- the fork server and its children -------------------------------------------------------------
+def _die_with_parent(parent: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the kernel died before the signal was armed
+    if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
+
+
+def _confine(limits: ChildLimits, parent: int) -> None:
+    """Die with the server, then cap CPU, address space, wall time and core dumps before reading
+    any input."""
+    _die_with_parent(parent)
     cpu = max(1, math.ceil(limits.cpu_seconds))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.alarm(math.ceil(limits.wall_seconds) + 1)  # SIGALRM ends the process: a backstop
 
 
 def _serve(module_name: str) -> dict[str, Any]:
@@ -285,16 +337,91 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _main(argv: list[str]) -> None:
-    module_name, limits_json, parent = argv
-    _confine(ChildLimits(**json.loads(limits_json)), int(parent))
+def _child(module: str, limits: ChildLimits, server: int, fds: list[int]) -> None:
+    """In the forked child: take the pipes as stdin/stdout/stderr, confine, serve one call, exit."""
+    for target, fd in enumerate(fds[:3]):
+        os.dup2(fd, target)
+    os.closerange(3, 1 << 16)
+    code = 0
     try:
-        reply = _serve(module_name)
-    except MemoryError:
-        reply = {"error": "memory", "peak": _peak()}
-    sys.stdout.buffer.write(json.dumps(reply).encode())
-    sys.stdout.flush()
+        _confine(limits, server)
+        try:
+            reply = _serve(module)
+        except MemoryError:
+            reply = {"error": "memory", "peak": _peak()}
+        os.write(1, json.dumps(reply).encode())  # small: a result or an error
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _server_main(sock_fd: int, kernel: int) -> None:
+    """Fork a confined child per request; reap them and report each exit code on its status pipe."""
+    _die_with_parent(kernel)
+    sock = socket.socket(fileno=sock_fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    live: dict[int, int] = {}  # pid -> status pipe
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            if key.fd == wake_r:
+                os.read(wake_r, 4096)
+                _reap(live)
+                continue
+            message, fds, _, _ = socket.recv_fds(sock, 65536, 4)
+            if not message:  # the kernel is gone
+                for pid in live:
+                    os.kill(pid, signal.SIGKILL)
+                os._exit(0)
+            request = json.loads(message)
+            if "kill" in request:
+                if request["kill"] in live:
+                    os.kill(request["kill"], signal.SIGKILL)
+                sock.send(b"{}")
+                continue
+            sock.send(json.dumps(_fork(request, fds, live, [sock.fileno(), wake_r, wake_w])).encode())
+
+
+def _fork(request: dict[str, Any], fds: list[int], live: dict[int, int], ours: list[int]) -> dict[str, Any]:
+    try:
+        importlib.import_module(request["module"])  # once, here: every child starts with it
+        limits = ChildLimits(**request["limits"])
+        pid = os.fork()
+    except Exception as exc:
+        for fd in fds:
+            os.close(fd)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if pid == 0:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _child(request["module"], limits, os.getppid(), fds)
+    live[pid] = fds[3]
+    for fd in fds[:3]:
+        os.close(fd)
+    return {"pid": pid}
+
+
+def _reap(live: dict[int, int]) -> None:
+    while live:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = live.pop(pid, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(fd, str(os.waitstatus_to_exitcode(status)).encode())
+            os.close(fd)
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    _server_main(int(sys.argv[1]), int(sys.argv[2]))
