@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from sampler import Sample  # noqa: E402
 
 # (file name, title, y label, series: (Sample attribute, legend, scale))
@@ -24,7 +25,7 @@ CHARTS: list[tuple[str, str, str, list[tuple[str, str, float]]]] = [
 
 
 def _draw(
-    ax: plt.Axes, samples: list[Sample], title: str, unit: str, series: list[tuple[str, str, float]]
+    ax: Axes, samples: list[Sample], title: str, unit: str, series: list[tuple[str, str, float]]
 ) -> None:
     t = [s.t for s in samples]
     for attr, label, scale in series:
