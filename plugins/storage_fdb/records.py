@@ -43,7 +43,14 @@ class Head:
         return dataclasses.replace(self, **changes)
 
 
-ENVELOPE = ("workflow", "code", "runtime", "module", "params_json", "parent")  # parent: absent in older records
+ENVELOPE = (
+    "workflow",
+    "code",
+    "runtime",
+    "module",
+    "params_json",
+    "parent",
+)  # parent: absent in older records
 RESULT = ("output_json", "error_name", "error_message")
 
 

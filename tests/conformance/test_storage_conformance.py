@@ -57,11 +57,21 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return engine_url(request.param, tmp_path)
 
 
+def close(storage: Storage, url: str) -> None:
+    """Close; on a shared FoundationDB cluster, first remove the test's subspace."""
+    if url.startswith("fdb:"):
+        from tenantflow.plugins.storage_fdb.engine import KVStorage
+
+        assert isinstance(storage, KVStorage)
+        storage.layer.transact(lambda tr: tr.clear_range(*storage.k.glob_range()))
+    storage.close()
+
+
 @pytest.fixture
 def storage(storage_url: str, tmp_path: Path) -> Iterator[Storage]:
     engine = open_storage(storage_url, tmp_path)
     yield engine
-    engine.close()
+    close(engine, storage_url)
 
 
 def instance(
@@ -293,9 +303,9 @@ def pair(
     first = open_storage(storage_url, tmp_path)
     second = first if request.param == "one object" else open_storage(storage_url, tmp_path)
     yield first, second
-    first.close()
     if second is not first:
         second.close()
+    close(first, storage_url)
 
 
 def race(*calls: Callable[[], Any]) -> list[Any]:
