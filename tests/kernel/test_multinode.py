@@ -100,6 +100,15 @@ def writer_free(database: Path) -> bool:
         conn.close()
 
 
+def halted(pid: int) -> bool:
+    """Whether every thread of ``pid`` has stopped (SIGSTOP takes effect asynchronously)."""
+    states = [
+        (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    ]
+    return all(state in "tT" for state in states)
+
+
 def nodes(tmp_path: Path, count: int, *extra: str) -> list[KernelProcess]:
     database = tmp_path / "shared.sqlite3"
     return [
@@ -260,13 +269,21 @@ def test_slow_owner_is_fenced(tmp_path: Path) -> None:
         assert stopped.proc is not None
         for _ in range(50):  # never stop a node inside a write transaction: it would lock the file
             os.kill(stopped.proc.pid, signal.SIGSTOP)
+            wait_for(lambda: halted(stopped.proc.pid), timeout=10, interval=0.001)  # type: ignore[union-attr]
             if writer_free(database):
                 break
             os.kill(stopped.proc.pid, signal.SIGCONT)
             time.sleep(0.05)
         in_flight = effects(log)[-1][0]
         # the other node takes over and moves past the attempt that was in flight
-        wait_for(lambda: len({s for s, _ in effects(log)}) >= 4, timeout=30)
+        try:
+            wait_for(lambda: len({s for s, _ in effects(log)}) >= 4, timeout=30)
+        except AssertionError:
+            row = query(
+                database, "SELECT status, run_at, lease_owner, lease_until FROM instances WHERE id = 'slow'"
+            )
+            raise AssertionError(f"no takeover at {time.time()}: {row}, effects {effects(log)}, other node's log:\n"
+                                 + "\n".join(kernels[1 - owner].lines[-30:])) from None  # fmt: skip
         before = history(database, "slow")
         os.kill(stopped.proc.pid, signal.SIGCONT)
         stopped = None
