@@ -165,6 +165,11 @@ def _print_instance(inst: Any) -> None:
         ["status", _status(inst.status)], ["created", inst.created_at], ["updated", inst.updated_at],
         ["output", _short(inst.output_json or "-", 100)],
         ["error", f"{inst.error.name}: {_short(inst.error.message, 100)}" if inst.error.name else "-"],
+        *([["parent", inst.parent_id]] if inst.parent_id else []),
+        *([["children", _short(", ".join(inst.child_ids), 100)]] if inst.child_ids else []),
+        *([["rollback", f"{inst.rollback.status} ({inst.rollback.reason})" + (
+            f": {inst.rollback.error.name}: {_short(inst.rollback.error.message, 80)}" if inst.rollback.error.name else "")]]
+          if inst.HasField("rollback") else []),
     ], ["field", "value"]))  # fmt: skip
     if inst.steps:
         print()
@@ -240,6 +245,10 @@ def describe(event: Any) -> str:
         text = f"⏸ {event.step}  {kind} {event.message}"
     elif kind == "log":
         text = f"│ {event.message}"
+    elif kind in ("child_created", "child_ended"):
+        text = f"⎇ {event.step + '  ' if event.step else ''}{event.message}"
+    elif kind.startswith("rollback_"):
+        text = f"↶ {kind.removeprefix('rollback_')}: {event.message}"
     else:
         text = f"{kind}: {event.message}"
     return f"{event.at[11:23]}  {text}"
@@ -257,6 +266,10 @@ def _control(action: str) -> Any:
         with _client(args) as client:
             if action == "restart":
                 inst = client.restart(args.tenant, args.id, from_step=args.from_step or "")
+            elif action == "terminate":
+                inst = client.terminate(
+                    args.tenant, args.id, rollback=args.rollback, keep_children=args.keep_children
+                )
             elif action == "delete":
                 client.delete(args.tenant, args.id)
                 print(table([[args.id, "deleted"]], ["id", "status"]))
@@ -500,6 +513,13 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("id")
         if action == "restart":
             c.add_argument("--from-step", help="rerun from this step instead of from the start")
+        if action == "terminate":
+            c.add_argument("--rollback", action="store_true", help="run the undos of completed steps first")
+            c.add_argument(
+                "--keep-children",
+                action="store_true",
+                help="leave its live children running (default: terminate them)",
+            )
         c.set_defaults(func=_control(action))
     return p
 

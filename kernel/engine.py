@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tenantflow.kernel import metrics
+from tenantflow.kernel import children, metrics, rollback
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -298,6 +298,7 @@ class WakeUp:
                       "timestamp": iso(rec.created_at)},
             "journal": [self._journal_entry(s) for s in sorted(self.steps.values(), key=lambda s: s.seq)],
         }  # fmt: skip
+        rollback.prepare(self, job)
         self.sandbox_task = asyncio.create_task(sandbox.run(job, self, engine.config.limits))
         metrics.sandbox_started(self, code.bundle.runtime)
         timed_out = await self._watch_deadlines()
@@ -349,6 +350,7 @@ class WakeUp:
     async def _end_errored(self, error: dict[str, str]) -> None:
         metrics.outcome(self, "errored")
         self.ended = True
+        children.notify_parent(self, Status.ERRORED)
         change = self._change(
             set={"status": Status.ERRORED, "error_name": error["name"], "error_message": error["message"],
                  "run_at": None, "lease_owner": None, "lease_until": None},
@@ -422,6 +424,10 @@ class WakeUp:
                 return await self._finish(message)
             if op == "suspend":
                 return await self._suspend()
+            if op == "rollback":
+                return await rollback.begin(self, message)
+            if op == "rolled_back":
+                return await rollback.end(self, message)
         except (KeyError, TypeError, ValueError) as exc:
             await self._end_errored({"name": "SandboxProtocolError", "message": f"bad {op} message: {exc}"})
             raise _Abort(str(exc)) from None
@@ -436,9 +442,11 @@ class WakeUp:
         return step
 
     async def _step(self, m: dict[str, Any]) -> dict[str, Any]:
+        if m["kind"] == "undo":  # keyed after its forward step, never a step of its own name
+            return await rollback.undo(self, m)
         kind, key, name = m["kind"], _valid_text(m["key"], "step key"), _valid_text(m["name"], "step name")
         match = _KEY.match(key)
-        if kind not in ("do", "sleep", "wait") or not match or match["name"] != name:
+        if kind not in ("do", "sleep", "wait", *children.KINDS) or not match or match["name"] != name:
             raise ValueError(f"bad step request {key!r} ({kind!r})")
         step = self.steps.get(key)
         if step is not None and step.kind != kind:
@@ -462,6 +470,8 @@ class WakeUp:
             return await self._do(step, _policy(m["policy"]))
         if kind == "sleep":
             return await self._sleep(step, m)
+        if kind in children.KINDS:
+            return await children.KINDS[kind](self, step, m)
         return await self._wait(step, m)
 
     def _settled(self, step: StepRecord) -> dict[str, Any] | None:
@@ -600,6 +610,8 @@ class WakeUp:
         if not isinstance(event_type, str) or not 0 < len(event_type) <= 256:
             raise ValueError("an event type must be a non-empty string of at most 256 characters")
         _valid_text(event_type, "event type")
+        if event_type.startswith(children.RESERVED_EVENT_PREFIX):
+            raise ValueError(f"event types starting with {children.RESERVED_EVENT_PREFIX!r} are the kernel's own")
         now = time.time()
         if step.status == "new":
             step.status, step.event_type, step.wake_at = "waiting", event_type, self._deadline(m, now)
@@ -649,6 +661,7 @@ class WakeUp:
                 return {"do": "ack"}
             self.ended = True
             metrics.outcome(self, "complete")
+            children.notify_parent(self, Status.COMPLETE)
             change = self._change(
                 set={"status": Status.COMPLETE, "output_json": output, "error_name": "", "error_message": "",
                      "run_at": None, "lease_owner": None, "lease_until": None},
@@ -694,6 +707,7 @@ class Engine:
         self.active: dict[tuple[str, str], WakeUp] = {}
         self._on_idle = on_idle
         self.log_rate = TenantLogRate(config.tenant_log_lines_per_second, config.tenant_log_bytes_per_second)
+        self.spawn: children.Spawn | None = None  # step.create's way to the kernel's create (set by it)
 
     async def execute(self, record: InstanceRecord) -> None:
         key = (record.tenant, record.id)

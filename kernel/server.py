@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import inspect
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -15,9 +16,9 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tenantflow.kernel import errors, metrics
+from tenantflow.kernel import children, errors, metrics, rollback
 from tenantflow.kernel.auth import Tokens
-from tenantflow.kernel.model import HistoryEntry, InstanceRecord, Status, StepRecord
+from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, Kernel
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
@@ -193,31 +194,51 @@ def _ts(value: float | None) -> str:
 
 
 # The journal's internal step kinds, as the proto documents them for clients.
-STEP_KINDS = {"do": "do", "sleep": "sleep", "wait": "wait_for_event"}
+STEP_KINDS = {"do": "do", "sleep": "sleep", "wait": "wait_for_event", "wait_instance": "wait_for_instance",
+              "undo": "rollback"}  # fmt: skip
 
 
 def step_pb(step: StepRecord) -> pb.Step:
+    occurrence = step.key.removesuffix(rollback.UNDO).rsplit("#", 1)[1]  # an undo: its forward step's
     return pb.Step(
         name=step.name, status=step.status, attempts=step.attempts, output_json=step.output_json,
         error=pb.Error(name=step.error_name, message=step.error_message) if step.error_name else None,
-        kind=STEP_KINDS.get(step.kind, step.kind), occurrence=int(step.key.rsplit("#", 1)[1]), wake_at=_ts(step.wake_at),
+        kind=STEP_KINDS.get(step.kind, step.kind), occurrence=int(occurrence), wake_at=_ts(step.wake_at),
     )  # fmt: skip
 
 
+def rollback_pb(record: InstanceRecord, steps: list[StepRecord]) -> pb.Rollback | None:
+    rb = next((s for s in steps if s.key == rollback.KEY), None)
+    if rb is None:
+        return None
+    state = rollback.state(rb)
+    status = "stopped" if rb.status == "running" and record.status in TERMINAL else rb.status
+    failed = (state.get("failed") or [{}])[0]
+    error = None
+    if failed:
+        error = pb.Error(name=failed["name"], message=f"undo of step {failed['step']!r}: {failed['message']}")
+    return pb.Rollback(status=status, reason=state.get("reason", ""), error=error)
+
+
 def instance_pb(record: InstanceRecord, steps: list[StepRecord] | None = None) -> pb.Instance:
+    steps = steps or []
     return pb.Instance(
         tenant=record.tenant, id=record.id, workflow=record.workflow, code=record.code,
         status=pb.Status.ValueType(int(record.status)), output_json=record.output_json,
         error=pb.Error(name=record.error_name, message=record.error_message) if record.error_name else None,
-        steps=[step_pb(s) for s in steps or []], created_at=_ts(record.created_at),
+        steps=[step_pb(s) for s in steps if s.key != rollback.KEY], created_at=_ts(record.created_at),
         updated_at=_ts(record.updated_at), params_json=record.params_json, runtime=record.runtime,
+        parent_id=record.parent, child_ids=children.child_ids(steps), rollback=rollback_pb(record, steps),
     )  # fmt: skip
 
 
 def watch_pb(entry: HistoryEntry) -> pb.WatchEvent:
+    child = ""
+    if entry.kind in ("child_created", "child_ended"):
+        child = str(json.loads(entry.data_json or "{}").get("child", ""))
     return pb.WatchEvent(
         sequence=entry.seq, at=_ts(entry.at), kind=entry.kind, status=pb.Status.ValueType(entry.status), step=entry.step,
-        attempt=entry.attempt, message=entry.message, data_json=entry.data_json,
+        attempt=entry.attempt, message=entry.message, data_json=entry.data_json, child_id=child,
     )  # fmt: skip
 
 
@@ -275,8 +296,12 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         return instance_pb(await self.k.resume(request.tenant, request.id))
 
     @_mapped
-    async def Terminate(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
-        return instance_pb(await self.k.terminate(request.tenant, request.id))
+    async def Terminate(self, request: pb.TerminateRequest, context: Any) -> pb.Instance:
+        await self.k.terminate(
+            request.tenant, request.id, rollback=request.rollback, keep_children=request.keep_children
+        )
+        view = await self.k.get(request.tenant, request.id)
+        return instance_pb(view.record, view.steps)
 
     @_mapped
     async def Delete(self, request: pb.InstanceRef, context: Any) -> pb.DeleteResponse:

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from tenantflow.kernel import metrics
+from tenantflow.kernel import children, metrics, rollback
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -66,6 +66,7 @@ class CreateSpec:
     code: str
     id: str = ""
     params_json: str = ""
+    parent: str = ""  # set by step.create only; the API cannot name a parent
 
 
 @dataclass
@@ -190,6 +191,7 @@ class Kernel:
         self.committer = Committer(self.storage, self.notifier.touch)
         self.committer.start()
         self.engine = Engine(self.storage, self.committer, self.catalog, self.config, on_idle=self._poke)
+        self.engine.spawn = self._spawn
         self.dispatcher = Dispatcher(self.storage, self.engine, self.config)
         released = await asyncio.to_thread(self.storage.release_leases, self.config.node_id)
         if released:
@@ -277,10 +279,15 @@ class Kernel:
             records.append(InstanceRecord(
                 tenant=tenant, id=id, workflow=spec.workflow, code=pinned, runtime=code.bundle.runtime,
                 module=module, params_json=params, status=Status.QUEUED, created_at=now, updated_at=now, run_at=now,
+                parent=spec.parent,
             ))  # fmt: skip
         history = [
-            HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message="created") for _ in records
-        ]
+            HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message="created")
+            if not r.parent
+            else HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message=f"created by {r.parent}",
+                              data_json=json.dumps({"parent": r.parent}))
+            for r in records
+        ]  # fmt: skip
         self.creation_rate.take(tenant, len(records))
         with metrics.counting_refusals(tenant, "max_live"):
             await asyncio.to_thread(
@@ -288,6 +295,18 @@ class Kernel:
             )
         self._poke()
         return records
+
+    async def _spawn(
+        self, parent: InstanceRecord, workflow: str, code: str, params_json: str, id: str
+    ) -> InstanceRecord:
+        """``step.create``: the parent's tenant, its own pinned code unless it names another ref of
+        that tenant; the same checks and quotas as Create."""
+        if code and code != parent.code:
+            check_ref(code)
+            children.check_child_ref(parent, code)
+        spec = CreateSpec(workflow=workflow, code=code or parent.code, id=id, params_json=params_json,
+                          parent=parent.id)  # fmt: skip
+        return await self.create(parent.tenant, spec)
 
     # -- read -------------------------------------------------------------------------------------
     async def get(self, tenant: str, id: str) -> InstanceView:
@@ -362,30 +381,85 @@ class Kernel:
         self._poke()
         return await self._record(tenant, id)
 
-    async def terminate(self, tenant: str, id: str) -> InstanceRecord:
+    async def terminate(
+        self, tenant: str, id: str, *, rollback: bool = False, keep_children: bool = False
+    ) -> InstanceRecord:
+        """End a live instance. ``rollback``: first run the undos of its completed steps (it stays
+        live until they are done, then ends terminated). Unless ``keep_children``, its live children
+        (and theirs) are terminated the same way: a child is part of its parent's work, and nobody
+        would await or clean up after an orphan."""
         record = await self._record(tenant, id)
         if record.status in TERMINAL:
             raise FailedPrecondition(f"instance {id!r} is already {record.status.name.lower()}")
-        now = time.time()
-        change = Change(
-            tenant=tenant, id=id, now=now, expect_status=frozenset(set(Status) - TERMINAL), bump_generation=True,
-            set={"status": Status.TERMINATED, "run_at": None, "lease_owner": None, "lease_until": None},
-            history=[HistoryEntry(kind="status", at=now, status=int(Status.TERMINATED), message="terminated")],
-        )  # fmt: skip
+        steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
+        await self._terminate_one(record, steps, rollback)
+        if not keep_children:
+            await self._terminate_children(tenant, steps, rollback)
+        return await self._record(tenant, id)
+
+    async def _terminate_one(self, record: InstanceRecord, steps: list[StepRecord], roll_back: bool) -> None:
+        tenant, id, now = record.tenant, record.id, time.time()
+        started = next((s for s in steps if s.key == rollback.KEY), None)
+        live = frozenset(set(Status) - TERMINAL)
+        if roll_back and started is not None:
+            return  # already rolling back: it ends terminated or errored once its undos are done
+        if roll_back:
+            error = {"name": "Terminated", "message": "terminated with rollback"}
+            seq = max((s.seq for s in steps), default=0) + 1
+            change = Change(
+                tenant=tenant, id=id, now=now, expect_status=live, bump_generation=True,
+                steps=[rollback.record(rollback.KEY, seq, "terminated", error, now)],
+                set={"status": Status.QUEUED, "run_at": now, "lease_owner": None, "lease_until": None},
+                history=[HistoryEntry(kind="status", at=now, status=int(Status.QUEUED),
+                                      message="terminate requested: rolling back first")],
+            )  # fmt: skip
+        else:
+            if started is not None and started.status == "running":  # a rollback cut short
+                started.status, started.updated_at = "stopped", now
+            change = Change(
+                tenant=tenant, id=id, now=now, expect_status=live, bump_generation=True,
+                steps=[started] if started is not None else [],
+                set={"status": Status.TERMINATED, "run_at": None, "lease_owner": None, "lease_until": None},
+                history=[HistoryEntry(kind="status", at=now, status=int(Status.TERMINATED), message="terminated")],
+            )  # fmt: skip
+            notice = children.parent_notice(record, Status.TERMINATED, now)
+            if notice is not None:  # queued first: both ride in one transaction
+                self.committer.submit(notice).add_done_callback(children.ignore_result)
         try:
             await self._apply(change)
         except Conflict as exc:
             raise FailedPrecondition(f"instance {id!r} ended meanwhile ({exc})") from None
         self.engine.kill(tenant, id, "terminated")
-        return await self._record(tenant, id)
+        if roll_back:
+            self._poke()
+
+    async def _terminate_children(self, tenant: str, steps: list[StepRecord], roll_back: bool) -> None:
+        """Breadth first, without recursion: a chain of children may be long."""
+        queue = children.child_ids(steps)
+        while queue:
+            child = await asyncio.to_thread(self.storage.get_instance, tenant, queue.pop(0))
+            if child is None:
+                continue
+            child_steps = await asyncio.to_thread(self.storage.get_steps, tenant, child.id)
+            if child.status not in TERMINAL:
+                try:
+                    await self._terminate_one(child, child_steps, roll_back)
+                except FailedPrecondition:
+                    pass  # it ended meanwhile
+            queue.extend(children.child_ids(child_steps))
 
     async def delete(self, tenant: str, id: str) -> None:
         """Delete an instance and everything recorded for it; a live one is stopped first."""
         check_tenant(tenant)
         check_id(id)
+        record = await asyncio.to_thread(self.storage.get_instance, tenant, id)
         if not await asyncio.to_thread(self.storage.delete_instance, tenant, id):
             raise NotFound(f"instance {id!r} not found in tenant {tenant!r}")
         self.engine.kill(tenant, id, "deleted")  # its next commit finds no instance and writes nothing
+        live = record is not None and record.status not in TERMINAL
+        notice = children.parent_notice(record, Status.TERMINATED, time.time()) if record and live else None
+        if notice is not None:  # a parent waiting for it learns it is gone
+            self.committer.submit(notice).add_done_callback(children.ignore_result)
 
     async def restart(self, tenant: str, id: str, from_step: str) -> InstanceRecord:
         if len(from_step) > MAX_NAME:  # step names may hold any character: only the length is checked
@@ -397,7 +471,7 @@ class Kernel:
         message = "restarted from the start"
         if from_step:
             steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
-            match = next((s for s in steps if s.name == from_step), None)
+            match = next((s for s in steps if s.name == from_step and s.kind not in rollback.APART), None)
             if match is None:
                 known = list(dict.fromkeys(excerpt(s.name) for s in steps))
                 more = f" and {len(known) - 20} more" if len(known) > 20 else ""
@@ -419,6 +493,11 @@ class Kernel:
 
     async def send_event(self, tenant: str, id: str, type: str, payload_json: str) -> int:
         check_name(type, "event type")
+        if type.startswith(children.RESERVED_EVENT_PREFIX):
+            raise InvalidArgument(
+                f"event types starting with {children.RESERVED_EVENT_PREFIX!r} are sent by the kernel itself; "
+                "pick another type"
+            )
         payload = self._json(payload_json, "payload_json")
         record = await self._record(tenant, id)
         if record.status in TERMINAL:

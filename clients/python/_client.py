@@ -140,6 +140,10 @@ class Client:
     def get(self, tenant: str, id: str) -> pb.Instance:
         return self._call(self.workflows.Get, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
 
+    def children(self, tenant: str, id: str) -> list[pb.Instance]:
+        """The instances ``id`` started with ``step.create``, in step order."""
+        return [self.get(tenant, child) for child in self.get(tenant, id).child_ids]
+
     def list(self, tenant: str, status: int = 0, page_size: int = 0, page_token: str = "") -> pb.ListResponse:
         request = pb.ListRequest(tenant=tenant, status=status, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
         return self._call(self.workflows.List, request)  # type: ignore[no-any-return]
@@ -160,8 +164,13 @@ class Client:
     def resume(self, tenant: str, id: str) -> pb.Instance:
         return self._call(self.workflows.Resume, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
 
-    def terminate(self, tenant: str, id: str) -> pb.Instance:
-        return self._call(self.workflows.Terminate, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
+    def terminate(
+        self, tenant: str, id: str, *, rollback: bool = False, keep_children: bool = False
+    ) -> pb.Instance:
+        """End a live instance. ``rollback``: run the undos of its completed steps first (it ends
+        terminated once they are done). Its live children are terminated too unless ``keep_children``."""
+        request = pb.TerminateRequest(tenant=tenant, id=id, rollback=rollback, keep_children=keep_children)
+        return self._call(self.workflows.Terminate, request)  # type: ignore[no-any-return]
 
     def delete(self, tenant: str, id: str) -> None:
         """Delete the instance and everything recorded for it (a live one is terminated first)."""

@@ -19,32 +19,51 @@ occurrence (the second ``step.do("x")`` is a different step from the first). A r
 steps the journal did not record, while recorded steps remain unasked, fails the instance with
 :class:`NonDeterminismError` naming the step expected and the step asked for.
 
-Step callbacks may take one argument, a :class:`StepContext` carrying the attempt number.
-Step results, the workflow's return value and event payloads are JSON values.
+Step callbacks may take one argument, a :class:`StepContext` (``name``, ``attempt``, ``count``).
+Step results, the workflow's return value and event payloads are JSON values. Annotate ``step`` as
+:class:`WorkflowStep` (``async def run``) or :class:`BlockingStep` (``def run``) for completion.
+
+Composition: ``await step.create("child", "Other", params=...)`` starts an instance of the same
+tenant and returns its id (durably); ``await step.wait_for_instance("joined", id)`` hibernates until
+it ends and returns its output or raises :class:`InstanceError`. ``step.do(name, fn, rollback=undo)``
+registers an undo that runs, in reverse step-start order, if ``run`` raises or the instance is
+terminated with rollback; it receives a :class:`RollbackContext` (``output``, ``error``, ``ctx``).
 """
 
 from tenantflow.workflow._api import (
+    BlockingStep,
+    ErrorInfo,
     EventTimeoutError,
+    InstanceError,
     NonDeterminismError,
     NonRetryableError,
     RetryPolicy,
+    RollbackConfig,
+    RollbackContext,
     Step,
     StepContext,
     StepError,
     WorkflowEntrypoint,
     WorkflowEvent,
+    WorkflowStep,
 )
 from tenantflow.workflow._durations import parse_duration
 
 __all__ = [
+    "BlockingStep",
+    "ErrorInfo",
     "EventTimeoutError",
+    "InstanceError",
     "NonDeterminismError",
     "NonRetryableError",
     "RetryPolicy",
+    "RollbackConfig",
+    "RollbackContext",
     "Step",
     "StepContext",
     "StepError",
     "WorkflowEntrypoint",
     "WorkflowEvent",
+    "WorkflowStep",
     "parse_duration",
 ]

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypedDict
 
+Duration = int | float | str | _dt.timedelta
+
 
 class NonRetryableError(Exception):
     """Raise from a step callback to fail the step at once, without further retries."""
@@ -36,6 +38,17 @@ class EventTimeoutError(Exception):
         self.event_type = event_type
 
 
+class InstanceError(Exception):
+    """``step.wait_for_instance`` gave up on an instance: ``reason`` is ``"errored"``,
+    ``"terminated"``, ``"timeout"``, ``"not_found"`` or ``"not_a_child"``."""
+
+    def __init__(self, step: str, instance_id: str, reason: str, message: str) -> None:
+        super().__init__(message or f"step {step!r}: instance {instance_id!r} {reason}")
+        self.step = step
+        self.instance_id = instance_id
+        self.reason = reason
+
+
 class NonDeterminismError(Exception):
     """The replayed workflow asked for steps the journal did not record. Fails the instance."""
 
@@ -49,21 +62,77 @@ class RetryPolicy(TypedDict, total=False):
     backoff: Literal["constant", "linear", "exponential"]
 
 
+class RollbackConfig(TypedDict, total=False):
+    """Retries and per-attempt timeout of an undo (defaults as for ``step.do``)."""
+
+    retries: RetryPolicy
+    timeout: Duration
+
+
 @dataclass(frozen=True)
 class StepContext:
-    """Passed to a step callback that takes one argument."""
+    """Passed to a step callback that takes one argument: the step's ``name`` (also ``step``),
+    ``attempt`` (1 for the first try) and ``count`` (1 for the first step of this name, 2 for the
+    second...)."""
 
     step: str
     attempt: int
+    count: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.step
 
 
 @dataclass(frozen=True)
-class WorkflowEvent:
-    """What ``run`` receives: the params given at create, the instance id, and its creation time."""
+class ErrorInfo:
+    """An error as the kernel recorded it: the exception class name and its message."""
 
-    payload: Any
-    instance_id: str
-    timestamp: _dt.datetime
+    name: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RollbackContext:
+    """Passed to an undo (``step.do(..., rollback=undo)``): the ``output`` the step returned, the
+    ``error`` that made the workflow roll back (``Terminated`` for Terminate with rollback), and
+    ``ctx``, the undo's own context (the step's name and count; the undo's attempt)."""
+
+    output: Any
+    error: ErrorInfo
+    ctx: StepContext
+
+
+class WorkflowEvent(dict[str, Any]):
+    """What ``run`` receives, and what ``step.wait_for_event`` returns: ``payload``, ``timestamp``
+    (an aware datetime), and ``instance_id`` (for ``run``) or ``type`` (for an event). It is also a
+    mapping of those names, with ``timestamp`` as RFC 3339 text, so ``ev["payload"]`` keeps working
+    and it is JSON as it is."""
+
+    def __init__(
+        self, payload: Any = None, instance_id: str = "", timestamp: _dt.datetime | str = "", **more: Any
+    ) -> None:
+        when = (
+            timestamp.isoformat().replace("+00:00", "Z") if isinstance(timestamp, _dt.datetime) else timestamp
+        )
+        fields = {"instance_id": instance_id} if instance_id else {}
+        super().__init__(payload=payload, **fields, timestamp=when, **more)
+
+    @property
+    def payload(self) -> Any:
+        return self.get("payload")
+
+    @property
+    def instance_id(self) -> str:
+        return str(self.get("instance_id", ""))
+
+    @property
+    def type(self) -> str:
+        return str(self.get("type", ""))
+
+    @property
+    def timestamp(self) -> _dt.datetime:
+        return _dt.datetime.fromisoformat(str(self["timestamp"]).replace("Z", "+00:00"))
 
 
 class Step(Protocol):
@@ -77,9 +146,27 @@ class Step(Protocol):
         *,
         retries: RetryPolicy | None = None,
         timeout: int | float | str | _dt.timedelta | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: RollbackConfig | None = None,
     ) -> Any | Awaitable[Any]:
         """Run ``fn`` once, durably: its result is committed before the workflow continues;
-        failures retry per ``retries``; each attempt is stopped after ``timeout`` (default 10 minutes)."""
+        failures retry per ``retries``; each attempt is stopped after ``timeout`` (default 10 minutes).
+        ``rollback``: an undo, called with a :class:`RollbackContext` if ``run`` later raises (or is
+        terminated with rollback) after this step completed."""
+        ...
+
+    def create(
+        self, name: str, workflow: str, *, code: str | None = None, params: Any = None, id: str | None = None
+    ) -> str | Awaitable[str]:
+        """Start an instance of ``workflow`` in this tenant (this instance's own code unless ``code``
+        names another ref of the tenant) and return its id, durably: a replay returns the same id."""
+        ...
+
+    def wait_for_instance(
+        self, name: str, id: str, *, timeout: Duration | None = None
+    ) -> Any | Awaitable[Any]:
+        """Hibernate until instance ``id`` (started by this workflow) ends; return its output or raise
+        :class:`InstanceError` (errored, terminated, or ``timeout``, default 24 hours)."""
         ...
 
     def sleep(self, name: str, duration: int | float | str | _dt.timedelta) -> None | Awaitable[None]:
@@ -96,11 +183,67 @@ class Step(Protocol):
         *,
         type: str,
         timeout: int | float | str | _dt.timedelta | None = None,
-    ) -> dict[str, Any] | Awaitable[dict[str, Any]]:
-        """Return ``{"type", "payload", "timestamp"}`` of the first event of ``type`` sent to this
-        instance (events sent earlier are kept), or raise :class:`EventTimeoutError` after
-        ``timeout`` (default 24 hours)."""
+    ) -> WorkflowEvent | Awaitable[WorkflowEvent]:
+        """Return the first event of ``type`` sent to this instance (events sent earlier are kept)
+        as a :class:`WorkflowEvent` (``ev.payload``, ``ev.type``, ``ev.timestamp``), or raise
+        :class:`EventTimeoutError` after ``timeout`` (default 24 hours)."""
         ...
+
+
+class WorkflowStep(Protocol):
+    """``step`` of an ``async def run``: every method is awaited (see :class:`Step` for each one)."""
+
+    async def do(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        retries: RetryPolicy | None = None,
+        timeout: Duration | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: RollbackConfig | None = None,
+    ) -> Any: ...
+
+    async def sleep(self, name: str, duration: Duration) -> None: ...
+
+    async def sleep_until(self, name: str, when: _dt.datetime | float) -> None: ...
+
+    async def wait_for_event(
+        self, name: str, *, type: str, timeout: Duration | None = None
+    ) -> WorkflowEvent: ...
+
+    async def create(
+        self, name: str, workflow: str, *, code: str | None = None, params: Any = None, id: str | None = None
+    ) -> str: ...
+
+    async def wait_for_instance(self, name: str, id: str, *, timeout: Duration | None = None) -> Any: ...
+
+
+class BlockingStep(Protocol):
+    """``step`` of a plain ``def run``: every method blocks and returns the value."""
+
+    def do(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        retries: RetryPolicy | None = None,
+        timeout: Duration | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: RollbackConfig | None = None,
+    ) -> Any: ...
+
+    def sleep(self, name: str, duration: Duration) -> None: ...
+
+    def sleep_until(self, name: str, when: _dt.datetime | float) -> None: ...
+
+    def wait_for_event(self, name: str, *, type: str, timeout: Duration | None = None) -> WorkflowEvent: ...
+
+    def create(
+        self, name: str, workflow: str, *, code: str | None = None, params: Any = None, id: str | None = None
+    ) -> str: ...
+
+    def wait_for_instance(self, name: str, id: str, *, timeout: Duration | None = None) -> Any: ...
 
 
 class WorkflowEntrypoint:

@@ -39,6 +39,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeGuard
 
+from tenantflow.workflow import _compose
 from tenantflow.workflow._api import (
     EventTimeoutError,
     NonRetryableError,
@@ -127,10 +128,14 @@ class _Core:
         self.blocked = 0
         self.suspended = False
         self.fatal: dict[str, Any] | None = None
+        self.rollback: dict[str, Any] | None = job.get("rollback")  # rolling back: no new forward step
+        self.undos: dict[str, _compose.Undo] = {}
 
     def call(self, message: dict[str, Any]) -> dict[str, Any]:
         if self.suspended and self.loop is None:
             raise _Suspend()
+        if self.rollback is not None and message["op"] == "step":
+            return {"do": "suspend"}
         return self.transport.call(message)
 
     def fail(self, message: str) -> _Fatal:
@@ -186,6 +191,8 @@ class _Core:
     def error(self, name: str, kind: str, error: dict[str, Any]) -> Exception:
         if kind == "wait":
             return EventTimeoutError(name, error.get("type", ""), error.get("message", ""))
+        if kind == "wait_instance":
+            return _compose.instance_error(name, error)
         return StepError(name, str(error.get("name", "Error")), str(error.get("message", "")))
 
     def outcome(
@@ -238,18 +245,26 @@ def _policy(name: str, retries: dict[str, Any] | None, timeout: Any) -> dict[str
     }
 
 
-def _invoke(fn: Callable[..., Any], name: str, attempt: int) -> Any:
+def _invoke(fn: Callable[..., Any], key: str, attempt: int) -> Any:
+    name, _, occurrence = key.rpartition("#")
+    name, count = (name, int(occurrence) + 1) if occurrence.isdecimal() else (key, 1)
     if not callable(fn):
         raise TypeError(f"step {name!r}: expected a callable, got {type(fn).__name__}")
+    return fn(StepContext(name, attempt, count)) if _wants_context(fn) else fn()
+
+
+def _wants_context(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` has a positional parameter without a default (it gets the step context)."""
+    if type(fn) is types.FunctionType and not hasattr(fn, "__wrapped__") and not hasattr(fn, "__signature__"):
+        # What inspect.signature says, read off the code object (it was most of a trivial step's cost).
+        return fn.__code__.co_argcount > len(fn.__defaults__ or ())
     try:
         params = inspect.signature(fn).parameters
-        wants_context = any(
-            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-            for p in params.values()
-        )
     except (TypeError, ValueError):
-        wants_context = False
-    return fn(StepContext(name, attempt)) if wants_context else fn()
+        return False
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params.values()
+    )
 
 
 def _until(when: _dt.datetime | float | int) -> float:
@@ -279,7 +294,7 @@ class SyncStep:
                 value: Any = None
                 failure: BaseException | None = None
                 try:
-                    value = _call_blocking(fn, name, attempt)
+                    value = _call_blocking(fn, key, attempt)
                 except Exception as exc:
                     failure = exc
                 reply = self._core.call(self._core.outcome(key, name, attempt, value, failure))
@@ -293,13 +308,37 @@ class SyncStep:
             else:
                 raise RuntimeError(f"unexpected reply from the kernel: {reply!r}")
 
-    def do(self, name: str, fn: Callable[..., Any], *, retries: Any = None, timeout: Any = None) -> Any:
+    def do(
+        self, name: str, fn: Callable[..., Any], *, retries: Any = None, timeout: Any = None,
+        rollback: Callable[..., Any] | None = None, rollback_config: Any = None,
+    ) -> Any:  # fmt: skip
+        _compose.check_rollback(name, rollback, rollback_config)
         key, entry = self._core.begin(name, "do")
         if self._core.settled(entry):
-            return self._core.replay(name, entry)
+            return _compose.register(
+                self._core, key, rollback, rollback_config, self._core.replay(name, entry)
+            )
         policy = _policy(name, retries, timeout)
         reply = self._core.call({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy})
-        return self._drive(key, name, "do", reply, fn)
+        return _compose.register(
+            self._core, key, rollback, rollback_config, self._drive(key, name, "do", reply, fn)
+        )
+
+    def create(
+        self, name: str, workflow: str, *, code: str | None = None, params: Any = None, id: str | None = None
+    ) -> Any:
+        key, entry = self._core.begin(name, "create")
+        if self._core.settled(entry):
+            return self._core.replay(name, entry)
+        message = _compose.create_message(key, name, _policy(name, None, None), workflow, code, params, id)
+        return self._drive(key, name, "create", self._core.call(message), None)
+
+    def wait_for_instance(self, name: str, id: str, *, timeout: Any = None) -> Any:
+        key, entry = self._core.begin(name, "wait_instance")
+        if self._core.settled(entry):
+            return self._core.replay(name, entry)
+        message = _compose.wait_message(key, name, id, timeout)
+        return self._drive(key, name, "wait_instance", self._core.call(message), None)
 
     def sleep(self, name: str, duration: Any) -> None:
         self._sleep(name, {"seconds": parse_duration(duration)})
@@ -315,14 +354,15 @@ class SyncStep:
         self._drive(key, name, "sleep", reply, None)
 
     def wait_for_event(self, name: str, *, type: str, timeout: Any = None) -> Any:
+        _compose.check_event_type(type)
         key, entry = self._core.begin(name, "wait")
         if self._core.settled(entry):
-            return self._core.replay(name, entry)
+            return _compose.event(self._core.replay(name, entry))
         seconds = parse_duration(timeout if timeout is not None else "24 hours")
         reply = self._core.call(
             {"op": "step", "kind": "wait", "key": key, "name": name, "type": type, "seconds": seconds}
         )
-        return self._drive(key, name, "wait", reply, None)
+        return _compose.event(self._drive(key, name, "wait", reply, None))
 
 
 async def _await(value: Any) -> Any:
@@ -338,11 +378,15 @@ def _call_blocking(fn: Callable[..., Any], name: str, attempt: int) -> Any:
     return value
 
 
-def _call_inline(fn: Callable[..., Any], name: str, attempt: int) -> Any:
-    """:func:`_call_blocking` on the workflow's own thread, which keeps its running loop."""
+def _call_inline(fn: Callable[..., Any], key: str, attempt: int) -> Any:
+    """:func:`_call_blocking` on the workflow's own thread (an awaitable it returns still gets a
+    loop of its own, as on a worker thread; the workflow's loop is restored after)."""
+    value = _invoke(fn, key, attempt)
+    if not inspect.isawaitable(value):
+        return value
     outer = asyncio.events._get_running_loop()
     try:
-        return _call_blocking(fn, name, attempt)
+        return GuestLoop(threads=False).run(_await(value)).result()  # type: ignore[abstract]
     finally:
         asyncio.events._set_running_loop(outer)
 
@@ -382,26 +426,53 @@ class AsyncStep:
         failure: BaseException | None = None
         try:
             if inspect.iscoroutinefunction(fn):
-                value = await _invoke(fn, name, attempt)
+                value = await _invoke(fn, key, attempt)
             elif self._loop.alone() and not self._core.unseen:
                 # Nothing else could run meanwhile (a sequential step), so a thread would only add two
                 # hand-offs; parallel branches (gather) still get a thread each.
-                value = _call_inline(fn, name, attempt)
+                value = _call_inline(fn, key, attempt)
             else:
-                value = await self._loop.run_in_executor(None, _call_blocking, fn, name, attempt)
+                value = await self._loop.run_in_executor(None, _call_blocking, fn, key, attempt)
         except Exception as exc:
             failure = exc
         return self._core.outcome(key, name, attempt, value, failure)
 
-    async def do(self, name: str, fn: Callable[..., Any], *, retries: Any = None, timeout: Any = None) -> Any:
+    async def do(
+        self, name: str, fn: Callable[..., Any], *, retries: Any = None, timeout: Any = None,
+        rollback: Callable[..., Any] | None = None, rollback_config: Any = None,
+    ) -> Any:  # fmt: skip
+        _compose.check_rollback(name, rollback, rollback_config)
         key, entry = self._core.begin(name, "do")
         if self._core.settled(entry):
-            return self._core.replay(name, entry)
-        if entry is None:
+            return _compose.register(
+                self._core, key, rollback, rollback_config, self._core.replay(name, entry)
+            )
+        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
             await self._core.gate(key)
         policy = _policy(name, retries, timeout)
         reply = self._core.call({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy})
-        return await self._drive(key, name, "do", reply, fn)
+        value = await self._drive(key, name, "do", reply, fn)
+        return _compose.register(self._core, key, rollback, rollback_config, value)
+
+    async def create(
+        self, name: str, workflow: str, *, code: str | None = None, params: Any = None, id: str | None = None
+    ) -> Any:
+        key, entry = self._core.begin(name, "create")
+        if self._core.settled(entry):
+            return self._core.replay(name, entry)
+        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
+            await self._core.gate(key)
+        message = _compose.create_message(key, name, _policy(name, None, None), workflow, code, params, id)
+        return await self._drive(key, name, "create", self._core.call(message), None)
+
+    async def wait_for_instance(self, name: str, id: str, *, timeout: Any = None) -> Any:
+        key, entry = self._core.begin(name, "wait_instance")
+        if self._core.settled(entry):
+            return self._core.replay(name, entry)
+        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
+            await self._core.gate(key)
+        message = _compose.wait_message(key, name, id, timeout)
+        return await self._drive(key, name, "wait_instance", self._core.call(message), None)
 
     async def sleep(self, name: str, duration: Any) -> None:
         await self._sleep(name, {"seconds": parse_duration(duration)})
@@ -413,22 +484,23 @@ class AsyncStep:
         key, entry = self._core.begin(name, "sleep")
         if self._core.settled(entry):
             return
-        if entry is None:
+        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
             await self._core.gate(key)
         reply = self._core.call({"op": "step", "kind": "sleep", "key": key, "name": name, **when})
         await self._drive(key, name, "sleep", reply, None)
 
     async def wait_for_event(self, name: str, *, type: str, timeout: Any = None) -> Any:
+        _compose.check_event_type(type)
         key, entry = self._core.begin(name, "wait")
         if self._core.settled(entry):
-            return self._core.replay(name, entry)
-        if entry is None:
+            return _compose.event(self._core.replay(name, entry))
+        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
             await self._core.gate(key)
         seconds = parse_duration(timeout if timeout is not None else "24 hours")
         reply = self._core.call(
             {"op": "step", "kind": "wait", "key": key, "name": name, "type": type, "seconds": seconds}
         )
-        return await self._drive(key, name, "wait", reply, None)
+        return _compose.event(await self._drive(key, name, "wait", reply, None))
 
 
 class _LogStream:
@@ -528,6 +600,10 @@ def _run(job: dict[str, Any], transport: Transport, threads: bool) -> None:
         core = _Core(job, transport, loop)
         _replay_aware(core)
         task = loop.run(workflow.run(event, AsyncStep(core, loop)))
+        raised = task.exception() if task.done() and not task.cancelled() else None
+        if _compose.should_roll_back(core, raised is not None and not isinstance(raised, _Suspend)):
+            _compose.roll_back(core, raised)
+            return
         if core.fatal:
             transport.call({"op": "finish", "ok": False, "error": core.fatal, "fatal": True})
         elif not task.done():
@@ -557,14 +633,18 @@ def _run(job: dict[str, Any], transport: Transport, threads: bool) -> None:
     except _Fatal:
         value = None
     except Exception as exc:
-        if core.fatal:
+        if _compose.should_roll_back(core, not core.suspended):
+            _compose.roll_back(core, exc)
+        elif core.fatal:
             transport.call({"op": "finish", "ok": False, "error": core.fatal, "fatal": True})
         elif core.suspended:
             transport.call({"op": "suspend"})
         else:
             transport.call({"op": "finish", "ok": False, "error": error_dict(exc)})
         return
-    if core.fatal:
+    if _compose.should_roll_back(core, False):  # rolling back: the forward replay stopped or returned
+        _compose.roll_back(core, None)
+    elif core.fatal:
         transport.call({"op": "finish", "ok": False, "error": core.fatal, "fatal": True})
     elif core.suspended:
         transport.call({"op": "suspend"})

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etenantflow/v1/tenantflow.proto\x12\rtenantflow.v1\"&\n\x05\x45rror\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa3\x01\n\x04Step\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x13\n\x0boutput_json\x18\x04 \x01(\t\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x14.tenantflow.v1.Error\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x12\n\noccurrence\x18\x07 \x01(\x05\x12\x0f\n\x07wake_at\x18\x08 \x01(\t\"\x99\x02\n\x08Instance\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12%\n\x06status\x18\x05 \x01(\x0e\x32\x15.tenantflow.v1.Status\x12\x13\n\x0boutput_json\x18\x06 \x01(\t\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x14.tenantflow.v1.Error\x12\"\n\x05steps\x18\x08 \x03(\x0b\x32\x13.tenantflow.v1.Step\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\t\x12\x13\n\x0bparams_json\x18\x0b \x01(\t\x12\x0f\n\x07runtime\x18\x0c \x01(\t\"`\n\rCreateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t\x12\x13\n\x0bparams_json\x18\x05 \x01(\t\"D\n\x12\x43reateBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.tenantflow.v1.CreateRequest\"A\n\x13\x43reateBatchResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.tenantflow.v1.Instance\")\n\x0bInstanceRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"k\n\x0bListRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.tenantflow.v1.Status\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x0cListResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.tenantflow.v1.Instance\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x0eRestartRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x11\n\tfrom_step\x18\x03 \x01(\t\"R\n\x10SendEventRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\"%\n\x11SendEventResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\"\xa2\x01\n\nWatchEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\n\n\x02\x61t\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.tenantflow.v1.Status\x12\x0c\n\x04step\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x11\n\tdata_json\x18\x08 \x01(\t\"\x10\n\x0e\x44\x65leteResponse\"\xa6\x01\n\x0ePublishRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x37\n\x05\x66iles\x18\x04 \x03(\x0b\x32(.tenantflow.v1.PublishRequest.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\">\n\x0b\x43odeVersion\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x11\n\tworkflows\x18\x03 \x03(\t*\xcc\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rSTATUS_QUEUED\x10\x01\x12\x12\n\x0eSTATUS_RUNNING\x10\x02\x12\x11\n\rSTATUS_PAUSED\x10\x03\x12\x12\n\x0eSTATUS_ERRORED\x10\x04\x12\x15\n\x11STATUS_TERMINATED\x10\x05\x12\x13\n\x0fSTATUS_COMPLETE\x10\x06\x12\x12\n\x0eSTATUS_WAITING\x10\x07\x12\x1c\n\x18STATUS_WAITING_FOR_PAUSE\x10\x08\x32\xf8\x05\n\tWorkflows\x12?\n\x06\x43reate\x12\x1c.tenantflow.v1.CreateRequest\x1a\x17.tenantflow.v1.Instance\x12T\n\x0b\x43reateBatch\x12!.tenantflow.v1.CreateBatchRequest\x1a\".tenantflow.v1.CreateBatchResponse\x12:\n\x03Get\x12\x1a.tenantflow.v1.InstanceRef\x1a\x17.tenantflow.v1.Instance\x12?\n\x04List\x12\x1a.tenantflow.v1.ListRequest\x1a\x1b.tenantflow.v1.ListResponse\x12<\n\x05Pause\x12\x1a.tenantflow.v1.InstanceRef\x1a\x17.tenantflow.v1.Instance\x12=\n\x06Resume\x12\x1a.tenantflow.v1.InstanceRef\x1a\x17.tenantflow.v1.Instance\x12@\n\tTerminate\x12\x1a.tenantflow.v1.InstanceRef\x1a\x17.tenantflow.v1.Instance\x12\x41\n\x07Restart\x12\x1d.tenantflow.v1.RestartRequest\x1a\x17.tenantflow.v1.Instance\x12N\n\tSendEvent\x12\x1f.tenantflow.v1.SendEventRequest\x1a .tenantflow.v1.SendEventResponse\x12@\n\x05Watch\x12\x1a.tenantflow.v1.InstanceRef\x1a\x19.tenantflow.v1.WatchEvent0\x01\x12\x43\n\x06\x44\x65lete\x12\x1a.tenantflow.v1.InstanceRef\x1a\x1d.tenantflow.v1.DeleteResponse2L\n\x04\x43ode\x12\x44\n\x07Publish\x12\x1d.tenantflow.v1.PublishRequest\x1a\x1a.tenantflow.v1.CodeVersionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etenantflow/v1/tenantflow.proto\x12\rtenantflow.v1\"&\n\x05\x45rror\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa3\x01\n\x04Step\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x13\n\x0boutput_json\x18\x04 \x01(\t\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x14.tenantflow.v1.Error\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x12\n\noccurrence\x18\x07 \x01(\x05\x12\x0f\n\x07wake_at\x18\x08 \x01(\t\"\xea\x02\n\x08Instance\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12%\n\x06status\x18\x05 \x01(\x0e\x32\x15.tenantflow.v1.Status\x12\x13\n\x0boutput_json\x18\x06 \x01(\t\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x14.tenantflow.v1.Error\x12\"\n\x05steps\x18\x08 \x03(\x0b\x32\x13.tenantflow.v1.Step\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\t\x12\x13\n\x0bparams_json\x18\x0b \x01(\t\x12\x0f\n\x07runtime\x18\x0c \x01(\t\x12\x11\n\tparent_id\x18\r \x01(\t\x12\x11\n\tchild_ids\x18\x0e \x03(\t\x12)\n\x08rollback\x18\x0f \x01(\x0b\x32\x17.tenantflow.v1.Rollback\"O\n\x08Rollback\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.tenantflow.v1.Error\"`\n\rCreateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t\x12\x13\n\x0bparams_json\x18\x05 \x01(\t\"D\n\x12\x43reateBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.tenantflow.v1.CreateRequest\"A\n\x13\x43reateBatchResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.tenantflow.v1.Instance\")\n\x0bInstanceRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"W\n\x10TerminateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x10\n\x08rollback\x18\x03 \x01(\x08\x12\x15\n\rkeep_children\x18\x04 \x01(\x08\"k\n\x0bListRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.tenantflow.v1.Status\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x0cListResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.tenantflow.v1.Instance\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x0eRestartRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x11\n\tfrom_step\x18\x03 \x01(\t\"R\n\x10SendEventRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\"%\n\x11SendEventResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\"\xb4\x01\n\nWatchEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\n\n\x02\x61t\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.tenantflow.v1.Status\x12\x0c\n\x04step\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x11\n\tdata_json\x18\x08 \x01(\t\x12\x10\n\x08\x63hild_id\x18\t \x01(\t\"\x10\n\x0e\x44\x65leteResponse\"\xa6\x01\n\x0ePublishRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x37\n\x05\x66iles\x18\x04 \x03(\x0b\x32(.tenantflow.v1.PublishRequest.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\">\n\x0b\x43odeVersion\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x11\n\tworkflows\x18\x03 \x03(\t*\xcc\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rSTATUS_QUEUED\x10\x01\x12\x12\n\x0eSTATUS_RUNNING\x10\x02\x12\x11\n\rSTATUS_PAUSED\x10\x03\x12\x12\n\x0eSTATUS_ERRORED\x10\x04\x12\x15\n\x11STATUS_TERMINATED\x10\x05\x12\x13\n\x0fSTATUS_COMPLETE\x10\x06\x12\x12\n\x0eSTATUS_WAITING\x10\x07\x12\x1c\n\x18STATUS_WAITING_FOR_PAUSE\x10\x08\x32\xfd\x05\n\tWorkflows\x12?\n\x06\x43reate\x12\x1c.tenantflow.v1.CreateRequest\x1a\x17.tenantflow.v1.Instance\x12T\n\x0b\x43reateBatch\x12!.tenantflow.v1.CreateBatchRequest\x1a\".tenantflow.v1.CreateBatchResponse\x12:\n\x03Get\x12\x1a.tenantflow.v1.InstanceRef\x1a\x17.tenantflow.v1.Instance\x12?\n\x04List\x12\x1a.tenantflow.v1.ListRequest\x1a\x1b.tenantflow.v1.ListResponse\x12<\n\x05Pause\x12\x1a.tenantflow.v1.InstanceRef\x1a\x17.tenantflow.v1.Instance\x12=\n\x06Resume\x12\x1a.tenantflow.v1.InstanceRef\x1a\x17.tenantflow.v1.Instance\x12\x45\n\tTerminate\x12\x1f.tenantflow.v1.TerminateRequest\x1a\x17.tenantflow.v1.Instance\x12\x41\n\x07Restart\x12\x1d.tenantflow.v1.RestartRequest\x1a\x17.tenantflow.v1.Instance\x12N\n\tSendEvent\x12\x1f.tenantflow.v1.SendEventRequest\x1a .tenantflow.v1.SendEventResponse\x12@\n\x05Watch\x12\x1a.tenantflow.v1.InstanceRef\x1a\x19.tenantflow.v1.WatchEvent0\x01\x12\x43\n\x06\x44\x65lete\x12\x1a.tenantflow.v1.InstanceRef\x1a\x1d.tenantflow.v1.DeleteResponse2L\n\x04\x43ode\x12\x44\n\x07Publish\x12\x1d.tenantflow.v1.PublishRequest\x1a\x1a.tenantflow.v1.CodeVersionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,44 +33,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PUBLISHREQUEST_FILESENTRY']._loaded_options = None
   _globals['_PUBLISHREQUEST_FILESENTRY']._serialized_options = b'8\001'
-  _globals['_STATUS']._serialized_start=1616
-  _globals['_STATUS']._serialized_end=1820
+  _globals['_STATUS']._serialized_start=1885
+  _globals['_STATUS']._serialized_end=2089
   _globals['_ERROR']._serialized_start=49
   _globals['_ERROR']._serialized_end=87
   _globals['_STEP']._serialized_start=90
   _globals['_STEP']._serialized_end=253
   _globals['_INSTANCE']._serialized_start=256
-  _globals['_INSTANCE']._serialized_end=537
-  _globals['_CREATEREQUEST']._serialized_start=539
-  _globals['_CREATEREQUEST']._serialized_end=635
-  _globals['_CREATEBATCHREQUEST']._serialized_start=637
-  _globals['_CREATEBATCHREQUEST']._serialized_end=705
-  _globals['_CREATEBATCHRESPONSE']._serialized_start=707
-  _globals['_CREATEBATCHRESPONSE']._serialized_end=772
-  _globals['_INSTANCEREF']._serialized_start=774
-  _globals['_INSTANCEREF']._serialized_end=815
-  _globals['_LISTREQUEST']._serialized_start=817
-  _globals['_LISTREQUEST']._serialized_end=924
-  _globals['_LISTRESPONSE']._serialized_start=926
-  _globals['_LISTRESPONSE']._serialized_end=1009
-  _globals['_RESTARTREQUEST']._serialized_start=1011
-  _globals['_RESTARTREQUEST']._serialized_end=1074
-  _globals['_SENDEVENTREQUEST']._serialized_start=1076
-  _globals['_SENDEVENTREQUEST']._serialized_end=1158
-  _globals['_SENDEVENTRESPONSE']._serialized_start=1160
-  _globals['_SENDEVENTRESPONSE']._serialized_end=1197
-  _globals['_WATCHEVENT']._serialized_start=1200
-  _globals['_WATCHEVENT']._serialized_end=1362
-  _globals['_DELETERESPONSE']._serialized_start=1364
-  _globals['_DELETERESPONSE']._serialized_end=1380
-  _globals['_PUBLISHREQUEST']._serialized_start=1383
-  _globals['_PUBLISHREQUEST']._serialized_end=1549
-  _globals['_PUBLISHREQUEST_FILESENTRY']._serialized_start=1505
-  _globals['_PUBLISHREQUEST_FILESENTRY']._serialized_end=1549
-  _globals['_CODEVERSION']._serialized_start=1551
-  _globals['_CODEVERSION']._serialized_end=1613
-  _globals['_WORKFLOWS']._serialized_start=1823
-  _globals['_WORKFLOWS']._serialized_end=2583
-  _globals['_CODE']._serialized_start=2585
-  _globals['_CODE']._serialized_end=2661
+  _globals['_INSTANCE']._serialized_end=618
+  _globals['_ROLLBACK']._serialized_start=620
+  _globals['_ROLLBACK']._serialized_end=699
+  _globals['_CREATEREQUEST']._serialized_start=701
+  _globals['_CREATEREQUEST']._serialized_end=797
+  _globals['_CREATEBATCHREQUEST']._serialized_start=799
+  _globals['_CREATEBATCHREQUEST']._serialized_end=867
+  _globals['_CREATEBATCHRESPONSE']._serialized_start=869
+  _globals['_CREATEBATCHRESPONSE']._serialized_end=934
+  _globals['_INSTANCEREF']._serialized_start=936
+  _globals['_INSTANCEREF']._serialized_end=977
+  _globals['_TERMINATEREQUEST']._serialized_start=979
+  _globals['_TERMINATEREQUEST']._serialized_end=1066
+  _globals['_LISTREQUEST']._serialized_start=1068
+  _globals['_LISTREQUEST']._serialized_end=1175
+  _globals['_LISTRESPONSE']._serialized_start=1177
+  _globals['_LISTRESPONSE']._serialized_end=1260
+  _globals['_RESTARTREQUEST']._serialized_start=1262
+  _globals['_RESTARTREQUEST']._serialized_end=1325
+  _globals['_SENDEVENTREQUEST']._serialized_start=1327
+  _globals['_SENDEVENTREQUEST']._serialized_end=1409
+  _globals['_SENDEVENTRESPONSE']._serialized_start=1411
+  _globals['_SENDEVENTRESPONSE']._serialized_end=1448
+  _globals['_WATCHEVENT']._serialized_start=1451
+  _globals['_WATCHEVENT']._serialized_end=1631
+  _globals['_DELETERESPONSE']._serialized_start=1633
+  _globals['_DELETERESPONSE']._serialized_end=1649
+  _globals['_PUBLISHREQUEST']._serialized_start=1652
+  _globals['_PUBLISHREQUEST']._serialized_end=1818
+  _globals['_PUBLISHREQUEST_FILESENTRY']._serialized_start=1774
+  _globals['_PUBLISHREQUEST_FILESENTRY']._serialized_end=1818
+  _globals['_CODEVERSION']._serialized_start=1820
+  _globals['_CODEVERSION']._serialized_end=1882
+  _globals['_WORKFLOWS']._serialized_start=2092
+  _globals['_WORKFLOWS']._serialized_end=2857
+  _globals['_CODE']._serialized_start=2859
+  _globals['_CODE']._serialized_end=2935
 # @@protoc_insertion_point(module_scope)

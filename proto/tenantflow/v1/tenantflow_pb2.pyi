@@ -106,8 +106,11 @@ class Step(_message.Message):
     attempts: _builtins.int
     """every try counts: limit 2 that always fails ends with 3"""
     output_json: _builtins.str
+    """for create: the child's id, as JSON"""
     kind: _builtins.str
-    """do | sleep | wait_for_event"""
+    """do | sleep | wait_for_event | create | wait_for_instance | rollback (the undo of the `do`
+    step of the same name and occurrence, run by a rollback)
+    """
     occurrence: _builtins.int
     """0 for the first step of this name, 1 for the second..."""
     wake_at: _builtins.str
@@ -150,6 +153,9 @@ class Instance(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     PARAMS_JSON_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
+    CHILD_IDS_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     id: _builtins.str
     workflow: _builtins.str
@@ -162,10 +168,20 @@ class Instance(_message.Message):
     updated_at: _builtins.str
     params_json: _builtins.str
     runtime: _builtins.str
+    parent_id: _builtins.str
+    """the instance whose step.create started this one (same tenant)"""
     @_builtins.property
     def error(self) -> Global___Error: ...
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Step]: ...
+    @_builtins.property
+    def child_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """instances this one started with step.create, in step order"""
+
+    @_builtins.property
+    def rollback(self) -> Global___Rollback:
+        """unset until a rollback starts"""
+
     def __init__(
         self,
         *,
@@ -181,14 +197,51 @@ class Instance(_message.Message):
         updated_at: _builtins.str = ...,
         params_json: _builtins.str = ...,
         runtime: _builtins.str = ...,
+        parent_id: _builtins.str = ...,
+        child_ids: _abc.Iterable[_builtins.str] | None = ...,
+        rollback: Global___Rollback | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "rollback", b"rollback"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "created_at", b"created_at", "error", b"error", "id", b"id", "output_json", b"output_json", "params_json", b"params_json", "runtime", b"runtime", "status", b"status", "steps", b"steps", "tenant", b"tenant", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_ids", b"child_ids", "code", b"code", "created_at", b"created_at", "error", b"error", "id", b"id", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "rollback", b"rollback", "runtime", b"runtime", "status", b"status", "steps", b"steps", "tenant", b"tenant", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Instance: _TypeAlias = Instance  # noqa: Y015
+
+@_typing.final
+class Rollback(_message.Message):
+    """The undos of completed steps, run in reverse step-start order when run() raised or on
+    Terminate with rollback. The instance's own error stays the forward failure.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    status: _builtins.str
+    """running | complete | failed (an undo failed for good) | stopped"""
+    reason: _builtins.str
+    """failed (run() raised) | terminated (Terminate with rollback)"""
+    @_builtins.property
+    def error(self) -> Global___Error:
+        """the first undo that failed for good, named by its step"""
+
+    def __init__(
+        self,
+        *,
+        status: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        error: Global___Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "reason", b"reason", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollback: _TypeAlias = Rollback  # noqa: Y015
 
 @_typing.final
 class CreateRequest(_message.Message):
@@ -288,6 +341,38 @@ class InstanceRef(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstanceRef: _TypeAlias = InstanceRef  # noqa: Y015
+
+@_typing.final
+class TerminateRequest(_message.Message):
+    """Wire-compatible with InstanceRef: a caller sending only tenant and id gets the defaults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
+    KEEP_CHILDREN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    id: _builtins.str
+    rollback: _builtins.bool
+    """run the undos of completed steps first (status stays live until done)"""
+    keep_children: _builtins.bool
+    """default false: live children (and theirs) are terminated too"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        id: _builtins.str = ...,
+        rollback: _builtins.bool = ...,
+        keep_children: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "keep_children", b"keep_children", "rollback", b"rollback", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminateRequest: _TypeAlias = TerminateRequest  # noqa: Y015
 
 @_typing.final
 class ListRequest(_message.Message):
@@ -432,11 +517,14 @@ class WatchEvent(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     DATA_JSON_FIELD_NUMBER: _builtins.int
+    CHILD_ID_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     at: _builtins.str
     """RFC 3339"""
     kind: _builtins.str
-    """status | step_started | step_completed | step_failed | step_retrying | sleeping | waiting | event | log"""
+    """status | step_started | step_completed | step_failed | step_retrying | sleeping | waiting | event | log
+    | child_created | child_ended | rollback_started | rollback_completed | rollback_failed
+    """
     status: Global___Status.ValueType
     """for kind == status"""
     step: _builtins.str
@@ -446,6 +534,8 @@ class WatchEvent(_message.Message):
     """log line, error text, or a description"""
     data_json: _builtins.str
     """kind-specific details"""
+    child_id: _builtins.str
+    """for child_created and child_ended"""
     def __init__(
         self,
         *,
@@ -457,10 +547,11 @@ class WatchEvent(_message.Message):
         attempt: _builtins.int = ...,
         message: _builtins.str = ...,
         data_json: _builtins.str = ...,
+        child_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "data_json", b"data_json", "kind", b"kind", "message", b"message", "sequence", b"sequence", "status", b"status", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "child_id", b"child_id", "data_json", b"data_json", "kind", b"kind", "message", b"message", "sequence", b"sequence", "status", b"status", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

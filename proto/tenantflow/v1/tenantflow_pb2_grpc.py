@@ -66,7 +66,7 @@ class WorkflowsStub:
                 _registered_method=True)
         self.Terminate = channel.unary_unary(
                 '/tenantflow.v1.Workflows/Terminate',
-                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.TerminateRequest.SerializeToString,
                 response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.Instance.FromString,
                 _registered_method=True)
         self.Restart = channel.unary_unary(
@@ -196,7 +196,7 @@ def add_WorkflowsServicer_to_server(servicer, server):
             ),
             'Terminate': grpc.unary_unary_rpc_method_handler(
                     servicer.Terminate,
-                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.FromString,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.TerminateRequest.FromString,
                     response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.Instance.SerializeToString,
             ),
             'Restart': grpc.unary_unary_rpc_method_handler(
@@ -407,7 +407,7 @@ class Workflows:
             request,
             target,
             '/tenantflow.v1.Workflows/Terminate',
-            tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.TerminateRequest.SerializeToString,
             tenantflow_dot_v1_dot_tenantflow__pb2.Instance.FromString,
             options,
             channel_credentials,

@@ -39,7 +39,7 @@ class WorkflowsStub:
     List: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.ListRequest, _tenantflow_pb2.ListResponse]
     Pause: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.Instance]
     Resume: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.Instance]
-    Terminate: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.Instance]
+    Terminate: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.TerminateRequest, _tenantflow_pb2.Instance]
     Restart: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.RestartRequest, _tenantflow_pb2.Instance]
     SendEvent: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.SendEventRequest, _tenantflow_pb2.SendEventResponse]
     Watch: _grpc.UnaryStreamMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.WatchEvent]
@@ -55,7 +55,7 @@ class WorkflowsAsyncStub(WorkflowsStub):
     List: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.ListRequest, _tenantflow_pb2.ListResponse]  # type: ignore[assignment]
     Pause: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.Instance]  # type: ignore[assignment]
     Resume: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.Instance]  # type: ignore[assignment]
-    Terminate: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.Instance]  # type: ignore[assignment]
+    Terminate: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.TerminateRequest, _tenantflow_pb2.Instance]  # type: ignore[assignment]
     Restart: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.RestartRequest, _tenantflow_pb2.Instance]  # type: ignore[assignment]
     SendEvent: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.SendEventRequest, _tenantflow_pb2.SendEventResponse]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.WatchEvent]  # type: ignore[assignment]
@@ -108,7 +108,7 @@ class WorkflowsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Terminate(
         self,
-        request: _tenantflow_pb2.InstanceRef,
+        request: _tenantflow_pb2.TerminateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tenantflow_pb2.Instance, _abc.Awaitable[_tenantflow_pb2.Instance]]: ...
 

@@ -1,0 +1,239 @@
+"""Child workflows, kernel side: the ``create`` and ``wait_instance`` step kinds.
+
+``step.create`` starts an instance of the *calling* tenant: the kernel stamps the tenant from the
+parent's record, so no argument can name another one, and it goes through the same create path as
+the API (validation, pinning, creation rate, live cap). It is a durable step: the child's id is
+derived from the parent's id, generation and step key unless the workflow names one, so a replay
+after a crash finds the child it already made instead of starting a second one.
+
+A child records its parent (``InstanceRecord.parent``). When it ends, the commit that ends it
+carries an event of type ``tenantflow.child-ended:<id>`` into the parent's inbox in the same
+transaction, which wakes a parent hibernating in ``step.wait_for_instance``. The event is only a
+wake-up: the outcome is always read from the child's own record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from tenantflow.kernel import engine as eng
+from tenantflow.kernel.errors import (
+    AlreadyExists,
+    PermissionDenied,
+    ResourceExhausted,
+    TenantflowError,
+)
+from tenantflow.kernel.model import (
+    TERMINAL,
+    Change,
+    EventRecord,
+    HistoryEntry,
+    InstanceRecord,
+    Status,
+    StepRecord,
+)
+
+if TYPE_CHECKING:
+    from tenantflow.kernel.engine import WakeUp
+
+CHILD_EVENT = "tenantflow.child-ended:"  # + the child's id
+RESERVED_EVENT_PREFIX = "tenantflow."  # event types the kernel sends itself; tenants cannot
+_ID = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_-]{0,99}")
+
+# (parent record, workflow, code ref or "" for the parent's own, params JSON, child id) -> the child
+Spawn = Callable[[InstanceRecord, str, str, str, str], Awaitable[InstanceRecord]]
+
+
+def child_id(parent: InstanceRecord, key: str) -> str:
+    """The id ``step.create`` gives a child when the workflow names none: the same for every replay
+    of one run, new after a restart (which bumps the parent's generation)."""
+    digest = hashlib.sha256(f"{parent.tenant}\0{parent.id}\0{parent.generation}\0{key}".encode()).hexdigest()
+    return f"{parent.id[:75]}-{digest[:24]}"
+
+
+def check_child_ref(parent: InstanceRecord, ref: str) -> None:
+    """A child runs code of its parent's tenant only: an artifact of that tenant, or another
+    revision or path of the repository the parent's own code comes from."""
+    if ref.startswith("artifact://"):
+        owner = ref[len("artifact://") :].split("/", 1)[0]
+        if owner != parent.tenant:
+            raise PermissionDenied(
+                f"step.create cannot run {ref!r}: it belongs to tenant {owner!r}; a child runs code of "
+                f"its own tenant ({parent.tenant!r}) only"
+            )
+        return
+    if ref.rsplit("@", 1)[0] != parent.code.rsplit("@", 1)[0]:
+        raise PermissionDenied(
+            f"step.create cannot run {ref!r}: name an artifact of tenant {parent.tenant!r} "
+            "(artifact://<tenant>/<name>) or another revision of the repository this workflow's code comes from"
+        )
+
+
+def child_ids(steps: list[StepRecord]) -> list[str]:
+    """The instances a parent started, in step order."""
+    return [json.loads(s.output_json) for s in steps if s.kind == "create" and s.status == "complete"]
+
+
+def parent_notice(record: InstanceRecord, status: Status, now: float) -> Change | None:
+    """The change that tells ``record``'s parent it ended (None for an instance without one). Its
+    guard fails harmlessly when the parent has ended itself."""
+    if not record.parent:
+        return None
+    kind = CHILD_EVENT + record.id
+    outcome = {"child": record.id, "status": status.name.lower()}
+    return Change(
+        tenant=record.tenant, id=record.parent, now=now, expect_status=frozenset(set(Status) - TERMINAL),
+        add_events=[EventRecord(seq=0, type=kind, payload_json=json.dumps(outcome), created_at=now)],
+        wake_on_events=[kind],
+        history=[HistoryEntry(kind="child_ended", at=now, message=f"child {record.id} {outcome['status']}",
+                              data_json=json.dumps(outcome))],
+    )  # fmt: skip
+
+
+def ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a parent gone meanwhile is not an error
+
+
+def notify_parent(wake: WakeUp, status: Status) -> None:
+    """Queue the parent's notice just before the change that ends this instance, so both ride in
+    one transaction."""
+    notice = parent_notice(wake.record, status, time.time())
+    if notice is not None and not wake.aborted:
+        wake.engine.committer.submit(notice).add_done_callback(ignore_result)
+
+
+# -- step kinds -------------------------------------------------------------------------------------
+def _optional_text(m: dict[str, Any], field: str) -> str:
+    value = m.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string")
+    return value
+
+
+async def create(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, Any]:
+    settled = wake._settled(step)
+    if settled is not None:
+        return settled
+    now = time.time()
+    if step.status == "retrying" and step.wake_at is not None and step.wake_at > now:
+        wake.wakes.append(step.wake_at)
+        return {"do": "suspend"}
+    if wake.pause_requested:
+        return wake._suspend_for_pause()
+    policy = eng._policy(m["policy"])
+    workflow, code = str(m["workflow"]), _optional_text(m, "code")
+    params = eng._strict_json(m.get("params"))
+    rec = wake.record
+    id = _optional_text(m, "id") or child_id(rec, step.key)
+    spawn = wake.engine.spawn
+    assert spawn is not None, "the kernel sets Engine.spawn before dispatching"
+    step.attempts += 1
+    error: dict[str, str] | None = None
+    retryable = False
+    if params is None:
+        error = eng._not_json("step.create was given params holding")
+    else:
+        try:
+            child = await spawn(rec, workflow, code, params, id)
+        except AlreadyExists:
+            existing = await asyncio.to_thread(wake.engine.storage.get_instance, rec.tenant, id)
+            if existing is None or existing.parent != rec.id:  # not ours: never adopt another instance
+                error = {"name": "AlreadyExists", "message": (
+                    f"instance {id!r} already exists and was not started by this workflow: pass another id")}  # fmt: skip
+        except ResourceExhausted as exc:  # a quota: worth another attempt later
+            error, retryable = {"name": "QuotaExceeded", "message": str(exc)}, True
+        except TenantflowError as exc:
+            error = {"name": type(exc).__name__, "message": str(exc)}
+        else:
+            id = child.id
+    if error is not None:
+        history = wake._fail_attempt(step, policy, error, retryable=retryable)
+        await wake._commit(wake._change(steps=[step], history=history))
+        if step.status == "failed":
+            return {"do": "raise", "error": {"name": step.error_name, "message": step.error_message}}
+        assert step.wake_at is not None
+        wake.wakes.append(step.wake_at)
+        return wake._suspend_for_pause() if wake.pause_requested else {"do": "suspend"}
+    now = time.time()
+    step.status, step.output_json, step.updated_at = "complete", json.dumps(id), now
+    step.error_name = step.error_message = ""
+    data = json.dumps({"child": id, "workflow": workflow})
+    history = [
+        HistoryEntry(kind="child_created", at=now, step=step.name, message=f"started {workflow} as {id}", data_json=data),
+        HistoryEntry(kind="step_completed", at=now, step=step.name, attempt=step.attempts),
+    ]  # fmt: skip
+    await wake._commit(wake._change(steps=[step], history=history))
+    return {"do": "return", "value": id}
+
+
+def _outcome(child: InstanceRecord | None, id: str, parent: str) -> tuple[str, str] | None:
+    """(error name, message) for a child that failed or cannot be waited for; None if it completed."""
+    if child is None:
+        return "InstanceNotFound", f"instance {id!r} does not exist (or was deleted)"
+    if child.parent != parent:
+        return "NotAChild", (f"instance {id!r} was not started by this workflow: wait_for_instance waits "
+                             "for instances this workflow created with step.create")  # fmt: skip
+    if child.status == Status.ERRORED:
+        return "InstanceErrored", f"instance {id!r} errored: {child.error_name}: {child.error_message}"
+    if child.status == Status.TERMINATED:
+        return "InstanceTerminated", f"instance {id!r} was terminated"
+    return None
+
+
+async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, Any]:
+    settled = wake._settled(step)
+    if settled is not None:
+        return settled
+    id = m["id"]
+    if not isinstance(id, str) or not _ID.fullmatch(id):
+        raise ValueError(f"bad instance id {id!r}")
+    now = time.time()
+    rec = wake.record
+    if step.status == "new":
+        step.status, step.event_type, step.wake_at = "waiting", CHILD_EVENT + id, wake._deadline(m, now)
+        entry = wake._history("waiting", step, message=f"for instance {id} to end",
+                              data_json=json.dumps({"child": id, "timeout_at": step.wake_at}))  # fmt: skip
+        wake._submit(wake._change(steps=[dataclasses.replace(step)], history=[entry]))
+    child = await asyncio.to_thread(wake.engine.storage.get_instance, rec.tenant, id)
+    problem = _outcome(child, id, rec.id)
+    ended = problem is not None or (child is not None and child.status in TERMINAL)
+    assert step.wake_at is not None
+    if not ended and step.wake_at > now:
+        wake.wakes.append(step.wake_at)
+        wake.wait_types.add(step.event_type)
+        wake.hibernating = True
+        return {"do": "suspend"}
+    if not ended:
+        problem = "InstanceTimeout", f"instance {id!r} did not end before the time-out"
+    events = await asyncio.to_thread(wake.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True)
+    consumed = [(e.seq, step.key) for e in events if e.type == step.event_type]
+    step.updated_at = now
+    if problem is None:
+        assert child is not None
+        step.status, step.output_json = "complete", child.output_json or "null"
+        entry = wake._history("step_completed", step, message=f"instance {id} completed")
+        await wake._commit(wake._change(steps=[step], consume_events=consumed, history=[entry]))
+        return {"do": "return", "value": json.loads(step.output_json)}
+    step.status, (step.error_name, step.error_message) = "failed", problem
+    entry = wake._history("step_failed", step, message=f"{step.error_name}: {step.error_message}")
+    await wake._commit(wake._change(steps=[step], consume_events=consumed, history=[entry]))
+    return {
+        "do": "raise",
+        "error": {"name": step.error_name, "message": step.error_message, "type": step.event_type},
+    }
+
+
+KINDS: dict[str, Callable[[WakeUp, StepRecord, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+    "create": create,
+    "wait_instance": wait,
+}
