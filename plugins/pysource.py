@@ -34,6 +34,8 @@ def decode_files(files: Mapping[str, bytes]) -> dict[str, str]:
 def python_entrypoints(files: Mapping[str, bytes], entry: str | None = None) -> dict[str, str]:
     """Compile every ``.py`` file; return ``{class name: module}`` for classes that define ``run``.
 
+    Runs in the calling process: the kernel calls :func:`inspect_python` instead.
+
     ``entry`` (a file path) limits the search to that module. Raises :class:`CodeError` naming the
     file and line of the first syntax error.
     """
