@@ -673,13 +673,14 @@ class WakeUp:
         return {"do": "ack"}
 
     async def _suspend(self) -> dict[str, Any]:
-        if self.pause_requested:
-            status, run_at = Status.PAUSED, None
-        else:
-            status = Status.WAITING if self.hibernating else Status.RUNNING
-            run_at = min(self.wakes) if self.wakes else None
+        # A pause asked for while running is stored as WAITING_FOR_PAUSE, and pause_aware turns that
+        # into PAUSED in the same transaction; a Resume that landed meanwhile (on any node) has
+        # already cleared it, so the instance goes on instead of being paused by a stale flag.
+        status = Status.WAITING if self.hibernating else Status.RUNNING
+        run_at = min(self.wakes) if self.wakes else None
         history = [self._status(status)] if status != Status.RUNNING else []
-        metrics.outcome(self, "suspended" if status == Status.RUNNING else status.name.lower())
+        outcome = "suspended" if status == Status.RUNNING else status.name.lower()
+        metrics.outcome(self, "paused" if self.pause_requested else outcome)
         change = self._change(
             set={"status": status, "run_at": run_at, "lease_owner": None, "lease_until": None},
             wake_on_events=sorted(self.wait_types), pause_aware=True, history=history,
