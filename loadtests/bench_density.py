@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _kernel import BenchKernel  # noqa: E402
 from plots import write_plots  # noqa: E402
-from sampler import KernelSampler, table, write_csv  # noqa: E402
+from sampler import KernelSampler, cpu_seconds, table, tree_cpu_seconds, write_csv  # noqa: E402
 
 from tenantflow.client import Client  # noqa: E402
 from tenantflow.v1 import tenantflow_pb2 as pb  # noqa: E402
@@ -159,14 +159,20 @@ class Bench:
         for n in range(idle):
             per_tenant[self.tenants[n % len(self.tenants)]].append({"n": n})
         started = time.monotonic()
+        cpu_before = cpu_seconds(self.kernel.pid), tree_cpu_seconds(self.kernel.pid)
         rate = self.create("Idle", per_tenant)
         self.figure("Create (batches of 100)", f"{rate:,.0f}/s")
         done = self.wait_hibernating(idle, started, args.timeout)
         hib_rate = idle / (done - started)
+        own = (cpu_seconds(self.kernel.pid) - cpu_before[0]) / idle
+        tree = (tree_cpu_seconds(self.kernel.pid) - cpu_before[1]) / idle
         self.figure(
             "wake-ups into hibernation (create → step run → asleep)",
             f"{hib_rate:,.0f}/s over {done - started:,.0f} s",
         )
+        # What a wake-up costs whatever share of the machine we got: the rate all its cores could give.
+        self.figure("CPU per wake-up into hibernation: kernel / kernel + sandboxes",
+                    f"{own * 1000:.1f} / {tree * 1000:.1f} ms (all {os.cpu_count()} cores: ≤ {(os.cpu_count() or 1) / tree:,.0f}/s)")  # fmt: skip
         time.sleep(4)
         s = self.sampler.sample()
         warm = [x.rss_mib for x in self.sampler.samples if x.hibernating >= idle // 10]

@@ -19,7 +19,7 @@ CHARTS: list[tuple[str, str, str, list[tuple[str, str, float]]]] = [
     ("fds.png", "Kernel open file descriptors", "fds", [("fds", "open fds", 1.0)]),
     ("processes.png", "Processes under the kernel", "processes",
      [("processes", "all (templates, spares, runs)", 1.0), ("sandbox_runs", "sandbox runs alive", 1.0)]),
-    ("hibernating.png", "Hibernating instances", "instances", [("hibernating", "hibernating", 1.0)]),
+    ("hibernating.png", "Hibernating instances (the kernel recounts every 10 s)", "instances", [("hibernating", "hibernating", 1.0)]),
     ("storage.png", "Storage (SQLite file + WAL)", "MiB", [("storage_bytes", "storage", 1 / 2**20)]),
 ]  # fmt: skip
 

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -33,6 +33,8 @@ class Sample:
     storage_bytes: int
     hibernating: int  # -1 where unknown (no metrics endpoint)
     code_cache_entries: int  # -1 where unknown
+    cpu_seconds: float = 0.0  # the kernel's own CPU time so far
+    tree_cpu_seconds: float = 0.0  # ... plus every process under it, living or reaped (sandbox runs)
 
 
 def _ppids() -> dict[int, int]:
@@ -60,6 +62,25 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """User + system CPU time of ``pid`` (with ``reaped``: and of its children it has waited for)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
+    return ticks / _TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and everything under it, including processes already reaped."""
+    total = cpu_seconds(pid, reaped=True)
+    for child in descendants(pid):
+        try:
+            total += cpu_seconds(child, reaped=True)
+        except OSError:  # gone meanwhile: its parent's reaped time has it (or soon will)
+            continue
+    return total
 
 
 def sandbox_runs(pid: int) -> tuple[int, int]:
@@ -130,9 +151,7 @@ class KernelSampler:
 
     def _cpu_percent(self) -> float:
         assert self.pid is not None
-        with open(f"/proc/{self.pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        busy = (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+        busy = cpu_seconds(self.pid)
         now = time.monotonic()
         previous, self._cpu = self._cpu, (now, busy)
         if previous is None or now <= previous[0]:
@@ -140,7 +159,7 @@ class KernelSampler:
         return 100.0 * (busy - previous[1]) / (now - previous[0])
 
     def sample(self) -> Sample:
-        rss = cpu = 0.0
+        rss = cpu = own = tree = 0.0
         fds = processes = runs = 0
         if self.pid is not None:
             with open(f"/proc/{self.pid}/statm", "rb") as f:
@@ -148,6 +167,7 @@ class KernelSampler:
             cpu = self._cpu_percent()
             fds = len(os.listdir(f"/proc/{self.pid}/fd"))
             processes, runs = sandbox_runs(self.pid)
+            own, tree = cpu_seconds(self.pid), tree_cpu_seconds(self.pid)
         hibernating = cache = -1
         if self.metrics_url:
             names = ("tenantflow_instances_hibernating", "tenantflow_code_cache_entries")
@@ -167,6 +187,8 @@ class KernelSampler:
             storage_bytes=self._storage_bytes() if self._storage_bytes else 0,
             hibernating=hibernating,
             code_cache_entries=cache,
+            cpu_seconds=round(own, 2),
+            tree_cpu_seconds=round(tree, 2),
         )
 
 
@@ -203,7 +225,7 @@ def summary_rows(samples: list[Sample]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
     """A plain-text table (also valid Markdown)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
