@@ -65,6 +65,54 @@ STATUS_WAITING_FOR_PAUSE: Status.ValueType  # 8
 """Pause asked while running; pauses at the next step boundary"""
 Global___Status: _TypeAlias = Status  # noqa: Y015
 
+class _OverlapPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OverlapPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OverlapPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OVERLAP_POLICY_UNSPECIFIED: _OverlapPolicy.ValueType  # 0
+    """skip"""
+    OVERLAP_POLICY_SKIP: _OverlapPolicy.ValueType  # 1
+    """no new instance; the fire is counted in skipped_fires"""
+    OVERLAP_POLICY_ALLOW: _OverlapPolicy.ValueType  # 2
+    """start another instance alongside"""
+
+class OverlapPolicy(_OverlapPolicy, metaclass=_OverlapPolicyEnumTypeWrapper):
+    """What a fire does when the instance of the schedule's previous fire is still live."""
+
+OVERLAP_POLICY_UNSPECIFIED: OverlapPolicy.ValueType  # 0
+"""skip"""
+OVERLAP_POLICY_SKIP: OverlapPolicy.ValueType  # 1
+"""no new instance; the fire is counted in skipped_fires"""
+OVERLAP_POLICY_ALLOW: OverlapPolicy.ValueType  # 2
+"""start another instance alongside"""
+Global___OverlapPolicy: _TypeAlias = OverlapPolicy  # noqa: Y015
+
+class _CatchupPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CatchupPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CatchupPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CATCHUP_POLICY_UNSPECIFIED: _CatchupPolicy.ValueType  # 0
+    """skip"""
+    CATCHUP_POLICY_SKIP: _CatchupPolicy.ValueType  # 1
+    """missed fires are dropped; the next fire runs on time"""
+    CATCHUP_POLICY_RUN_ONCE: _CatchupPolicy.ValueType  # 2
+    """one instance for all the missed fires, at once"""
+
+class CatchupPolicy(_CatchupPolicy, metaclass=_CatchupPolicyEnumTypeWrapper):
+    """What happens to fires missed while no kernel ran (later than catchup_window_seconds)."""
+
+CATCHUP_POLICY_UNSPECIFIED: CatchupPolicy.ValueType  # 0
+"""skip"""
+CATCHUP_POLICY_SKIP: CatchupPolicy.ValueType  # 1
+"""missed fires are dropped; the next fire runs on time"""
+CATCHUP_POLICY_RUN_ONCE: CatchupPolicy.ValueType  # 2
+"""one instance for all the missed fires, at once"""
+Global___CatchupPolicy: _TypeAlias = CatchupPolicy  # noqa: Y015
+
 @_typing.final
 class Error(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -156,6 +204,8 @@ class Instance(_message.Message):
     PARENT_ID_FIELD_NUMBER: _builtins.int
     CHILD_IDS_FIELD_NUMBER: _builtins.int
     ROLLBACK_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     id: _builtins.str
     workflow: _builtins.str
@@ -170,6 +220,10 @@ class Instance(_message.Message):
     runtime: _builtins.str
     parent_id: _builtins.str
     """the instance whose step.create started this one (same tenant)"""
+    concurrency_key: _builtins.str
+    """as given at Create"""
+    concurrency_limit: _builtins.int
+    """as given at Create; 0: no limit"""
     @_builtins.property
     def error(self) -> Global___Error: ...
     @_builtins.property
@@ -200,10 +254,12 @@ class Instance(_message.Message):
         parent_id: _builtins.str = ...,
         child_ids: _abc.Iterable[_builtins.str] | None = ...,
         rollback: Global___Rollback | None = ...,
+        concurrency_key: _builtins.str = ...,
+        concurrency_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "rollback", b"rollback"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_ids", b"child_ids", "code", b"code", "created_at", b"created_at", "error", b"error", "id", b"id", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "rollback", b"rollback", "runtime", b"runtime", "status", b"status", "steps", b"steps", "tenant", b"tenant", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_ids", b"child_ids", "code", b"code", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "created_at", b"created_at", "error", b"error", "id", b"id", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "rollback", b"rollback", "runtime", b"runtime", "status", b"status", "steps", b"steps", "tenant", b"tenant", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -252,6 +308,8 @@ class CreateRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     workflow: _builtins.str
     """entrypoint class name in the tenant's code"""
@@ -261,6 +319,12 @@ class CreateRequest(_message.Message):
     """optional; generated when empty"""
     params_json: _builtins.str
     """JSON; empty means null"""
+    concurrency_key: _builtins.str
+    """At most concurrency_limit instances of this workflow class with this concurrency_key (e.g. a
+    customer of the tenant; empty is a key too) run at once in the tenant; the rest stay queued, in
+    order. Sleeping and waiting instances do not count. 0: no limit (then the key must be empty).
+    """
+    concurrency_limit: _builtins.int
     def __init__(
         self,
         *,
@@ -269,10 +333,12 @@ class CreateRequest(_message.Message):
         code: _builtins.str = ...,
         id: _builtins.str = ...,
         params_json: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
+        concurrency_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "id", b"id", "params_json", b"params_json", "tenant", b"tenant", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "id", b"id", "params_json", b"params_json", "tenant", b"tenant", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -652,3 +718,157 @@ class CodeVersion(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CodeVersion: _TypeAlias = CodeVersion  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    """A cron schedule of one tenant: each fire creates an instance with the id
+    "<name>@<fire time, UTC, YYYYMMDDTHHMMSSZ>", so no fire ever starts twice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    OVERLAP_FIELD_NUMBER: _builtins.int
+    CATCHUP_FIELD_NUMBER: _builtins.int
+    CATCHUP_WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    NEXT_FIRE_FIELD_NUMBER: _builtins.int
+    LAST_FIRE_FIELD_NUMBER: _builtins.int
+    LAST_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    FIRES_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIRES_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    """1-64 of letters, digits, '_' and '-'"""
+    cron: _builtins.str
+    """5 fields, or 6 with seconds last: "*/10 * * * * *" """
+    time_zone: _builtins.str
+    """IANA name, e.g. "Europe/Paris"; empty: UTC"""
+    workflow: _builtins.str
+    code: _builtins.str
+    """as for Create; an unpinned ref is pinned at each fire"""
+    params_json: _builtins.str
+    overlap: Global___OverlapPolicy.ValueType
+    catchup: Global___CatchupPolicy.ValueType
+    catchup_window_seconds: _builtins.int
+    """a fire later than this counts as missed; 0: 60"""
+    paused: _builtins.bool
+    next_fire: _builtins.str
+    """RFC 3339 UTC; empty while paused"""
+    last_fire: _builtins.str
+    last_instance_id: _builtins.str
+    fires: _builtins.int
+    """instances started"""
+    skipped_fires: _builtins.int
+    """fires skipped by the overlap or catch-up policy"""
+    created_at: _builtins.str
+    last_error: _builtins.str
+    """why the last fire could not create its instance, if it could not"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+        cron: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+        workflow: _builtins.str = ...,
+        code: _builtins.str = ...,
+        params_json: _builtins.str = ...,
+        overlap: Global___OverlapPolicy.ValueType = ...,
+        catchup: Global___CatchupPolicy.ValueType = ...,
+        catchup_window_seconds: _builtins.int = ...,
+        paused: _builtins.bool = ...,
+        next_fire: _builtins.str = ...,
+        last_fire: _builtins.str = ...,
+        last_instance_id: _builtins.str = ...,
+        fires: _builtins.int = ...,
+        skipped_fires: _builtins.int = ...,
+        created_at: _builtins.str = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catchup", b"catchup", "catchup_window_seconds", b"catchup_window_seconds", "code", b"code", "created_at", b"created_at", "cron", b"cron", "fires", b"fires", "last_error", b"last_error", "last_fire", b"last_fire", "last_instance_id", b"last_instance_id", "name", b"name", "next_fire", b"next_fire", "overlap", b"overlap", "params_json", b"params_json", "paused", b"paused", "skipped_fires", b"skipped_fires", "tenant", b"tenant", "time_zone", b"time_zone", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class ScheduleRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleRef: _TypeAlias = ScheduleRef  # noqa: Y015
+
+@_typing.final
+class ListSchedulesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    page_size: _builtins.int
+    """default 50, at most 1000"""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
+
+@_typing.final
+class ListSchedulesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]: ...
+    def __init__(
+        self,
+        *,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015

@@ -528,6 +528,296 @@ class Workflows:
             _registered_method=True)
 
 
+class SchedulesStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Create = channel.unary_unary(
+                '/tenantflow.v1.Schedules/Create',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/tenantflow.v1.Schedules/Get',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/tenantflow.v1.Schedules/List',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/tenantflow.v1.Schedules/Pause',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/tenantflow.v1.Schedules/Resume',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/tenantflow.v1.Schedules/Delete',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+
+
+class SchedulesServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Create(self, request, context):
+        """Only the fields a caller chooses are read (tenant .. catchup_window_seconds, paused).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pause(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """The next fire is the first one after now: fires while paused are not made up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Instances it started are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SchedulesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Create': grpc.unary_unary_rpc_method_handler(
+                    servicer.Create,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tenantflow.v1.Schedules', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tenantflow.v1.Schedules', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Schedules:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Create(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Schedules/Create',
+            tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Schedules/Get',
+            tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Schedules/List',
+            tenantflow_dot_v1_dot_tenantflow__pb2.ListSchedulesRequest.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Schedules/Pause',
+            tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Schedules/Resume',
+            tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Schedules/Delete',
+            tenantflow_dot_v1_dot_tenantflow__pb2.ScheduleRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class CodeStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -143,6 +143,82 @@ class WorkflowsServicer(metaclass=_abc_1.ABCMeta):
 
 def add_WorkflowsServicer_to_server(servicer: WorkflowsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class SchedulesStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SchedulesAsyncStub: ...
+    Create: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.Schedule, _tenantflow_pb2.Schedule]
+    """Only the fields a caller chooses are read (tenant .. catchup_window_seconds, paused)."""
+    Get: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.ScheduleRef, _tenantflow_pb2.Schedule]
+    List: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.ListSchedulesRequest, _tenantflow_pb2.ListSchedulesResponse]
+    Pause: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.ScheduleRef, _tenantflow_pb2.Schedule]
+    Resume: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.ScheduleRef, _tenantflow_pb2.Schedule]
+    """The next fire is the first one after now: fires while paused are not made up."""
+    Delete: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.ScheduleRef, _tenantflow_pb2.DeleteResponse]
+    """Instances it started are kept."""
+
+@_typing.type_check_only
+class SchedulesAsyncStub(SchedulesStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Create: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.Schedule, _tenantflow_pb2.Schedule]  # type: ignore[assignment]
+    """Only the fields a caller chooses are read (tenant .. catchup_window_seconds, paused)."""
+    Get: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.ScheduleRef, _tenantflow_pb2.Schedule]  # type: ignore[assignment]
+    List: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.ListSchedulesRequest, _tenantflow_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    Pause: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.ScheduleRef, _tenantflow_pb2.Schedule]  # type: ignore[assignment]
+    Resume: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.ScheduleRef, _tenantflow_pb2.Schedule]  # type: ignore[assignment]
+    """The next fire is the first one after now: fires while paused are not made up."""
+    Delete: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.ScheduleRef, _tenantflow_pb2.DeleteResponse]  # type: ignore[assignment]
+    """Instances it started are kept."""
+
+class SchedulesServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Create(
+        self,
+        request: _tenantflow_pb2.Schedule,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.Schedule, _abc.Awaitable[_tenantflow_pb2.Schedule]]:
+        """Only the fields a caller chooses are read (tenant .. catchup_window_seconds, paused)."""
+
+    @_abc_1.abstractmethod
+    def Get(
+        self,
+        request: _tenantflow_pb2.ScheduleRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.Schedule, _abc.Awaitable[_tenantflow_pb2.Schedule]]: ...
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _tenantflow_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.ListSchedulesResponse, _abc.Awaitable[_tenantflow_pb2.ListSchedulesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Pause(
+        self,
+        request: _tenantflow_pb2.ScheduleRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.Schedule, _abc.Awaitable[_tenantflow_pb2.Schedule]]: ...
+
+    @_abc_1.abstractmethod
+    def Resume(
+        self,
+        request: _tenantflow_pb2.ScheduleRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.Schedule, _abc.Awaitable[_tenantflow_pb2.Schedule]]:
+        """The next fire is the first one after now: fires while paused are not made up."""
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _tenantflow_pb2.ScheduleRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.DeleteResponse, _abc.Awaitable[_tenantflow_pb2.DeleteResponse]]:
+        """Instances it started are kept."""
+
+def add_SchedulesServicer_to_server(servicer: SchedulesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class CodeStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
