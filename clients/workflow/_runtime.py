@@ -263,7 +263,8 @@ def _wants_context(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     return any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params.values()
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        for p in params.values()
     )
 
 
