@@ -2,7 +2,8 @@
 
 1. starts `tenantflow serve` on a fresh SQLite file (a real gRPC server on a loopback port),
 2. publishes tenant "acme-ci"'s CI pipeline and tenant "bloom"'s onboarding flow,
-3. creates an instance of each and streams their steps as they happen,
+3. creates an instance of each and streams their steps as they happen (the onboarding flow starts
+   a child workflow of its own tenant with step.create and waits for it),
 4. sends the deploy approval the pipeline waits for,
 5. shows both complete, then stops the kernel.
 """
@@ -110,6 +111,11 @@ def main() -> None:
                 inst = client.get(tenant, id)
                 steps = ", ".join(f"{s.name}×{s.attempts}" if s.attempts > 1 else s.name for s in inst.steps)
                 rows.append([tenant, id, status_name(inst.status), steps, inst.output_json[:70]])
+                for child in client.children(tenant, id):  # started by the workflow with step.create
+                    steps = ", ".join(s.name for s in child.steps)
+                    rows.append(
+                        [tenant, f"└ {child.id[:24]}…", status_name(child.status), steps, child.output_json]
+                    )
             say("\n" + table(rows, ["tenant", "instance", "status", "steps (×attempts)", "output"]))
             failed = [r for r in rows if r[2] != "complete"]
             if failed:

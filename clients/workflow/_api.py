@@ -249,5 +249,6 @@ class BlockingStep(Protocol):
 class WorkflowEntrypoint:
     """Subclass and implement ``run(self, event, step)``, as ``def`` or ``async def``."""
 
-    def run(self, event: WorkflowEvent, step: Step) -> Any:
+    # ``step: Any`` so subclasses may annotate it as WorkflowStep (async) or BlockingStep (def).
+    def run(self, event: WorkflowEvent, step: Any) -> Any:
         raise NotImplementedError("a workflow must implement run(self, event, step)")
