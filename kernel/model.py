@@ -46,6 +46,39 @@ class InstanceRecord:
     lease_owner: str | None = None
     lease_until: float | None = None
     parent: str = ""  # the id of the instance (same tenant) whose step.create started this one
+    # At most concurrency_limit (0: no limit) instances of (tenant, workflow, concurrency_key) hold
+    # a lease at once; storage's claim enforces it.
+    concurrency_key: str = ""
+    concurrency_limit: int = 0
+
+
+@dataclass
+class ScheduleRecord:
+    """A tenant's cron schedule. Each fire creates the instance ``<name>@<fire time>``; ``version``
+    is set by storage and guards every update (compare-and-set)."""
+
+    tenant: str
+    name: str
+    cron: str
+    time_zone: str
+    workflow: str
+    code: str
+    params_json: str = ""
+    overlap: str = "skip"  # skip | allow
+    catchup: str = "skip"  # skip | run_once
+    catchup_window: float = 60.0  # seconds; a fire later than this was missed
+    paused: bool = False
+    next_fire: float | None = None  # None while paused
+    last_fire: float | None = None
+    last_instance: str = ""
+    fires: int = 0
+    skipped: int = 0
+    last_error: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    version: int = 0
+    lease_owner: str | None = None
+    lease_until: float | None = None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The storage contract: instances, journal, timers (``run_at``), event inbox, leases, artifacts.
+"""The storage contract: instances, journal, timers (``run_at``), event inbox, leases, artifacts,
+schedules.
 
 One transactional engine implements it (SQLite embedded, FoundationDB, ...). Everything is keyed
 by tenant first, so no query can cross tenants. ``apply`` is the only write path for a running
@@ -17,6 +18,7 @@ from tenantflow.kernel.model import (
     EventRecord,
     HistoryEntry,
     InstanceRecord,
+    ScheduleRecord,
     Status,
     StepRecord,
 )
@@ -65,7 +67,12 @@ class Storage(Protocol):
         self, owner: str, now: float, lease_seconds: float, limit: int, per_tenant: int = 0
     ) -> list[InstanceRecord]:
         """Lease up to ``limit`` instances with ``run_at <= now`` and no live lease, round-robin by
-        tenant, leaving any tenant with ``per_tenant`` (0: no cap) instances leased alone."""
+        tenant, leaving any tenant with ``per_tenant`` (0: no cap) instances leased alone.
+
+        Concurrency limits: an instance with ``concurrency_limit`` N > 0 is leased only while fewer
+        than N instances of its (tenant, workflow, concurrency_key) hold a live lease, counted in
+        the same transaction that takes the lease (so across all nodes); within such a group the
+        oldest ``run_at`` goes first. Instances held back this way hold back no other instance."""
         ...
 
     def renew_leases(
@@ -94,6 +101,35 @@ class Storage(Protocol):
     def count_by_status(self) -> dict[Status, int]:
         """How many instances have each status, across tenants (for metrics; may scan, so the
         kernel calls it at most every few seconds). Statuses with none may be left out."""
+        ...
+
+    # -- schedules: every write but create and delete is a compare-and-set on ``version`` ----------
+    def create_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        """Insert it with version 1 and return it; raise ``AlreadyExists`` if the tenant has one of
+        that name."""
+        ...
+
+    def get_schedule(self, tenant: str, name: str) -> ScheduleRecord | None: ...
+
+    def list_schedules(
+        self, tenant: str, cursor: str | None, limit: int
+    ) -> tuple[list[ScheduleRecord], str | None]:
+        """By name; returns the page and the cursor of the next page (None on the last)."""
+        ...
+
+    def update_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord | None:
+        """Store ``schedule`` if the stored version still equals ``schedule.version``; return it
+        with the version bumped, or None if it changed meanwhile or is gone (read it again)."""
+        ...
+
+    def delete_schedule(self, tenant: str, name: str) -> bool: ...
+
+    def claim_schedules(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[ScheduleRecord]:
+        """Lease up to ``limit`` schedules not paused with ``next_fire <= now`` and no live lease
+        (earliest fire first), bumping their versions: one node fires a schedule at a time. The
+        fire itself is made safe by the instance's deterministic id, the lease only saves work."""
         ...
 
     def close(self) -> None: ...

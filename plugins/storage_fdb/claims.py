@@ -2,11 +2,17 @@
 
 Candidates are chosen from snapshot reads (no conflicts); each chosen instance's head is then read
 for real, so two claimers racing for one instance conflict and exactly one lease is taken.
+
+Concurrency limits: a queue entry's value names the instance's group and limit; the group's leases
+(``"g"``) are counted while choosing, and again for real before a lease is taken, so two claimers
+filling one group conflict and the limit holds across nodes. Held-back entries are passed over, up
+to ``SCAN`` entries per tenant and claim (a transaction stays small and short).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from tenantflow.kernel.model import InstanceRecord
 from tenantflow.plugins.storage_fdb.indexes import reindex
@@ -15,6 +21,7 @@ from tenantflow.plugins.storage_fdb.layer import Txn
 from tenantflow.plugins.storage_fdb.records import Head
 
 PROMOTE = 500  # due timers moved per claim transaction (the rest on the next claim, moments later)
+SCAN = 2_000  # queue entries of one tenant looked at per claim, past instances held back by a limit
 
 Loader = Callable[[Txn, str, str], InstanceRecord | None]
 
@@ -22,17 +29,22 @@ Loader = Callable[[Txn, str, str], InstanceRecord | None]
 def promote_due(tr: Txn, k: Keys, now: float) -> None:
     begin, _ = k.glob_range("t")
     end = k.glob_range("t", now)[1]
-    for key, _ in tr.get_range(begin, end, limit=PROMOTE, snapshot=True):
+    for key, tag in tr.get_range(begin, end, limit=PROMOTE, snapshot=True):
         _, run_at, tenant, id = k.strip(key)
         tr.add_read_conflict_key(key)  # a concurrent reschedule of this instance wins; we retry
         tr.clear(key)
-        tr.set(k.tenant(tenant, "q", run_at, id), b"")
+        tr.set(k.tenant(tenant, "q", run_at, id), tag)
         tr.set(k.glob("r", tenant), b"")
 
 
 def _leases(tr: Txn, k: Keys, tenant: str) -> dict[str, float | None]:
     rows = tr.get_range(*k.tenant_range(tenant, "k"), snapshot=True)
     return {k.strip(key)[-1]: unpack(value)[0] for key, value in rows}
+
+
+def _group_running(tr: Txn, k: Keys, tenant: str, group: tuple[Any, ...], now: float, snapshot: bool) -> int:
+    rows = tr.get_range(*k.tenant_range(tenant, "g", *group), snapshot=snapshot)
+    return sum(1 for _, value in rows if unpack(value)[0] >= now)
 
 
 def ready_tenants(tr: Txn, k: Keys) -> list[str]:
@@ -59,7 +71,8 @@ def claim(
     claimed = _claimed_before(tr, k, load, owner, claim_id)
     limit -= len(claimed)
     promote_due(tr, k, now)
-    candidates: list[tuple[int, int, float, str, str]] = []  # (rank in tenant, running, run_at, tenant, id)
+    # (rank in tenant, running, run_at, tenant, id, (group, limit) or None)
+    candidates: list[tuple[int, int, float, str, str, tuple[tuple[Any, ...], int] | None]] = []
     for tenant in ready_tenants(tr, k):
         leases = _leases(tr, k, tenant)
         running = sum(1 for until in leases.values() if until is not None and until >= now)
@@ -72,19 +85,35 @@ def claim(
         if not rows and not tr.get_range(*k.tenant_range(tenant, "q"), limit=1):
             tr.clear(k.glob("r", tenant))  # read for real: an insert meanwhile makes us retry
             continue
-        rank = 0
-        for key, _ in rows:
-            run_at, id = k.strip(key)[-2:]
-            held_until = leases.get(id)
-            if held_until is not None and held_until >= now:
-                continue
-            rank += 1
-            if rank > room:
+        rank = scanned = 0
+        slots: dict[tuple[Any, ...], int] = {}  # free slots left per concurrency group
+        while rows and rank < room:
+            for key, tag in rows:
+                scanned += 1
+                run_at, id = k.strip(key)[-2:]
+                held_until = leases.get(id)
+                if held_until is not None and held_until >= now:
+                    continue
+                conc = None
+                if tag:
+                    *group_items, group_limit = unpack(tag)
+                    group = tuple(group_items)
+                    if group not in slots:
+                        slots[group] = group_limit - _group_running(tr, k, tenant, group, now, True)
+                    if slots[group] <= 0:
+                        continue  # held back by its group's limit; later ones may still run
+                    slots[group] -= 1
+                    conc = (group, group_limit)
+                rank += 1
+                candidates.append((rank, running, run_at, tenant, id, conc))
+                if rank >= room:
+                    break
+            if rank >= room or len(rows) < room + len(leases) or scanned >= SCAN:
                 break
-            candidates.append((rank, running, run_at, tenant, id))
+            rows = tr.get_range(rows[-1][0] + b"\x00", end, limit=min(SCAN - scanned, 200), snapshot=True)
     candidates.sort(key=lambda c: c[:3])
     taken = 0
-    for _, _, run_at, tenant, id in candidates:
+    for _, _, run_at, tenant, id, conc in candidates:
         if taken >= limit:
             break
         raw = tr.get(k.inst(tenant, id, "h"))
@@ -93,6 +122,9 @@ def claim(
             tr.clear(k.tenant(tenant, "q", run_at, id))  # stale: the instance moved or is gone
             continue
         if head.lease_until is not None and head.lease_until >= now:
+            continue
+        # Read for real: a claimer on another node filling the same group makes one of us retry.
+        if conc is not None and _group_running(tr, k, tenant, conc[0], now, False) >= conc[1]:
             continue
         new = head.replace(lease_owner=owner, lease_until=until)
         tr.set(k.inst(tenant, id, "h"), new.encode())

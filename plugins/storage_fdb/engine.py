@@ -21,10 +21,11 @@ from tenantflow.kernel.model import (
     EventRecord,
     HistoryEntry,
     InstanceRecord,
+    ScheduleRecord,
     Status,
     StepRecord,
 )
-from tenantflow.plugins.storage_fdb import claims
+from tenantflow.plugins.storage_fdb import claims, schedules
 from tenantflow.plugins.storage_fdb.indexes import delete, reindex
 from tenantflow.plugins.storage_fdb.keys import Keys, pack, part, unpack
 from tenantflow.plugins.storage_fdb.layer import (
@@ -171,8 +172,10 @@ class KVStorage:
             if r.tenant not in seqs:
                 seqs[r.tenant] = decode_int(tr.get(k.tenant(r.tenant, "c")))
             seqs[r.tenant] += 1
+            conc = (r.workflow, r.concurrency_key, r.concurrency_limit)
             head = Head(Status(r.status), r.run_at, r.generation, r.lease_owner, r.lease_until,
-                        r.created_at, r.updated_at, seqs[r.tenant])  # fmt: skip
+                        r.created_at, r.updated_at, seqs[r.tenant],
+                        conc if r.concurrency_key or r.concurrency_limit else None)  # fmt: skip
             tr.set(k.inst(r.tenant, r.id, "h"), head.encode())
             put_blob(tr, k.inst(r.tenant, r.id, "e"), dumps({f: getattr(r, f) for f in ENVELOPE}))
             if r.output_json or r.error_name or r.error_message:
@@ -506,6 +509,29 @@ class KVStorage:
         for key, value in self.layer.read(lambda tr: tr.get_range(*self.k.glob_range("n"))):
             counts[Status(self.k.strip(key)[1])] += decode_int(value)
         return dict(counts)
+
+    # -- schedules (plugins/storage_fdb/schedules.py) ------------------------------------------------
+    def create_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        return self.layer.transact(lambda tr: schedules.create(tr, self.k, schedule))
+
+    def get_schedule(self, tenant: str, name: str) -> ScheduleRecord | None:
+        return self.layer.read(lambda tr: schedules.get(tr, self.k, tenant, name))
+
+    def list_schedules(
+        self, tenant: str, cursor: str | None, limit: int
+    ) -> tuple[list[ScheduleRecord], str | None]:
+        return self.layer.read(lambda tr: schedules.list_page(tr, self.k, tenant, cursor, limit))
+
+    def update_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord | None:
+        return self.layer.transact(lambda tr: schedules.update(tr, self.k, schedule))
+
+    def delete_schedule(self, tenant: str, name: str) -> bool:
+        return self.layer.transact(lambda tr: schedules.delete(tr, self.k, tenant, name))
+
+    def claim_schedules(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[ScheduleRecord]:
+        return self.layer.transact(lambda tr: schedules.claim(tr, self.k, owner, now, lease_seconds, limit))
 
     def close(self) -> None:
         self.layer.close()

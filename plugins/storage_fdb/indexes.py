@@ -36,7 +36,7 @@ def reindex(tr: Txn, k: Keys, tenant: str, id: str, old: Head | None, new: Head 
             tr.clear(k.glob("t", old_run, tenant, id))
             tr.clear(k.tenant(tenant, "q", old_run, id))
         if new_run is not None:
-            schedule(tr, k, tenant, id, new_run)
+            schedule(tr, k, tenant, id, new_run, new.tag if new is not None else b"")
     old_lease = (old.lease_owner, old.lease_until) if old is not None else (None, None)
     new_lease = (new.lease_owner, new.lease_until) if new is not None else (None, None)
     if old_lease != new_lease:
@@ -46,6 +46,14 @@ def reindex(tr: Txn, k: Keys, tenant: str, id: str, old: Head | None, new: Head 
         if new_lease[0] is not None:
             tr.set(k.tenant(tenant, "k", id), pack((new_lease[1],)))
             tr.set(k.glob("o", new_lease[0], tenant, id), pack((new_lease[1],)))
+        # The leases of a concurrency group, which the claim counts.
+        head = new if new is not None else old
+        group = head.group if head is not None else None
+        if group is not None:
+            if new_lease[0] is not None:
+                tr.set(k.tenant(tenant, "g", *group, id), pack((new_lease[1],)))
+            else:
+                tr.clear(k.tenant(tenant, "g", *group, id))
     old_end = old.updated_at if old is not None and old.ended else None
     new_end = new.updated_at if new is not None and new.ended else None
     if old_end != new_end:
@@ -55,13 +63,14 @@ def reindex(tr: Txn, k: Keys, tenant: str, id: str, old: Head | None, new: Head 
             tr.set(k.glob("e", new_end, tenant, id), b"")
 
 
-def schedule(tr: Txn, k: Keys, tenant: str, id: str, run_at: float) -> None:
-    """Due now: straight into the tenant's runnable queue. Later: a timer, moved there when due."""
+def schedule(tr: Txn, k: Keys, tenant: str, id: str, run_at: float, tag: bytes = b"") -> None:
+    """Due now: straight into the tenant's runnable queue. Later: a timer, moved there when due.
+    Both hold the instance's concurrency group and limit (``Head.tag``), for the claim."""
     if run_at <= time.time():
-        tr.set(k.tenant(tenant, "q", run_at, id), b"")
+        tr.set(k.tenant(tenant, "q", run_at, id), tag)
         tr.set(k.glob("r", tenant), b"")
     else:
-        tr.set(k.glob("t", run_at, tenant, id), b"")
+        tr.set(k.glob("t", run_at, tenant, id), tag)
 
 
 def delete(tr: Txn, k: Keys, tenant: str, id: str) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tenantflow.kernel.model import TERMINAL, InstanceRecord, Status, StepRecord
-from tenantflow.plugins.storage_fdb.keys import pack, unpack
+from tenantflow.plugins.storage_fdb.keys import pack, part, unpack
 from tenantflow.plugins.storage_fdb.layer import CHUNK_BYTES, Txn
 
 
@@ -25,15 +25,30 @@ class Head:
     created_at: float
     updated_at: float
     cseq: int
+    conc: tuple[str, str, int] | None = None  # (workflow, concurrency key, limit); absent in older heads
 
     def encode(self) -> bytes:
         return pack((int(self.status), self.run_at, self.generation, self.lease_owner, self.lease_until,
-                     self.created_at, self.updated_at, self.cseq))  # fmt: skip
+                     self.created_at, self.updated_at, self.cseq, *(self.conc or ())))  # fmt: skip
 
     @staticmethod
     def decode(raw: bytes) -> Head:
-        s, run_at, gen, owner, until, created, updated, cseq = unpack(raw)
-        return Head(Status(s), run_at, gen, owner, until, created, updated, cseq)
+        s, run_at, gen, owner, until, created, updated, cseq, *conc = unpack(raw)
+        return Head(Status(s), run_at, gen, owner, until, created, updated, cseq,
+                    (conc[0], conc[1], conc[2]) if conc else None)  # fmt: skip
+
+    @property
+    def group(self) -> tuple[str | bytes, str | bytes] | None:
+        """The concurrency group as key elements; None when the instance has no limit."""
+        if self.conc is None or self.conc[2] <= 0:
+            return None
+        return part(self.conc[0]), part(self.conc[1])
+
+    @property
+    def tag(self) -> bytes:
+        """What its runnable-queue and timer entries hold: its group and limit (``b""``: none)."""
+        group = self.group
+        return pack((*group, self.conc[2])) if group is not None and self.conc is not None else b""
 
     @property
     def ended(self) -> bool:
@@ -63,6 +78,7 @@ def record(
         error_message=result.get("error_message", ""), created_at=head.created_at,
         updated_at=head.updated_at, run_at=head.run_at, generation=head.generation,
         lease_owner=head.lease_owner, lease_until=head.lease_until,
+        concurrency_key=head.conc[1] if head.conc else "", concurrency_limit=head.conc[2] if head.conc else 0,
     )  # fmt: skip
 
 

@@ -27,13 +27,16 @@ from tenantflow.kernel.model import (
     EventRecord,
     HistoryEntry,
     InstanceRecord,
+    ScheduleRecord,
     Status,
     StepRecord,
 )
+from tenantflow.plugins.storage_sqlite import schedules
 
 _INSTANCE_COLUMNS = (
     "tenant, id, workflow, code, runtime, module, params_json, status, output_json, error_name, "
-    "error_message, created_at, updated_at, run_at, generation, lease_owner, lease_until, parent"
+    "error_message, created_at, updated_at, run_at, generation, lease_owner, lease_until, parent, "
+    "conc_key, conc_limit"
 )
 _SETTABLE = frozenset(
     {"status", "output_json", "error_name", "error_message", "run_at", "lease_owner", "lease_until"}
@@ -64,6 +67,7 @@ def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
         params_json=row[6], status=Status(row[7]), output_json=row[8], error_name=row[9],
         error_message=row[10], created_at=row[11], updated_at=row[12], run_at=row[13],
         generation=row[14], lease_owner=row[15], lease_until=row[16], parent=row[17],
+        concurrency_key=row[18], concurrency_limit=row[19],
     )  # fmt: skip
 
 
@@ -87,6 +91,15 @@ class SQLiteStorage:
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(instances)")}
         if "parent" not in columns:
             self._writer.execute("ALTER TABLE instances ADD COLUMN parent TEXT NOT NULL DEFAULT ''")
+        if "conc_key" not in columns:
+            self._writer.execute("ALTER TABLE instances ADD COLUMN conc_key TEXT NOT NULL DEFAULT ''")
+            self._writer.execute("ALTER TABLE instances ADD COLUMN conc_limit INTEGER NOT NULL DEFAULT 0")
+        # Concurrency limits: the claim counts the leased instances of a group (due ones are found
+        # through instances_due, as the others are).
+        self._writer.execute(
+            "CREATE INDEX IF NOT EXISTS instances_limited_leased ON instances (tenant, workflow, conc_key) "
+            "WHERE conc_limit > 0 AND lease_owner IS NOT NULL"
+        )
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -154,11 +167,12 @@ class SQLiteStorage:
             for record in records:
                 try:
                     conn.execute(
-                        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({', '.join('?' * 18)})",
+                        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({', '.join('?' * 20)})",
                         (record.tenant, record.id, record.workflow, record.code, record.runtime, record.module,
                          record.params_json, int(record.status), record.output_json, record.error_name,
                          record.error_message, record.created_at, record.updated_at, record.run_at,
-                         record.generation, record.lease_owner, record.lease_until, record.parent),
+                         record.generation, record.lease_owner, record.lease_until, record.parent,
+                         record.concurrency_key, record.concurrency_limit),
                     )  # fmt: skip
                 except sqlite3.IntegrityError:
                     raise AlreadyExists(
@@ -200,7 +214,7 @@ class SQLiteStorage:
         rows = self._reader().execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [_instance(r) for r in rows], (str(rows[-1][18]) if more and rows else None)
+        return [_instance(r) for r in rows], (str(rows[-1][20]) if more and rows else None)
 
     def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
         rows = (
@@ -397,18 +411,29 @@ class SQLiteStorage:
         # tenants with the fewest instances running right now; no tenant above its cap. Every due
         # row takes part, so a burst cannot push a quiet tenant out of view. The choice is made on a
         # read connection (off the writer, which running instances need for their commits); the
-        # lease is then taken only where nobody took it meanwhile.
+        # lease is then taken only where nobody took it meanwhile. Instances of a concurrency group
+        # (tenant, workflow, conc_key) take part only as far as the group has slots free, oldest
+        # first, so the held-back ones neither run nor count against their tenant's round.
         rows = (
             self._reader()
             .execute(
-                "SELECT due.rowid FROM (SELECT rowid, tenant, run_at, "
-                "ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY run_at) AS rn "
-                "FROM instances WHERE run_at <= ? AND (lease_until IS NULL OR lease_until < ?)) AS due "
+                "WITH due AS (SELECT rowid, tenant, run_at, 0 AS limited FROM instances "
+                "WHERE run_at <= :now AND (lease_until IS NULL OR lease_until < :now) AND conc_limit = 0 "
+                "UNION ALL SELECT q.rowid, q.tenant, q.run_at, 1 FROM (SELECT rowid, tenant, workflow, "
+                "conc_key, conc_limit, run_at, ROW_NUMBER() OVER (PARTITION BY tenant, workflow, conc_key "
+                "ORDER BY run_at, rowid) AS place FROM instances WHERE conc_limit > 0 AND run_at <= :now "
+                "AND (lease_until IS NULL OR lease_until < :now)) AS q "
+                "LEFT JOIN (SELECT tenant, workflow, conc_key, COUNT(*) AS running FROM instances "
+                "WHERE conc_limit > 0 AND lease_owner IS NOT NULL AND lease_until >= :now "
+                "GROUP BY tenant, workflow, conc_key) AS r USING (tenant, workflow, conc_key) "
+                "WHERE COALESCE(r.running, 0) + q.place <= q.conc_limit) "
+                "SELECT due.rowid, due.limited FROM (SELECT rowid, tenant, run_at, limited, "
+                "ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY run_at) AS rn FROM due) AS due "
                 "LEFT JOIN (SELECT tenant, COUNT(*) AS running FROM instances "
-                "WHERE lease_owner IS NOT NULL AND lease_until >= ? GROUP BY tenant) AS busy USING (tenant) "
-                "WHERE COALESCE(busy.running, 0) + due.rn <= ? "
-                "ORDER BY due.rn, COALESCE(busy.running, 0), due.run_at LIMIT ?",
-                (now, now, now, cap, limit),
+                "WHERE lease_owner IS NOT NULL AND lease_until >= :now GROUP BY tenant) AS busy USING (tenant) "
+                "WHERE COALESCE(busy.running, 0) + due.rn <= :cap "
+                "ORDER BY due.rn, COALESCE(busy.running, 0), due.run_at LIMIT :limit",
+                {"now": now, "cap": cap, "limit": limit},
             )
             .fetchall()
         )
@@ -417,12 +442,25 @@ class SQLiteStorage:
             return []
         marks = ", ".join("?" * len(ids))
         until = now + lease_seconds
+        plain = [r[0] for r in rows if not r[1]]
         with self._write() as conn:
-            conn.execute(
-                f"UPDATE instances SET lease_owner = ?, lease_until = ? WHERE rowid IN ({marks}) "
-                "AND run_at <= ? AND (lease_until IS NULL OR lease_until < ?)",
-                (owner, until, *ids, now, now),
-            )
+            if plain:
+                conn.execute(
+                    f"UPDATE instances SET lease_owner = ?, lease_until = ? WHERE rowid IN ({', '.join('?' * len(plain))}) "
+                    "AND run_at <= ? AND (lease_until IS NULL OR lease_until < ?)",
+                    (owner, until, *plain, now, now),
+                )
+            # A limited one is counted again in this write transaction, one by one in order: another
+            # node may have filled its group since the read.
+            for rowid in (r[0] for r in rows if r[1]):
+                conn.execute(
+                    "UPDATE instances SET lease_owner = ?, lease_until = ? WHERE rowid = ? AND run_at <= ? "
+                    "AND (lease_until IS NULL OR lease_until < ?) AND conc_limit > (SELECT COUNT(*) "
+                    "FROM instances AS o WHERE o.conc_limit > 0 AND o.tenant = instances.tenant "
+                    "AND o.workflow = instances.workflow AND o.conc_key = instances.conc_key "
+                    "AND o.lease_owner IS NOT NULL AND o.lease_until >= ?)",
+                    (owner, until, rowid, now, now, now),
+                )
             claimed = conn.execute(
                 f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE rowid IN ({marks}) "
                 "AND lease_owner = ? AND lease_until = ? ORDER BY run_at",
@@ -474,6 +512,33 @@ class SQLiteStorage:
     def count_by_status(self) -> dict[Status, int]:
         rows = self._reader().execute("SELECT status, COUNT(*) FROM instances GROUP BY status").fetchall()
         return {Status(status): count for status, count in rows}
+
+    # -- schedules --------------------------------------------------------------------------------
+    def create_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        with self._write() as conn:
+            return schedules.create(conn, schedule)
+
+    def get_schedule(self, tenant: str, name: str) -> ScheduleRecord | None:
+        return schedules.get(self._reader(), tenant, name)
+
+    def list_schedules(
+        self, tenant: str, cursor: str | None, limit: int
+    ) -> tuple[list[ScheduleRecord], str | None]:
+        return schedules.list_page(self._reader(), tenant, cursor, limit)
+
+    def update_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord | None:
+        with self._write() as conn:
+            return schedules.update(conn, schedule)
+
+    def delete_schedule(self, tenant: str, name: str) -> bool:
+        with self._write() as conn:
+            return schedules.delete(conn, tenant, name)
+
+    def claim_schedules(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[ScheduleRecord]:
+        with self._write() as conn:
+            return schedules.claim(conn, owner, now, lease_seconds, limit)
 
     def close(self) -> None:
         with self._lock:

@@ -44,3 +44,15 @@ CREATE TABLE IF NOT EXISTS history (
     message TEXT NOT NULL, data_json TEXT NOT NULL,
     PRIMARY KEY (tenant, id, seq)
 ) WITHOUT ROWID;
+
+-- Concurrency limits: instances.conc_key and conc_limit, and the index instances_limited_leased,
+-- are added by engine.py (_migrate), so databases made before them get them too.
+
+CREATE TABLE IF NOT EXISTS schedules (
+    tenant TEXT NOT NULL, name TEXT NOT NULL,
+    body TEXT NOT NULL,  -- the ScheduleRecord as JSON; the columns below repeat what is queried
+    next_fire REAL,      -- NULL while paused
+    lease_until REAL, version INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS schedules_due ON schedules (next_fire) WHERE next_fire IS NOT NULL;

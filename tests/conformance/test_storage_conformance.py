@@ -7,6 +7,7 @@ when ``TENANTFLOW_FDB_CLUSTER_FILE`` names one, and is skipped with that reason 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from tenantflow.kernel.model import (
     EventRecord,
     HistoryEntry,
     InstanceRecord,
+    ScheduleRecord,
     Status,
     StepRecord,
 )
@@ -233,6 +235,108 @@ def test_claim_caps_each_tenant_and_sees_past_a_burst(storage: Storage) -> None:
         ]
     )
     assert [r.id for r in storage.claim("node", now, 30, 10, per_tenant=2)] == ["n2"]
+
+
+def limited(id: str, key: str, n: int, run_at: float, workflow: str = "W") -> InstanceRecord:
+    record = instance("t", id, run_at=run_at)
+    record.workflow, record.concurrency_key, record.concurrency_limit = workflow, key, n
+    return record
+
+
+def suspend(storage: Storage, id: str, now: float, run_at: float | None = None) -> None:
+    """What a wake-up that sleeps or waits commits: its lease goes."""
+    change = Change(tenant="t", id=id, now=now, set={"status": Status.WAITING, "run_at": run_at,
+                                                     "lease_owner": None, "lease_until": None})  # fmt: skip
+    assert storage.apply([change])[0].ok
+
+
+def test_a_concurrency_limit_holds_claims_keeps_order_and_frees_slots(storage: Storage) -> None:
+    now = time.time()
+    queued = [limited(f"a{i}", "cust-a", 2, now - 10 + i) for i in range(5)]
+    others = [limited("b0", "cust-b", 2, now - 10), limited("other-wf", "cust-a", 2, now - 10, "V"),
+              instance("t", "free", run_at=now - 5)]  # fmt: skip
+    storage.create_instances(queued + others, [entry()] * 8)
+    got = storage.get_instance("t", "a0")
+    assert got is not None and (got.concurrency_key, got.concurrency_limit) == ("cust-a", 2)
+    first = storage.claim("node", now, 30, 10)
+    # two of cust-a, the oldest; held-back ones hold nothing else back
+    assert sorted(r.id for r in first) == ["a0", "a1", "b0", "free", "other-wf"]
+    assert {(r.id, r.concurrency_key) for r in first} >= {("a0", "cust-a"), ("b0", "cust-b")}
+    assert storage.claim("node", now, 30, 10) == []
+    suspend(storage, "a1", now, run_at=now + 0.5)  # sleeping: its slot is free
+    assert [r.id for r in storage.claim("node-2", now, 30, 10)] == ["a2"]
+    assert storage.claim("node-2", now + 1, 30, 10) == []  # a1 woke up, but its group is full
+    suspend(storage, "a0", now)
+    assert [r.id for r in storage.claim("node-2", now + 1, 30, 10)] == ["a3"]  # in order of run_at
+    suspend(storage, "a2", now)  # a4 was due before a1 woke up: it goes first
+    assert [r.id for r in storage.claim("node-2", now + 1, 30, 10)] == ["a4"]
+    suspend(storage, "a3", now)
+    assert [r.id for r in storage.claim("node-2", now + 1, 30, 10)] == ["a1"]
+    # an expired lease (a dead node) no longer counts
+    again = sorted(r.id for r in storage.claim("node-3", now + 40, 30, 10))
+    assert again == ["a1", "a4", "b0", "free", "other-wf"]
+
+
+def test_a_concurrency_limit_holds_across_nodes(pair: tuple[Storage, Storage]) -> None:
+    a, b = pair
+    now = time.time()
+    records = [limited(f"i{n}", "k", 2, now - 10 + n * 0.001) for n in range(20)]
+    a.create_instances(records, [entry()] * 20)
+    for _ in range(3):
+        got = race(*[lambda s=s, n=n: s.claim(f"node-{n}", now, 30, 3)
+                     for n, s in enumerate([a, b, a, b])])  # type: ignore[misc]  # fmt: skip
+        assert sum(len(g) for g in got) <= 2
+    leased = [r for r in a.list_instances("t", None, None, 100)[0] if r.lease_owner]
+    assert sorted(r.id for r in leased) == ["i0", "i1"]
+
+
+def schedule(name: str, next_fire: float | None, tenant: str = "t") -> ScheduleRecord:
+    return ScheduleRecord(tenant=tenant, name=name, cron="* * * * * *", time_zone="UTC", workflow="W",
+                          code="artifact://t/c", params_json='{"x": 1}', next_fire=next_fire,
+                          created_at=1.0, updated_at=1.0)  # fmt: skip
+
+
+def test_schedules_create_get_list_update_delete(storage: Storage) -> None:
+    made = storage.create_schedule(schedule("nightly", 100.0))
+    assert made.version == 1 and storage.get_schedule("t", "nightly") == made
+    with pytest.raises(AlreadyExists, match="'nightly' already exists"):
+        storage.create_schedule(schedule("nightly", 5.0))
+    for name in ("b", "a", "c"):
+        storage.create_schedule(schedule(name, None))
+    storage.create_schedule(schedule("a", None, tenant="u"))
+    page, cursor = storage.list_schedules("t", None, 2)
+    assert [s.name for s in page] == ["a", "b"] and cursor
+    rest, end = storage.list_schedules("t", cursor, 10)
+    assert [s.name for s in rest] == ["c", "nightly"] and end is None
+    paused = storage.update_schedule(dataclasses.replace(made, paused=True, next_fire=None))
+    assert paused is not None and paused.version == 2 and paused.paused
+    assert storage.update_schedule(dataclasses.replace(made, fires=9)) is None  # stale version
+    assert storage.get_schedule("t", "nightly") == paused
+    assert storage.delete_schedule("t", "nightly") and not storage.delete_schedule("t", "nightly")
+    assert storage.get_schedule("t", "nightly") is None and storage.get_schedule("u", "a") is not None
+
+
+def test_claim_schedules_leases_due_ones_once(pair: tuple[Storage, Storage]) -> None:
+    a, b = pair
+    now = time.time()
+    for n in range(10):
+        a.create_schedule(schedule(f"s{n}", now - 10 + n))
+    a.create_schedule(schedule("later", now + 60))
+    paused = a.create_schedule(dataclasses.replace(schedule("paused", now - 20), paused=True))
+    got = race(*[lambda s=s, n=n: s.claim_schedules(f"node-{n}", now, 30, 4)
+                 for n, s in enumerate([a, b, a, b])])  # type: ignore[misc]  # fmt: skip
+    names = sorted(s.name for g in got for s in g)
+    assert names == sorted(f"s{n}" for n in range(10))  # each once; not the paused or later one
+    assert all(s.lease_owner and s.lease_until == now + 30 for g in got for s in g)
+    assert b.claim_schedules("node-x", now + 10, 30, 100) == []  # leases live
+    # the fire loop moves next_fire on and drops its lease, compare-and-set on the version
+    leased = next(s for g in got for s in g)
+    moved = a.update_schedule(dataclasses.replace(leased, next_fire=now + 100, lease_owner=None,
+                                                  lease_until=None, fires=1))  # fmt: skip
+    assert moved is not None and moved.version == leased.version + 1
+    again = sorted(s.name for s in b.claim_schedules("node-y", now + 31, 30, 100))
+    assert again == sorted({f"s{n}" for n in range(10)} - {leased.name})
+    assert a.get_schedule("t", "paused") == paused
 
 
 def test_purge_deletes_only_long_ended_instances_and_all_their_rows(storage: Storage) -> None:
