@@ -27,8 +27,13 @@ class Everything(WorkflowEntrypoint):
         except StepError:
             pass
         step.sleep("nap", 0.05)
+        step.wait_for_instance("joined", step.create("child", "Child"))
         got = step.wait_for_event("go", type="go", timeout="1 hour")
         return got["payload"]
+
+class Child(WorkflowEntrypoint):
+    def run(self, event, step):
+        return 1
 """
 
 
@@ -48,7 +53,8 @@ def documented(message: str, field: str) -> set[str]:
 def test_step_and_watch_strings_are_the_documented_ones(client: Client, tenant: str) -> None:
     kinds, statuses = documented("Step", "kind"), documented("Step", "status")
     watch_kinds = documented("WatchEvent", "kind")
-    assert kinds == {"do", "sleep", "wait_for_event"}
+    assert kinds == {"do", "sleep", "wait_for_event", "create", "wait_for_instance", "rollback"}
+    kinds -= {"rollback"}  # sent for undos: tests/kernel/test_rollbacks.py
 
     ref = publish(client, tenant, CODE)
     inst = client.create(tenant, "Everything", ref)

@@ -41,14 +41,20 @@ def test_every_hook_is_documented() -> None:
 
 def test_the_tenant_sdk_surface_is_pinned() -> None:
     assert sorted(tenantflow.workflow.__all__) == [
+        "BlockingStep",
+        "ErrorInfo",
         "EventTimeoutError",
+        "InstanceError",
         "NonDeterminismError",
         "NonRetryableError",
         "RetryPolicy",
+        "RollbackConfig",
+        "RollbackContext",
         "Step",
         "StepContext",
         "StepError",
         "WorkflowEntrypoint",
         "WorkflowEvent",
+        "WorkflowStep",
         "parse_duration",
     ]

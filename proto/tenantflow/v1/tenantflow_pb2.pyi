@@ -156,8 +156,8 @@ class Step(_message.Message):
     output_json: _builtins.str
     """for create: the child's id, as JSON"""
     kind: _builtins.str
-    """do | sleep | wait_for_event | create | wait_for_instance | rollback (the undo of the `do`
-    step of the same name and occurrence, run by a rollback)
+    """rollback: the undo of the `do` step of the same name and occurrence, run by a rollback.
+    do | sleep | wait_for_event | create | wait_for_instance | rollback
     """
     occurrence: _builtins.int
     """0 for the first step of this name, 1 for the second..."""
@@ -588,9 +588,7 @@ class WatchEvent(_message.Message):
     at: _builtins.str
     """RFC 3339"""
     kind: _builtins.str
-    """status | step_started | step_completed | step_failed | step_retrying | sleeping | waiting | event | log
-    | child_created | child_ended | rollback_started | rollback_completed | rollback_failed
-    """
+    """status | step_started | step_completed | step_failed | step_retrying | sleeping | waiting | event | log | child_created | child_ended | rollback_started | rollback_completed | rollback_failed"""
     status: Global___Status.ValueType
     """for kind == status"""
     step: _builtins.str
