@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 KEY = "#rollback"
 UNDO = "#undo"
 APART = frozenset({"undo", "rollback"})  # journal kinds the forward replay never sees
+# Runtimes whose guest runs the tenant SDK, which knows undos; a raw wasm module does not, so
+# Terminate with rollback ends its instance at once.
+RUNTIMES = frozenset({"python", "python-wasm"})
 
 
 def record(key: str, seq: int, reason: str, error: dict[str, str], now: float) -> StepRecord:

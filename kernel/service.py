@@ -401,6 +401,7 @@ class Kernel:
         tenant, id, now = record.tenant, record.id, time.time()
         started = next((s for s in steps if s.key == rollback.KEY), None)
         live = frozenset(set(Status) - TERMINAL)
+        roll_back = roll_back and record.runtime in rollback.RUNTIMES
         if roll_back and started is not None:
             return  # already rolling back: it ends terminated or errored once its undos are done
         if roll_back:
