@@ -18,8 +18,8 @@ from grpc_reflection.v1alpha import reflection
 
 from tenantflow.kernel import children, errors, metrics, rollback
 from tenantflow.kernel.auth import Tokens
-from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, Status, StepRecord
-from tenantflow.kernel.service import CreateSpec, Kernel
+from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
+from tenantflow.kernel.service import CreateSpec, Kernel, check_tenant
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
 
@@ -229,6 +229,7 @@ def instance_pb(record: InstanceRecord, steps: list[StepRecord] | None = None) -
         steps=[step_pb(s) for s in steps if s.key != rollback.KEY], created_at=_ts(record.created_at),
         updated_at=_ts(record.updated_at), params_json=record.params_json, runtime=record.runtime,
         parent_id=record.parent, child_ids=children.child_ids(steps), rollback=rollback_pb(record, steps),
+        concurrency_key=record.concurrency_key, concurrency_limit=record.concurrency_limit,
     )  # fmt: skip
 
 
@@ -244,8 +245,9 @@ def watch_pb(entry: HistoryEntry) -> pb.WatchEvent:
 
 def _spec(request: pb.CreateRequest) -> CreateSpec:
     return CreateSpec(
-        workflow=request.workflow, code=request.code, id=request.id, params_json=request.params_json
-    )
+        workflow=request.workflow, code=request.code, id=request.id, params_json=request.params_json,
+        concurrency_key=request.concurrency_key, concurrency_limit=request.concurrency_limit,
+    )  # fmt: skip
 
 
 class WorkflowsServicer(pb_grpc.WorkflowsServicer):
@@ -338,6 +340,78 @@ class CodeServicer(pb_grpc.CodeServicer):
         return pb.CodeVersion(ref=ref, runtime=runtime, workflows=workflows)
 
 
+OVERLAP = {
+    pb.OVERLAP_POLICY_UNSPECIFIED: "skip",
+    pb.OVERLAP_POLICY_SKIP: "skip",
+    pb.OVERLAP_POLICY_ALLOW: "allow",
+}
+CATCHUP = {pb.CATCHUP_POLICY_UNSPECIFIED: "skip", pb.CATCHUP_POLICY_SKIP: "skip",
+           pb.CATCHUP_POLICY_RUN_ONCE: "run_once"}  # fmt: skip
+
+
+def schedule_pb(s: ScheduleRecord) -> pb.Schedule:
+    return pb.Schedule(
+        tenant=s.tenant, name=s.name, cron=s.cron, time_zone=s.time_zone, workflow=s.workflow, code=s.code,
+        params_json=s.params_json, overlap=pb.OVERLAP_POLICY_ALLOW if s.overlap == "allow" else pb.OVERLAP_POLICY_SKIP,
+        catchup=pb.CATCHUP_POLICY_RUN_ONCE if s.catchup == "run_once" else pb.CATCHUP_POLICY_SKIP,
+        catchup_window_seconds=round(s.catchup_window), paused=s.paused, next_fire=_ts(s.next_fire),
+        last_fire=_ts(s.last_fire), last_instance_id=s.last_instance, fires=s.fires, skipped_fires=s.skipped,
+        created_at=_ts(s.created_at), last_error=s.last_error,
+    )  # fmt: skip
+
+
+def schedule_record(request: pb.Schedule) -> ScheduleRecord:
+    if request.overlap not in OVERLAP or request.catchup not in CATCHUP:
+        raise errors.InvalidArgument(
+            "unknown overlap or catchup policy: a tenantflow.v1 OverlapPolicy/CatchupPolicy value"
+        )
+    return ScheduleRecord(
+        tenant=request.tenant, name=request.name, cron=request.cron, time_zone=request.time_zone,
+        workflow=request.workflow, code=request.code, params_json=request.params_json,
+        overlap=OVERLAP[request.overlap], catchup=CATCHUP[request.catchup],
+        catchup_window=float(request.catchup_window_seconds or 60), paused=request.paused,
+    )  # fmt: skip
+
+
+class SchedulesServicer(pb_grpc.SchedulesServicer):
+    """``tenantflow.v1.Schedules``."""
+
+    def __init__(self, kernel: Kernel, tokens: Tokens | None = None) -> None:
+        self.k = kernel
+        self.tokens = tokens
+
+    @_mapped
+    async def Create(self, request: pb.Schedule, context: Any) -> pb.Schedule:
+        return schedule_pb(await self.k.create_schedule(schedule_record(request)))
+
+    @_mapped
+    async def Get(self, request: pb.ScheduleRef, context: Any) -> pb.Schedule:
+        check_tenant(request.tenant)
+        return schedule_pb(await self.k.schedules.get(request.tenant, request.name))
+
+    @_mapped
+    async def List(self, request: pb.ListSchedulesRequest, context: Any) -> pb.ListSchedulesResponse:
+        check_tenant(request.tenant)
+        found, token = await self.k.schedules.list(request.tenant, request.page_size, request.page_token)
+        return pb.ListSchedulesResponse(schedules=[schedule_pb(s) for s in found], next_page_token=token)
+
+    @_mapped
+    async def Pause(self, request: pb.ScheduleRef, context: Any) -> pb.Schedule:
+        check_tenant(request.tenant)
+        return schedule_pb(await self.k.schedules.pause(request.tenant, request.name))
+
+    @_mapped
+    async def Resume(self, request: pb.ScheduleRef, context: Any) -> pb.Schedule:
+        check_tenant(request.tenant)
+        return schedule_pb(await self.k.schedules.resume(request.tenant, request.name))
+
+    @_mapped
+    async def Delete(self, request: pb.ScheduleRef, context: Any) -> pb.DeleteResponse:
+        check_tenant(request.tenant)
+        await self.k.schedules.delete(request.tenant, request.name)
+        return pb.DeleteResponse()
+
+
 def _add_service(server: grpc.aio.Server, name: str, servicer: Any) -> None:
     """Register a tenantflow.v1 service as its generated ``add_*_to_server`` does, with request
     deserializers that never raise (see :func:`_decoder`)."""
@@ -373,9 +447,10 @@ async def create_server(
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])  # fmt: skip
     _add_service(server, "Workflows", WorkflowsServicer(kernel, tokens))
     _add_service(server, "Code", CodeServicer(kernel, tokens))
+    _add_service(server, "Schedules", SchedulesServicer(kernel, tokens))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code")]
+    names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code", "Schedules")]
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from tenantflow.kernel import children, metrics, rollback
+from tenantflow.kernel import children, metrics, rollback, schedules
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -32,6 +32,7 @@ from tenantflow.kernel.model import (
     EventRecord,
     HistoryEntry,
     InstanceRecord,
+    ScheduleRecord,
     Status,
     StepRecord,
 )
@@ -43,7 +44,8 @@ from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.kernel")
 # Matched with fullmatch: "$" alone would also accept a trailing newline.
-ID = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_-]{0,99}")
+# '@' only in ids the kernel makes (a schedule's fires, "<schedule>@<time>") or step.create's.
+ID = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_@-]{0,99}")
 TENANT = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}")
 WORKFLOW = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 CODE_NAME = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}")
@@ -52,6 +54,7 @@ MAX_REF = 2048  # characters of a code ref
 MAX_NAME = 256  # characters of a step name or event type (as the tenant SDK allows)
 MAX_FILES = 1000  # files in one Publish
 MAX_PATH_BYTES = 1024  # of one file name; each part at most 255 (NAME_MAX)
+MAX_CONCURRENCY_LIMIT = 100_000
 # Watch re-reads storage for changes committed by other nodes: first after 0.1 s, doubling while
 # nothing changes, up to 1 s; and slower when many streams watch, to stay within the poll budget.
 WATCH_POLL_SECONDS = (0.1, 1.0)
@@ -67,6 +70,9 @@ class CreateSpec:
     id: str = ""
     params_json: str = ""
     parent: str = ""  # set by step.create only; the API cannot name a parent
+    concurrency_key: str = ""
+    concurrency_limit: int = 0  # 0: no limit
+    schedule: str = ""  # set by a schedule's fire only
 
 
 @dataclass
@@ -88,6 +94,23 @@ def check_id(id: str) -> None:
     if not ID.fullmatch(id or ""):
         raise InvalidArgument(
             f"bad instance id {excerpt(id)}: 1-100 of letters, digits, '_' and '-', not starting with '-'"
+        )
+
+
+def check_concurrency(key: str, limit: int) -> None:
+    """A limit of 0 (none) or 1..MAX_CONCURRENCY_LIMIT; a key only with a limit."""
+    if not 0 <= limit <= MAX_CONCURRENCY_LIMIT:
+        raise InvalidArgument(
+            f"concurrency_limit must be 0 (no limit) to {MAX_CONCURRENCY_LIMIT}, got {limit}"
+        )
+    if key and (len(key) > MAX_NAME or CONTROL.search(key)):
+        raise InvalidArgument(
+            f"bad concurrency_key {excerpt(key)}: at most {MAX_NAME} characters, no control characters"
+        )
+    if key and not limit:
+        raise InvalidArgument(
+            "concurrency_key needs a concurrency_limit: set how many instances of this workflow and key "
+            "may run at once (e.g. 1)"
         )
 
 
@@ -174,6 +197,7 @@ class Kernel:
         self.committer: Committer
         self.engine: Engine
         self.dispatcher: Dispatcher
+        self.schedules: schedules.Schedules
         self.notifier = Notifier()
         self.creation_rate = CreationRate(self.config.tenant_create_rate, self.config.tenant_create_burst)
         self.sandboxes: dict[str, Sandbox] = {}
@@ -197,6 +221,8 @@ class Kernel:
         if released:
             log.info("reclaimed %d instances this node was running when it stopped", released)
         self.dispatcher.start()
+        self.schedules = schedules.Schedules(self.storage, self._fire, self.config.node_id)
+        self.schedules.start()
         self._sweepers = [
             asyncio.create_task(self.catalog.sweep_forever(), name="tenantflow-code-sweep"),
             asyncio.create_task(
@@ -217,6 +243,7 @@ class Kernel:
         self._started = False
         for sweeper in self._sweepers:
             sweeper.cancel()
+        await self.schedules.stop()
         await self.dispatcher.stop()
         await self.committer.stop()
         for sandbox in self.sandboxes.values():
@@ -257,6 +284,12 @@ class Kernel:
         for spec in specs:
             id = spec.id or uuid.uuid4().hex
             check_id(id)
+            if "@" in id and not (spec.schedule or spec.parent):
+                raise InvalidArgument(
+                    f"bad instance id {excerpt(id)}: '@' is kept for the instances schedules start; "
+                    "use letters, digits, '_' and '-'"
+                )
+            check_concurrency(spec.concurrency_key, spec.concurrency_limit)
             if id in seen:
                 raise AlreadyExistsInBatch(f"instance id {id!r} appears twice in the batch")
             seen.add(id)
@@ -279,14 +312,18 @@ class Kernel:
             records.append(InstanceRecord(
                 tenant=tenant, id=id, workflow=spec.workflow, code=pinned, runtime=code.bundle.runtime,
                 module=module, params_json=params, status=Status.QUEUED, created_at=now, updated_at=now, run_at=now,
-                parent=spec.parent,
+                parent=spec.parent, concurrency_key=spec.concurrency_key, concurrency_limit=spec.concurrency_limit,
             ))  # fmt: skip
         history = [
             HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message="created")
-            if not r.parent
+            if not r.parent and not spec.schedule
             else HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message=f"created by {r.parent}",
                               data_json=json.dumps({"parent": r.parent}))
-            for r in records
+            if r.parent
+            else HistoryEntry(kind="status", at=now, status=int(Status.QUEUED),
+                              message=f"created by schedule {spec.schedule}",
+                              data_json=json.dumps({"schedule": spec.schedule}))
+            for r, spec in zip(records, specs, strict=True)
         ]  # fmt: skip
         self.creation_rate.take(tenant, len(records))
         with metrics.counting_refusals(tenant, "max_live"):
@@ -307,6 +344,30 @@ class Kernel:
         spec = CreateSpec(workflow=workflow, code=code or parent.code, id=id, params_json=params_json,
                           parent=parent.id)  # fmt: skip
         return await self.create(parent.tenant, spec)
+
+    async def _fire(self, schedule: ScheduleRecord, id: str) -> InstanceRecord:
+        """A schedule's fire: Create with the schedule's workflow, code and params, and its id."""
+        spec = CreateSpec(workflow=schedule.workflow, code=schedule.code, id=id,
+                          params_json=schedule.params_json, schedule=schedule.name)  # fmt: skip
+        return await self.create(schedule.tenant, spec)
+
+    async def create_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        """Check the tenant, workflow, code ref and params as Create does, then store it."""
+        check_tenant(schedule.tenant)
+        if not WORKFLOW.fullmatch(schedule.workflow or ""):
+            raise InvalidArgument(
+                f"bad workflow {excerpt(schedule.workflow)}: the name of the entrypoint class, e.g. 'Pipeline'"
+            )
+        check_ref(schedule.code)
+        schedule.params_json = self._json(schedule.params_json, "params_json")
+        pinned = await asyncio.to_thread(self.catalog.pin, schedule.tenant, schedule.code)  # exists now
+        code = await self.catalog.get(schedule.tenant, pinned)
+        if schedule.workflow not in code.workflows:
+            defined = ", ".join(sorted(code.workflows)) or "none"
+            raise InvalidArgument(
+                f"{pinned} defines no workflow class {schedule.workflow!r} (it defines: {defined})"
+            )
+        return await self.schedules.create(schedule)
 
     # -- read -------------------------------------------------------------------------------------
     async def get(self, tenant: str, id: str) -> InstanceView:

@@ -91,6 +91,7 @@ class Client:
             channel = grpc.intercept_channel(channel, _BearerToken(token))
         self.workflows = pb_grpc.WorkflowsStub(channel)
         self.code = pb_grpc.CodeStub(channel)
+        self.schedules = pb_grpc.SchedulesStub(channel)
 
     def __enter__(self) -> Client:
         return self
@@ -120,23 +121,97 @@ class Client:
         return self._call(self.code.Publish, request)  # type: ignore[no-any-return]
 
     # -- instances ------------------------------------------------------------------------------------
-    def create(self, tenant: str, workflow: str, code: str, params: Any = None, id: str = "") -> pb.Instance:
+    def create(
+        self,
+        tenant: str,
+        workflow: str,
+        code: str,
+        params: Any = None,
+        id: str = "",
+        *,
+        concurrency_key: str = "",
+        concurrency_limit: int = 0,
+    ) -> pb.Instance:
+        """``concurrency_limit`` N: at most N instances of ``workflow`` with ``concurrency_key`` run
+        at once in the tenant; the rest wait queued, in order."""
         request = pb.CreateRequest(
-            tenant=tenant, workflow=workflow, code=code, id=id, params_json=_json(params)
-        )
+            tenant=tenant, workflow=workflow, code=code, id=id, params_json=_json(params),
+            concurrency_key=concurrency_key, concurrency_limit=concurrency_limit,
+        )  # fmt: skip
         return self._call(self.workflows.Create, request)  # type: ignore[no-any-return]
 
     def create_batch(self, tenant: str, items: list[dict[str, Any]]) -> list[pb.Instance]:
-        """``items``: dicts with ``workflow``, ``code``, optional ``params`` and ``id``."""
+        """``items``: dicts with ``workflow``, ``code``, optional ``params``, ``id``, ``concurrency_key``
+        and ``concurrency_limit``."""
         requests = [
             pb.CreateRequest(tenant=tenant, workflow=i["workflow"], code=i["code"], id=i.get("id", ""),
-                             params_json=_json(i.get("params")))
+                             params_json=_json(i.get("params")), concurrency_key=i.get("concurrency_key", ""),
+                             concurrency_limit=i.get("concurrency_limit", 0))
             for i in items
         ]  # fmt: skip
         return list(
             self._call(self.workflows.CreateBatch, pb.CreateBatchRequest(requests=requests)).instances
         )
 
+    # -- schedules ------------------------------------------------------------------------------------
+    def create_schedule(
+        self,
+        tenant: str,
+        name: str,
+        cron: str,
+        workflow: str,
+        code: str,
+        params: Any = None,
+        *,
+        time_zone: str = "",
+        overlap: str = "skip",
+        catchup: str = "skip",
+        catchup_window: int = 0,
+        paused: bool = False,
+    ) -> pb.Schedule:
+        """A cron schedule (5 fields, or 6 with seconds last) in ``time_zone`` (IANA; default UTC).
+        ``overlap``: skip | allow; ``catchup``: skip | run_once, for fires missed (later than
+        ``catchup_window`` seconds, default 60) while no kernel ran."""
+        overlaps = {"skip": pb.OVERLAP_POLICY_SKIP, "allow": pb.OVERLAP_POLICY_ALLOW}
+        catchups = {"skip": pb.CATCHUP_POLICY_SKIP, "run_once": pb.CATCHUP_POLICY_RUN_ONCE}
+        if overlap not in overlaps or catchup not in catchups:
+            raise ValueError("overlap is 'skip' or 'allow'; catchup is 'skip' or 'run_once'")
+        request = pb.Schedule(
+            tenant=tenant, name=name, cron=cron, time_zone=time_zone, workflow=workflow, code=code,
+            params_json=_json(params), overlap=overlaps[overlap], catchup=catchups[catchup],
+            catchup_window_seconds=catchup_window, paused=paused,
+        )  # fmt: skip
+        return self._call(self.schedules.Create, request)  # type: ignore[no-any-return]
+
+    def get_schedule(self, tenant: str, name: str) -> pb.Schedule:
+        return self._call(self.schedules.Get, pb.ScheduleRef(tenant=tenant, name=name))  # type: ignore[no-any-return]
+
+    def list_schedules(
+        self, tenant: str, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListSchedulesResponse:
+        request = pb.ListSchedulesRequest(tenant=tenant, page_size=page_size, page_token=page_token)
+        return self._call(self.schedules.List, request)  # type: ignore[no-any-return]
+
+    def iter_schedules(self, tenant: str, page_size: int = 100) -> Iterator[pb.Schedule]:
+        token = ""
+        while True:
+            page = self.list_schedules(tenant, page_size, token)
+            yield from page.schedules
+            token = page.next_page_token
+            if not token:
+                return
+
+    def pause_schedule(self, tenant: str, name: str) -> pb.Schedule:
+        return self._call(self.schedules.Pause, pb.ScheduleRef(tenant=tenant, name=name))  # type: ignore[no-any-return]
+
+    def resume_schedule(self, tenant: str, name: str) -> pb.Schedule:
+        return self._call(self.schedules.Resume, pb.ScheduleRef(tenant=tenant, name=name))  # type: ignore[no-any-return]
+
+    def delete_schedule(self, tenant: str, name: str) -> None:
+        """The instances it started are kept."""
+        self._call(self.schedules.Delete, pb.ScheduleRef(tenant=tenant, name=name))
+
+    # -- instances, read ------------------------------------------------------------------------------
     def get(self, tenant: str, id: str) -> pb.Instance:
         return self._call(self.workflows.Get, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
 
