@@ -166,6 +166,8 @@ def _print_instance(inst: Any) -> None:
         ["output", _short(inst.output_json or "-", 100)],
         ["error", f"{inst.error.name}: {_short(inst.error.message, 100)}" if inst.error.name else "-"],
         *([["parent", inst.parent_id]] if inst.parent_id else []),
+        *([["concurrency", f"at most {inst.concurrency_limit} at once, key {inst.concurrency_key!r}"]]
+          if inst.concurrency_limit else []),
         *([["children", _short(", ".join(inst.child_ids), 100)]] if inst.child_ids else []),
         *([["rollback", f"{inst.rollback.status} ({inst.rollback.reason})" + (
             f": {inst.rollback.error.name}: {_short(inst.rollback.error.message, 80)}" if inst.rollback.error.name else "")]]
@@ -198,8 +200,51 @@ def _cmd_publish(args: argparse.Namespace) -> None:
 def _cmd_create(args: argparse.Namespace) -> None:
     params = json.loads(args.params) if args.params else None
     with _client(args) as client:
-        inst = client.create(args.tenant, args.workflow, args.code, params=params, id=args.id or "")
+        inst = client.create(args.tenant, args.workflow, args.code, params=params, id=args.id or "",
+                             concurrency_key=args.concurrency_key, concurrency_limit=args.concurrency_limit)  # fmt: skip
     print(table([[inst.id, _status(inst.status), inst.code]], ["id", "status", "pinned code"]))
+
+
+def _print_schedule(s: Any) -> None:
+    from tenantflow.v1 import tenantflow_pb2 as pb
+
+    print(table([
+        ["tenant", s.tenant], ["name", s.name], ["cron", s.cron], ["time zone", s.time_zone or "UTC"],
+        ["workflow", s.workflow], ["code", s.code], ["params", _short(s.params_json or "-", 100)],
+        ["overlap", pb.OverlapPolicy.Name(s.overlap).removeprefix("OVERLAP_POLICY_").lower()],
+        ["catch-up", pb.CatchupPolicy.Name(s.catchup).removeprefix("CATCHUP_POLICY_").lower()
+         + f" (window {s.catchup_window_seconds} s)"],
+        ["paused", "yes" if s.paused else "no"], ["next fire", s.next_fire or "-"],
+        ["last fire", s.last_fire or "-"], ["last instance", s.last_instance_id or "-"],
+        ["fires", s.fires], ["skipped", s.skipped_fires], ["last error", _short(s.last_error or "-", 100)],
+    ], ["field", "value"]))  # fmt: skip
+
+
+def _cmd_schedule(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        action = args.schedule_command
+        if action == "create":
+            params = json.loads(args.params) if args.params else None
+            _print_schedule(client.create_schedule(
+                args.tenant, args.name, args.cron, args.workflow, args.code, params, time_zone=args.time_zone,
+                overlap=args.overlap, catchup=args.catchup, catchup_window=args.catchup_window, paused=args.paused,
+            ))  # fmt: skip
+        elif action == "list":
+            rows = [[s.name, s.cron, s.time_zone or "UTC", s.workflow, "paused" if s.paused else s.next_fire,
+                     s.last_instance_id or "-", s.fires] for s in client.iter_schedules(args.tenant)]  # fmt: skip
+            print(
+                table(rows, ["name", "cron", "time zone", "workflow", "next fire", "last instance", "fires"])
+            )
+        elif action == "delete":
+            client.delete_schedule(args.tenant, args.name)
+            print(table([[args.name, "deleted (its instances are kept)"]], ["schedule", "status"]))
+        else:  # get | pause | resume
+            method = {
+                "get": client.get_schedule,
+                "pause": client.pause_schedule,
+                "resume": client.resume_schedule,
+            }
+            _print_schedule(method[action](args.tenant, args.name))
 
 
 def _cmd_status(args: argparse.Namespace) -> None:
@@ -464,8 +509,8 @@ def parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=_cmd_token)
 
-    def client_parser(name: str, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
+    def client_parser(name: str, help: str, within: Any = None) -> argparse.ArgumentParser:
+        c = (within or sub).add_parser(name, help=help)
         c.add_argument("--address", default=os.environ.get("TENANTFLOW_ADDRESS", DEFAULT_ADDRESS))
         c.add_argument(
             "--token",
@@ -491,7 +536,51 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--code", required=True)
     c.add_argument("--id")
     c.add_argument("--params", help="JSON")
+    c.add_argument(
+        "--concurrency-limit",
+        type=_COUNT_OR_ZERO,
+        default=0,
+        help="at most this many instances of the workflow (and key) run at once; the rest queue",
+    )
+    c.add_argument("--concurrency-key", default="", help="e.g. a customer id; needs --concurrency-limit")
     c.set_defaults(func=_cmd_create)
+    schedule = sub.add_parser("schedule", help="cron schedules that create instances")
+    schedules = schedule.add_subparsers(dest="schedule_command", required=True)
+    c = client_parser("create", "create a schedule", schedules)
+    c.add_argument("name")
+    c.add_argument(
+        "--cron", required=True, help="5 fields, or 6 with seconds last: '0 9 * * 1-5', '*/10 * * * * *'"
+    )
+    c.add_argument("--time-zone", default="", help="IANA name, e.g. Europe/Paris (default UTC)")
+    c.add_argument("--workflow", required=True)
+    c.add_argument("--code", required=True)
+    c.add_argument("--params", help="JSON")
+    c.add_argument(
+        "--overlap",
+        choices=["skip", "allow"],
+        default="skip",
+        help="while the previous fire's instance is live: skip the fire (default) or start another",
+    )
+    c.add_argument(
+        "--catchup",
+        choices=["skip", "run_once"],
+        default="skip",
+        help="fires missed while no kernel ran: skip them (default) or run once",
+    )
+    c.add_argument(
+        "--catchup-window",
+        type=_COUNT_OR_ZERO,
+        default=0,
+        help="seconds after which a fire counts as missed (default 60)",
+    )
+    c.add_argument("--paused", action="store_true", help="create it paused")
+    c.set_defaults(func=_cmd_schedule)
+    c = client_parser("list", "list a tenant's schedules", schedules)
+    c.set_defaults(func=_cmd_schedule)
+    for action in ("get", "pause", "resume", "delete"):
+        c = client_parser(action, f"{action} a schedule", schedules)
+        c.add_argument("name")
+        c.set_defaults(func=_cmd_schedule)
     c = client_parser("status", "show an instance and its steps")
     c.add_argument("id")
     c.set_defaults(func=_cmd_status)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -207,3 +209,29 @@ def test_two_nodes_over_one_sqlite_file_never_fire_one_fire_twice(tmp_path: Path
             node.stop()
     logs = "\n".join(line for node in nodes for line in node.lines)
     assert "firing due schedules failed" not in logs
+
+
+def test_the_cli_manages_schedules(kernel: KernelProcess, client: Client, tenant: str) -> None:
+    ref = publish(client, tenant, ECHO)
+
+    def cli(*args: str) -> str:
+        cmd = [sys.executable, "-m", "tenantflow.kernel.cli", "schedule", *args]
+        cmd[5:5] = ["--address", kernel.address, "--tenant", tenant]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    made = cli("create", "nightly", "--cron", "0 2 * * *", "--time-zone", "Europe/Paris", "--workflow", "Echo",
+               "--code", ref, "--params", '{"x": 1}', "--catchup", "run_once")  # fmt: skip
+    assert "Europe/Paris" in made and "run_once" in made and "next fire" in made
+    assert "nightly" in cli("list") and "0 2 * * *" in cli("list")
+    assert re.search(r"paused\s+.*yes", cli("pause", "nightly"))
+    assert re.search(r"paused\s+.*no", cli("resume", "nightly"))
+    assert "fires" in cli("get", "nightly")
+    assert "deleted" in cli("delete", "nightly")
+    bad = subprocess.run(
+        [sys.executable, "-m", "tenantflow.kernel.cli", "schedule", "create", "x", "--address", kernel.address,
+         "--tenant", tenant, "--cron", "nope", "--workflow", "Echo", "--code", ref],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "bad cron expression" in bad.stderr
