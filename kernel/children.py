@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 CHILD_EVENT = "tenantflow.child-ended:"  # + the child's id
 RESERVED_EVENT_PREFIX = "tenantflow."  # event types the kernel sends itself; tenants cannot
-_ID = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_@-]{0,99}")  # "@": ids of scheduled instances, and children derived from them
+_ID = re.compile(
+    r"[a-zA-Z0-9_][a-zA-Z0-9_@-]{0,99}"
+)  # "@": ids of scheduled instances, and children derived from them
 
 # (parent record, workflow, code ref or "" for the parent's own, params JSON, child id) -> the child
 Spawn = Callable[[InstanceRecord, str, str, str, str], Awaitable[InstanceRecord]]

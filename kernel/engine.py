@@ -192,7 +192,9 @@ class WakeUp:
             self._pending = []
             steps = {s.key: s for p in (*pending, change) for s in p.steps}  # a step's latest record wins
             history = [h for p in pending for h in p.history]
-            return dataclasses.replace(change, steps=list(steps.values()), history=[*history, *change.history])
+            return dataclasses.replace(
+                change, steps=list(steps.values()), history=[*history, *change.history]
+            )
         self._flush()
         return change
 
@@ -611,7 +613,9 @@ class WakeUp:
             raise ValueError("an event type must be a non-empty string of at most 256 characters")
         _valid_text(event_type, "event type")
         if event_type.startswith(children.RESERVED_EVENT_PREFIX):
-            raise ValueError(f"event types starting with {children.RESERVED_EVENT_PREFIX!r} are the kernel's own")
+            raise ValueError(
+                f"event types starting with {children.RESERVED_EVENT_PREFIX!r} are the kernel's own"
+            )
         now = time.time()
         if step.status == "new":
             step.status, step.event_type, step.wake_at = "waiting", event_type, self._deadline(m, now)
