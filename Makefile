@@ -55,7 +55,7 @@ loadtest: $(STAMP)
 # The quick figures of README's "Figures" section (a few minutes; the million-instance run is separate).
 figures: $(STAMP)
 	$(PY) loadtests/bench_steps.py
-	nice -n 19 $(PY) loadtests/bench_density.py --instances 10000 --tenants 1000 --wake 1000
+	nice -n 19 $(PY) loadtests/bench_density.py --instances 10000 --tenants 1000 --wake 300 --wake-rate 10
 	nice -n 19 $(PY) loadtests/loadtest.py --scenario all --users 30 --duration 60s --quiet
 
 clean:

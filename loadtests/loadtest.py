@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         if kernel is not None:
             kernel.stop()
     write_csv(samples, out / "kernel_samples.csv")
-    plots = write_plots(samples, out, title=f"tenantflow kernel during locust scenario {args.scenario!r}")
+    skip = {"rss.png", "cpu.png", "fds.png", "processes.png"} if pid is None else set()
+    skip |= {"storage.png"} if storage is None else set()
+    title = f"tenantflow kernel during locust scenario {args.scenario!r}"
+    plots = write_plots(samples, out, title, frozenset(skip))
     print(f"\nkernel over {samples[-1].t if samples else 0:.0f} s ({len(samples)} samples):")
     print(table([tuple(r) for r in summary_rows(samples)], ("what", "first", "peak", "last")))
     print(f"\nreport folder: {out}")

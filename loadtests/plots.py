@@ -40,11 +40,17 @@ def _draw(
         ax.legend(loc="upper left", fontsize="small")
 
 
-def write_plots(samples: list[Sample], folder: Path, title: str = "") -> list[Path]:
-    """One PNG per chart plus ``kernel.png`` with all of them; returns the files written."""
+def write_plots(
+    samples: list[Sample], folder: Path, title: str = "", skip: frozenset[str] = frozenset()
+) -> list[Path]:
+    """One PNG per chart plus ``kernel.png`` with all of them; returns the files written.
+    ``skip``: charts (file names) with nothing sampled, e.g. /proc of a kernel on another machine."""
     if not samples:
         return []
-    charts = [c for c in CHARTS if not (c[0] == "hibernating.png" and samples[-1].hibernating < 0)]
+    skip = skip | ({"hibernating.png"} if samples[-1].hibernating < 0 else set())
+    charts = [c for c in CHARTS if c[0] not in skip]
+    if not charts:
+        return []
     written = []
     for name, chart_title, unit, series in charts:
         fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
