@@ -48,6 +48,10 @@ async def _serve(args: argparse.Namespace) -> None:
         lease_renew_seconds=args.lease_renew_seconds,
         max_concurrent_runs=args.max_concurrent,
         max_running_per_tenant=args.max_running_per_tenant,
+        max_step_timeout=args.max_step_timeout,
+        max_instance_state_bytes=int(args.max_instance_state_mb * 1024 * 1024),
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_publish_bytes_in_flight=int(args.max_publish_mb_in_flight * 1024 * 1024),
         tenant_create_rate=args.tenant_create_rate,
         tenant_create_burst=args.tenant_create_burst,
         tenant_max_live=args.tenant_max_live,
@@ -382,8 +386,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-running-per-tenant",
         type=_COUNT_OR_ZERO,
-        default=0,
-        help="wake-ups of one tenant at once (0: no cap)",
+        default=None,
+        help="wake-ups of one tenant at once (default: half of --max-concurrent, at least 1, so one "
+        "tenant's long steps cannot hold every slot; 0: no cap)",
     )
     s.add_argument(
         "--tenant-create-rate",
@@ -408,6 +413,32 @@ def parser() -> argparse.ArgumentParser:
         help="sandbox CPU time per step: between two host calls (a step attempt, or code between steps)",
     )
     s.add_argument("--wall-seconds", type=_POSITIVE, default=3600.0, help="wall-clock limit of one wake-up")
+    s.add_argument(
+        "--max-step-timeout",
+        type=_POSITIVE,
+        default=None,
+        help="the longest time-out a step attempt gets, in seconds; a step asking for more is capped "
+        "(default: the --wall-seconds value)",
+    )
+    s.add_argument(
+        "--max-instance-state-mb",
+        type=_POSITIVE,
+        default=32.0,
+        help="step outputs one instance may store, in MiB; a step that would pass it fails for good",
+    )
+    s.add_argument(
+        "--max-concurrent-rpcs",
+        type=_COUNT_OR_ZERO,
+        default=1024,
+        help="gRPC calls in progress at once, Watch streams included; more fail fast with "
+        "RESOURCE_EXHAUSTED (0: no cap)",
+    )
+    s.add_argument(
+        "--max-publish-mb-in-flight",
+        type=_POSITIVE,
+        default=64.0,
+        help="MiB of large Publish requests checked or queued at once; more fail fast with RESOURCE_EXHAUSTED",
+    )
     s.add_argument(
         "--sandbox-writable-dir",
         action="append",

@@ -9,13 +9,17 @@ tenants' code is dropped even when no new code arrives.
 Checking code (``Sandbox.inspect``) is tenant input handled by the sandboxes in limited child
 processes, never parsed here; the catalog runs those checks concurrently for different tenants,
 one at a time per tenant and at most :data:`MAX_INSPECTIONS` at once, on threads of its own (a
-slow check never holds a thread the rest of the kernel needs).
+slow check never holds a thread the rest of the kernel needs). Large code (over
+:data:`SMALL_CODE_BYTES`) may hold all slots but one, so small code always gets checked soon, and
+its bytes checked or queued kernel-wide are bounded (``max_publish_bytes_in_flight``): past that,
+and past half the caller's deadline in the queue, Publish fails fast with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import gc
@@ -24,7 +28,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from tenantflow.kernel import metrics
@@ -37,7 +41,38 @@ from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.kernel.code")
 MAX_INSPECTIONS = 4  # code checks at once (each a child process with its own memory cap)
+SMALL_CODE_BYTES = 1024 * 1024  # code up to this size is cheap to check: never held back by large code
+QUEUE_SECONDS = 30.0  # the longest a check waits for a slot when its caller set no deadline
+MIB = 1024 * 1024
 NAME = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}$")
+
+
+class BytesInFlight:
+    """A kernel-wide budget of bytes being worked on (request bodies, responses): a caller takes its
+    size or fails fast, instead of queuing memory. One caller alone always fits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+    @contextlib.contextmanager
+    def hold(self, size: int, busy: str) -> Iterator[None]:
+        """Hold ``size`` bytes for the block; ResourceExhausted(``busy``) if they do not fit now."""
+        if not self.take(size):
+            raise ResourceExhausted(busy)
+        try:
+            yield
+        finally:
+            self.give(size)
 
 
 def artifact_ref(tenant: str, name: str, digest: str) -> str:
@@ -103,6 +138,7 @@ class CodeCatalog:
         self.loads = 0  # how many times code was actually loaded (cache misses)
         self._checkers = concurrent.futures.ThreadPoolExecutor(MAX_INSPECTIONS, "tenantflow-inspect")
         self._gate: _Gate | None = None
+        self.publishing = BytesInFlight(config.max_publish_bytes_in_flight)
 
     def sandbox(self, runtime: str) -> Sandbox:
         sandbox = self._sandboxes.get(runtime)
@@ -117,22 +153,53 @@ class CodeCatalog:
         except CodeError as exc:
             raise InvalidArgument(f"code rejected: {exc}") from None
 
-    async def inspect(self, tenant: str, runtime: str, files: Mapping[str, bytes]) -> dict[str, str]:
+    async def inspect(
+        self,
+        tenant: str,
+        runtime: str,
+        files: Mapping[str, bytes],
+        queue_seconds: float | None = None,
+        publishing: bool = False,
+    ) -> dict[str, str]:
         """:meth:`inspect_now` on the catalog's own threads, once ``tenant`` has no other check
-        running and one of the :data:`MAX_INSPECTIONS` slots is free."""
+        running and one of the :data:`MAX_INSPECTIONS` slots is free (for large code, one of all
+        but the last). With ``queue_seconds``, waiting longer than that for a slot fails fast;
+        ``publishing`` large code counts against the Publish bytes in flight."""
         loop = asyncio.get_running_loop()
         if self._gate is None or self._gate.loop is not loop:
             self._gate = _Gate(MAX_INSPECTIONS)
         gate = self._gate
-        await gate.acquire(tenant)
+        size = sum(len(p) + len(d) for p, d in files.items())
+        large = size > SMALL_CODE_BYTES
+        held = size if large and publishing else 0
+        # Large code's bytes count from the queue until its check ends (the check holds a copy).
+        if held and not self.publishing.take(held):
+            raise ResourceExhausted(
+                f"too many large publishes in progress ({self.publishing.used / MIB:.0f} MiB being checked; "
+                f"the kernel's limit is {self.publishing.limit / MIB:g} MiB); retry in a few seconds"
+            )
+        try:
+            async with asyncio.timeout(queue_seconds):
+                await gate.acquire(tenant, large)
+        except TimeoutError:
+            self.publishing.give(held)
+            raise ResourceExhausted(
+                f"the code checks are busy: no check of yours could start within {queue_seconds:.1f} s "
+                "(half of this call's deadline, or 30 s); retry in a few seconds"
+            ) from None
+        except BaseException:
+            self.publishing.give(held)
+            raise
         try:
             check = loop.run_in_executor(self._checkers, self.inspect_now, runtime, dict(files))
         except BaseException:
-            gate.release(tenant)
+            gate.release(tenant, large)
+            self.publishing.give(held)
             raise
         # A caller that gives up (cancelled Publish) does not end the check: its slot stays taken
         # until the check does, so a tenant cannot run more than one at a time by cancelling.
-        check.add_done_callback(lambda done: _finished(done, gate, tenant))
+        check.add_done_callback(lambda done: _finished(done, gate, tenant, large))
+        check.add_done_callback(lambda _: self.publishing.give(held))
         return await asyncio.shield(check)
 
     def _check_publish(self, name: str, files: Mapping[str, bytes]) -> None:
@@ -156,11 +223,13 @@ class CodeCatalog:
         return artifact_ref(tenant, name, digest), sorted(workflows)
 
     async def publish_async(
-        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
+        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes], deadline: float | None = None
     ) -> tuple[str, list[str]]:
-        """What ``Code.Publish`` does: check the code (queued per tenant), store it, return its ref."""
+        """What ``Code.Publish`` does: check the code (queued per tenant), store it, return its ref.
+        ``deadline``: the caller's seconds left; the check waits for a slot at most half of them."""
         self._check_publish(name, files)
-        workflows = await self.inspect(tenant, runtime, files)
+        queue = QUEUE_SECONDS if deadline is None else max(deadline / 2, 0.0)
+        workflows = await self.inspect(tenant, runtime, files, queue, publishing=True)
         return await asyncio.to_thread(self._store, tenant, name, runtime, files, workflows)
 
     def publish(
@@ -267,15 +336,23 @@ class _Gate:
     def __init__(self, slots: int) -> None:
         self.loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(slots)
+        self._large = asyncio.Semaphore(max(slots - 1, 1))  # the last slot is kept for small code
         self._tenants: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, holders and waiters
 
-    async def acquire(self, tenant: str) -> None:
+    async def acquire(self, tenant: str, large: bool = False) -> None:
         lock, users = self._tenants.get(tenant, (asyncio.Lock(), 0))
         self._tenants[tenant] = (lock, users + 1)
         try:
             await lock.acquire()
             try:
-                await self._slots.acquire()
+                if large:
+                    await self._large.acquire()
+                try:
+                    await self._slots.acquire()
+                except BaseException:
+                    if large:
+                        self._large.release()
+                    raise
             except BaseException:
                 lock.release()
                 raise
@@ -283,8 +360,10 @@ class _Gate:
             self._forget(tenant)
             raise
 
-    def release(self, tenant: str) -> None:
+    def release(self, tenant: str, large: bool = False) -> None:
         self._slots.release()
+        if large:
+            self._large.release()
         self._tenants[tenant][0].release()
         self._forget(tenant)
 
@@ -296,9 +375,9 @@ class _Gate:
             self._tenants[tenant] = (lock, users - 1)
 
 
-def _finished(check: asyncio.Future[dict[str, str]], gate: _Gate, tenant: str) -> None:
+def _finished(check: asyncio.Future[dict[str, str]], gate: _Gate, tenant: str, large: bool) -> None:
     """Free the check's slot; mark its outcome as seen even if its caller is gone."""
-    gate.release(tenant)
+    gate.release(tenant, large)
     if not check.cancelled():
         check.exception()
 

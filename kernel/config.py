@@ -36,7 +36,9 @@ class KernelConfig:
     storage_url: str = ""  # default: sqlite:///<data_dir>/tenantflow.sqlite3
     node_id: str = "local"  # leases are held per node; a restarted node reclaims its own at once
     max_concurrent_runs: int = 64
-    max_running_per_tenant: int = 0  # wake-ups of one tenant at once (0: only the global limit)
+    # wake-ups of one tenant at once (None: half of max_concurrent_runs, at least 1; 0: only the global
+    # limit). A fair share by default: one tenant's long steps cannot hold every slot.
+    max_running_per_tenant: int | None = None
     tenant_create_rate: float = 100.0  # instances a tenant may create per second (0: no limit)
     tenant_create_burst: float = 1000.0  # ... in bursts of up to this many
     tenant_max_live: int = 0  # instances of a tenant not yet ended (0: no cap)
@@ -49,6 +51,15 @@ class KernelConfig:
     max_steps: int = 10_000
     max_batch: int = 100
     max_sleep_seconds: float = 365 * 86400.0
+    # The longest time-out a step attempt gets (None: limits.wall_seconds); a step asking for more is
+    # capped, so no tenant holds a slot past max(wall_seconds, this) plus the commit grace.
+    max_step_timeout: float | None = None
+    # Stored step outputs (and error messages) of one instance: what each wake-up's job and each Get
+    # carry. Cloudflare Workflows caps persisted state per instance likewise.
+    max_instance_state_bytes: int = 32 * 1024 * 1024
+    max_concurrent_rpcs: int = 1024  # gRPC calls in progress at once, streams included (0: no cap)
+    # Bytes of large Publish requests being checked or queued, kernel-wide (the rest fail fast)
+    max_publish_bytes_in_flight: int = 64 * 1024 * 1024
     max_log_lines_per_run: int = 1000
     max_log_bytes_per_run: int = 1024 * 1024
     tenant_log_lines_per_second: float = 200.0  # one tenant across its wake-ups, bursts of 10 s (0: no limit)
@@ -77,6 +88,26 @@ class KernelConfig:
         room = self.max_payload_bytes + ENVELOPE_BYTES
         if self.limits.message_bytes < room:
             self.limits = dataclasses.replace(self.limits, message_bytes=room)
+
+    @property
+    def tenant_running_cap(self) -> int:
+        """Wake-ups one tenant may run at once on this node's claims (0: no cap)."""
+        if self.max_running_per_tenant is None:
+            return max(1, self.max_concurrent_runs // 2)
+        return self.max_running_per_tenant
+
+    @property
+    def step_timeout_ceiling(self) -> float:
+        """The longest time-out a step attempt gets."""
+        return self.limits.wall_seconds if self.max_step_timeout is None else self.max_step_timeout
+
+    @property
+    def response_bytes_limit(self) -> int:
+        """The largest gRPC message the kernel sends: a Get of an instance at its state cap, with its
+        params, output, step names and error messages."""
+        return max(
+            64 * 1024 * 1024, self.max_instance_state_bytes + 2 * self.max_payload_bytes + 32 * 1024 * 1024
+        )
 
     @property
     def lease_renew_interval(self) -> float:

@@ -107,7 +107,7 @@ class Dispatcher:
             now,
             self._config.lease_seconds,
             free,
-            self._config.max_running_per_tenant,
+            self._config.tenant_running_cap,
         )
         metrics.claimed(len(records), time.perf_counter() - started)
         for record in records:

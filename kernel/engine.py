@@ -35,6 +35,7 @@ _BACKOFFS = ("constant", "linear", "exponential")
 MAX_DELAY = 365 * 86400.0
 CODE_RETRY_SECONDS = 30.0  # when a loader is unavailable (a git remote down), wake again this much later
 WALL_GRACE_SECONDS = 5.0  # after a step that outlasted the wake-up's wall-clock limit
+MIB = 1024 * 1024
 FLUSH_DELAY = 0.02  # how long a step-started or log line may wait for a commit to ride along with
 
 
@@ -130,6 +131,23 @@ class _Flight:
     attempt: int
     deadline: float
     policy: dict[str, Any]
+    timeout: float  # the policy's, or the kernel's ceiling if that is lower
+    started: float
+
+
+def _timed_out(flight: _Flight, now: float, hard: float) -> dict[str, str]:
+    """The StepTimeout error of an attempt stopped at ``now``."""
+    asked = flight.policy["timeout"]
+    if flight.deadline > now:  # stopped by the wake-up's hard limit before its own time-out
+        return {"name": "StepTimeout", "message": (
+            f"attempt {flight.attempt} was stopped after {now - flight.started:.0f} s: the wake-up reached "
+            f"its hard limit of {hard:g} s (the larger of the kernel's --wall-seconds and --max-step-timeout, "
+            f"plus {WALL_GRACE_SECONDS:g} s to commit); split long work into shorter steps")}  # fmt: skip
+    if flight.timeout < asked:
+        return {"name": "StepTimeout", "message": (
+            f"attempt {flight.attempt} did not finish within {flight.timeout:g} s: the step asked for "
+            f"{asked:g} s, capped to {flight.timeout:g} s by the kernel's --max-step-timeout")}  # fmt: skip
+    return {"name": "StepTimeout", "message": f"attempt {flight.attempt} did not finish within {asked:g} s"}
 
 
 class WakeUp:
@@ -154,6 +172,8 @@ class WakeUp:
         self._loop = asyncio.get_running_loop()
         self.sandbox_task: asyncio.Task[Any] | None = None
         self.wall = math.inf  # when this wake-up's wall-clock limit strikes (set once it runs)
+        self.hard_limit = 0.0  # seconds no wake-up outlives, whatever its steps' time-outs (set once it runs)
+        self.state_bytes = 0  # bytes of step outputs stored for the instance (journal + this wake-up)
         self._pending: list[Change] = []
         self._flush_handle: asyncio.TimerHandle | None = None
 
@@ -268,6 +288,7 @@ class WakeUp:
             return
         self.steps = {s.key: s for s in await asyncio.to_thread(engine.storage.get_steps, rec.tenant, rec.id)}
         self.next_seq = max((s.seq for s in self.steps.values()), default=0) + 1
+        self.state_bytes = sum(len(s.output_json or "") for s in self.steps.values())
         result = await engine.committer.submit(self._change(
             set={"status": Status.RUNNING},
             expect_status=frozenset({Status.QUEUED, Status.RUNNING, Status.WAITING}),
@@ -320,15 +341,20 @@ class WakeUp:
     async def _watch_deadlines(self) -> list[str]:
         """Wait for the sandbox; stop it when a step attempt outlives its time-out."""
         assert self.sandbox_task is not None
-        self.wall = time.time() + self.engine.config.limits.wall_seconds
+        config = self.engine.config
+        started = time.time()
+        self.wall = started + config.limits.wall_seconds
+        # Steps started late may not chain past this: no tenant holds a slot longer, whatever it asks.
+        self.hard_limit = max(config.limits.wall_seconds, config.step_timeout_ceiling) + WALL_GRACE_SECONDS
+        hard = started + self.hard_limit
         while not self.sandbox_task.done():
             now = time.time()
             flights = [f.deadline for f in self.flights.values()]
-            # A step's own time-out may outlast the wake-up limit: the wake-up waits for it.
-            deadline = min([*flights, max([self.wall, *flights])])
+            # A step's own time-out (at most the ceiling) may outlast the wake-up limit: the wake-up waits for it.
+            deadline = min([*flights, max([self.wall, *flights]), hard])
             if now >= deadline:
-                late = [k for k, f in self.flights.items() if f.deadline <= now]
-                limit = self.engine.config.limits.wall_seconds
+                late = [k for k, f in self.flights.items() if f.deadline <= now or now >= hard]
+                limit = config.limits.wall_seconds
                 self.stopped = (
                     "step time-out"
                     if late
@@ -377,10 +403,7 @@ class WakeUp:
             flight = self.flights.pop(key)
             step = self.steps[key]
             if key in timed_out:
-                error = {
-                    "name": "StepTimeout",
-                    "message": f"attempt {flight.attempt} did not finish within {flight.policy['timeout']:g} s",
-                }
+                error = _timed_out(flight, now, self.hard_limit)
             else:
                 error = {"name": "SandboxCrash", "message": detail}  # fmt: skip
             history.extend(self._fail_attempt(step, flight.policy, error, retryable=True))
@@ -506,7 +529,8 @@ class WakeUp:
         now = time.time()
         step.attempts += 1
         step.status, step.wake_at, step.updated_at = "running", None, now
-        self.flights[step.key] = _Flight(step.attempts, now + policy["timeout"], policy)
+        timeout = min(policy["timeout"], self.engine.config.step_timeout_ceiling)
+        self.flights[step.key] = _Flight(step.attempts, now + timeout, policy, timeout, now)
         metrics.attempt_started(self, step)
         entry = self._history("step_started", step, attempt=step.attempts)
         self._submit(self._change(steps=[dataclasses.replace(step)], history=[entry]))
@@ -540,16 +564,20 @@ class WakeUp:
         self.wall = max(self.wall, time.time() + WALL_GRACE_SECONDS)
         output = _strict_json(m.get("value")) if m["ok"] is True else None
         if output is not None:
-            if len(output) <= self.engine.config.max_payload_bytes:
+            if len(output) > self.engine.config.max_payload_bytes:
+                error = {"name": "OutputTooLarge", "message": (
+                    f"the step returned {len(output)} bytes of JSON; the limit is "
+                    f"{self.engine.config.max_payload_bytes}: store large data elsewhere and return a reference")}  # fmt: skip
+            elif state_error := self._state_full(len(output)):
+                error = state_error
+            else:
                 step.status, step.output_json, step.updated_at = "complete", output, time.time()
                 step.error_name = step.error_message = ""
                 entry = self._history("step_completed", step, attempt=step.attempts)
+                self.state_bytes += len(output)  # before the commit: parallel steps count each other
                 await self._commit(self._change(steps=[step], history=[entry]))
                 metrics.attempt_succeeded(self, step)
                 return {"do": "return", "value": m.get("value")}
-            error = {"name": "OutputTooLarge", "message": (
-                f"the step returned {len(output)} bytes of JSON; the limit is "
-                f"{self.engine.config.max_payload_bytes}: store large data elsewhere and return a reference")}  # fmt: skip
             retryable = False
         elif m["ok"] is True:
             error, retryable = _not_json("the step returned"), False
@@ -568,6 +596,17 @@ class WakeUp:
             return self._start_attempt(step, flight.policy)
         self.wakes.append(step.wake_at)
         return self._suspend_for_pause() if self.pause_requested else {"do": "suspend"}
+
+    def _state_full(self, adding: int) -> dict[str, str] | None:
+        """The InstanceStateLimit error if storing ``adding`` more bytes of output passes the cap."""
+        cap = self.engine.config.max_instance_state_bytes
+        if self.state_bytes + adding <= cap:
+            return None
+        return {"name": "InstanceStateLimit", "message": (
+            f"this instance has stored {self.state_bytes / MIB:.1f} MiB of step outputs and this one adds "
+            f"{adding / MIB:.1f} MiB; the limit is {cap / MIB:g} MiB per instance (the kernel's "
+            "--max-instance-state-mb): store large data elsewhere and return a reference, or split the work "
+            "into several instances")}  # fmt: skip
 
     def _deadline(self, m: dict[str, Any], now: float) -> float:
         limit = self.engine.config.max_sleep_seconds
@@ -633,8 +672,16 @@ class WakeUp:
                 "payload": json.loads(event.payload_json or "null"),
                 "timestamp": iso(event.created_at),
             }
-            step.status, step.output_json, step.updated_at = "complete", json.dumps(value), now
+            output = json.dumps(value)
+            if full := self._state_full(len(output)):  # the event stays in the inbox
+                step.status, step.updated_at = "failed", now
+                step.error_name, step.error_message = full["name"], full["message"]
+                entry = self._history("step_failed", step, message=f"{step.error_name}: {step.error_message}")
+                await self._commit(self._change(steps=[step], history=[entry]))
+                return {"do": "raise", "error": {**full, "type": step.event_type}}
+            step.status, step.output_json, step.updated_at = "complete", output, now
             entry = self._history("step_completed", step, message=f"event {event.seq} received")
+            self.state_bytes += len(output)
             await self._commit(
                 self._change(steps=[step], consume_events=[(event.seq, step.key)], history=[entry])
             )

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tenantflow.kernel import children, errors, metrics, rollback
 from tenantflow.kernel.auth import Tokens
+from tenantflow.kernel.code import MIB, BytesInFlight
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, Kernel, check_tenant
 from tenantflow.v1 import tenantflow_pb2 as pb
@@ -48,6 +49,7 @@ def status_code(exc: errors.TenantflowError) -> grpc.StatusCode:
 
 
 MAX_MESSAGE_BYTES = 1024  # of a status message; gRPC clients refuse trailers over 8-16 KiB
+LIGHT_RESPONSE_BYTES = 1024 * 1024  # an instance with fewer bytes of outputs is built without the budget
 
 
 class Undecodable:
@@ -256,6 +258,28 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
     def __init__(self, kernel: Kernel, tokens: Tokens | None = None) -> None:
         self.k = kernel
         self.tokens = tokens
+        # Large instances being answered at once: a few bytes of request must not cost the kernel
+        # unbounded memory (each answer holds the loaded steps, the message and its encoding).
+        self.responses = BytesInFlight(4 * kernel.config.max_instance_state_bytes)
+
+    def _instance(self, record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
+        """``instance_pb`` within the kernel's response budget and message limit, or ResourceExhausted."""
+        size = sum(len(s.output_json) + len(s.error_message) for s in steps)
+        if size <= LIGHT_RESPONSE_BYTES:
+            return self._fits(instance_pb(record, steps))
+        busy = (f"too many large instances are being read at once ({self.responses.used / MIB:.0f} MiB); "
+                "retry in a few seconds")  # fmt: skip
+        with self.responses.hold(size, busy):
+            return self._fits(instance_pb(record, steps))
+
+    def _fits(self, message: pb.Instance) -> pb.Instance:
+        limit = self.k.config.response_bytes_limit
+        if (size := message.ByteSize()) > limit:
+            raise errors.ResourceExhausted(
+                f"instance {message.id!r} is {size / MIB:.1f} MiB as a message, over the kernel's "
+                f"{limit / MIB:g} MiB response limit; read its progress with Watch instead"
+            )
+        return message
 
     @_mapped
     async def Create(self, request: pb.CreateRequest, context: Any) -> pb.Instance:
@@ -275,7 +299,7 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
     @_mapped
     async def Get(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
         view = await self.k.get(request.tenant, request.id)
-        return instance_pb(view.record, view.steps)
+        return self._instance(view.record, view.steps)
 
     @_mapped
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
@@ -303,7 +327,7 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
             request.tenant, request.id, rollback=request.rollback, keep_children=request.keep_children
         )
         view = await self.k.get(request.tenant, request.id)
-        return instance_pb(view.record, view.steps)
+        return self._instance(view.record, view.steps)
 
     @_mapped
     async def Delete(self, request: pb.InstanceRef, context: Any) -> pb.DeleteResponse:
@@ -335,7 +359,7 @@ class CodeServicer(pb_grpc.CodeServicer):
     @_mapped
     async def Publish(self, request: pb.PublishRequest, context: Any) -> pb.CodeVersion:
         ref, runtime, workflows = await self.k.publish(
-            request.tenant, request.name, request.runtime, dict(request.files)
+            request.tenant, request.name, request.runtime, dict(request.files), context.time_remaining()
         )
         return pb.CodeVersion(ref=ref, runtime=runtime, workflows=workflows)
 
@@ -441,10 +465,13 @@ async def create_server(
     """A started-to-be server bound to ``address``; returns it and the bound port (bind port 0 in tests).
     With ``tokens``, every tenantflow call is authorized (health and reflection stay open); with
     ``tls`` (PEM private key, PEM certificate chain) the port speaks TLS only."""
-    limit = kernel.config.max_code_bytes + 1024 * 1024
+    config = kernel.config
+    limit = config.max_code_bytes + 1024 * 1024
+    # Calls past max_concurrent_rpcs fail fast with RESOURCE_EXHAUSTED instead of queuing memory.
     server = grpc.aio.server(interceptors=[metrics.RpcInterceptor()],
                              options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])  # fmt: skip
+                                      ("grpc.max_send_message_length", config.response_bytes_limit)],
+                             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)  # fmt: skip
     _add_service(server, "Workflows", WorkflowsServicer(kernel, tokens))
     _add_service(server, "Code", CodeServicer(kernel, tokens))
     _add_service(server, "Schedules", SchedulesServicer(kernel, tokens))

@@ -613,7 +613,7 @@ class Kernel:
 
     # -- code -------------------------------------------------------------------------------------
     async def publish(
-        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
+        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes], deadline: float | None = None
     ) -> tuple[str, str, list[str]]:
         check_tenant(tenant)
         if not CODE_NAME.fullmatch(name):
@@ -622,7 +622,7 @@ class Kernel:
         if runtime not in self.sandboxes:
             raise InvalidArgument(f"unknown runtime {excerpt(runtime)}; installed: {sorted(self.sandboxes)}")
         check_files(files)
-        ref, workflows = await self.catalog.publish_async(tenant, name, runtime, files)
+        ref, workflows = await self.catalog.publish_async(tenant, name, runtime, files, deadline)
         return ref, runtime, workflows
 
 
