@@ -6,8 +6,9 @@ and widened only by plain file, socket, thread and time calls a tenant's ordinar
 Everything else fails with EPERM (default action): the clock, hostname, kernel log, scheduler
 policy, priorities, fanotify/inotify, mounts, namespaces, ptrace, bpf, perf, keys, io_uring,
 userfaultfd, personality, kexec, SysV/POSIX IPC (shared with the host), ``chmod``/``chown``/
-``utimensat`` (Landlock does not cover attribute changes, and uid 0 owns the host's files), and
-``execve``. Names an architecture lacks are skipped.
+``utimensat`` (Landlock does not cover attribute changes, and uid 0 owns the host's files),
+``socket`` unless the network is granted (Landlock does not cover connecting to a socket file),
+file leases, dnotify and ``flock``, and ``execve``. Names an architecture lacks are skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ALLOWED = (
     "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs", "access", "faccessat",
     "faccessat2", "readlink", "readlinkat", "getdents", "getdents64", "getcwd", "chdir", "fchdir",
     "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2",
-    "truncate", "ftruncate", "fsync", "fdatasync", "fallocate", "fadvise64", "flock", "umask",
+    "truncate", "ftruncate", "fsync", "fdatasync", "fallocate", "fadvise64", "umask",
     "sendfile", "copy_file_range", "pipe", "pipe2", "eventfd2",
     # waiting and time (reading clocks only)
     "select", "pselect6", "poll", "ppoll", "epoll_create", "epoll_create1", "epoll_ctl",
@@ -42,7 +43,8 @@ ALLOWED = (
     "getpid", "getppid", "gettid", "getuid", "geteuid", "getgid", "getegid", "getresuid",
     "getresgid", "getgroups", "getpgid", "getpgrp", "getsid", "uname", "sysinfo", "getrusage",
     "times", "getcpu", "getpriority", "capget", "getrlimit", "setrlimit", "getrandom",
-    # sockets (the network namespace and Landlock decide where they reach)
+    # sockets: a run's transport is inherited and ``socketpair`` makes private pairs; ``socket``
+    # itself only with the network granted (see ``build_filter``)
     "socketpair", "connect", "accept", "accept4", "bind", "listen", "shutdown", "getsockname",
     "getpeername", "getsockopt", "setsockopt", "sendto", "recvfrom", "sendmsg", "recvmsg",
     "sendmmsg", "recvmmsg",
@@ -68,6 +70,7 @@ PR_SET_PDEATHSIG = 1
 PRCTLS = (PR_SET_PDEATHSIG, 2, 3, 15, 16, 21, 23, 27, 38, 39)
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET = 47, 1
 CLONE_THREAD = 0x00010000
+F_SETLEASE, F_NOTIFY = 1024, 1026
 _LOW32 = 0xFFFFFFFF
 
 
@@ -82,12 +85,10 @@ def build_filter(seccomp: Any, *, network: bool) -> Any:
     _add(rules, seccomp.ERRNO(errno.ENOSYS), "clone3")  # glibc then falls back to clone, which we can filter
     for request in IOCTLS:
         _add(rules, allow, "ioctl", _masked(seccomp, 1, request))
-    for family in (
-        socket.AF_UNIX,
-        socket.AF_INET,
-        socket.AF_INET6,
-        *([socket.AF_NETLINK] if network else []),
-    ):
+    # No socket() without the network: Landlock does not cover connect() on a socket file, so an
+    # AF_UNIX socket would reach docker.sock, dbus or systemd as uid 0. With the network granted,
+    # IP and netlink (name resolution) only: host daemons' UNIX sockets stay out of reach.
+    for family in (socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK) if network else ():
         _add(rules, allow, "socket", _masked(seccomp, 0, family))
     _add(rules, allow, "prlimit64", seccomp.Arg(0, seccomp.EQ, 0))  # its own limits, never another process's
     for option in PRCTLS:
@@ -101,7 +102,7 @@ def build_filter(seccomp: Any, *, network: bool) -> Any:
 def build_run_filter(seccomp: Any, pid: int) -> Any:
     """One run's filter, stacked on the template's (the stricter answer wins): threads but no
     processes (``clone`` only with ``CLONE_THREAD``), signals only to itself, its death signal
-    fixed, no new session, filter or Landlock domain. A handful of rules: a run starts fast."""
+    fixed, no new session, filter or Landlock domain, no file lease or dnotify. A handful of rules: a run starts fast."""
     rules = seccomp.SyscallFilter(seccomp.ALLOW)
     deny = seccomp.ERRNO(errno.EPERM)
     for name in TEMPLATE_ONLY:
@@ -110,6 +111,10 @@ def build_run_filter(seccomp: Any, pid: int) -> Any:
     _add(rules, deny, "kill", seccomp.Arg(0, seccomp.NE, pid))
     _add(rules, deny, "tgkill", seccomp.Arg(0, seccomp.NE, pid))
     _add(rules, deny, "prctl", _masked(seccomp, 0, PR_SET_PDEATHSIG))
+    # File leases and dnotify on the interpreter's files (uid 0 owns them) would stall or watch
+    # the host. (``flock`` is not on the allow-list at all: it needs no write access to a file.)
+    for command in (F_SETLEASE, F_NOTIFY):
+        _add(rules, deny, "fcntl", _masked(seccomp, 1, command))
     return rules
 
 
