@@ -145,9 +145,12 @@ def _timed_out(flight: _Flight, now: float, hard: float) -> dict[str, str]:
             f"plus {WALL_GRACE_SECONDS:g} s to commit); split long work into shorter steps")}  # fmt: skip
     if flight.timeout < asked:
         return {"name": "StepTimeout", "message": (
-            f"attempt {flight.attempt} did not finish within {flight.timeout:g} s: the step asked for "
-            f"{asked:g} s, capped to {flight.timeout:g} s by the kernel's --max-step-timeout")}  # fmt: skip
-    return {"name": "StepTimeout", "message": f"attempt {flight.attempt} did not finish within {asked:g} s"}
+            f"attempt {flight.attempt} did not finish within {flight.timeout:.10g} s: the step asked for "
+            f"{asked:.10g} s, capped to {flight.timeout:.10g} s by the kernel's --max-step-timeout")}  # fmt: skip
+    return {
+        "name": "StepTimeout",
+        "message": f"attempt {flight.attempt} did not finish within {asked:.10g} s",
+    }
 
 
 class WakeUp:
