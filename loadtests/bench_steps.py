@@ -251,8 +251,9 @@ def main() -> None:
     args = parser.parse_args()
     subjects = [s for s in SUBJECTS if not args.only or any(o in s.label for o in args.only)]
     for synchronous in args.sync:
-        kernel = BenchKernel("--max-concurrent", str(max(64, args.instances)), synchronous=synchronous,
-                             metrics=True)  # fmt: skip
+        # P2's instances are one tenant's: let it have every slot (the fair share would halve them).
+        kernel = BenchKernel("--max-concurrent", str(max(64, args.instances)), "--max-running-per-tenant", "0",
+                             synchronous=synchronous, metrics=True)  # fmt: skip
         try:
             raw = raw_commit_rate(kernel.data_dir, synchronous, args.raw_seconds)
             print(f"\n== SQLite WAL, synchronous={synchronous}, in {kernel.data_dir.parent}: raw single-row "
