@@ -21,6 +21,7 @@ from typing import Any
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
 from tenantflow.plugins.pysource import decode_files, inspect_python
 from tenantflow.plugins.sandbox_subprocess import wire
+from tenantflow.plugins.sandbox_subprocess.pids import MAX_TASKS, RunCgroups
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
 YIELD_EVERY = 64  # frames read from one guest between turns of the kernel's event loop
@@ -56,12 +57,18 @@ def run_cpu_backstop(limits: Limits) -> int:
 
 def process_cpu_seconds(pid: int) -> float | None:
     """User plus system CPU of a process, all its threads (None once it is gone)."""
+    sample = process_sample(pid)
+    return None if sample is None else sample[0]
+
+
+def process_sample(pid: int) -> tuple[float, int] | None:
+    """CPU seconds (all threads) and number of threads of a process (None once it is gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, int(fields[17])
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -72,14 +79,19 @@ async def cpu_watchdog(pid: int, limits: Limits, calls: list[int], kill: Callabl
 
     ``calls[0]`` counts the run's host calls: each one starts a new budget (a step attempt, or the
     workflow code between steps). Sampling, not per-call reads, keeps steps cheap; a segment is
-    charged from the first sample after its call, at most one tick late."""
+    charged from the first sample after its call, at most one tick late. A run seen with more than
+    ``MAX_TASKS`` threads is killed too: the bound where no pids cgroup holds it (see ``pids``)."""
     tick = min(0.25, max(limits.cpu_seconds / 4, 0.01))
     seen, base = -1, 0.0
     while True:
         await asyncio.sleep(tick)
-        used = process_cpu_seconds(pid)
-        if used is None:
+        sample = process_sample(pid)
+        if sample is None:
             return ""
+        used, threads = sample
+        if threads > MAX_TASKS:
+            kill(pid)
+            return f"thread limit exceeded ({threads} threads; a run may have at most {MAX_TASKS})"
         if calls[0] != seen:
             seen, base = calls[0], used
         elif used - base > limits.cpu_seconds:
@@ -282,6 +294,9 @@ class SubprocessSandbox:
         self._req = 0
         self._lock = asyncio.Lock()
         self.protections_off: list[str] = []  # each protection missing, with why
+        self._cgroups: RunCgroups | None = None
+        self._cgroup_warned = False
+        self._releases: set[asyncio.Task[None]] = set()
 
     def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
         return inspect_python(files)
@@ -334,8 +349,25 @@ class SubprocessSandbox:
             )
         for line in self.protections_off:
             log.warning("UNSAFE (%s): subprocess sandbox runs tenant code WITHOUT %s", UNSAFE_FLAG, line)
+        if self._cgroups is None:
+            self._cgroups = RunCgroups()
+            self._warn_cgroup()
         ours.setblocking(False)
         loop.add_reader(ours.fileno(), self._on_control)
+
+    def _warn_cgroup(self) -> None:
+        """Say once that runs' threads are bounded by sampling only (not a refusal to start: many
+        hosts give the kernel no writable cgroup)."""
+        if self._cgroups is None or not self._cgroups.problem or self._cgroup_warned:
+            return
+        self._cgroup_warned = True
+        log.warning(
+            "subprocess sandbox: %s; a run's threads are limited to %d by a watchdog that samples "
+            "them (a burst between samples can still take many pids). Give the kernel a writable pids "
+            "cgroup (root, or a delegated cgroup v2) for a hard limit",
+            self._cgroups.problem,
+            MAX_TASKS,
+        )
 
     def _on_control(self) -> None:
         assert self._ctrl is not None
@@ -436,6 +468,10 @@ class SubprocessSandbox:
         finally:
             theirs.close()
             os.close(output_w)
+        # Before the job is sent: the child is blocked reading it, so no tenant code runs outside.
+        cgroup = self._cgroups.attach(pid) if self._cgroups is not None else None
+        if cgroup is None:
+            self._warn_cgroup()
         output = RunOutput(output_r, host)
         loop = asyncio.get_running_loop()
         exit_future: asyncio.Future[int] = loop.create_future()
@@ -487,6 +523,10 @@ class SubprocessSandbox:
             writer.close()
             self._kill(pid)
             watchdog.cancel()
+            if cgroup is not None and self._cgroups is not None:
+                release = asyncio.create_task(self._cgroups.release(cgroup))
+                self._releases.add(release)
+                release.add_done_callback(self._releases.discard)
             await output.close()
         if ended:
             return RunExit(False)
@@ -517,3 +557,5 @@ class SubprocessSandbox:
             if self._proc.stdout is not None:
                 self._proc.stdout.close()
             self._proc = None
+        if self._cgroups is not None:
+            self._cgroups.close()

@@ -8,13 +8,17 @@ import errno
 import os
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tenantflow.client import Client
+from tenantflow.plugins.sandbox_subprocess.pids import MAX_TASKS
 from tenantflow.v1 import tenantflow_pb2 as pb
-from tests.helpers import publish
+from tests.conftest import KernelProcess
+from tests.helpers import publish, wait_for
 from tests.security.bystander import bystander_completes
 
 pytestmark = pytest.mark.skipif(
@@ -22,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 ESCAPES = """
-import ctypes, errno, fcntl, os, socket, threading
+import ctypes, errno, fcntl, os, socket, threading, time
 from tenantflow.workflow import WorkflowEntrypoint
 
 ONCE = {"retries": {"limit": 0}}
@@ -84,6 +88,7 @@ def thread_bomb(count):
             started.append(thread)
     except RuntimeError as exc:
         refused = str(exc)
+    time.sleep(1.0)  # hold them: a watchdog that samples must see them
     release.set()
     for thread in started:
         thread.join()
@@ -153,3 +158,50 @@ def test_no_lease_dnotify_or_flock_on_the_interpreters_files(client: Client, ten
         target = os.__file__
     found = output(escape(client, tenant, ref, "locks", [target, sys.prefix]))
     assert found == {"lease": errno.EPERM, "notify": errno.EPERM, "flock": errno.EPERM, "getfl": 0}
+
+
+def _sandbox_threads(kernel_pid: int) -> dict[int, int]:
+    """Threads of each sandbox process (template and runs) of one kernel."""
+    marker, found = f"tenantflow-kernel={kernel_pid}".encode(), {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    found[int(entry.name)] = len(os.listdir(entry / "task"))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_thread_bomb_is_held_to_the_runs_task_limit(
+    client: Client, tenant: str, ref: str, kernel: KernelProcess
+) -> None:
+    """F4: 2,000 threads of 32 KiB stacks. RLIMIT_NPROC does not bind uid 0; the run's pids cgroup
+    (or, where none can be made, the watchdog) does, so the host's pid table stays untouched."""
+    assert kernel.proc is not None
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max([peak[0], *_sandbox_threads(kernel.proc.pid).values()])  # type: ignore[union-attr]
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        done = escape(client, tenant, ref, "threads", 2000)
+    finally:
+        stop.set()
+        sampler.join()
+    hard = not any("no pids cgroup" in line or "pids cgroup could not" in line for line in kernel.lines)
+    if hard:
+        started, refused = output(done)  # type: ignore[misc]
+        assert started < MAX_TASKS and refused == "can't start new thread", (started, refused)
+        assert peak[0] <= MAX_TASKS, peak
+        base = next(Path("/sys/fs/cgroup").glob(f"**/tenantflow-{kernel.proc.pid}"), None)
+        if base is not None:  # every run's cgroup is removed once it ends
+            wait_for(lambda: not [p for p in base.iterdir() if p.is_dir()], timeout=10)
+    else:  # sampled: the run is killed once seen over the limit
+        assert done.status == pb.STATUS_ERRORED, done
+        assert "thread limit exceeded" in done.error.message, done.error.message
+        assert peak[0] < 2000, peak
