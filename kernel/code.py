@@ -173,11 +173,9 @@ class CodeCatalog:
         large = size > SMALL_CODE_BYTES
         held = size if large and publishing else 0
         # Large code's bytes count from the queue until its check ends (the check holds a copy).
-        if held and not self.publishing.take(held):
-            raise ResourceExhausted(
-                f"too many large publishes in progress ({self.publishing.used / MIB:.0f} MiB being checked; "
-                f"the kernel's limit is {self.publishing.limit / MIB:g} MiB); retry in a few seconds"
-            )
+        if held and (busy := self.publish_busy(held)):
+            raise ResourceExhausted(busy)
+        self.publishing.take(held)
         try:
             async with asyncio.timeout(queue_seconds):
                 await gate.acquire(tenant, large)
@@ -201,6 +199,16 @@ class CodeCatalog:
         check.add_done_callback(lambda done: _finished(done, gate, tenant, large))
         check.add_done_callback(lambda _: self.publishing.give(held))
         return await asyncio.shield(check)
+
+    def publish_busy(self, size: int) -> str:
+        """Why a Publish of ``size`` bytes is turned away now ("" if it may go ahead)."""
+        used, limit = self.publishing.used, self.publishing.limit
+        if size <= SMALL_CODE_BYTES or not used or used + size <= limit:
+            return ""
+        return (
+            f"too many large publishes in progress ({used / MIB:.0f} MiB being checked; the kernel's limit "
+            f"is {limit / MIB:g} MiB); retry in a few seconds"
+        )
 
     def _check_publish(self, name: str, files: Mapping[str, bytes]) -> None:
         if not NAME.match(name):

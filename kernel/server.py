@@ -59,11 +59,19 @@ class Undecodable:
         self.reason = reason
 
 
-def _decoder(message: Any) -> Callable[[bytes], Any]:
+class Busy(Undecodable):
+    """What the servicer receives instead of a request turned away before decoding (too many like it
+    in progress): RESOURCE_EXHAUSTED without paying for a decoded copy of it."""
+
+
+def _decoder(message: Any, busy: Callable[[int], str] | None = None) -> Callable[[bytes], Any]:
     """``message.FromString``, except that bytes which do not decode give an :class:`Undecodable`
-    (grpc.aio would answer UNKNOWN "DecodeError" and log a traceback for every such call)."""
+    (grpc.aio would answer UNKNOWN "DecodeError" and log a traceback for every such call), and
+    those ``busy`` turns away by size a :class:`Busy`."""
 
     def decode(data: bytes) -> Any:
+        if busy is not None and (reason := busy(len(data))):
+            return Busy(reason)
         try:
             return message.FromString(data)
         except DecodeError as exc:
@@ -138,6 +146,8 @@ def _authorize(tokens: Tokens | None, request: Any, context: grpc.aio.ServicerCo
     if isinstance(request, Undecodable):
         if tokens is not None:
             tokens.check(context.invocation_metadata() or (), ())
+        if isinstance(request, Busy):
+            raise errors.ResourceExhausted(request.reason)
         raise errors.InvalidArgument(request.reason)
     if tokens is None:
         return
@@ -436,9 +446,12 @@ class SchedulesServicer(pb_grpc.SchedulesServicer):
         return pb.DeleteResponse()
 
 
-def _add_service(server: grpc.aio.Server, name: str, servicer: Any) -> None:
+def _add_service(
+    server: grpc.aio.Server, name: str, servicer: Any, busy: dict[str, Callable[[int], str]] | None = None
+) -> None:
     """Register a tenantflow.v1 service as its generated ``add_*_to_server`` does, with request
-    deserializers that never raise (see :func:`_decoder`)."""
+    deserializers that never raise (see :func:`_decoder`); ``busy``: per method, what turns a
+    request away by its size before it is decoded."""
     service = pb.DESCRIPTOR.services_by_name[name]
     handlers = {}
     for method in service.methods:
@@ -449,7 +462,7 @@ def _add_service(server: grpc.aio.Server, name: str, servicer: Any) -> None:
         )
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=_decoder(getattr(pb, method.input_type.name)),
+            request_deserializer=_decoder(getattr(pb, method.input_type.name), (busy or {}).get(method.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -473,7 +486,12 @@ async def create_server(
                                       ("grpc.max_send_message_length", config.response_bytes_limit)],
                              maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)  # fmt: skip
     _add_service(server, "Workflows", WorkflowsServicer(kernel, tokens))
-    _add_service(server, "Code", CodeServicer(kernel, tokens))
+    _add_service(
+        server,
+        "Code",
+        CodeServicer(kernel, tokens),
+        {"Publish": lambda size: kernel.catalog.publish_busy(size)},
+    )
     _add_service(server, "Schedules", SchedulesServicer(kernel, tokens))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

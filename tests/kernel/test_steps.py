@@ -245,7 +245,10 @@ def test_prints_outside_steps_are_logged_once_not_on_every_replay(client: Client
 
 
 def test_a_wake_up_past_its_wall_clock_limit_errors_instead_of_rerunning(tmp_path: Path) -> None:
-    kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--wall-seconds", "1"])
+    # --max-step-timeout (default: the wall limit) lets a step's own time-out outlast the wake-up limit
+    kernel = KernelProcess(
+        tmp_path / "kernel", [*TEST_LIMITS, "--wall-seconds", "1", "--max-step-timeout", "10"]
+    )
     kernel.start()
     try:
         with kernel.client() as client:
