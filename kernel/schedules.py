@@ -28,7 +28,14 @@ from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadDateError, croniter
 
-from tenantflow.kernel.errors import AlreadyExists, InvalidArgument, NotFound, TenantflowError, excerpt
+from tenantflow.kernel.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    TenantflowError,
+    excerpt,
+)
 from tenantflow.kernel.model import TERMINAL, InstanceRecord, ScheduleRecord
 from tenantflow.kernel.storage import Storage
 
@@ -180,7 +187,7 @@ class Schedules:
             if done is not None:
                 self._poke.set()
                 return done
-        raise TenantflowError(f"schedule {name!r} kept changing; try again")
+        raise Conflict(f"schedule {name!r} kept changing; try again")  # ABORTED (the base class: UNKNOWN)
 
     # -- the fire loop ----------------------------------------------------------------------------
     def start(self) -> None:
