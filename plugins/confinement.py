@@ -213,3 +213,9 @@ def no_new_privs() -> str:
     if prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
         return f"prctl failed (errno {ctypes.get_errno()})"
     return ""
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0 or less: no Landlock)."""
+    version: int = syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return version

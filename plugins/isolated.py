@@ -8,6 +8,13 @@ imported the checking module already, so a check costs a fork, not an interprete
 server exits when the kernel does; each child dies with the server (parent-death signal) and serves
 one call.
 
+The checker parses hostile input, so it is confined like the python sandbox's template: the server
+drops every capability, sets no_new_privs, enters an empty network namespace and loads a seccomp
+deny-list of the dangerous calls (not an allow-list: wasmtime's compiler needs threads and
+executable memory); each child then adds Landlock (the interpreter's directories read-only, its
+``writable`` ones read-write, nothing else), signals only to itself and no new processes. What the
+server could not establish is logged by the kernel as a WARNING.
+
 Outcomes: the result; :class:`CodeError` for code the check rejects (including nesting too deep for
 the parser); :class:`ResourceExhausted` when the check hits a limit.
 """
@@ -19,6 +26,7 @@ import base64
 import contextlib
 import ctypes
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -38,6 +46,7 @@ from typing import Any
 
 from tenantflow.kernel.errors import ResourceExhausted
 from tenantflow.kernel.sandbox import CodeError
+from tenantflow.plugins import confinement
 
 log = logging.getLogger("tenantflow.plugins.isolated")
 MAX_CHILDREN = 4  # checks at once in this process: bounds their total memory
@@ -55,6 +64,7 @@ class ChildLimits:
     wall_seconds: float = 20.0  # under the clients' default 30 s deadline
     output_bytes: int = 1024 * 1024
     what: str = "inspecting your code"
+    writable: tuple[str, ...] = ()  # directories the check may write (made if missing), e.g. a cache
 
 
 DEFAULT_LIMITS = ChildLimits()
@@ -109,6 +119,7 @@ class _ForkServer:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
+        self._warned = False
 
     def _ensure(self) -> socket.socket:
         if self._proc is not None and self._proc.poll() is None and self._sock is not None:
@@ -141,8 +152,27 @@ class _ForkServer:
             if isinstance(started[0], BaseException):
                 raise started[0]
             self._proc = started[0]
+            theirs.close()
+            ours.settimeout(60)
+            try:
+                hello = json.loads(ours.recv(65536) or b"{}")
+            except (OSError, ValueError):
+                hello = {}
+            ours.settimeout(None)
+            if not hello.get("ready"):
+                self._stop()
+                raise RuntimeError("the code checker's fork server failed to start; see the kernel log")
+            self._warn(hello.get("missing", {}))
             self._sock = ours.dup()
         return self._sock
+
+    def _warn(self, missing: dict[str, str]) -> None:
+        if missing and not self._warned:
+            self._warned = True
+            log.warning(
+                "the code checker parses tenant code WITHOUT %s",
+                "; ".join(f"{name} ({why})" for name, why in missing.items()),
+            )
 
     def _stop(self) -> None:
         if self._sock is not None:
@@ -305,14 +335,127 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _confine(limits: ChildLimits, parent: int) -> None:
-    """Die with the server, then cap CPU, address space, wall time and core dumps before reading
-    any input."""
+    """Die with the server, cap CPU, address space, wall time and core dumps, then confine files
+    (Landlock), signals and processes, all before reading any input."""
     _die_with_parent(parent)
     cpu = max(1, math.ceil(limits.cpu_seconds))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for path in limits.writable:
+        with contextlib.suppress(OSError):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+    if confinement.landlock_abi() >= 1:  # else the server reported it missing
+        readable = [*confinement.read_only_paths(), *_package_dirs()]
+        problem = confinement.landlock(readable, list(limits.writable), False)
+        if problem:
+            raise RuntimeError(f"the checker could not confine its files: {problem}")
+    if _pyseccomp is not None:
+        _child_filter(_pyseccomp).load()
     signal.alarm(math.ceil(limits.wall_seconds) + 1)  # SIGALRM ends the process: a backstop
+
+
+def _package_dirs() -> set[str]:
+    """Where tenantflow's own packages live (an editable install maps them from outside
+    ``sys.path``): a check may import more of them lazily, e.g. the wasm sandbox."""
+    found: set[str] = set()
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "tenantflow":
+            found.update(getattr(module, "__path__", None) or [])
+    for name in ("tenantflow.kernel", "tenantflow.plugins", "tenantflow.workflow"):  # not yet imported
+        with contextlib.suppress(ImportError, ValueError):
+            spec = importlib.util.find_spec(name)
+            found.update((spec.submodule_search_locations or []) if spec else [])
+    return found
+
+
+# What neither the server nor a check needs, refused with EPERM (the rest is allowed).
+_DENIED = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "pidfd_open", "pidfd_getfd",
+    "pidfd_send_signal", "kcmp", "mount", "umount2", "move_mount", "open_tree", "fsopen", "fsmount",
+    "fsconfig", "fspick", "mount_setattr", "pivot_root", "chroot", "unshare", "setns", "bpf",
+    "perf_event_open", "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd",
+    "keyctl", "add_key", "request_key", "kexec_load", "kexec_file_load", "init_module",
+    "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "settimeofday",
+    "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname", "syslog",
+    "fanotify_init", "fanotify_mark", "inotify_init", "inotify_init1", "name_to_handle_at",
+    "open_by_handle_at", "personality", "quotactl", "quotactl_fd", "iopl", "ioperm", "modify_ldt",
+    "execve", "execveat", "socket", "setuid", "setgid", "setreuid", "setregid", "setresuid",
+    "setresgid", "setgroups", "setfsuid", "setfsgid", "capset", "chmod", "fchmod", "fchmodat",
+    "fchmodat2", "chown", "fchown", "lchown", "fchownat", "mknod", "mknodat", "utime", "utimes",
+    "utimensat", "futimesat", "setpriority", "sched_setscheduler", "sched_setattr", "sched_setparam",
+    "shmget", "shmat", "msgget", "semget", "mq_open", "migrate_pages", "move_pages", "mbind",
+    "set_mempolicy", "flock", "vhangup", "lookup_dcookie", "uselib", "memfd_secret",
+)  # fmt: skip
+_F_SETLEASE, _F_NOTIFY, _CLONE_THREAD = 1024, 1026, 0x00010000
+_pyseccomp: Any = None
+
+
+def _add(rules: Any, action: Any, name: str, *args: Any) -> None:
+    with contextlib.suppress(OSError, ValueError, RuntimeError):  # a call this architecture lacks
+        rules.add_rule(action, name, *args)
+
+
+def _server_filter(seccomp: Any) -> Any:
+    rules = seccomp.SyscallFilter(seccomp.ALLOW)
+    deny = seccomp.ERRNO(1)  # EPERM
+    for name in _DENIED:
+        _add(rules, deny, name)
+    _add(rules, seccomp.ERRNO(38), "clone3")  # ENOSYS: glibc falls back to clone, which is filtered
+    for command in (_F_SETLEASE, _F_NOTIFY):
+        _add(rules, deny, "fcntl", seccomp.Arg(1, seccomp.EQ, command))
+    _add(rules, deny, "prlimit64", seccomp.Arg(0, seccomp.NE, 0))
+    return rules
+
+
+def _child_filter(seccomp: Any) -> Any:
+    """Stacked in each check: threads but no processes, signals only to itself."""
+    rules = seccomp.SyscallFilter(seccomp.ALLOW)
+    deny, pid = seccomp.ERRNO(1), os.getpid()
+    for name in ("fork", "vfork", "tkill", "seccomp", "landlock_create_ruleset", "landlock_restrict_self"):
+        _add(rules, deny, name)
+    _add(rules, deny, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
+    for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+        _add(rules, deny, name, seccomp.Arg(0, seccomp.NE, pid))
+    return rules
+
+
+def _confine_server() -> dict[str, str]:
+    """Confine the fork server for good (its children inherit it); what could not be done."""
+    global _pyseccomp
+    missing: dict[str, str] = {}
+    try:
+        import pyseccomp  # before the file view shrinks: finding libseccomp runs ldconfig
+
+        _pyseccomp = pyseccomp
+    except Exception as exc:  # libseccomp missing on this machine
+        missing["seccomp syscall filter"] = f"libseccomp is not available ({exc})"
+    uid, gid = os.geteuid(), os.getegid()
+    if problem := confinement.unshare_network():
+        missing["network namespace"] = problem
+    elif uid != 0:  # a new user namespace came with it: keep our uid there, so files stay ours
+        with contextlib.suppress(OSError):
+            for name, text in (
+                ("uid_map", f"{uid} {uid} 1"),
+                ("setgroups", "deny"),
+                ("gid_map", f"{gid} {gid} 1"),
+            ):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+    if problem := confinement.no_new_privs():
+        missing["no_new_privs"] = problem
+    confinement.lock_capabilities()
+    if problem := confinement.clear_capabilities():
+        missing["capability drop"] = problem
+    if confinement.landlock_abi() < 1:
+        missing["Landlock file isolation"] = "landlock unavailable"
+    if _pyseccomp is not None:
+        try:
+            _server_filter(_pyseccomp).load()
+        except OSError as exc:
+            missing["seccomp syscall filter"] = f"the filter could not be loaded ({exc})"
+            _pyseccomp = None
+    return missing
 
 
 def _serve(module_name: str) -> dict[str, Any]:
@@ -361,6 +504,9 @@ def _server_main(sock_fd: int, kernel: int) -> None:
     """Fork a confined child per request; reap them and report each exit code on its status pipe."""
     _die_with_parent(kernel)
     sock = socket.socket(fileno=sock_fd)
+    missing = _confine_server()
+    _die_with_parent(kernel)  # again: a new user namespace (a non-root kernel) clears the death signal
+    sock.send(json.dumps({"ready": True, "missing": missing}).encode())
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -392,7 +538,9 @@ def _server_main(sock_fd: int, kernel: int) -> None:
 def _fork(request: dict[str, Any], fds: list[int], live: dict[int, int], ours: list[int]) -> dict[str, Any]:
     try:
         importlib.import_module(request["module"])  # once, here: every child starts with it
-        limits = ChildLimits(**request["limits"])
+        limits = ChildLimits(
+            **{**request["limits"], "writable": tuple(request["limits"].get("writable", ()))}
+        )
         pid = os.fork()
     except Exception as exc:
         for fd in fds:

@@ -19,7 +19,7 @@ def inspect_raw(files: Mapping[str, bytes]) -> dict[str, str]:
     found: dict[str, str] = isolated.call(
         f"{__name__}:inspect_packed",
         [isolated.pack_files(files), str(cache.cache_dir())],
-        isolated.ChildLimits(what="validating and compiling your module"),
+        isolated.ChildLimits(what="validating and compiling your module", writable=(str(cache.cache_dir()),)),
     )
     return found
 

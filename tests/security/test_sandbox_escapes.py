@@ -1,6 +1,7 @@
-"""Red-team findings F1, F4 and F7 against the python sandbox: host UNIX sockets, thread bombs,
-file leases, dnotify and flock. Each attack runs as a tenant step; the test asserts it failed *and*
-that another tenant's workflow completed meanwhile."""
+"""Red-team findings F1, F4 and F7 against the python sandbox (host UNIX sockets, thread bombs,
+file leases, dnotify and flock) and F6 against the Publish checker. Each sandbox attack runs as a
+tenant step; the test asserts it failed *and* that another tenant's workflow completed meanwhile.
+The checker's cases call its fork server directly, as the kernel's Publish does."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import wasmtime
 
 from tenantflow.client import Client
+from tenantflow.kernel.sandbox import CodeError
+from tenantflow.plugins import isolated
 from tenantflow.plugins.sandbox_subprocess.pids import MAX_TASKS
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import KernelProcess
@@ -205,3 +209,55 @@ def test_a_thread_bomb_is_held_to_the_runs_task_limit(
         assert done.status == pb.STATUS_ERRORED, done
         assert "thread limit exceeded" in done.error.message, done.error.message
         assert peak[0] < 2000, peak
+
+
+# -- F6: the Publish checker parses and compiles hostile input: it is confined too ----------------
+def _check(target: str, *args: object, limits: isolated.ChildLimits = isolated.DEFAULT_LIMITS) -> object:
+    return isolated.call(target, list(args), limits)
+
+
+def test_a_check_holds_no_privilege() -> None:
+    """What a check child itself reports (it cannot read /proc: Landlock), and the fork server's
+    /proc/<pid>/status seen from outside."""
+    state = _check("tenantflow.plugins.confinement:capability_state")
+    assert isinstance(state, dict)
+    assert {
+        k: state[k] for k in ("effective", "permitted", "inheritable", "bounding", "ambient")
+    } == dict.fromkeys(("effective", "permitted", "inheritable", "bounding", "ambient"), 0)
+    assert _check("tenantflow.plugins.confinement:prctl", 39) == 1  # PR_GET_NO_NEW_PRIVS
+    assert _check("tenantflow.plugins.confinement:prctl", 21) == 2  # PR_GET_SECCOMP: filter mode
+    server = isolated._server._proc
+    assert server is not None
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{server.pid}/status").read_text().splitlines())
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0, status
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2", status
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "error"),
+    [
+        ("os:listdir", ["/tmp"], "PermissionError"),  # Landlock: only the interpreter's directories
+        ("os:mkdir", ["/tmp/tenantflow-checker-escape"], "PermissionError"),
+        ("socket:socket", [], "PermissionError"),  # no socket at all: F1 for the checker
+        ("os:kill", [os.getpid(), 0], "PermissionError"),  # signals only to itself
+        ("os:fork", [], "PermissionError"),
+    ],
+)
+def test_a_check_cannot_reach_the_host(target: str, args: list[object], error: str) -> None:
+    with pytest.raises(CodeError, match=error):
+        _check(target, *args)
+    assert not os.path.exists("/tmp/tenantflow-checker-escape")
+
+
+def test_a_confined_check_still_compiles_wasm_into_the_cache(tmp_path: Path) -> None:
+    """Cranelift needs threads and executable memory; the artifact lands in the one writable directory."""
+    module = wasmtime.wat2wasm('(module (memory (export "memory") 1) (func (export "workflow_Hello")))')
+    cache = tmp_path / "wasm-cache"
+    found = _check(
+        "tenantflow.plugins.sandbox_wasm.rawcheck:inspect_packed",
+        isolated.pack_files({"m.wasm": bytes(module)}),
+        str(cache),
+        limits=isolated.ChildLimits(writable=(str(cache),)),
+    )
+    assert found == {"Hello": "m.wasm"}, found
+    assert [p.suffix for p in cache.iterdir()] == [".cwasm"]
