@@ -9,7 +9,11 @@ tenants' code is dropped even when no new code arrives.
 Checking code (``Sandbox.inspect``) is tenant input handled by the sandboxes in limited child
 processes, never parsed here; the catalog runs those checks concurrently for different tenants,
 one at a time per tenant and at most :data:`MAX_INSPECTIONS` at once, on threads of its own (a
-slow check never holds a thread the rest of the kernel needs). Large code (over
+slow check never holds a thread the rest of the kernel needs). A check's answer is a pure function
+of the bytes it checked, so the catalog remembers the answers of passed checks (bounded by
+:data:`CHECKED_ENTRIES`): a cache miss for code checked before in this process only loads bytes, and
+code it has never checked (e.g. an artifact stored by an older kernel) is checked before it runs.
+Large code (over
 :data:`SMALL_CODE_BYTES`) may hold all slots but one, so small code always gets checked soon, and
 its bytes checked or queued kernel-wide are bounded (``max_publish_bytes_in_flight``): past that,
 and past half the caller's deadline in the queue, Publish fails fast with RESOURCE_EXHAUSTED.
@@ -26,6 +30,7 @@ import gc
 import hashlib
 import logging
 import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -44,6 +49,8 @@ MAX_INSPECTIONS = 4  # code checks at once (each a child process with its own me
 SMALL_CODE_BYTES = 1024 * 1024  # code up to this size is cheap to check: never held back by large code
 QUEUE_SECONDS = 30.0  # the longest a check waits for a slot when its caller set no deadline
 MIB = 1024 * 1024
+CHECKED_ENTRIES = 100_000  # remembered passed checks (~200 bytes each)
+CHECKED_MAX_CHARS = 1024  # larger answers (many workflow classes) are not remembered: re-checked
 NAME = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}$")
 
 
@@ -139,6 +146,8 @@ class CodeCatalog:
         self._checkers = concurrent.futures.ThreadPoolExecutor(MAX_INSPECTIONS, "tenantflow-inspect")
         self._gate: _Gate | None = None
         self.publishing = BytesInFlight(config.max_publish_bytes_in_flight)
+        self._checked: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
+        self.checks = 0  # code checks started (each a checker child): what the checked map saves
 
     def sandbox(self, runtime: str) -> Sandbox:
         sandbox = self._sandboxes.get(runtime)
@@ -148,6 +157,7 @@ class CodeCatalog:
 
     def inspect_now(self, runtime: str, files: Mapping[str, bytes]) -> dict[str, str]:
         """Check code with its sandbox on this thread (the sandbox does it in a limited child)."""
+        self.checks += 1
         try:
             return self.sandbox(runtime).inspect(files)
         except CodeError as exc:
@@ -238,14 +248,19 @@ class CodeCatalog:
         self._check_publish(name, files)
         queue = QUEUE_SECONDS if deadline is None else max(deadline / 2, 0.0)
         workflows = await self.inspect(tenant, runtime, files, queue, publishing=True)
-        return await asyncio.to_thread(self._store, tenant, name, runtime, files, workflows)
+        ref, names = await asyncio.to_thread(self._store, tenant, name, runtime, files, workflows)
+        self._remember(_check_key(ref.rpartition("@sha256:")[2], None), workflows)  # ref ends in the digest
+        return ref, names
 
     def publish(
         self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
     ) -> tuple[str, list[str]]:
         """:meth:`publish_async` on the calling thread, without the per-tenant queue (tools, tests)."""
         self._check_publish(name, files)
-        return self._store(tenant, name, runtime, files, self.inspect_now(runtime, files))
+        workflows = self.inspect_now(runtime, files)
+        ref, names = self._store(tenant, name, runtime, files, workflows)
+        self._remember(_check_key(ref.rpartition("@sha256:")[2], None), workflows)  # ref ends in the digest
+        return ref, names
 
     def loader(self, ref: str) -> Loader:
         scheme = scheme_of(ref)
@@ -290,14 +305,39 @@ class CodeCatalog:
             del self._loading[key]
 
     async def _load(self, tenant: str, pinned: str) -> LoadedCode:
-        bundle = await asyncio.to_thread(self.loader(pinned).load, tenant, pinned)
+        bundle, key = await asyncio.to_thread(self._read, tenant, pinned)
+        if (known := self._recall(key)) is not None:
+            return LoadedCode(bundle, known)
         workflows = await self.inspect(tenant, bundle.runtime, bundle.files)  # checks every file
         if bundle.entry is not None:  # only the entry module's classes are workflows
             entry = {p: d for p, d in bundle.files.items() if _module(p) == bundle.entry}
             if not entry:
                 raise InvalidArgument(f"{pinned}: the bundle has no module {bundle.entry!r}")
             workflows = await self.inspect(tenant, bundle.runtime, entry)
+        self._remember(key, workflows)
         return LoadedCode(bundle, workflows)
+
+    def _read(self, tenant: str, pinned: str) -> tuple[CodeBundle, bytes]:
+        """The pinned bundle and the key of its check (hashed here, off the event loop)."""
+        bundle = self.loader(pinned).load(tenant, pinned)
+        return bundle, _check_key(digest_files(bundle.runtime, bundle.files), bundle.entry)
+
+    def _recall(self, key: bytes) -> dict[str, str] | None:
+        """The workflows a passed check found in exactly these bytes, if remembered."""
+        known = self._checked.get(key)
+        if known is None:
+            return None
+        self._checked.move_to_end(key)
+        return dict(zip(known[::2], known[1::2], strict=True))
+
+    def _remember(self, key: bytes, workflows: Mapping[str, str]) -> None:
+        flat = tuple(sys.intern(s) for pair in workflows.items() for s in pair)  # "Flow", "wf": shared
+        if not flat or sum(map(len, flat)) > CHECKED_MAX_CHARS:
+            return
+        self._checked[key] = flat
+        self._checked.move_to_end(key)
+        while len(self._checked) > CHECKED_ENTRIES:
+            self._checked.popitem(last=False)
 
     def _evict(self) -> int:
         """Drop least recently used entries past the entry or byte bound, or idle past the age bound.
@@ -388,6 +428,11 @@ def _finished(check: asyncio.Future[dict[str, str]], gate: _Gate, tenant: str, l
     gate.release(tenant, large)
     if not check.cancelled():
         check.exception()
+
+
+def _check_key(digest: str, entry: str | None) -> bytes:
+    """What a check's answer depends on: the files (``digest_files``) and the entry module."""
+    return hashlib.sha256(f"{digest}\0{entry or ''}".encode()).digest()
 
 
 def _module(path: str) -> str:

@@ -135,3 +135,46 @@ def test_idle_code_is_swept_without_any_other_use(tmp_path: Path) -> None:
         assert cat.loads == 21
 
     asyncio.run(main())
+
+
+def test_a_load_after_eviction_starts_no_checker(tmp_path: Path) -> None:
+    cat = catalog(tmp_path, entries=1)
+    one, two = (publish(cat, v) for v in ("v1", "v2"))
+    assert cat.checks == 2  # Publish checked each once
+
+    async def main() -> None:
+        for ref in (one, two, one, two):  # each get evicts the other
+            assert (await cat.get(TENANT, ref)).workflows == {"Flow": "wf"}
+        assert (cat.loads, cat.checks) == (4, 2)
+
+    asyncio.run(main())
+
+
+def test_code_this_kernel_never_checked_is_checked_before_use(tmp_path: Path) -> None:
+    ref = publish(catalog(tmp_path), "v1")  # stored by another catalog (an older kernel, a restart)
+    cat = catalog(tmp_path, entries=1)
+
+    async def main() -> None:
+        assert (await cat.get(TENANT, ref)).workflows == {"Flow": "wf"}
+        assert cat.checks == 1
+        await cat.get(TENANT, publish(cat, "v2"))  # evicts `ref`
+        await cat.get(TENANT, ref)
+        assert (cat.loads, cat.checks) == (3, 2)  # checked once, then only loaded
+
+    asyncio.run(main())
+
+
+def test_a_git_entry_is_checked_once_per_commit_and_path(tmp_path: Path) -> None:
+    cat = catalog(tmp_path, entries=1)
+    repo = GitRepo(tmp_path / "r.git")
+    repo.commit({"wf.py": workflow("v1"), "other.py": workflow("x", cls="Other")})
+    wf, other = (cat.pin(TENANT, repo.ref(path=path)) for path in ("wf.py", "other.py"))
+
+    async def main() -> None:
+        assert (await cat.get(TENANT, wf)).workflows == {"Flow": "wf"}
+        assert (await cat.get(TENANT, other)).workflows == {"Other": "other"}
+        checks = cat.checks  # same files, different entries: separate checks
+        assert (await cat.get(TENANT, wf)).workflows == {"Flow": "wf"}
+        assert (cat.loads, cat.checks) == (3, checks)
+
+    asyncio.run(main())
