@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from tenantflow.kernel import engine as eng
+from tenantflow.kernel import guestdata, stepkinds
 from tenantflow.kernel.errors import (
     AlreadyExists,
     PermissionDenied,
@@ -41,7 +41,7 @@ from tenantflow.kernel.model import (
 )
 
 if TYPE_CHECKING:
-    from tenantflow.kernel.engine import WakeUp
+    from tenantflow.kernel.wakeup import WakeUp
 
 CHILD_EVENT = "tenantflow.child-ended:"  # + the child's id
 RESERVED_EVENT_PREFIX = "tenantflow."  # event types the kernel sends itself; tenants cannot
@@ -123,7 +123,7 @@ def _optional_text(m: dict[str, Any], field: str) -> str:
 
 
 async def create(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, Any]:
-    settled = wake._settled(step)
+    settled = stepkinds.settled(wake, step)
     if settled is not None:
         return settled
     now = time.time()
@@ -131,10 +131,10 @@ async def create(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str,
         wake.wakes.append(step.wake_at)
         return {"do": "suspend"}
     if wake.pause_requested:
-        return wake._suspend_for_pause()
-    policy = eng._policy(m["policy"])
+        return stepkinds.suspend_for_pause(wake)
+    policy = guestdata._policy(m["policy"])
     workflow, code = str(m["workflow"]), _optional_text(m, "code")
-    params = eng._strict_json(m.get("params"))
+    params = guestdata._strict_json(m.get("params"))
     rec = wake.record
     id = _optional_text(m, "id") or child_id(rec, step.key)
     spawn = wake.engine.spawn
@@ -143,7 +143,7 @@ async def create(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str,
     error: dict[str, str] | None = None
     retryable = False
     if params is None:
-        error = eng._not_json("step.create was given params holding")
+        error = guestdata._not_json("step.create was given params holding")
     else:
         try:
             child = await spawn(rec, workflow, code, params, id)
@@ -159,13 +159,13 @@ async def create(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str,
         else:
             id = child.id
     if error is not None:
-        history = wake._fail_attempt(step, policy, error, retryable=retryable)
+        history = stepkinds.fail_attempt(wake, step, policy, error, retryable=retryable)
         await wake._commit(wake._change(steps=[step], history=history))
         if step.status == "failed":
             return {"do": "raise", "error": {"name": step.error_name, "message": step.error_message}}
         assert step.wake_at is not None
         wake.wakes.append(step.wake_at)
-        return wake._suspend_for_pause() if wake.pause_requested else {"do": "suspend"}
+        return stepkinds.suspend_for_pause(wake) if wake.pause_requested else {"do": "suspend"}
     now = time.time()
     step.status, step.output_json, step.updated_at = "complete", json.dumps(id), now
     step.error_name = step.error_message = ""
@@ -193,7 +193,7 @@ def _outcome(child: InstanceRecord | None, id: str, parent: str) -> tuple[str, s
 
 
 async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, Any]:
-    settled = wake._settled(step)
+    settled = stepkinds.settled(wake, step)
     if settled is not None:
         return settled
     id = m["id"]
@@ -202,7 +202,11 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
     now = time.time()
     rec = wake.record
     if step.status == "new":
-        step.status, step.event_type, step.wake_at = "waiting", CHILD_EVENT + id, wake._deadline(m, now)
+        step.status, step.event_type, step.wake_at = (
+            "waiting",
+            CHILD_EVENT + id,
+            stepkinds.deadline(wake, m, now),
+        )
         entry = wake._history("waiting", step, message=f"for instance {id} to end",
                               data_json=json.dumps({"child": id, "timeout_at": step.wake_at}))  # fmt: skip
         wake._submit(wake._change(steps=[dataclasses.replace(step)], history=[entry]))

@@ -20,12 +20,11 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from tenantflow.kernel import children, metrics
-from tenantflow.kernel import engine as eng
+from tenantflow.kernel import children, guestdata, metrics, stepkinds
 from tenantflow.kernel.model import Status, StepRecord
 
 if TYPE_CHECKING:
-    from tenantflow.kernel.engine import WakeUp
+    from tenantflow.kernel.wakeup import WakeUp
 
 KEY = "#rollback"
 UNDO = "#undo"
@@ -72,7 +71,7 @@ async def begin(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
     rb = wake.steps.get(KEY)
     history = []
     if rb is None:
-        rb = record(KEY, wake.next_seq, "failed", eng._error(m.get("error"), 16384), now)
+        rb = record(KEY, wake.next_seq, "failed", guestdata._error(m.get("error"), 16384), now)
         wake.next_seq += 1
         wake.steps[KEY] = rb
     current = state(rb)
@@ -106,7 +105,7 @@ async def undo(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
                           updated_at=time.time())  # fmt: skip
         wake.next_seq += 1
         wake.steps[key] = step
-    return await wake._do(step, eng._policy(m["policy"]))
+    return await stepkinds.do(wake, step, guestdata._policy(m["policy"]))
 
 
 async def end(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
