@@ -8,7 +8,7 @@ after a crash finds the child it already made instead of starting a second one.
 
 A child records its parent (``InstanceRecord.parent``). When it ends, the commit that ends it
 carries an event of type ``tenantflow.child-ended:<id>`` into the parent's inbox in the same
-transaction, which wakes a parent hibernating in ``step.wait_for_instance``. The event is only a
+transaction (a committer unit: never split, whatever the batching or retries), which wakes a parent hibernating in ``step.wait_for_instance``. The event is only a
 wake-up: the outcome is always read from the child's own record.
 """
 
@@ -105,11 +105,12 @@ def ignore_result(future: asyncio.Future[Any]) -> None:
 
 
 def notify_parent(wake: WakeUp, status: Status) -> None:
-    """Queue the parent's notice just before the change that ends this instance, so both ride in
-    one transaction."""
+    """Have the change that ends this instance (the wake-up's next commit) carry the parent's notice:
+    the committer keeps them in one transaction, so no crash can end the child without telling the
+    parent."""
     notice = parent_notice(wake.record, status, time.time())
     if notice is not None and not wake.aborted:
-        wake.engine.committer.submit(notice).add_done_callback(ignore_result)
+        wake.riders.append(notice)
 
 
 # -- step kinds -------------------------------------------------------------------------------------

@@ -6,6 +6,12 @@ The batches are applied by one writer thread of the committer's own: a change ha
 it at once (no hop through the event loop, no timer), it takes everything queued meanwhile (the
 changes that arrived during the previous commit's fsync ride in the next one), and one callback
 per batch hands the results back to the loop.
+
+Changes submitted together (:meth:`Committer.commit` with riders: an instance's end and the notice
+to its parent) are one unit: a unit is never split across batches, and when a failed batch is
+retried piece by piece, it is retried unit by unit, so a unit's changes always share one
+transaction. Each change still keeps its own guard: a rider whose guard fails does not fail the
+others.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tenantflow.kernel import metrics
 from tenantflow.kernel.errors import Conflict
@@ -27,6 +33,7 @@ log = logging.getLogger("tenantflow.committer")
 MAX_BATCH = 512
 
 _Item = tuple[Change, "asyncio.Future[ApplyResult]"]
+_Unit = list[_Item]  # committed in one transaction, never split
 _Settled = tuple["asyncio.Future[ApplyResult]", ApplyResult | None, BaseException | None]
 
 
@@ -36,13 +43,14 @@ class Committer:
     def __init__(self, storage: Storage, on_applied: Callable[[list[Change]], None]) -> None:
         self._storage = storage
         self._on_applied = on_applied
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Unit | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsettled = 0  # changes queued or being applied, counted on the loop
         self._drained: asyncio.Event | None = None
         self.batches = 0
         self.changes = 0
+        self.max_batch = MAX_BATCH  # changes per transaction; a unit may pass it, never be split
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -61,20 +69,29 @@ class Committer:
         await asyncio.to_thread(self._thread.join, 10)
         self._thread = None
 
-    def submit(self, change: Change) -> asyncio.Future[ApplyResult]:
-        """Queue ``change``; the future resolves once it is committed (or its guard failed)."""
-        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
+    def submit(self, change: Change, riders: Sequence[Change] = ()) -> asyncio.Future[ApplyResult]:
+        """Queue ``change``; the future resolves once it is committed (or its guard failed).
+        ``riders`` commit in the same transaction, whatever the batching; their results are not
+        awaited (a rider whose guard fails changes nothing else)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ApplyResult] = loop.create_future()
         if self._thread is None:  # stopped: as before, nothing more is committed
             return future
         assert self._drained is not None
-        self._unsettled += 1
+        unit: _Unit = [(change, future)]
+        for rider in riders:
+            ignored: asyncio.Future[ApplyResult] = loop.create_future()
+            ignored.add_done_callback(_retrieve)
+            unit.append((rider, ignored))
+        self._unsettled += len(unit)
         self._drained.clear()
-        self._queue.put((change, future))
+        self._queue.put(unit)
         return future
 
-    async def commit(self, change: Change) -> ApplyResult:
-        """Commit ``change`` durably; raise :class:`Conflict` if its guard failed."""
-        result = await self.submit(change)
+    async def commit(self, change: Change, riders: Sequence[Change] = ()) -> ApplyResult:
+        """Commit ``change`` durably (with ``riders`` in its transaction); raise :class:`Conflict`
+        if its guard failed."""
+        result = await self.submit(change, riders)
         if not result.ok:
             raise Conflict(result.reason)
         return result
@@ -85,34 +102,37 @@ class Committer:
             first = self._queue.get()
             if first is None:
                 return
-            batch = [first]
+            units = [first]
+            size = len(first)
             stop = False
-            while len(batch) < MAX_BATCH:
+            while size < self.max_batch:
                 try:
-                    item = self._queue.get_nowait()
+                    unit = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if unit is None:
                     stop = True
                     break
-                batch.append(item)
-            self._apply_batch(batch)
+                units.append(unit)
+                size += len(unit)
+            self._apply_batch(units)
             if stop:
                 return
 
-    def _apply_batch(self, batch: list[_Item]) -> None:
+    def _apply_batch(self, units: list[_Unit]) -> None:
+        batch = [item for unit in units for item in unit]
         changes = [change for change, _ in batch]
         started = time.perf_counter()
         try:
             results = self._storage.apply(changes)
         except Exception as exc:
-            if len(batch) == 1:
+            if len(units) == 1:
                 self._fail(batch, exc)
                 return
-            # One bad change must not fail the others riding in its transaction: retry alone.
+            # One bad change must not fail the others riding in its transaction: retry each unit alone.
             log.warning("commit of %d changes failed (%s); committing them one by one", len(batch), exc)
-            for item in batch:
-                self._apply_batch([item])
+            for unit in units:
+                self._apply_batch([unit])
             return
         self._hand_back(changes, [(f, r, None) for (_, f), r in zip(batch, results, strict=True)],
                         time.perf_counter() - started)  # fmt: skip
@@ -147,3 +167,8 @@ class Committer:
         if self._unsettled == 0:
             assert self._drained is not None
             self._drained.set()
+
+
+def _retrieve(future: asyncio.Future[ApplyResult]) -> None:
+    if not future.cancelled():
+        future.exception()  # a rider's failure is its change's own: nobody awaits it

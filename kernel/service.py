@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from tenantflow.kernel import children, metrics, rollback, schedules
@@ -262,8 +262,8 @@ class Kernel:
             raise NotFound(f"instance {id!r} not found in tenant {tenant!r}")
         return record
 
-    async def _apply(self, change: Change) -> None:
-        await self.committer.commit(change)
+    async def _apply(self, change: Change, riders: Sequence[Change] = ()) -> None:
+        await self.committer.commit(change, riders)
 
     # -- create -----------------------------------------------------------------------------------
     async def create(self, tenant: str, spec: CreateSpec) -> InstanceRecord:
@@ -463,6 +463,7 @@ class Kernel:
         started = next((s for s in steps if s.key == rollback.KEY), None)
         live = frozenset(set(Status) - TERMINAL)
         roll_back = roll_back and record.runtime in rollback.RUNTIMES
+        notice: Change | None = None  # the parent's, when this ends the instance now
         if roll_back and started is not None:
             return  # already rolling back: it ends terminated or errored once its undos are done
         if roll_back:
@@ -485,10 +486,8 @@ class Kernel:
                 history=[HistoryEntry(kind="status", at=now, status=int(Status.TERMINATED), message="terminated")],
             )  # fmt: skip
             notice = children.parent_notice(record, Status.TERMINATED, now)
-            if notice is not None:  # queued first: both ride in one transaction
-                self.committer.submit(notice).add_done_callback(children.ignore_result)
-        try:
-            await self._apply(change)
+        try:  # the parent's notice rides in the same transaction, never split from it
+            await self._apply(change, [notice] if notice is not None else [])
         except Conflict as exc:
             raise FailedPrecondition(f"instance {id!r} ended meanwhile ({exc})") from None
         self.engine.kill(tenant, id, "terminated")

@@ -78,6 +78,9 @@ class WakeUp:
         self.hard_limit = 0.0  # seconds no wake-up outlives, whatever its steps' time-outs (set once it runs)
         self.state_bytes = 0  # bytes of step outputs stored for the instance (journal + this wake-up)
         self._pending: list[Change] = []
+        self.riders: list[
+            Change
+        ] = []  # committed in the next awaited change's transaction (a parent's notice)
         self._flush_handle: asyncio.TimerHandle | None = None
 
     # -- commits ----------------------------------------------------------------------------------
@@ -134,8 +137,9 @@ class WakeUp:
                 "stream": "stderr", "dropped_lines": self.logs.dropped_lines, "dropped_bytes": self.logs.dropped_bytes}))  # fmt: skip
             change = dataclasses.replace(change, history=[*change.history, entry])
         change = self._with_pending(change)  # one transaction: a fast step costs one commit
+        riders, self.riders = self.riders, []
         try:
-            result = await self.engine.committer.commit(change)
+            result = await self.engine.committer.commit(change, riders)
         except Conflict as exc:
             self.aborted = self.aborted or str(exc)
             raise _Abort(str(exc)) from None

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tenantflow.client import Client, TenantflowRpcError
-from tenantflow.kernel.model import Status
+from tenantflow.kernel import children
+from tenantflow.kernel.committer import Committer
+from tenantflow.kernel.config import KernelConfig
+from tenantflow.kernel.model import Change, HistoryEntry, InstanceRecord, Status
+from tenantflow.kernel.plugins import Plugins
 from tenantflow.plugins.storage_sqlite.engine import SQLiteStorage
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import TEST_LIMITS, KernelProcess
@@ -231,5 +237,79 @@ def test_a_database_made_before_parent_links_still_opens(tmp_path: Path) -> None
     try:
         old = storage.get_instance("t", "old")
         assert old is not None and old.parent == "" and old.status == Status.COMPLETE
+    finally:
+        storage.close()
+
+
+def _family_store(tmp_path: Path) -> tuple[Any, InstanceRecord]:
+    """A real SQLite store holding a waiting parent, its running child and a bystander instance."""
+    storage = Plugins().storage(f"sqlite:///{tmp_path / 'db.sqlite3'}", KernelConfig(data_dir=tmp_path))
+    now = time.time()
+    code = "artifact://t/c@sha256:" + "0" * 64
+
+    def record(id: str, status: Status, parent: str = "") -> InstanceRecord:
+        return InstanceRecord(tenant="t", id=id, workflow="W", code=code, runtime="python", module="wf",
+                              params_json="null", status=status, created_at=now, updated_at=now, parent=parent)  # fmt: skip
+
+    records = [
+        record("parent", Status.WAITING),
+        record("child", Status.RUNNING, "parent"),
+        record("other", Status.RUNNING),
+    ]
+    storage.create_instances(records, [HistoryEntry(kind="status", at=now) for _ in records])
+    return storage, records[1]
+
+
+@pytest.mark.parametrize("split_by", ["batch limit", "failed batch retried"])
+def test_a_childs_end_and_its_parents_notice_never_split(tmp_path: Path, split_by: str) -> None:
+    """The committer keeps a child's end and its parent's notice in one transaction, even with a batch
+    limit of 1 or when the batch they ride in fails and is retried piece by piece: a kernel dying
+    between two commits can never leave the child ended and the parent unaware."""
+    storage, child = _family_store(tmp_path)
+    transactions: list[list[tuple[str, str]]] = []
+    now = time.time()
+    end = Change(tenant="t", id="child", now=now, set={"status": Status.COMPLETE, "output_json": "1"})
+    notice = children.parent_notice(child, Status.COMPLETE, now)
+    assert notice is not None
+    bad = Change(
+        tenant="t", id="other", now=now, history=[HistoryEntry(kind="log", at=now, message="\ud800")]
+    )
+
+    async def main() -> None:
+        committer = Committer(
+            storage, lambda changes: transactions.append([(c.tenant, c.id) for c in changes])
+        )
+        committer.start()
+        if split_by == "batch limit":
+            committer.max_batch = 1
+            first = committer.submit(Change(tenant="t", id="other", now=now))
+            result = await committer.commit(end, [notice])
+            await first
+        else:
+            # Hold the database so the writer thread blocks, then queue a change storage refuses and
+            # the unit: they form one batch, which fails and is retried piece by piece.
+            lock = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+            lock.execute("BEGIN EXCLUSIVE")
+            blocker = committer.submit(Change(tenant="t", id="other", now=now))
+            await asyncio.sleep(0.2)
+            refused = committer.submit(bad)
+            pending = asyncio.ensure_future(committer.commit(end, [notice]))
+            await asyncio.sleep(0.2)
+            lock.execute("ROLLBACK")
+            lock.close()
+            await blocker
+            result = await pending
+            with pytest.raises(UnicodeEncodeError):
+                await refused
+        assert result.ok
+        await committer.stop()
+
+    try:
+        asyncio.run(main())
+        assert [("t", "child"), ("t", "parent")] in transactions, transactions
+        stored = storage.get_instance("t", "child")
+        assert stored is not None and stored.status == Status.COMPLETE
+        inbox = storage.get_events("t", "parent", unconsumed_only=True)
+        assert [e.type for e in inbox] == [children.CHILD_EVENT + "child"]
     finally:
         storage.close()
