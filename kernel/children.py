@@ -10,6 +10,10 @@ A child records its parent (``InstanceRecord.parent``). When it ends, the commit
 carries an event of type ``tenantflow.child-ended:<id>`` into the parent's inbox in the same
 transaction (a committer unit: never split, whatever the batching or retries), which wakes a parent hibernating in ``step.wait_for_instance``. The event is only a
 wake-up: the outcome is always read from the child's own record.
+
+Known gap: if Terminate lands while ``step.create`` is creating a child, after the child is stored
+but before the parent's create step commits (that commit then fails on the bumped generation), the
+child is in no journal and keeps running; find it by its ``parent`` link and terminate it.
 """
 
 from __future__ import annotations

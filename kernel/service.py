@@ -455,6 +455,9 @@ class Kernel:
         steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
         await self._terminate_one(record, steps, rollback)
         if not keep_children:
+            # Read again: a step.create that committed while the parent was being terminated is in
+            # this read, and none can commit after (the terminate bumped the parent's generation).
+            steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
             await self._terminate_children(tenant, steps, rollback)
         return await self._record(tenant, id)
 
