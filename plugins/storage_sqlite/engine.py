@@ -10,8 +10,9 @@ import base64
 import json
 import sqlite3
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -71,6 +72,22 @@ def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
     )  # fmt: skip
 
 
+def _when_unlocked(action: Callable[[], object], seconds: float = 30.0) -> None:
+    """Run ``action``, retrying while another connection holds the file: switching to WAL and
+    changing the schema can answer "database is locked" at once, without SQLite's busy handler
+    (seen with several kernel nodes starting together over one new file)."""
+    deadline, delay = time.monotonic() + seconds, 0.005
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
 class SQLiteStorage:
     """Embedded storage in one SQLite file."""
 
@@ -82,12 +99,22 @@ class SQLiteStorage:
         self._local = threading.local()
         self._writer = self._connect()
         schema = resources.files(__package__).joinpath("schema.sql").read_text()
-        self._writer.executescript(schema)
-        self._migrate()
+        _when_unlocked(lambda: self._writer.executescript(schema))
+        _when_unlocked(self._migrate)
 
     def _migrate(self) -> None:
         """Bring a database made by an older version up to the schema (CREATE IF NOT EXISTS leaves
-        existing tables as they were)."""
+        existing tables as they were). Under the write lock: nodes starting together over one file
+        must not both add a column."""
+        self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            self._migrate_locked()
+        except BaseException:
+            self._writer.execute("ROLLBACK")
+            raise
+        self._writer.execute("COMMIT")
+
+    def _migrate_locked(self) -> None:
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(instances)")}
         if "parent" not in columns:
             self._writer.execute("ALTER TABLE instances ADD COLUMN parent TEXT NOT NULL DEFAULT ''")
@@ -103,7 +130,7 @@ class SQLiteStorage:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode = WAL")
+        _when_unlocked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA busy_timeout = 30000")
         return conn
