@@ -9,22 +9,22 @@ from pathlib import Path
 from tenantflow.plugins.storage_sqlite.engine import SQLiteStorage
 
 
+def _open(path: Path, start: threading.Barrier, errors: list[BaseException]) -> None:
+    start.wait()
+    try:
+        storage = SQLiteStorage(path)
+        storage.count_by_status()
+        storage.close()
+    except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        errors.append(exc)
+
+
 def test_four_storages_open_one_new_file_at_once(tmp_path: Path) -> None:
     for round in range(15):
         path = tmp_path / f"shared-{round}.sqlite3"
         errors: list[BaseException] = []
         start = threading.Barrier(4)
-
-        def open_it() -> None:
-            start.wait()
-            try:
-                storage = SQLiteStorage(path)
-                storage.count_by_status()
-                storage.close()
-            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
-                errors.append(exc)
-
-        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        threads = [threading.Thread(target=_open, args=(path, start, errors)) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
