@@ -33,15 +33,17 @@ def _short(text: str, width: int = 60) -> str:
 # -- serve ------------------------------------------------------------------------------------------
 async def _serve(args: argparse.Namespace) -> None:
     from tenantflow.kernel.auth import Tokens
-    from tenantflow.kernel.config import KernelConfig, default_data_dir, lease_problem
+    from tenantflow.kernel.config import KernelConfig, default_data_dir, hold_data_dir, lease_problem
     from tenantflow.kernel.sandbox import Limits
     from tenantflow.kernel.server import create_server
     from tenantflow.kernel.service import Kernel
 
     if problem := lease_problem(args.lease_seconds, args.lease_renew_seconds):
         raise SystemExit(f"error: --lease-seconds/--lease-renew-seconds: {problem}")
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    hold_data_dir(data_dir)  # one kernel per data directory, for the life of this process
     config = KernelConfig(
-        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+        data_dir=data_dir,
         storage_url=args.storage or "",
         node_id=args.node_id,
         lease_seconds=args.lease_seconds,
@@ -368,7 +370,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default=DEFAULT_ADDRESS, help="HOST:PORT (port 0 picks a free one)")
     s.add_argument("--storage", help="storage URL (default sqlite:///<data-dir>/tenantflow.sqlite3)")
     s.add_argument("--data-dir", help="default $TENANTFLOW_DATA_DIR or ~/.local/share/tenantflow")
-    s.add_argument("--node-id", default="local", help="lease owner name; unique per kernel sharing storage")
+    s.add_argument(
+        "--node-id",
+        help="lease owner name, unique per kernel sharing a storage (default: <hostname>-<hash of --data-dir>, "
+        "the same across restarts on one data directory)",
+    )
     s.add_argument(
         "--lease-seconds",
         type=_POSITIVE,
@@ -646,6 +652,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if hasattr(args, "node_id") and args.node_id is None:  # serve without --node-id
+        from tenantflow.kernel.config import default_data_dir, default_node_id
+
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        args.node_id = args.node_id or default_node_id(data_dir)
     from tenantflow.kernel import logformat
 
     logformat.configure(getattr(args, "log_format", "text"), node=getattr(args, "node_id", ""))

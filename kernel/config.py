@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +17,30 @@ def default_data_dir() -> Path:
     """``$TENANTFLOW_DATA_DIR``, else ``~/.local/share/tenantflow``."""
     env = os.environ.get("TENANTFLOW_DATA_DIR")
     return Path(env) if env else Path.home() / ".local" / "share" / "tenantflow"
+
+
+def default_node_id(data_dir: Path) -> str:
+    """A node id that is the same for a kernel restarted on its data directory (so it reclaims its
+    own leases at once) and differs between kernels with different data directories (two kernels
+    sharing a storage under one id would pass each other's lease guards)."""
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{digest}"
+
+
+def hold_data_dir(data_dir: Path) -> int:
+    """Lock ``data_dir`` for this process (released when it exits, however it dies); raise
+    ``SystemExit`` naming the directory if another kernel holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "kernel.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(
+            f"error: another kernel is running with --data-dir {data_dir}: give each kernel its own "
+            "data directory (and its own --node-id when they share a storage)"
+        ) from None
+    return fd
 
 
 def lease_problem(lease_seconds: float, renew_seconds: float) -> str:
