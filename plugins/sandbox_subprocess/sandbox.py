@@ -479,11 +479,12 @@ class SubprocessSandbox:
             exit_future.set_result(self._early_exits.pop(pid))
         else:
             self._exits[pid] = exit_future
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
         ended = False
         calls = [0]
         watchdog = asyncio.create_task(cpu_watchdog(pid, limits, calls, self._kill))
-        try:
+        writer: asyncio.StreamWriter | None = None
+        try:  # from here on a cancelled run still kills its child and releases its cgroup
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
             writer.write(wire.encode(job))
             await writer.drain()
             frames = 0
@@ -520,7 +521,10 @@ class SubprocessSandbox:
             if not ended:
                 return RunExit(True, f"sandbox protocol error: {exc}")
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
+            else:
+                ours.close()
             self._kill(pid)
             watchdog.cancel()
             if cgroup is not None and self._cgroups is not None:
