@@ -219,7 +219,22 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
     problem = _outcome(child, id, rec.id)
     ended = problem is not None or (child is not None and child.status in TERMINAL)
     assert step.wake_at is not None
+    stale: list[tuple[int, str]] = []
     if not ended and step.wake_at > now:
+        # A notice of a child not ended is stale (its end was refused, or the child was restarted):
+        # left unconsumed it would wake the suspended parent again and again. A child's end commits
+        # with its notice, so if the child is still not ended after the notice was read, it is stale.
+        events = await asyncio.to_thread(
+            wake.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True
+        )
+        stale = [(e.seq, step.key) for e in events if e.type == step.event_type]
+        if stale:
+            child = await asyncio.to_thread(wake.engine.storage.get_instance, rec.tenant, id)
+            problem = _outcome(child, id, rec.id)
+            ended = problem is not None or (child is not None and child.status in TERMINAL)
+    if not ended and step.wake_at > now:
+        if stale:
+            wake._submit(wake._change(consume_events=stale))
         wake.wakes.append(step.wake_at)
         wake.wait_types.add(step.event_type)
         wake.hibernating = True

@@ -10,14 +10,19 @@ per batch hands the results back to the loop.
 Changes submitted together (:meth:`Committer.commit` with riders: an instance's end and the notice
 to its parent) are one unit: a unit is never split across batches, and when a failed batch is
 retried piece by piece, it is retried unit by unit, so a unit's changes always share one
-transaction. Each change still keeps its own guard: a rider whose guard fails does not fail the
-others.
+transaction. Riders are marked ``after_previous``: storage applies them only if the unit's main
+change applied (a child's end refused for a lost lease sends no notice); a rider whose own guard
+fails does not fail the others.
+
+A failed batch is retried only when ``Storage.apply`` raised, which means nothing of it applied;
+an engine that committed part of a batch reports the rest not ok instead, so nothing applies twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -25,12 +30,13 @@ import time
 from collections.abc import Callable, Sequence
 
 from tenantflow.kernel import metrics
-from tenantflow.kernel.errors import Conflict
+from tenantflow.kernel.errors import Conflict, Unavailable
 from tenantflow.kernel.model import ApplyResult, Change
 from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.committer")
 MAX_BATCH = 512
+STOP_SECONDS = 10.0  # how long stop() waits for the writer thread's last commit
 
 _Item = tuple[Change, "asyncio.Future[ApplyResult]"]
 _Unit = list[_Item]  # committed in one transaction, never split
@@ -48,41 +54,60 @@ class Committer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsettled = 0  # changes queued or being applied, counted on the loop
         self._drained: asyncio.Event | None = None
+        self._stopping = False  # stop() let the writer thread go: nothing more is accepted
         self.batches = 0
         self.changes = 0
         self.max_batch = MAX_BATCH  # changes per transaction; a unit may pass it, never be split
+        self.stop_seconds = STOP_SECONDS
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
         self._drained.set()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tenantflow-committer", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """Commit what is queued, then end the writer thread."""
-        if self._thread is None:
-            return
+    async def stop(self) -> bool:
+        """Commit what is queued, then end the writer thread; later submits fail at once. Return
+        False if the writer is still inside a commit after ``stop_seconds``: the caller must then
+        leave storage open (closing it under a live write transaction is unsafe; process exit
+        ends both)."""
+        thread = self._thread
+        if thread is None:
+            return True
         assert self._drained is not None
         await self._drained.wait()
+        self._stopping = True  # no await since the wait: nothing was queued after the drain
         self._queue.put(None)
-        await asyncio.to_thread(self._thread.join, 10)
+        await asyncio.to_thread(thread.join, self.stop_seconds)
         self._thread = None
+        if thread.is_alive():
+            log.error("the committer's writer thread is still committing after %g s; storage is left "
+                      "open for the process exit to close", self.stop_seconds)  # fmt: skip
+            return False
+        return True
 
     def submit(self, change: Change, riders: Sequence[Change] = ()) -> asyncio.Future[ApplyResult]:
         """Queue ``change``; the future resolves once it is committed (or its guard failed).
-        ``riders`` commit in the same transaction, whatever the batching; their results are not
-        awaited (a rider whose guard fails changes nothing else)."""
+        ``riders`` commit in the same transaction, whatever the batching, and only if ``change``
+        applies; their results are not awaited (a rider whose guard fails changes nothing else).
+        After :meth:`stop` the future fails at once with :class:`Unavailable`."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ApplyResult] = loop.create_future()
-        if self._thread is None:  # stopped: as before, nothing more is committed
+        if self._thread is None or self._stopping:
+            future.set_exception(
+                Unavailable("the kernel is stopping: nothing more is committed; retry on a running kernel")
+            )
             return future
         assert self._drained is not None
+        if change.after_previous:  # a main change never rides on the unit queued before it
+            change = dataclasses.replace(change, after_previous=False)
         unit: _Unit = [(change, future)]
         for rider in riders:
             ignored: asyncio.Future[ApplyResult] = loop.create_future()
             ignored.add_done_callback(_retrieve)
-            unit.append((rider, ignored))
+            unit.append((dataclasses.replace(rider, after_previous=True), ignored))
         self._unsettled += len(unit)
         self._drained.clear()
         self._queue.put(unit)
@@ -162,11 +187,13 @@ class Committer:
                 assert result is not None
                 future.set_result(result)
         self._unsettled -= len(settled)
-        if applied:
-            self._on_applied(applied)
-        if self._unsettled == 0:
-            assert self._drained is not None
-            self._drained.set()
+        try:
+            if applied:
+                self._on_applied(applied)
+        finally:  # a callback that raises must not hang stop()
+            if self._unsettled == 0:
+                assert self._drained is not None
+                self._drained.set()
 
 
 def _retrieve(future: asyncio.Future[ApplyResult]) -> None:

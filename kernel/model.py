@@ -144,6 +144,11 @@ class Change:
     Guards: ``generation`` (None = any) must match, ``owner`` (None = any) must hold the lease,
     ``expect_status`` (empty = any) must contain the current status. A failed guard rolls back this
     change only and reports why.
+
+    ``after_previous`` makes the change a rider (a parent's notice riding on its child's end): it
+    applies only if the unit's main change (the nearest change before it in the batch without the
+    flag) applied, decided in the same transaction; otherwise it is reported not ok with
+    :data:`SKIPPED`. Riders of one main change do not depend on each other.
     """
 
     tenant: str
@@ -161,6 +166,10 @@ class Change:
     pause_aware: bool = False  # if stored status is WAITING_FOR_PAUSE: become PAUSED, run_at NULL
     bump_generation: bool = False
     now: float = 0.0
+    after_previous: bool = False  # a rider: applied only if the unit's main change applied
+
+
+SKIPPED = "not applied: the change it rides on was refused"
 
 
 @dataclass

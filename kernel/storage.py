@@ -60,7 +60,17 @@ class Storage(Protocol):
     def get_history(self, tenant: str, id: str, after_seq: int, limit: int) -> list[HistoryEntry]: ...
 
     def apply(self, changes: Sequence[Change]) -> list[ApplyResult]:
-        """Apply every change whose guards hold, in one durable commit; one result per change."""
+        """Apply every change whose guards hold, durably; one result per change, in order.
+
+        A change with ``after_previous`` (a rider) applies only if its unit's main change (the
+        nearest earlier change without the flag) applied, decided in the same transaction; else
+        its result is not ok with reason ``SKIPPED``. A unit is never split across transactions.
+
+        Either ``apply`` raises having applied nothing (the caller may retry the changes), or it
+        returns one result per change. An engine that needs several transactions for one batch
+        and fails after some committed (or cannot tell whether a commit applied) must not raise:
+        it returns ok=False, with the storage error as the reason, for every change not known to
+        be applied, so that nothing is ever applied twice."""
         ...
 
     def claim(

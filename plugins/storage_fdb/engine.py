@@ -15,6 +15,7 @@ from typing import Any
 
 from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
 from tenantflow.kernel.model import (
+    SKIPPED,
     ApplyResult,
     Artifact,
     Change,
@@ -31,6 +32,7 @@ from tenantflow.plugins.storage_fdb.keys import Keys, pack, part, unpack
 from tenantflow.plugins.storage_fdb.layer import (
     CHUNK_BYTES,
     MAX_TXN_BYTES,
+    CommitUnknownResult,
     Layer,
     Txn,
     decode_int,
@@ -55,6 +57,9 @@ _SETTABLE = frozenset(
 )
 PAGE = 100  # instances deleted or released per transaction
 _INSTANCE_OVERHEAD = 2_000  # bytes of keys and index entries an instance write adds
+# FoundationDB errors after which a commit may have applied: commit_unknown_result (past the retry
+# limit), transaction_timed_out, cluster_version_changed
+_MAYBE_COMMITTED = frozenset({1021, 1031, 1039})
 
 
 def _change_bytes(ch: Change) -> int:
@@ -262,12 +267,12 @@ class KVStorage:
     # -- the write path of running instances ----------------------------------------------------
     def apply(self, changes: Sequence[Change]) -> list[ApplyResult]:
         # One transaction per batch (group commit), unless the batch would pass the transaction
-        # size limit: then it is split between changes, each change still atomic.
+        # size limit: then it is split between units (a change and its riders), each unit atomic.
         groups: list[list[Change]] = []
         used = 0
         for ch in changes:
             grown = _change_bytes(ch)
-            if not groups or used + grown > MAX_TXN_BYTES:
+            if not groups or (not ch.after_previous and used + grown > MAX_TXN_BYTES):
                 groups.append([])
                 used = 0
             groups[-1].append(ch)
@@ -275,14 +280,32 @@ class KVStorage:
         results: list[ApplyResult] = []
         for group in groups:
             batch_id = uuid.uuid4().hex  # outside the retry loop: a retry recognises its own commit
-            results += self.layer.transact(lambda tr, g=group, b=batch_id: self._apply_batch(tr, g, b))  # type: ignore[misc]
+            try:
+                results += self.layer.transact(lambda tr, g=group, b=batch_id: self._apply_batch(tr, g, b))  # type: ignore[misc]
+            except Exception as exc:
+                maybe = isinstance(exc, CommitUnknownResult) or getattr(exc, "code", None) in _MAYBE_COMMITTED
+                if not results and not maybe:
+                    raise  # nothing applied: the caller may retry the changes
+                # Part of the batch committed, or this part may have: raising would have the caller
+                # apply it all again. The rest is reported not applied (or not known to be).
+                reason = (
+                    f"storage could not tell whether the change committed ({exc}): the instance "
+                    "replays from storage after its lease"
+                    if maybe
+                    else f"storage failed ({exc}); the change was not applied"
+                )
+                return results + [ApplyResult(False, reason)] * (len(changes) - len(results))
         return results
 
     def _apply_batch(self, tr: Txn, changes: list[Change], batch_id: str) -> list[ApplyResult]:
         done: dict[tuple[str, str], dict[int, ApplyResult] | None] = {}
         mine: dict[tuple[str, str], list[tuple[int, ApplyResult]]] = {}
         results: list[ApplyResult] = []
+        main_ok = True  # whether the main change the next rider rides on applied
         for pos, ch in enumerate(changes):
+            if ch.after_previous and not main_ok:
+                results.append(ApplyResult(False, SKIPPED))
+                continue
             key = (ch.tenant, ch.id)
             if key not in done:
                 raw = tr.get(self.k.inst(ch.tenant, ch.id, "x"))
@@ -297,10 +320,14 @@ class KVStorage:
                 )
             earlier = done[key]
             if earlier is not None:  # this batch committed before (the commit reported unknown)
-                results.append(earlier[pos])
-                continue
-            result = self._apply_one(tr, ch)
+                result = earlier[pos]
+            else:
+                result = self._apply_one(tr, ch)
             results.append(result)
+            if not ch.after_previous:
+                main_ok = result.ok
+            if earlier is not None:
+                continue
             if result.ok or result.reason != f"instance {ch.id!r} does not exist":
                 mine.setdefault(key, []).append((pos, result))
         for (tenant, id), applied in mine.items():

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs
 
 from tenantflow.kernel.errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from tenantflow.kernel.model import (
+    SKIPPED,
     TERMINAL,
     ApplyResult,
     Artifact,
@@ -278,19 +279,25 @@ class SQLiteStorage:
     # -- the write path of running instances ----------------------------------------------------
     def apply(self, changes: Sequence[Change]) -> list[ApplyResult]:
         results: list[ApplyResult] = []
+        main_ok = True  # whether the main change the next rider rides on applied
         with self._write() as conn:
             for change in changes:
+                if change.after_previous and not main_ok:
+                    results.append(ApplyResult(False, SKIPPED))
+                    continue
                 # Only a change consuming events can fail after it wrote something (its guards are
                 # checked before any write): only such a change needs a savepoint to roll back to.
                 if not change.consume_events:
-                    results.append(self._apply_plain(conn, change) or self._apply_one(conn, change))
-                    continue
-                conn.execute("SAVEPOINT change")
-                result = self._apply_one(conn, change)
-                if not result.ok:
-                    conn.execute("ROLLBACK TO change")
-                conn.execute("RELEASE change")
+                    result = self._apply_plain(conn, change) or self._apply_one(conn, change)
+                else:
+                    conn.execute("SAVEPOINT change")
+                    result = self._apply_one(conn, change)
+                    if not result.ok:
+                        conn.execute("ROLLBACK TO change")
+                    conn.execute("RELEASE change")
                 results.append(result)
+                if not change.after_previous:
+                    main_ok = result.ok
         return results
 
     def _apply_plain(self, conn: sqlite3.Connection, ch: Change) -> ApplyResult | None:

@@ -22,6 +22,7 @@ import pytest
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
 from tenantflow.kernel.model import (
+    SKIPPED,
     Artifact,
     Change,
     EventRecord,
@@ -151,6 +152,40 @@ def test_apply_guards_roll_back_only_the_failing_change(storage: Storage) -> Non
     assert [s.key for s in storage.get_steps("t", "a")] == ["s#0"]
     assert storage.get_instance("t", "b").status == Status.QUEUED  # type: ignore[union-attr]
     assert storage.get_steps("t", "b") == []
+
+
+def test_a_unit_whose_main_change_is_refused_applies_none_of_its_riders(storage: Storage) -> None:
+    storage.create_instances([instance("t", "child"), instance("t", "parent")], [entry(), entry()])
+
+    def notice(n: int) -> Change:  # a parent's notice riding on its child's end
+        return Change(tenant="t", id="parent", now=1.0, after_previous=True, wake_on_events=["ended"],
+                      add_events=[EventRecord(0, "ended", str(n), 1.0)], history=[entry(f"notice {n}")])  # fmt: skip
+
+    lost = Change(tenant="t", id="child", owner="node-b", now=1.0, set={"status": Status.COMPLETE})
+    stale = Change(tenant="t", id="child", generation=3, now=1.0, set={"status": Status.COMPLETE})
+    consumes = Change(tenant="t", id="child", now=1.0, consume_events=[(9, "w#0")])  # no event 9
+    refused_rider = dataclasses.replace(notice(9), expect_status=frozenset({Status.PAUSED}))
+    ends = Change(tenant="t", id="child", generation=0, now=1.0, set={"status": Status.COMPLETE})
+    batch = [
+        lost,
+        notice(1),
+        notice(2),
+        stale,
+        notice(3),
+        consumes,
+        notice(4),
+        ends,
+        refused_rider,
+        notice(5),
+    ]
+    results = storage.apply(batch)
+    assert [r.ok for r in results] == [False, False, False, False, False, False, False, True, False, True]
+    assert all(r.reason == SKIPPED for r in results[1:3] + results[4:5] + results[6:7])
+    assert "lease" in results[0].reason and results[8].reason != SKIPPED  # a rider's own guard
+    events = storage.get_events("t", "parent", unconsumed_only=False)
+    assert [e.payload_json for e in events] == ["5"]  # only the rider of the applied end
+    assert [h.message for h in storage.get_history("t", "parent", 0, 10)] == ["", "notice 5"]
+    assert storage.get_instance("t", "parent").run_at == 1.0  # type: ignore[union-attr]
 
 
 def test_events_history_and_restart_deletion(storage: Storage) -> None:
