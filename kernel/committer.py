@@ -70,15 +70,16 @@ class Committer:
 
     async def stop(self) -> bool:
         """Commit what is queued, then end the writer thread; later submits fail at once. Return
-        False if the writer is still inside a commit after ``stop_seconds``: the caller must then
-        leave storage open (closing it under a live write transaction is unsafe; process exit
-        ends both)."""
+        False if the writer is still inside a commit after waiting ``stop_seconds`` for the queue to
+        drain and as long again for the thread: the caller must then leave storage open (closing it
+        under a live write transaction is unsafe; process exit ends both)."""
         thread = self._thread
         if thread is None:
             return True
         assert self._drained is not None
-        await self._drained.wait()
-        self._stopping = True  # no await since the wait: nothing was queued after the drain
+        with contextlib.suppress(TimeoutError):  # a commit that hangs: the join below reports it
+            await asyncio.wait_for(self._drained.wait(), self.stop_seconds)
+        self._stopping = True  # the writer ends at the marker, after what is queued before it
         self._queue.put(None)
         await asyncio.to_thread(thread.join, self.stop_seconds)
         self._thread = None

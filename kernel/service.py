@@ -245,10 +245,11 @@ class Kernel:
             sweeper.cancel()
         await self.schedules.stop()
         await self.dispatcher.stop()
-        await self.committer.stop()
+        writer_ended = await self.committer.stop()
         for sandbox in self.sandboxes.values():
             await sandbox.close()
-        self.storage.close()
+        if writer_ended:  # else a commit still runs: process exit closes storage, not us under it
+            self.storage.close()
 
     # -- helpers ----------------------------------------------------------------------------------
     def _json(self, text: str, what: str) -> str:

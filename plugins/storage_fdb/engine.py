@@ -268,14 +268,20 @@ class KVStorage:
     def apply(self, changes: Sequence[Change]) -> list[ApplyResult]:
         # One transaction per batch (group commit), unless the batch would pass the transaction
         # size limit: then it is split between units (a change and its riders), each unit atomic.
+        units: list[list[Change]] = []
+        for ch in changes:
+            if ch.after_previous and units:
+                units[-1].append(ch)
+            else:
+                units.append([ch])
         groups: list[list[Change]] = []
         used = 0
-        for ch in changes:
-            grown = _change_bytes(ch)
-            if not groups or (not ch.after_previous and used + grown > MAX_TXN_BYTES):
+        for unit in units:
+            grown = sum(map(_change_bytes, unit))
+            if not groups or used + grown > MAX_TXN_BYTES:
                 groups.append([])
                 used = 0
-            groups[-1].append(ch)
+            groups[-1] += unit
             used += grown
         results: list[ApplyResult] = []
         for group in groups:

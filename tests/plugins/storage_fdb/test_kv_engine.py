@@ -3,15 +3,20 @@ when a commit's result is unknown, one transaction per batch, large values, a ve
 
 from __future__ import annotations
 
+import asyncio
 import ctypes.util
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.errors import InvalidArgument, Unavailable
 from tenantflow.kernel.model import (
+    ApplyResult,
     Artifact,
     Change,
     EventRecord,
@@ -20,11 +25,14 @@ from tenantflow.kernel.model import (
     Status,
     StepRecord,
 )
-from tenantflow.plugins.storage_fdb import open_url
+from tenantflow.plugins.storage_fdb import engine, open_url
 from tenantflow.plugins.storage_fdb.engine import KVStorage
+from tenantflow.plugins.storage_fdb.layer import Txn
+from tenantflow.plugins.storage_fdb.lmdb_layer import RETRY_LIMIT
 from tests.plugins.storage_fdb.checked import CheckedLayer
 
 MIB = 1024 * 1024
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -171,3 +179,151 @@ def test_two_storage_objects_share_one_lmdb_environment(tmp_path: Path) -> None:
     third = open_url(url)
     assert third.get_instance("t", "a") is not None
     third.close()
+
+
+class FailingLayer(CheckedLayer):
+    """The checked layer, failing one later write transaction before it commits (nothing of it
+    applies): ``fail_after`` = how many more transactions commit first (-1: none fails)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.fail_after = -1
+        self.gate: threading.Event | None = None  # when set, transactions wait for it
+
+    def transact(self, fn: Callable[[Txn], T]) -> T:
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.fail_after == 0:
+            self.fail_after = -1
+            raise OSError("injected: the storage failed this transaction")
+        if self.fail_after > 0:
+            self.fail_after -= 1
+        return super().transact(fn)
+
+
+def big_step(id: str, n: int) -> Change:
+    """A step result of ``n`` bytes and one event: what a duplicate apply would store twice."""
+    step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="complete", output_json=f'"{"x" * n}"')
+    return Change(tenant="t", id=id, owner="A", now=1.0, steps=[step], history=[entry(f"{id} step")],
+                  add_events=[EventRecord(0, "e", "1", 1.0)])  # fmt: skip
+
+
+def end_and_notice() -> tuple[Change, Change]:
+    end = Change(tenant="t", id="child", owner="A", now=1.0, history=[entry("child ended")],
+                 set={"status": Status.COMPLETE, "run_at": None, "lease_owner": None, "lease_until": None})  # fmt: skip
+    notice = Change(tenant="t", id="parent", now=1.0, after_previous=True, wake_on_events=["ended"],
+                    add_events=[EventRecord(0, "ended", "1", 1.0)], history=[entry("notice")])  # fmt: skip
+    return end, notice
+
+
+def split_batch(storage: KVStorage, monkeypatch: pytest.MonkeyPatch) -> list[Change]:
+    """Instances, and a batch in three transactions whose middle one holds a child's end and its
+    parent's notice: they would have been split with the size limit counted per change."""
+    ids = ["a", "b", "child", "parent", "c"]
+    storage.create_instances([instance("t", i, lease_owner="A", lease_until=time.time() + 60) for i in ids],
+                             [entry()] * len(ids))  # fmt: skip
+    end, notice = end_and_notice()
+    a, b, c = big_step("a", 100_000), big_step("b", 100_000), big_step("c", 100_000)
+    size = engine._change_bytes
+    # a and b fill a transaction; the end would still fit in it, its notice would not
+    monkeypatch.setattr(engine, "MAX_TXN_BYTES", size(a) + size(b) + size(end) + size(notice) - 1)
+    return [a, b, end, notice, c]
+
+
+def stored_once(storage: KVStorage) -> dict[str, tuple[int, int]]:
+    """Per instance, how many events and step histories it holds."""
+    counts = {}
+    for id in ("a", "b", "child", "parent", "c"):
+        events = len(storage.get_events("t", id, unconsumed_only=False))
+        counts[id] = (events, len([h for h in storage.get_history("t", id, 0, 100) if h.message]))
+    return counts
+
+
+def test_a_batch_is_split_only_between_units_and_a_later_failure_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = FailingLayer(tmp_path / "kv")
+    storage = KVStorage(layer)
+    try:
+        batch = split_batch(storage, monkeypatch)
+        commits = layer.commits
+        layer.fail_after = 1  # the first transaction commits, the second (the end and notice) fails
+        results = storage.apply(batch)
+        assert layer.commits == commits + 1  # the third was not tried: it is reported not applied
+        assert [r.ok for r in results] == [True, True, False, False, False]
+        assert all("injected" in r.reason and "not applied" in r.reason for r in results[2:])
+        assert storage.get_instance("t", "child").status == Status.QUEUED  # type: ignore[union-attr]
+        assert stored_once(storage) == {
+            "a": (1, 1),
+            "b": (1, 1),
+            "child": (0, 0),
+            "parent": (0, 0),
+            "c": (0, 0),
+        }
+        commits = layer.commits
+        assert all(r.ok for r in storage.apply(batch[2:])) and layer.commits == commits + 1
+        assert stored_once(storage) == {
+            "a": (1, 1),
+            "b": (1, 1),
+            "child": (0, 1),
+            "parent": (1, 1),
+            "c": (1, 1),
+        }
+        assert storage.get_instance("t", "child").status == Status.COMPLETE  # type: ignore[union-attr]
+    finally:
+        layer.close()
+
+
+def test_a_commit_that_may_have_applied_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = FailingLayer(tmp_path / "kv")
+    storage = KVStorage(layer)
+    try:
+        batch = split_batch(storage, monkeypatch)
+        layer.unknown_results = RETRY_LIMIT + 1  # the first transaction commits, then stays unknown
+        results = storage.apply(batch)
+        assert [r.ok for r in results] == [False] * 5
+        assert all("could not tell whether the change committed" in r.reason for r in results)
+        assert stored_once(storage)["a"] == (1, 1)  # it did apply, once, in spite of 101 retries
+    finally:
+        layer.close()
+
+
+def test_the_committer_applies_nothing_twice_when_a_later_transaction_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = FailingLayer(tmp_path / "kv")
+    storage = KVStorage(layer)
+    try:
+        batch = split_batch(storage, monkeypatch)
+        storage.create_instances([instance("t", "first")], [entry()])
+
+        async def main() -> list[ApplyResult | BaseException]:
+            committer = Committer(storage, lambda changes: None)
+            committer.start()
+            layer.gate = threading.Event()
+            # the writer takes this one alone and waits at the gate: the batch queues up behind it
+            first = committer.submit(Change(tenant="t", id="first", now=1.0, history=[entry("first")]))
+            await asyncio.sleep(0.2)
+            futures = [committer.submit(c) for c in batch[:2]]
+            futures.append(committer.submit(batch[2], [batch[3]]))
+            futures.append(committer.submit(batch[4]))
+            layer.fail_after = 2  # the gated change and the batch's first transaction commit
+            layer.gate.set()
+            results = await asyncio.gather(first, *futures, return_exceptions=True)
+            assert await committer.stop()
+            return results
+
+        results = asyncio.run(main())
+        assert [getattr(r, "ok", r) for r in results[:3]] == [True, True, True]
+        assert all(isinstance(r, ApplyResult) and not r.ok for r in results[3:])  # not raised: not retried
+        assert stored_once(storage) == {
+            "a": (1, 1),
+            "b": (1, 1),
+            "child": (0, 0),
+            "parent": (0, 0),
+            "c": (0, 0),
+        }
+    finally:
+        layer.close()
