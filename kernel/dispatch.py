@@ -61,7 +61,9 @@ class Dispatcher:
             asyncio.create_task(self._lease_loop(), name="tenantflow-leases"),
         ]
 
-    async def stop(self) -> None:
+    async def stop(self) -> bool:
+        """Stop claiming and renewing, and stop running wake-ups; False if a lease renewal is still
+        inside storage (then storage must not be closed under it: process exit does that)."""
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -69,7 +71,11 @@ class Dispatcher:
             wake.abort("kernel shutting down")
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
-        self._renewer.shutdown(wait=False)
+        renewer = asyncio.ensure_future(asyncio.to_thread(self._renewer.shutdown, True))
+        done, _ = await asyncio.wait({renewer}, timeout=5)
+        if not done:
+            log.error("a lease renewal is still inside storage after 5 s; leaving storage open")
+        return bool(done)
 
     async def _dispatch_loop(self) -> None:
         while True:

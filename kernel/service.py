@@ -244,11 +244,11 @@ class Kernel:
         for sweeper in self._sweepers:
             sweeper.cancel()
         await self.schedules.stop()
-        await self.dispatcher.stop()
+        renewals_ended = await self.dispatcher.stop()
         writer_ended = await self.committer.stop()
         for sandbox in self.sandboxes.values():
             await sandbox.close()
-        if writer_ended:  # else a commit still runs: process exit closes storage, not us under it
+        if writer_ended and renewals_ended:  # else storage is in use: process exit closes it, not us
             self.storage.close()
 
     # -- helpers ----------------------------------------------------------------------------------
