@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,10 @@ RESERVED_EVENT_PREFIX = "tenantflow."  # event types the kernel sends itself; te
 _ID = re.compile(
     r"[a-zA-Z0-9_][a-zA-Z0-9_@-]{0,99}"
 )  # "@": ids of scheduled instances, and children derived from them
+
+# Child-ended events a wait step of the wake-up has taken to consume: two parallel waits on one child
+# read the same unconsumed notice, and the second to consume it would fail its commit (a lost lease).
+_claimed: weakref.WeakKeyDictionary[WakeUp, set[int]] = weakref.WeakKeyDictionary()
 
 # (parent record, workflow, code ref or "" for the parent's own, params JSON, child id) -> the child
 Spawn = Callable[[InstanceRecord, str, str, str, str], Awaitable[InstanceRecord]]
@@ -183,6 +188,15 @@ async def create(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str,
     return {"do": "return", "value": id}
 
 
+def _claim(wake: WakeUp, events: list[EventRecord], type: str, key: str) -> list[tuple[int, str]]:
+    """The notices of ``type`` no other wait step of this wake-up consumes: the event only wakes
+    the parent (the outcome is read from the child's record), so one consumer is enough."""
+    claimed = _claimed.setdefault(wake, set())
+    mine = [e.seq for e in events if e.type == type and e.seq not in claimed]
+    claimed.update(mine)
+    return [(seq, key) for seq in mine]
+
+
 def _outcome(child: InstanceRecord | None, id: str, parent: str) -> tuple[str, str] | None:
     """(error name, message) for a child that failed or cannot be waited for; None if it completed."""
     if child is None:
@@ -227,7 +241,7 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
         events = await asyncio.to_thread(
             wake.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True
         )
-        stale = [(e.seq, step.key) for e in events if e.type == step.event_type]
+        stale = _claim(wake, events, step.event_type, step.key)
         if stale:
             child = await asyncio.to_thread(wake.engine.storage.get_instance, rec.tenant, id)
             problem = _outcome(child, id, rec.id)
@@ -242,7 +256,7 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
     if not ended:
         problem = "InstanceTimeout", f"instance {id!r} did not end before the time-out"
     events = await asyncio.to_thread(wake.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True)
-    consumed = [(e.seq, step.key) for e in events if e.type == step.event_type]
+    consumed = [*stale, *_claim(wake, events, step.event_type, step.key)]  # stale: claimed above
     step.updated_at = now
     if problem is None:
         assert child is not None

@@ -462,7 +462,9 @@ class Kernel:
             await self._terminate_children(tenant, steps, rollback)
         return await self._record(tenant, id)
 
-    async def _terminate_one(self, record: InstanceRecord, steps: list[StepRecord], roll_back: bool) -> None:
+    async def _terminate_one(
+        self, record: InstanceRecord, steps: list[StepRecord], roll_back: bool, *, notify: bool = True
+    ) -> None:
         tenant, id, now = record.tenant, record.id, time.time()
         started = next((s for s in steps if s.key == rollback.KEY), None)
         live = frozenset(set(Status) - TERMINAL)
@@ -489,7 +491,7 @@ class Kernel:
                 set={"status": Status.TERMINATED, "run_at": None, "lease_owner": None, "lease_until": None},
                 history=[HistoryEntry(kind="status", at=now, status=int(Status.TERMINATED), message="terminated")],
             )  # fmt: skip
-            notice = children.parent_notice(record, Status.TERMINATED, now)
+            notice = children.parent_notice(record, Status.TERMINATED, now) if notify else None
         try:  # the parent's notice rides in the same transaction, never split from it
             await self._apply(change, [notice] if notice is not None else [])
         except Conflict as exc:
@@ -498,9 +500,13 @@ class Kernel:
         if roll_back:
             self._poke()
 
-    async def _terminate_children(self, tenant: str, steps: list[StepRecord], roll_back: bool) -> None:
-        """Breadth first, without recursion: a chain of children may be long."""
-        queue = children.child_ids(steps)
+    async def _terminate_children(
+        self, tenant: str, steps: list[StepRecord], roll_back: bool, ids: list[str] | None = None
+    ) -> None:
+        """Breadth first, without recursion: a chain of children may be long. ``ids``: only these
+        of the children in ``steps``, and without a notice to their parent (it stopped waiting)."""
+        queue = children.child_ids(steps) if ids is None else list(ids)
+        first = set() if ids is None else set(ids)
         while queue:
             child = await asyncio.to_thread(self.storage.get_instance, tenant, queue.pop(0))
             if child is None:
@@ -508,30 +514,37 @@ class Kernel:
             child_steps = await asyncio.to_thread(self.storage.get_steps, tenant, child.id)
             if child.status not in TERMINAL:
                 try:
-                    await self._terminate_one(child, child_steps, roll_back)
+                    await self._terminate_one(child, child_steps, roll_back, notify=child.id not in first)
                 except FailedPrecondition:
                     pass  # it ended meanwhile
             queue.extend(children.child_ids(child_steps))
 
     async def delete(self, tenant: str, id: str) -> None:
-        """Delete an instance and everything recorded for it; a live one is stopped first."""
+        """Delete an instance and everything recorded for it; a live one is stopped first.
+
+        A live child is first ended as terminated, its parent's notice in that same transaction
+        (``delete_instance`` is no ``Change``, so it cannot carry the notice): a crash before the
+        delete leaves a terminated child whose parent was told, never a parent waiting until its
+        time-out for a child that is gone."""
         check_tenant(tenant)
         check_id(id)
         record = await asyncio.to_thread(self.storage.get_instance, tenant, id)
+        if record is not None and record.parent and record.status not in TERMINAL:
+            steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
+            try:
+                await self._terminate_one(record, steps, False)
+            except FailedPrecondition:
+                pass  # it ended meanwhile: the commit that ended it told the parent
         if not await asyncio.to_thread(self.storage.delete_instance, tenant, id):
             raise NotFound(f"instance {id!r} not found in tenant {tenant!r}")
         self.engine.kill(tenant, id, "deleted")  # its next commit finds no instance and writes nothing
-        live = record is not None and record.status not in TERMINAL
-        notice = children.parent_notice(record, Status.TERMINATED, time.time()) if record and live else None
-        if notice is not None:  # a parent waiting for it learns it is gone
-            self.committer.submit(notice).add_done_callback(children.ignore_result)
 
     async def restart(self, tenant: str, id: str, from_step: str) -> InstanceRecord:
         if len(from_step) > MAX_NAME:  # step names may hold any character: only the length is checked
             raise InvalidArgument(
                 f"from_step is {len(from_step)} characters; step names have at most {MAX_NAME}"
             )
-        await self._record(tenant, id)
+        record = await self._record(tenant, id)
         delete_from = 0
         message = "restarted from the start"
         if from_step:
@@ -552,8 +565,17 @@ class Kernel:
             history=[HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message=message)],
         )  # fmt: skip
         self.engine.kill(tenant, id, "restarted")
+        steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)  # read once it is stopped
         await self._apply(change)
         self._poke()
+        # The new run derives new ids for its children: those of the deleted create steps would run
+        # on unawaited, held against the live cap. A child the workflow named is adopted again by
+        # the new run's create, so it is left alone.
+        dropped = [s for s in steps if s.seq >= delete_from]
+        derived = {children.child_id(record, s.key) for s in dropped if s.kind == "create"}
+        orphans = [c for c in children.child_ids(dropped) if c in derived]
+        if orphans:
+            await self._terminate_children(tenant, dropped, False, orphans)
         return await self._record(tenant, id)
 
     async def send_event(self, tenant: str, id: str, type: str, payload_json: str) -> int:

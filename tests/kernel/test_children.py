@@ -23,6 +23,7 @@ from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.helpers import publish, wait_for
 
 FAMILY = """
+import asyncio
 import time
 from tenantflow.workflow import WorkflowEntrypoint, InstanceError
 
@@ -60,6 +61,18 @@ class Slow(WorkflowEntrypoint):
         kid = step.create("start", "Child", params={"n": 1})
         step.do("slow", lambda: time.sleep(3) or 1)
         return step.wait_for_instance("join", kid)
+
+class Twins(WorkflowEntrypoint):
+    async def run(self, event, step):
+        kid = await step.create("start", "Child", params={"n": 2})
+        await step.do("slow", lambda: time.sleep(2) or 1)  # the child has most likely ended by now
+        return list(await asyncio.gather(step.wait_for_instance("a", kid), step.wait_for_instance("b", kid)))
+
+class Rerun(WorkflowEntrypoint):
+    async def run(self, event, step):
+        await step.create("start", "Waiter")
+        await step.create("named", "Waiter", id=event.instance_id + "-named")
+        await step.wait_for_event("forever", type="never", timeout="1 hour")
 
 class Tree(WorkflowEntrypoint):
     async def run(self, event, step):
@@ -313,3 +326,48 @@ def test_a_childs_end_and_its_parents_notice_never_split(tmp_path: Path, split_b
         assert [e.type for e in inbox] == [children.CHILD_EVENT + "child"]
     finally:
         storage.close()
+
+
+def test_deleting_a_live_child_wakes_its_waiting_parent(client: Client, tenant: str) -> None:
+    ref = publish(client, tenant, FAMILY)
+    parent = client.create(tenant, "Catcher", ref, params={"workflow": "Waiter", "timeout": 3600})
+    wait_for(lambda: client.get(tenant, parent.id).status == pb.STATUS_WAITING)
+    child = client.get(tenant, parent.id).child_ids[0]
+    wait_for(lambda: client.get(tenant, child).status == pb.STATUS_WAITING)
+    client.delete(tenant, child)
+    done = client.wait(tenant, parent.id, timeout=30)  # not the hour of its time-out
+    assert Client.output(done)["reason"] in ("terminated", "not_found"), Client.output(done)
+    assert [i.id for i in client.iter_instances(tenant)] == [parent.id]
+
+
+def test_restart_terminates_the_children_of_the_create_steps_it_deletes(client: Client, tenant: str) -> None:
+    ref = publish(client, tenant, FAMILY)
+    parent = client.create(tenant, "Rerun", ref)
+    wait_for(lambda: client.get(tenant, parent.id).status == pb.STATUS_WAITING)
+    old, named = client.get(tenant, parent.id).child_ids
+    wait_for(lambda: {client.get(tenant, c).status for c in (old, named)} == {pb.STATUS_WAITING})
+    client.restart(tenant, parent.id, from_step="start")
+    wait_for(lambda: client.get(tenant, parent.id).status == pb.STATUS_WAITING)
+    new, again = client.get(tenant, parent.id).child_ids
+    assert new != old and again == named  # a named child is adopted by the new run, not ended
+    assert client.get(tenant, old).status == pb.STATUS_TERMINATED
+    assert client.get(tenant, named).status == pb.STATUS_WAITING
+    wait_for(lambda: client.get(tenant, new).status == pb.STATUS_WAITING)
+    client.terminate(tenant, parent.id)
+    assert {client.get(tenant, c).status for c in (new, named)} == {pb.STATUS_TERMINATED}
+    # the old child ended without a notice: the parent had stopped waiting for it
+    ended = [e.child_id for e in client.watch(tenant, parent.id, timeout=10) if e.kind == "child_ended"]
+    assert old not in ended, ended
+
+
+def test_two_parallel_waits_on_one_child_both_return_in_one_wake_up(client: Client, tenant: str) -> None:
+    ref = publish(client, tenant, FAMILY)
+    parent = client.create(tenant, "Twins", ref)
+    done = client.wait(tenant, parent.id, timeout=60)
+    assert done.status == pb.STATUS_COMPLETE, done.error
+    assert Client.output(done) == [4, 4]
+    # a wait whose commit failed would abort the wake-up, which replays only once its lease expires:
+    # every run after the first is then not explained by a hibernation
+    statuses = [e.status for e in client.watch(tenant, parent.id, timeout=10) if e.kind == "status"]
+    runs, waits = statuses.count(pb.STATUS_RUNNING), statuses.count(pb.STATUS_WAITING)
+    assert runs == waits + 1, statuses
