@@ -20,7 +20,8 @@ from tenantflow.kernel import children, errors, metrics, rollback
 from tenantflow.kernel.auth import Tokens
 from tenantflow.kernel.code import MIB, BytesInFlight
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
-from tenantflow.kernel.service import CreateSpec, Kernel, check_tenant
+from tenantflow.kernel.service import CreateSpec, Kernel
+from tenantflow.kernel.validate import check_tenant
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
 
