@@ -17,14 +17,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tenantflow.kernel.sandbox import Limits, Sandbox
 from tenantflow.plugins.sandbox_subprocess.sandbox import SubprocessSandbox
 from tenantflow.plugins.sandbox_wasm.python_wasm import PythonWasmSandbox
 from tenantflow.plugins.sandbox_wasm.raw import RawWasmSandbox
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _rawloop import loop_module  # noqa: E402
 
 PYTHON = """
 from tenantflow.workflow import WorkflowEntrypoint
@@ -36,34 +41,9 @@ class Bench(WorkflowEntrypoint):
         return "done"
 """
 
-WAT = """
-(module
-  (import "tenantflow" "call" (func $call (param i32 i32) (result i32)))
-  (import "tenantflow" "reply" (func $reply (param i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 0) "{step}")
-  (data (i32.const 256) "{result}")
-  (data (i32.const 512) "{finish}")
-  (data (i32.const 768) "tenant {nonce}")
-  (func $send (param i32 i32) (drop (call $call (local.get 0) (local.get 1))) (call $reply (i32.const 4096)))
-  (func (export "workflow_Bench") (local $i i32)
-    (loop $l
-      (call $send (i32.const 0) (i32.const {step_len}))
-      (call $send (i32.const 256) (i32.const {result_len}))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $l (i32.lt_u (local.get $i) (i32.const {steps}))))
-    (call $send (i32.const 512) (i32.const {finish_len}))))
-"""
-
 
 def wat(nonce: int, steps: int) -> bytes:
-    step, result, finish = ('{"op":"step","kind":"do","name":"s"}', '{"op":"result","ok":true,"value":1}',
-                            '{"op":"finish","ok":true,"value":"done"}')  # fmt: skip
-    text = WAT.format(
-        step=step.replace('"', '\\"'), result=result.replace('"', '\\"'), finish=finish.replace('"', '\\"'),
-        step_len=len(step), result_len=len(result), finish_len=len(finish), nonce=nonce, steps=steps,
-    )  # fmt: skip
-    return text.encode()
+    return loop_module("Bench", steps, nonce, output='"done"').encode()
 
 
 class BenchHost:

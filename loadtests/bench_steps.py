@@ -61,6 +61,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _kernel import BenchKernel  # noqa: E402
+from _rawloop import loop_module  # noqa: E402
 
 from tenantflow.client import Client  # noqa: E402
 
@@ -86,34 +87,9 @@ class Loop(WorkflowEntrypoint):
         return total
 """
 
-# A raw module cannot read its params without a JSON parser: the step count is baked in, and the
-# module returns it (steps are keyed by the kernel's ABI layer: "s#0", "s#1", ...).
-WAT = """
-(module
-  (import "tenantflow" "call" (func $call (param i32 i32) (result i32)))
-  (import "tenantflow" "reply" (func $reply (param i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 0) "{step}")
-  (data (i32.const 256) "{result}")
-  (data (i32.const 512) "{finish}")
-  (data (i32.const 768) "tenant {nonce}")
-  (func $send (param i32 i32) (drop (call $call (local.get 0) (local.get 1))) (call $reply (i32.const 4096)))
-  (func (export "workflow_Loop") (local $i i32)
-    (loop $l
-      (call $send (i32.const 0) (i32.const {step_len}))
-      (call $send (i32.const 256) (i32.const {result_len}))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $l (i32.lt_u (local.get $i) (i32.const {steps}))))
-    (call $send (i32.const 512) (i32.const {finish_len}))))
-"""
-
 
 def wat(steps: int, nonce: str) -> str:
-    step, result = '{"op":"step","kind":"do","name":"s"}', '{"op":"result","ok":true,"value":1}'
-    finish = '{"op":"finish","ok":true,"value":' + str(steps) + "}"
-    esc = {"step": step, "result": result, "finish": finish}
-    return WAT.format(**{k: v.replace('"', '\\"') for k, v in esc.items()},
-                      **{f"{k}_len": len(v) for k, v in esc.items()}, steps=steps, nonce=nonce)  # fmt: skip
+    return loop_module("Loop", steps, nonce, output=str(steps))
 
 
 @dataclasses.dataclass(frozen=True)
