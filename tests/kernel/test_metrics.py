@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,9 @@ def metrics_url(kernel: KernelProcess) -> str:
     return line.split("metrics on ")[1].split()[0]
 
 
+RPCS = "tenantflow_rpc_handled_total"
+
+
 def scrape(url: str) -> Samples:
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
@@ -71,6 +75,17 @@ def scrape(url: str) -> Samples:
         for s in family.samples:
             samples[(s.name, frozenset(s.labels.items()))] = s.value
     return samples
+
+
+def scrape_until(url: str, ready: Callable[[Samples], bool]) -> Samples:
+    """A scrape taken once ``ready`` holds (at most 10 s): a client sees its reply a moment before the
+    server's interceptor records the call, so a scrape right after the call can miss it."""
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(url)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.02)
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -102,16 +117,16 @@ def test_scrape_counts_rpcs_steps_wakeups_and_instances(metered: KernelProcess) 
         client.wait("sleepy", sleeper, frozenset({pb.STATUS_WAITING}))
         with pytest.raises(TenantflowRpcError, match="not found"):
             client.get("acme", "missing")
-        before = scrape(url)
+        before = scrape_until(url, lambda m: value(m, RPCS, method="Get", code="NOT_FOUND") >= 1)
         with pytest.raises(TenantflowRpcError, match="live"):  # the cap: 'sleepy' already has one live
             client.create("sleepy", "Sleeps", publish(client, "sleepy", WORKFLOWS, name="again"))
         with pytest.raises(TenantflowRpcError, match="per second"):  # its burst of 2 is spent
             client.create("sleepy", "Sleeps", publish(client, "sleepy", WORKFLOWS, name="again"))
         with pytest.raises(TenantflowRpcError, match="not found"):
             client.get("acme", "missing")
-    after = scrape(url)
+    after = scrape_until(url, lambda m: value(m, RPCS, method="Get", code="NOT_FOUND") >= 2)
 
-    rpcs = "tenantflow_rpc_handled_total"
+    rpcs = RPCS
     assert value(before, rpcs, method="Create", code="OK") == 5
     assert value(before, rpcs, method="Get", code="NOT_FOUND") == 1
     assert value(after, rpcs, method="Get", code="NOT_FOUND") == 2
