@@ -25,6 +25,9 @@ def size_text(n: float) -> str:
     return f"{n:g} bytes"
 
 
+SWEEP_AT = 10_000  # tenants' buckets held before the refilled ones are forgotten
+
+
 class TenantLogRate:
     """Per-tenant token buckets of log lines and bytes per second (a rate of 0: no limit).
 
@@ -37,6 +40,7 @@ class TenantLogRate:
         self._lines_burst = max(lines_per_second * BURST_SECONDS, 1.0)
         self._bytes_burst = max(bytes_per_second * BURST_SECONDS, 1.0)
         self._buckets: dict[str, tuple[float, float, float]] = {}  # tenant -> (lines, bytes, at)
+        self._sweep_at = SWEEP_AT
         self._lock = threading.Lock()
 
     def take(self, tenant: str, size: int, now: float | None = None) -> bool:
@@ -54,7 +58,7 @@ class TenantLogRate:
             if ok:
                 lines, size_left = lines - 1, size_left - size
             self._buckets[tenant] = (lines, size_left, now)
-            if len(self._buckets) > 10_000:
+            if len(self._buckets) > self._sweep_at:
                 self._forget_full(now)
         return ok
 
@@ -65,6 +69,8 @@ class TenantLogRate:
             if lines + (now - at) * self.lines_per_second < self._lines_burst
             or size_left + (now - at) * self.bytes_per_second < self._bytes_burst
         }
+        # Many tenants still refilling: sweep again only once as many more arrive (amortised O(1)).
+        self._sweep_at = max(SWEEP_AT, 2 * len(self._buckets))
 
     def describe(self) -> str:
         parts = []

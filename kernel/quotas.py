@@ -10,6 +10,8 @@ import time
 from tenantflow.kernel import metrics
 from tenantflow.kernel.errors import ResourceExhausted
 
+SWEEP_AT = 10_000  # buckets held before the refilled ones are forgotten
+
 
 class CreationRate:
     """``rate`` creations per second per tenant, with bursts up to ``burst`` (``rate`` 0: no limit)."""
@@ -18,6 +20,7 @@ class CreationRate:
         self.rate = rate
         self.burst = max(burst, 1.0)
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
+        self._sweep_at = SWEEP_AT
 
     def take(self, tenant: str, count: int, now: float | None = None) -> None:
         """Spend ``count`` creations of ``tenant``'s budget, or raise saying when to retry."""
@@ -35,7 +38,7 @@ class CreationRate:
                 + ("" if count <= self.burst else f" with at most {self.burst:g} at once")
             )
         self._buckets[tenant] = (tokens - count, now)
-        if len(self._buckets) > 10_000:
+        if len(self._buckets) > self._sweep_at:
             self._forget_full(now)
 
     def _forget_full(self, now: float) -> None:
@@ -44,6 +47,8 @@ class CreationRate:
             for t, (tokens, at) in self._buckets.items()
             if tokens + (now - at) * self.rate < self.burst
         }
+        # Many tenants still refilling: sweep again only once as many more arrive (amortised O(1)).
+        self._sweep_at = max(SWEEP_AT, 2 * len(self._buckets))
 
     def __len__(self) -> int:
         return len(self._buckets)

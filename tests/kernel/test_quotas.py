@@ -61,3 +61,25 @@ def test_quotas_answer_resource_exhausted_and_touch_one_tenant(tmp_path: Path, t
             assert "0.01 instances per second" in err.value.message and "try again in" in err.value.message
     finally:
         kernel.stop()
+
+
+def test_many_refilling_tenants_are_swept_rarely_not_on_every_take() -> None:
+    """Past 10,000 tenants whose buckets are still refilling, a sweep used to run on every take
+    (quadratic under a storm of new tenants); now it runs again only when the map has doubled."""
+    rate = CreationRate(rate=0.001, burst=2)
+    sweeps = 0
+    sweep = rate._forget_full
+
+    def counted(now: float) -> None:
+        nonlocal sweeps
+        sweeps += 1
+        sweep(now)
+
+    rate._forget_full = counted  # type: ignore[method-assign]
+    for i in range(50_000):
+        rate.take(f"tenant-{i}", 1, now=0.0)  # none refills: every bucket is kept
+    assert len(rate) == 50_000
+    assert sweeps <= 4, sweeps  # at 10k, 20k, 40k (was 40,000 sweeps)
+    rate.take("late", 1, now=10_000.0)  # once they have refilled, the next sweep forgets them
+    rate._forget_full(10_000.0)
+    assert len(rate) <= 1
