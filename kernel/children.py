@@ -133,15 +133,9 @@ def _optional_text(m: dict[str, Any], field: str) -> str:
 
 
 async def create(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, Any]:
-    settled = stepkinds.settled(wake, step)
-    if settled is not None:
-        return settled
-    now = time.time()
-    if step.status == "retrying" and step.wake_at is not None and step.wake_at > now:
-        wake.wakes.append(step.wake_at)
-        return {"do": "suspend"}
-    if wake.pause_requested:
-        return stepkinds.suspend_for_pause(wake)
+    answer = stepkinds.not_now(wake, step)
+    if answer is not None:
+        return answer
     policy = guestdata._policy(m["policy"])
     workflow, code = str(m["workflow"]), _optional_text(m, "code")
     params = guestdata._strict_json(m.get("params"))

@@ -65,17 +65,22 @@ def settled(wake: WakeUp, step: StepRecord) -> dict[str, Any] | None:
     return None
 
 
-async def do(wake: WakeUp, step: StepRecord, policy: dict[str, Any]) -> dict[str, Any]:
+def not_now(wake: WakeUp, step: StepRecord) -> dict[str, Any] | None:
+    """The answer for a step that must not start an attempt now: settled (replay it), backing off
+    before a retry, or parked for a pause. None when an attempt may start."""
     answer = settled(wake, step)
     if answer is not None:
         return answer
-    now = time.time()
-    if step.status == "retrying" and step.wake_at is not None and step.wake_at > now:
+    if step.status == "retrying" and step.wake_at is not None and step.wake_at > time.time():
         wake.wakes.append(step.wake_at)
         return {"do": "suspend"}
     if wake.pause_requested:
         return suspend_for_pause(wake)
-    return start_attempt(wake, step, policy)
+    return None
+
+
+async def do(wake: WakeUp, step: StepRecord, policy: dict[str, Any]) -> dict[str, Any]:
+    return not_now(wake, step) or start_attempt(wake, step, policy)
 
 
 def suspend_for_pause(wake: WakeUp) -> dict[str, Any]:
