@@ -22,13 +22,12 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from tenantflow.kernel import guestdata, stepkinds
+from tenantflow.kernel import guestdata, stepkinds, validate
 from tenantflow.kernel.errors import (
     AlreadyExists,
     PermissionDenied,
@@ -50,9 +49,6 @@ if TYPE_CHECKING:
 
 CHILD_EVENT = "tenantflow.child-ended:"  # + the child's id
 RESERVED_EVENT_PREFIX = "tenantflow."  # event types the kernel sends itself; tenants cannot
-_ID = re.compile(
-    r"[a-zA-Z0-9_][a-zA-Z0-9_@-]{0,99}"
-)  # "@": ids of scheduled instances, and children derived from them
 
 # Child-ended events a wait step of the wake-up has taken to consume: two parallel waits on one child
 # read the same unconsumed notice, and the second to consume it would fail its commit (a lost lease).
@@ -106,11 +102,6 @@ def parent_notice(record: InstanceRecord, status: Status, now: float) -> Change 
         history=[HistoryEntry(kind="child_ended", at=now, message=f"child {record.id} {outcome['status']}",
                               data_json=json.dumps(outcome))],
     )  # fmt: skip
-
-
-def ignore_result(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: a parent gone meanwhile is not an error
 
 
 def notify_parent(wake: WakeUp, status: Status) -> None:
@@ -210,7 +201,7 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
     if settled is not None:
         return settled
     id = m["id"]
-    if not isinstance(id, str) or not _ID.fullmatch(id):
+    if not isinstance(id, str) or not validate.ID.fullmatch(id):
         raise ValueError(f"bad instance id {id!r}")
     now = time.time()
     rec = wake.record

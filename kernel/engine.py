@@ -16,13 +16,12 @@ from tenantflow.kernel import children, metrics
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
-from tenantflow.kernel.guestdata import MAX_DELAY, iso, retry_delay
 from tenantflow.kernel.logbudget import TenantLogRate
 from tenantflow.kernel.model import InstanceRecord
 from tenantflow.kernel.storage import Storage
 from tenantflow.kernel.wakeup import WakeUp, _Abort
 
-__all__ = ["MAX_DELAY", "Engine", "WakeUp", "iso", "retry_delay"]
+__all__ = ["Engine", "WakeUp"]
 log = logging.getLogger("tenantflow.engine")
 
 

@@ -43,13 +43,13 @@ from tenantflow.kernel.storage import Storage
 from tenantflow.kernel.validate import (
     CODE_NAME,
     MAX_NAME,
-    WORKFLOW,
     check_concurrency,
     check_files,
     check_id,
     check_name,
     check_ref,
     check_tenant,
+    check_workflow,
 )
 
 log = logging.getLogger("tenantflow.kernel")
@@ -219,10 +219,7 @@ class Kernel:
             if id in seen:
                 raise AlreadyExistsInBatch(f"instance id {id!r} appears twice in the batch")
             seen.add(id)
-            if not WORKFLOW.fullmatch(spec.workflow or ""):
-                raise InvalidArgument(
-                    f"bad workflow {excerpt(spec.workflow)}: the name of the entrypoint class, e.g. 'Pipeline'"
-                )
+            check_workflow(spec.workflow)
             check_ref(spec.code)
             params = self._json(spec.params_json, "params_json")
             if spec.code not in pins:
@@ -280,10 +277,7 @@ class Kernel:
     async def create_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
         """Check the tenant, workflow, code ref and params as Create does, then store it."""
         check_tenant(schedule.tenant)
-        if not WORKFLOW.fullmatch(schedule.workflow or ""):
-            raise InvalidArgument(
-                f"bad workflow {excerpt(schedule.workflow)}: the name of the entrypoint class, e.g. 'Pipeline'"
-            )
+        check_workflow(schedule.workflow)
         check_ref(schedule.code)
         schedule.params_json = self._json(schedule.params_json, "params_json")
         pinned = await asyncio.to_thread(self.catalog.pin, schedule.tenant, schedule.code)  # exists now

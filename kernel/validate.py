@@ -36,6 +36,13 @@ def check_id(id: str) -> None:
         )
 
 
+def check_workflow(workflow: str) -> None:
+    if not WORKFLOW.fullmatch(workflow or ""):
+        raise InvalidArgument(
+            f"bad workflow {excerpt(workflow)}: the name of the entrypoint class, e.g. 'Pipeline'"
+        )
+
+
 def check_concurrency(key: str, limit: int) -> None:
     """A limit of 0 (none) or 1..MAX_CONCURRENCY_LIMIT; a key only with a limit."""
     if not 0 <= limit <= MAX_CONCURRENCY_LIMIT:
