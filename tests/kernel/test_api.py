@@ -27,7 +27,8 @@ from tenantflow.workflow import WorkflowEntrypoint
 
 class Sleeper(WorkflowEntrypoint):
     async def run(self, event, step):
-        await step.sleep("nap", event.payload.get("seconds", 60) if event.payload else 60)
+        payload = event.payload
+        await step.sleep("nap", payload.get("seconds", 60) if isinstance(payload, dict) else 60)
         return "rested"
 """
 
