@@ -64,7 +64,7 @@ def read_only_paths(network: bool = False) -> list[str]:
 
 
 def landlock(paths: list[str], writable: list[str], network: bool) -> str:
-    abi = syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    abi = landlock_abi()
     if abi < 1:
         return f"landlock unavailable (errno {ctypes.get_errno()})"
     handled_fs = _FS_ALL_BY_ABI.get(abi, _FS_ALL_BY_ABI[5])
@@ -186,7 +186,7 @@ def scope_child() -> bool:
     """Put this child in its own nested Landlock domain that may not signal outside itself: a
     tenant cannot kill the template, another tenant's run, or anything else. False where the
     kernel's Landlock lacks signal scoping (ABI < 6)."""
-    abi = syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    abi = landlock_abi()
     if abi < 6:
         return False
     attr = ctypes.create_string_buffer(struct.pack("=QQQ", 0, 0, _SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL), 24)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import importlib
 import importlib.util
 import json
@@ -52,7 +51,6 @@ log = logging.getLogger("tenantflow.plugins.isolated")
 MAX_CHILDREN = 4  # checks at once in this process: bounds their total memory
 _slots = threading.BoundedSemaphore(MAX_CHILDREN)
 _STDERR_BYTES = 16 * 1024
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -328,9 +326,7 @@ def _outcome(code: int, out: bytes, err: bytes, limits: ChildLimits) -> Any:
 
 # -- the fork server and its children -------------------------------------------------------------
 def _die_with_parent(parent: int) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the signal was armed
+    if not confinement.die_with_parent(parent):  # the parent died before the signal was armed
         os._exit(1)
 
 
@@ -532,10 +528,10 @@ def _server_main(sock_fd: int, kernel: int) -> None:
                     os.kill(request["kill"], signal.SIGKILL)
                 sock.send(b"{}")
                 continue
-            sock.send(json.dumps(_fork(request, fds, live, [sock.fileno(), wake_r, wake_w])).encode())
+            sock.send(json.dumps(_fork(request, fds, live)).encode())
 
 
-def _fork(request: dict[str, Any], fds: list[int], live: dict[int, int], ours: list[int]) -> dict[str, Any]:
+def _fork(request: dict[str, Any], fds: list[int], live: dict[int, int]) -> dict[str, Any]:
     try:
         importlib.import_module(request["module"])  # once, here: every child starts with it
         limits = ChildLimits(

@@ -55,12 +55,6 @@ def run_cpu_backstop(limits: Limits) -> int:
     return int(limits.cpu_seconds + limits.wall_seconds + 1)
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU of a process, all its threads (None once it is gone)."""
-    sample = process_sample(pid)
-    return None if sample is None else sample[0]
-
-
 def process_sample(pid: int) -> tuple[float, int] | None:
     """CPU seconds (all threads) and number of threads of a process (None once it is gone)."""
     try:
