@@ -16,7 +16,6 @@ rollback) replays ``run`` without running any step that is not settled, then run
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -107,13 +106,9 @@ def wait_message(key: str, name: str, id: str, timeout: Any) -> dict[str, Any]:
 
 # -- rollbacks ------------------------------------------------------------------------------------
 def _invoke_undo(fn: Callable[..., Any], context: RollbackContext) -> Any:
-    from tenantflow.workflow._runtime import _call_blocking
+    from tenantflow.workflow._runtime import _call_blocking, _wants_context
 
-    try:
-        wants = any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                    for p in inspect.signature(fn).parameters.values())  # fmt: skip
-    except (TypeError, ValueError):
-        wants = False
+    wants = _wants_context(fn)
     return _call_blocking((lambda: fn(context)) if wants else fn, context.ctx.name, context.ctx.attempt)
 
 

@@ -174,6 +174,8 @@ class _Core:
 
     async def gate(self, key: str) -> None:
         """Before a new step: let every recorded step replay, then check none was skipped."""
+        if not self.unseen:  # nothing left to replay: the gate cannot fail (and costs nothing)
+            return
         assert self.loop is not None
         await self.loop.quiet()
         if self.unseen:
@@ -448,7 +450,7 @@ class AsyncStep:
             return _compose.register(
                 self._core, key, rollback, rollback_config, self._core.replay(name, entry)
             )
-        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
+        if entry is None:
             await self._core.gate(key)
         policy = _policy(name, retries, timeout)
         reply = self._core.call({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy})
@@ -461,7 +463,7 @@ class AsyncStep:
         key, entry = self._core.begin(name, "create")
         if self._core.settled(entry):
             return self._core.replay(name, entry)
-        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
+        if entry is None:
             await self._core.gate(key)
         message = _compose.create_message(key, name, _policy(name, None, None), workflow, code, params, id)
         return await self._drive(key, name, "create", self._core.call(message), None)
@@ -470,7 +472,7 @@ class AsyncStep:
         key, entry = self._core.begin(name, "wait_instance")
         if self._core.settled(entry):
             return self._core.replay(name, entry)
-        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
+        if entry is None:
             await self._core.gate(key)
         message = _compose.wait_message(key, name, id, timeout)
         return await self._drive(key, name, "wait_instance", self._core.call(message), None)
@@ -485,7 +487,7 @@ class AsyncStep:
         key, entry = self._core.begin(name, "sleep")
         if self._core.settled(entry):
             return
-        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
+        if entry is None:
             await self._core.gate(key)
         reply = self._core.call({"op": "step", "kind": "sleep", "key": key, "name": name, **when})
         await self._drive(key, name, "sleep", reply, None)
@@ -495,7 +497,7 @@ class AsyncStep:
         key, entry = self._core.begin(name, "wait")
         if self._core.settled(entry):
             return _compose.event(self._core.replay(name, entry))
-        if entry is None and self._core.unseen:  # with nothing left to replay the gate cannot fail
+        if entry is None:
             await self._core.gate(key)
         seconds = parse_duration(timeout if timeout is not None else "24 hours")
         reply = self._core.call(
