@@ -84,7 +84,8 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def sandbox_runs(pid: int) -> tuple[int, int]:
-    """(processes under ``pid``, of which running tenant code: children of a sandbox template)."""
+    """(processes under ``pid``, of which running tenant code: children of a sandbox template that
+    are not spares)."""
     under = descendants(pid)
     parents = _ppids()
     templates = set()
@@ -94,7 +95,15 @@ def sandbox_runs(pid: int) -> tuple[int, int]:
                 templates.add(p)
         except OSError:
             continue
-    return len(under), sum(1 for p in under if parents.get(p) in templates)
+    return len(under), sum(1 for p in under if parents.get(p) in templates and not _spare(p))
+
+
+def _spare(pid: int) -> bool:
+    """A template's child that waits for a run (named so until a job arrives), not tenant code."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_bytes().strip() == b"tf-spare"
+    except OSError:
+        return False
 
 
 def prometheus_values(url: str, names: tuple[str, ...]) -> dict[str, float]:

@@ -106,6 +106,15 @@ def die_with_parent(parent: int) -> bool:
     return os.getppid() == parent
 
 
+PR_SET_NAME = 15
+
+
+def set_name(name: bytes) -> None:
+    """This thread's name as ``ps`` and ``/proc/<pid>/comm`` show it (at most 15 bytes)."""
+    libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name[:15]), ctypes.c_ulong(0),
+               ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip
+
+
 class _CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 

@@ -12,10 +12,12 @@ never hidden: the kernel refuses to start the sandbox without it unless the oper
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import signal
 import stat
+import struct
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,13 +32,15 @@ from tenantflow.plugins.confinement import (
     no_new_privs,
     read_only_paths,
     scope_child,
+    set_name,
+    syscall,
     unshare_network,
 )
 from tenantflow.plugins.sandbox_subprocess import syscalls
 
 __all__ = [
     "NETWORK_READ_PATHS", "Confinement", "capability_state", "confine_template", "die_with_parent",
-    "filter_child", "limit_child", "read_only_paths", "scope_child",
+    "filter_child", "limit_child", "read_only_paths", "scope_child", "set_name",
 ]  # fmt: skip
 
 # The protections the python sandbox refuses to run without (unless the operator opts out).
@@ -69,12 +73,81 @@ def _load_pyseccomp() -> Any:
         return f"libseccomp is not available ({exc})"
 
 
+# Stands for a run's own pid in the run filter built once in the template: above any pid_max.
+_SENTINEL_PID = 0x7E5A1D0F
+_SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+_SECCOMP_SET_MODE_FILTER = 1
+_run_filter: tuple[bytes, list[int], int] | None = None  # BPF, offsets of the pid's k fields, syscall nr
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def run_filter_program(pid: int) -> bytes | None:
+    """The run filter of process ``pid`` as BPF, patched from the one the template built (None
+    where it could not build one: then each run builds its own with libseccomp)."""
+    if _run_filter is None:
+        return None
+    program, offsets, _ = _run_filter
+    patched = bytearray(program)
+    for at in offsets:
+        struct.pack_into("=I", patched, at, pid)
+    return bytes(patched)
+
+
+def _prepare_run_filter(pyseccomp: Any) -> None:
+    """Build the run filter once, with a placeholder pid that each run patches to its own: building
+    it with libseccomp in every run cost 0.6-0.7 ms of CPU, loading it 0.15 ms. Used only if a
+    second placeholder, patched the same way, gives exactly the program libseccomp builds for it."""
+    global _run_filter
+    try:
+        program = export_bpf(syscalls.build_run_filter(pyseccomp, _SENTINEL_PID))
+        check = export_bpf(syscalls.build_run_filter(pyseccomp, _SENTINEL_PID + 1))
+        number = int(pyseccomp.resolve_syscall(pyseccomp.system_arch(), "seccomp"))
+    except (OSError, ValueError, RuntimeError):
+        return
+    if len(program) % 8 or number <= 0:
+        return
+    offsets = [
+        at + 4
+        for at in range(0, len(program), 8)
+        if _SOCK_FILTER.unpack_from(program, at)[3] == _SENTINEL_PID
+    ]
+    _run_filter = (program, offsets, number)
+    if not offsets or run_filter_program(_SENTINEL_PID + 1) != check:
+        _run_filter = None
+
+
+def export_bpf(rules: Any) -> bytes:
+    """A pyseccomp filter's BPF program, as the kernel loads it."""
+    read_end, write_end = os.pipe()
+    try:
+        with os.fdopen(write_end, "wb", closefd=True) as out:
+            write_end = -1
+            rules.export_bpf(out)
+        chunks = []
+        while chunk := os.read(read_end, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
 def filter_child() -> None:
     """In a run's child, stacked on the template's filter: threads yes, processes no (a fork bomb
     fails with EPERM instead of filling the process table; RLIMIT_NPROC binds neither root nor
     tenants sharing one uid), signals only to itself, and a death signal it cannot unset."""
     if _pyseccomp is None:  # no libseccomp: the template reported the filter missing
         return
+    program = run_filter_program(os.getpid())
+    if program is not None and _run_filter is not None:
+        buffer = ctypes.create_string_buffer(program, len(program))
+        fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+        if syscall(_run_filter[2], _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog)) == 0:
+            return
     syscalls.build_run_filter(_pyseccomp, os.getpid()).load()
 
 
@@ -108,6 +181,8 @@ def confine_template(
     missing: dict[str, str] = {}
     notes: list[str] = []
     pyseccomp = _load_pyseccomp()
+    if not isinstance(pyseccomp, str):
+        _prepare_run_filter(pyseccomp)
     if not network and (problem := unshare_network()):
         missing[NETWORK] = problem
     if problem := no_new_privs():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from tenantflow.kernel.sandbox import Host, Limits, RunExit
 from tenantflow.plugins.pysource import decode_files, inspect_python
 from tenantflow.plugins.sandbox_subprocess import wire
 from tenantflow.plugins.sandbox_subprocess.pids import MAX_TASKS, RunCgroups
+from tenantflow.plugins.sandbox_subprocess.spares import Child, SparePool, close_child_ends
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
 YIELD_EVERY = 64  # frames read from one guest between turns of the kernel's event loop
@@ -291,6 +293,7 @@ class SubprocessSandbox:
         self._cgroups: RunCgroups | None = None
         self._cgroup_warned = False
         self._releases: set[asyncio.Task[None]] = set()
+        self._spares = SparePool(self._child, self._discard, self._usable)
 
     def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
         return inspect_python(files)
@@ -412,7 +415,58 @@ class SubprocessSandbox:
                 self._ctrl.close()
             await self.start()
 
-    async def _fork(self, child_sock: socket.socket, output: int, limits: Limits) -> int:
+    def _fork_limits(self, limits: Limits) -> str:
+        """The limits a fork request gives the child (JSON): also what a spare must match."""
+        return json.dumps({
+            "memory_bytes": limits.memory_bytes, "cpu_seconds": run_cpu_backstop(limits),
+            "open_files": limits.open_files, "file_bytes": 256 * 1024 * 1024 if self._writable else 0,
+        })  # fmt: skip
+
+    async def _child(self, limits: str) -> Child:
+        """Fork a run process and move it into a pids cgroup of its own, before any job is sent:
+        it is blocked reading its job, so no tenant code runs outside the cgroup. The move waits in
+        a thread (it can take milliseconds), never on the event loop."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        output_r, output_w = os.pipe()  # the run's own stdout/stderr
+        try:
+            pid = await self._fork(theirs, output_w, limits)
+        except BaseException:
+            ours.close()
+            os.close(output_r)
+            raise
+        finally:
+            theirs.close()
+            os.close(output_w)
+        child = Child(pid, ours, output_r, None, limits, self._proc)
+        if self._cgroups is None:
+            return child
+        attach = asyncio.ensure_future(asyncio.to_thread(self._cgroups.attach, pid))
+        try:
+            child.cgroup = await asyncio.shield(attach)
+        except BaseException:  # cancelled: the child goes once the move is over
+            attach.add_done_callback(lambda done: self._discard(dataclasses.replace(
+                child, cgroup=None if done.cancelled() or done.exception() else done.result())))  # fmt: skip
+            raise
+        return child
+
+    def _usable(self, child: Child) -> bool:
+        """Whether a spare can still run: its template is the current one and it has not died."""
+        alive = child.template is self._proc and child.template is not None and child.template.poll() is None
+        return alive and self._early_exits.pop(child.pid, None) is None
+
+    def _discard(self, child: Child) -> None:
+        """Kill a child that will never run, and free what it holds."""
+        self._kill(child.pid)
+        close_child_ends(child)
+        self._release(child.cgroup)
+
+    def _release(self, cgroup: Path | None) -> None:
+        if cgroup is not None and self._cgroups is not None:
+            release = asyncio.create_task(self._cgroups.release(cgroup))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
+
+    async def _fork(self, child_sock: socket.socket, output: int, limits: str) -> int:
         """A confined child from the template; a template found dead is replaced, and asked again."""
         await self._respawn_if_gone()
         template = self._proc
@@ -423,20 +477,15 @@ class SubprocessSandbox:
             await self._respawn_if_gone(broken=template)
             return await self._fork_once(child_sock, output, limits)
 
-    async def _fork_once(self, child_sock: socket.socket, output: int, limits: Limits) -> int:
+    async def _fork_once(self, child_sock: socket.socket, output: int, limits: str) -> int:
         assert self._ctrl is not None
         self._req += 1
         req = self._req
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending[req] = fut
-        request = {
-            "op": "fork",
-            "req": req,
-            "limits": {"memory_bytes": limits.memory_bytes, "cpu_seconds": run_cpu_backstop(limits),
-                       "open_files": limits.open_files, "file_bytes": 256 * 1024 * 1024 if self._writable else 0},
-        }  # fmt: skip
+        request = f'{{"op": "fork", "req": {req}, "limits": {limits}}}'
         fds = array.array("i", [child_sock.fileno(), output])
-        self._ctrl.sendmsg([json.dumps(request).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        self._ctrl.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         pid = await fut
         if pid <= 0:
             raise RuntimeError("the sandbox template could not fork a run")
@@ -452,21 +501,12 @@ class SubprocessSandbox:
 
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
         job = {**job, "files": decode_files(job["files"])}
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        output_r, output_w = os.pipe()  # the run's own stdout/stderr
-        try:
-            pid = await self._fork(theirs, output_w, limits)
-        except BaseException:
-            os.close(output_r)
-            raise
-        finally:
-            theirs.close()
-            os.close(output_w)
-        # Before the job is sent: the child is blocked reading it, so no tenant code runs outside.
-        cgroup = self._cgroups.attach(pid) if self._cgroups is not None else None
+        key = self._fork_limits(limits)
+        child = self._spares.take(key) or await self._child(key)
+        pid, ours, cgroup = child.pid, child.sock, child.cgroup
         if cgroup is None:
             self._warn_cgroup()
-        output = RunOutput(output_r, host)
+        output = RunOutput(child.output, host)
         loop = asyncio.get_running_loop()
         exit_future: asyncio.Future[int] = loop.create_future()
         if pid in self._early_exits:
@@ -521,10 +561,7 @@ class SubprocessSandbox:
                 ours.close()
             self._kill(pid)
             watchdog.cancel()
-            if cgroup is not None and self._cgroups is not None:
-                release = asyncio.create_task(self._cgroups.release(cgroup))
-                self._releases.add(release)
-                release.add_done_callback(self._releases.discard)
+            self._release(cgroup)
             await output.close()
         if ended:
             return RunExit(False)
@@ -538,6 +575,7 @@ class SubprocessSandbox:
         return RunExit(True, describe_exit(status, limits))
 
     async def close(self) -> None:
+        await self._spares.close()
         if self._template_output is not None:
             self._template_output.close()
             self._template_output = None

@@ -43,12 +43,57 @@ def _recv(ctrl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(data), list(fds)
 
 
+_WARM_UP_MODULE = "tenantflow_template_warm_up"
+_WARM_UP_CODE = """
+from tenantflow.workflow import WorkflowEntrypoint
+
+class Sync(WorkflowEntrypoint):
+    def run(self, event, step):
+        step.do("accept", lambda: {"n": event.payload["n"], "state": "accepted"})
+        step.sleep("later", "1 day")
+
+class Async(WorkflowEntrypoint):
+    async def run(self, event, step):
+        await step.do("accept", lambda: {"n": event.payload["n"], "state": "accepted"})
+        await step.sleep("later", "1 day")
+"""
+
+
+class _WarmUpHost:
+    """Answers a warm-up run as the kernel answers a new instance: run the step, then hibernate."""
+
+    def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        if message["op"] == "step":
+            return {"do": "run", "attempt": 1} if message["kind"] == "do" else {"do": "suspend"}
+        if message["op"] == "result":
+            return {"do": "return", "value": message.get("value")}
+        return {"do": "ack"}
+
+    def notify(self, message: dict[str, Any]) -> None:
+        pass
+
+
+def _warm_up() -> None:
+    """Run a workflow of our own once in the template (threads off: a fork must not inherit one),
+    so lazy imports, caches and first-use set-up happen once here instead of in every run
+    (measured: 0.4 ms of CPU per run). Nothing of it stays importable."""
+    finders = list(sys.meta_path)
+    for workflow in ("Sync", "Async"):
+        job = {"files": {f"{_WARM_UP_MODULE}.py": _WARM_UP_CODE}, "module": _WARM_UP_MODULE,
+               "workflow": workflow, "journal": [],
+               "event": {"payload": {"n": 1}, "instance_id": "warm-up", "timestamp": "2026-01-01T00:00:00+00:00"}}  # fmt: skip
+        run_job(job, _WarmUpHost(), threads=False)
+        sys.meta_path[:] = finders
+        sys.modules.pop(_WARM_UP_MODULE, None)
+
+
 def _child(template: int, fds: list[int], request: dict[str, Any]) -> None:
     """In the forked child: confine, then run one job. Never returns."""
     code = 0
     try:
         if not confine.die_with_parent(template):
             os._exit(75)  # the template died before we could be tied to it: so does this run
+        confine.set_name(b"tf-spare")
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
@@ -65,7 +110,9 @@ def _child(template: int, fds: list[int], request: dict[str, Any]) -> None:
         confine.filter_child()
         sock = socket.socket(fileno=sock_fd)
         transport = SocketTransport(sock)
-        run_job(transport.recv(), transport, threads=True)
+        job = transport.recv()  # a spare waits here, confined, until a run takes it
+        confine.set_name(b"tf-run")
+        run_job(job, transport, threads=True)
     except BaseException:  # noqa: BLE001 - report and exit; the kernel sees the crash
         try:
             traceback.print_exc(file=sys.__stderr__)
@@ -97,6 +144,10 @@ def _serve() -> None:
         return
     ctrl.send(json.dumps({"ready": True, **confinement._asdict()}).encode())
     template = os.getpid()
+    try:
+        _warm_up()
+    except Exception:  # noqa: BLE001 - an optimisation: runs still work without it
+        traceback.print_exc()
     # The heap built so far moves to the permanent generation: a child's full collection never
     # touches (so never copies) the pages it shares with the template (measured: 1,380 page faults
     # and 6 ms per full collection in a run without this, 7 faults and 0.02 ms with it). Once, not per
