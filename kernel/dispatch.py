@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,6 +51,7 @@ class Dispatcher:
         self._renewer = ThreadPoolExecutor(1, thread_name_prefix="tenantflow-leases")
         self._loops: list[asyncio.Task[None]] = []
         self.claimed = 0
+        self._claimed_up_to = math.inf  # the due time up to which the last claim looked
 
     def poke(self) -> None:
         """Something may have become runnable: look now instead of at the next tick."""
@@ -91,21 +93,24 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 next_at = await asyncio.to_thread(self._storage.next_run_at)
                 # Due work that could not be claimed (slots or tenant caps full) waits for a poke:
-                # every wake-up that ends pokes.
-                if next_at is not None and next_at > time.time():
-                    timeout = min(timeout, next_at - time.time())
+                # every wake-up that ends pokes. Work that fell due after the claim looked (a timer
+                # due in between) is claimed at once, not at the next idle poll a second later.
+                if next_at is not None and next_at > self._claimed_up_to:
+                    timeout = min(timeout, max(next_at - time.time(), 0.0))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), timeout=max(timeout, 0.005))
+                await asyncio.wait_for(self._poke.wait(), timeout=timeout)
 
     async def _claim_once(self) -> int:
         # Count our own tasks, not engine.active: a task created by the previous claim has not
         # started yet (so is not active) and must still hold its slot.
+        self._claimed_up_to = math.inf  # nothing claimable is known to be missed until a claim runs
         free = self._config.max_concurrent_runs - len(self._tasks)
         if free <= 0:
             return 0
         now = time.time()
         if not await self._fence(now):
             return 0
+        self._claimed_up_to = now
         started = time.perf_counter()
         records = await asyncio.to_thread(
             self._storage.claim,

@@ -53,7 +53,9 @@ def test_at_most_n_run_at_once_per_key_in_order(client: Client, tenant: str) -> 
     }
     a = [runs[f"a{n}"] for n in range(5)]
     assert most_at_once(a) == 2  # never more than the limit, and the limit is used
-    assert [r[0] for r in a] == sorted(r[0] for r in a)  # started in creation order
+    # admitted in creation order, two at a time: the two of one admission start in either order
+    starts = [r[0] for r in a]
+    assert max(starts[0:2]) < min(starts[2:4]) and max(starts[2:4]) < starts[4], starts
     # another key and an unlimited instance were not queued behind cust-a
     assert max(runs["b0"][0], runs["b1"][0], runs["free"][0]) < a[4][0]
     assert client.get(tenant, "a3").concurrency_limit == 2
