@@ -87,7 +87,8 @@ class Sandbox(Protocol):
 
         ``job``: ``files`` ({path: bytes}), ``module`` (to import), ``workflow`` (class name),
         ``event`` ({payload, instance_id, timestamp}) and ``journal`` (recorded steps, in order:
-        {key, name, kind, status, value?, error?}). The guest runtime's messages and the host's
+        {key, name, kind, status, value?, error?}), and ``ahead`` (new steps may run ahead of
+        their grant, where the transport allows). The guest runtime's messages and the host's
         replies are documented in ``tenantflow.workflow._runtime``."""
         ...
 

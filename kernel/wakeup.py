@@ -227,6 +227,7 @@ class WakeUp:
             "event": {"payload": json.loads(rec.params_json or "null"), "instance_id": rec.id,
                       "timestamp": iso(rec.created_at)},
             "journal": [self._journal_entry(s) for s in sorted(self.steps.values(), key=lambda s: s.seq)],
+            "ahead": not self.pause_requested,  # new steps may run ahead of their grant (see the runtime)
         }  # fmt: skip
         rollback.prepare(self, job)
         self.sandbox_task = asyncio.create_task(sandbox.run(job, self, engine.config.limits))
@@ -351,7 +352,9 @@ class WakeUp:
             if op == "step":
                 return await self._step(message)
             if op == "result":
-                return await stepkinds.result(self, message)
+                reply = await stepkinds.result(self, message)
+                # A pause waits for the next step boundary: the guest must ask before its next step.
+                return {**reply, "ahead": False} if self.pause_requested else reply
             if op == "finish":
                 return await stepkinds.finish(self, message)
             if op == "suspend":
@@ -381,6 +384,11 @@ class WakeUp:
         if kind not in ("do", "sleep", "wait", *children.KINDS) or not match or match["name"] != name:
             raise ValueError(f"bad step request {key!r} ({kind!r})")
         step = self.steps.get(key)
+        # A new do step's first attempt, already running (see the runtime's "running ahead"): the
+        # kernel grants it whatever it would have answered, a pending pause included.
+        ahead = m.get("ahead") is True
+        if ahead and (kind != "do" or step is not None):
+            raise ValueError(f"only a new do step may run ahead, not {key!r} ({kind!r})")
         if step is not None and step.kind != kind:
             await self._end_errored({"name": "NonDeterminismError", "message": (
                 f"step {name!r} was recorded as {step.kind}, but the workflow now asks for {kind}")})  # fmt: skip
@@ -391,7 +399,7 @@ class WakeUp:
                     f"the instance asked for more than {self.engine.config.max_steps} steps; split the work "
                     "into several instances")})  # fmt: skip
                 raise _Abort("step limit")
-            if self.pause_requested:
+            if self.pause_requested and not ahead:
                 return stepkinds.suspend_for_pause(self)
             step = StepRecord(
                 key=key, seq=self.next_seq, name=name, kind=kind, status="new", updated_at=time.time()
@@ -399,6 +407,8 @@ class WakeUp:
             self.next_seq += 1
             self.steps[key] = step
         if kind == "do":
+            if ahead:
+                return stepkinds.start_attempt(self, step, _policy(m["policy"]))
             return await stepkinds.do(self, step, _policy(m["policy"]))
         if kind == "sleep":
             return await stepkinds.sleep(self, step, m)

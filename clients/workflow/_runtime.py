@@ -21,6 +21,17 @@ guest -> kernel                                                   kernel reply `
 ``{"op": "suspend"}`` (every branch is suspended) -> ``ack``
 ``{"op": "log", "stream", "line"}`` (notify)
 
+Running ahead: when the job says ``"ahead": true`` (no pause pending) and the transport can ``send``
+and ``receive`` apart (the subprocess sandbox's socket), a new ``do`` step's first attempt need not
+wait for the kernel's ``run``. The runtime sends
+the step request with ``"ahead": true``, calls the callback at once, sends its ``result``, and only
+then reads both replies, in order: ``run`` (attempt 1, which the kernel always grants a new step
+asked for this way, a pending pause included) and the answer to the result. A reply with
+``"ahead": false`` (a pause is pending) stops running ahead for the rest of the wake-up. A step then costs one
+round trip instead of two, and the kernel still learns of the attempt when it starts (its time-out
+runs from there). Only where nothing else can send meanwhile: sync workflows, and async ones whose
+callback runs inline (a sequential step, not a rollback).
+
 Keys are ``"<name>#<occurrence>"``. Durations are seconds; ``until`` is epoch seconds.
 """
 
@@ -128,6 +139,9 @@ class _Core:
         self.blocked = 0
         self.suspended = False
         self.fatal: dict[str, Any] | None = None
+        self.no_ahead = (
+            job.get("ahead") is not True
+        )  # ask before every step (not granted, or a pause is pending)
         self.rollback: dict[str, Any] | None = job.get("rollback")  # rolling back: no new forward step
         self.undos: dict[str, _compose.Undo] = {}
 
@@ -136,7 +150,38 @@ class _Core:
             raise _Suspend()
         if self.rollback is not None and message["op"] == "step":
             return {"do": "suspend"}
-        return self.transport.call(message)
+        return self._heed(self.transport.call(message))
+
+    def _heed(self, reply: dict[str, Any]) -> dict[str, Any]:
+        if reply.get("ahead") is False:  # a pause is pending: ask before every step from now on
+            self.no_ahead = True
+        return reply
+
+    def ahead(
+        self, key: str, name: str, policy: dict[str, Any], fn: Callable[..., Any],
+        call: Callable[[Callable[..., Any], str, int], Any],
+    ) -> dict[str, Any] | None:  # fmt: skip
+        """Run a new ``do`` step's first attempt ahead of the kernel's grant (see the module
+        docstring); the kernel's answer to its result, or None where the transport cannot (then
+        the caller asks first)."""
+        send = getattr(self.transport, "send", None)
+        receive = getattr(self.transport, "receive", None)
+        if send is None or receive is None or self.no_ahead or self.rollback is not None:
+            return None
+        if self.suspended or self.fatal:
+            return None
+        send({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy, "ahead": True})
+        value: Any = None
+        failure: BaseException | None = None
+        try:
+            value = call(fn, key, 1)
+        except Exception as exc:
+            failure = exc
+        send(self.outcome(key, name, 1, value, failure))
+        granted = receive()
+        if granted.get("do") != "run" or granted.get("attempt") != 1:
+            raise RuntimeError(f"the kernel did not grant a step run ahead: {granted!r}")
+        return self._heed(receive())
 
     def fail(self, message: str) -> _Fatal:
         self.fatal = {"name": "NonDeterminismError", "message": message}
@@ -322,7 +367,9 @@ class SyncStep:
                 self._core, key, rollback, rollback_config, self._core.replay(name, entry)
             )
         policy = _policy(name, retries, timeout)
-        reply = self._core.call({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy})
+        reply = (
+            self._core.ahead(key, name, policy, fn, _call_blocking) if entry is None else None
+        ) or self._core.call({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy})
         return _compose.register(
             self._core, key, rollback, rollback_config, self._drive(key, name, "do", reply, fn)
         )
@@ -424,15 +471,19 @@ class AsyncStep:
             else:
                 raise RuntimeError(f"unexpected reply from the kernel: {reply!r}")
 
+    def _inline(self, fn: Callable[..., Any]) -> bool:
+        """Whether ``fn`` runs on the workflow's own thread: nothing else could run meanwhile (a
+        sequential step), so a thread would only add two hand-offs; parallel branches (gather) still
+        get a thread each."""
+        return not inspect.iscoroutinefunction(fn) and self._loop.alone() and not self._core.unseen
+
     async def _attempt(self, key: str, name: str, attempt: int, fn: Callable[..., Any]) -> dict[str, Any]:
         value: Any = None
         failure: BaseException | None = None
         try:
             if inspect.iscoroutinefunction(fn):
                 value = await _invoke(fn, key, attempt)
-            elif self._loop.alone() and not self._core.unseen:
-                # Nothing else could run meanwhile (a sequential step), so a thread would only add two
-                # hand-offs; parallel branches (gather) still get a thread each.
+            elif self._inline(fn):
                 value = _call_inline(fn, key, attempt)
             else:
                 value = await self._loop.run_in_executor(None, _call_blocking, fn, key, attempt)
@@ -453,7 +504,11 @@ class AsyncStep:
         if entry is None:
             await self._core.gate(key)
         policy = _policy(name, retries, timeout)
-        reply = self._core.call({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy})
+        reply = None
+        if entry is None and self._inline(fn):
+            reply = self._core.ahead(key, name, policy, fn, _call_inline)
+        if reply is None:
+            reply = self._core.call({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy})
         value = await self._drive(key, name, "do", reply, fn)
         return _compose.register(self._core, key, rollback, rollback_config, value)
 

@@ -551,6 +551,8 @@ class SubprocessSandbox:
                 if message.get("op") in ("finish", "suspend"):
                     ended = True
                     break
+        except ConnectionResetError:
+            pass  # the guest died with a reply unread (e.g. killed while running ahead): its exit says why
         except (ConnectionError, ValueError) as exc:
             if not ended:
                 return RunExit(True, f"sandbox protocol error: {exc}")

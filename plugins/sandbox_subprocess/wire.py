@@ -84,6 +84,15 @@ class SocketTransport:
             self._sock.sendall(encode(message))
             return self.recv()
 
+    def send(self, message: dict[str, Any]) -> None:
+        """A request whose reply is read later with :meth:`receive` (replies come in order)."""
+        with self._lock:
+            self._sock.sendall(encode(message))
+
+    def receive(self) -> dict[str, Any]:
+        with self._lock:
+            return self.recv()
+
     def notify(self, message: dict[str, Any]) -> None:
         with self._lock:
             self._sock.sendall(encode(message, NOTIFY))

@@ -1,8 +1,10 @@
-"""What makes a run start fast keeps it as confined: the prebuilt run filter and spare processes."""
+"""What makes a run start fast keeps it as confined (the prebuilt run filter, spare processes), and a
+new step runs ahead of its grant only when the job allows it."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +114,54 @@ def test_runs_take_confined_spares_and_spares_are_bounded() -> None:
         assert sandbox._proc is None
 
     asyncio.run(main())
+
+
+TIMED = """
+import time
+from tenantflow.workflow import WorkflowEntrypoint
+
+class Timed(WorkflowEntrypoint):
+    def run(self, event, step):
+        return step.do("when", time.time)
+"""
+
+
+class _SlowGrant(_Host):
+    """Holds a step's reply back 0.2 s, and notes when it was sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.granted_at = 0.0
+
+    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        reply = await super().call(message)
+        if message["op"] == "step":
+            await asyncio.sleep(0.2)
+            self.granted_at = time.time()
+        return reply
+
+
+@pytest.mark.parametrize("granted", [True, False])
+def test_a_new_step_runs_ahead_only_when_the_job_grants_it(granted: bool) -> None:
+    async def main() -> _SlowGrant:
+        sandbox = SubprocessSandbox(unsafe_allow_weak=True)
+        await sandbox.start()
+        try:
+            host = _SlowGrant()
+            job = {**_job(), "files": {"timed.py": TIMED.encode()}, "module": "timed", "workflow": "Timed"}
+            exit_ = await sandbox.run({**job, "ahead": granted}, host, Limits(cpu_seconds=5, wall_seconds=30))
+            assert not exit_.crashed, exit_.detail
+            return host
+        finally:
+            await sandbox.close()
+
+    host = asyncio.run(main())
+    step, result = host.seen[0], host.seen[1]
+    assert (step["op"], step.get("ahead", False), result["op"], result["attempt"]) == (
+        "step",
+        granted,
+        "result",
+        1,
+    )
+    # running ahead, the callback ran before the grant was sent; asking first, after it arrived
+    assert (result["value"] < host.granted_at) is granted, (result["value"], host.granted_at)
