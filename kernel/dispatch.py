@@ -52,6 +52,42 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self.claimed = 0
         self._claimed_up_to = math.inf  # the due time up to which the last claim looked
+        self._reserved = 0  # slots held for instances being created leased to this node
+        self._reserved_for: dict[str, int] = {}  # of those, per tenant (only while a create is in flight)
+
+    def reserve(self, tenant: str, wanted: int) -> int:
+        """How many of ``wanted`` new instances of ``tenant`` this node starts as it creates them
+        (each then created already leased to it, so no claim is needed: a Create's first step
+        starts one transaction sooner). Held as slots until :meth:`adopt` or :meth:`release`; 0 when
+        the slots or the tenant's cap are taken, or while lost leases are being drained."""
+        if self._fenced or not self._loops:
+            return 0
+        free = self._config.max_concurrent_runs - len(self._tasks) - self._reserved
+        running = sum(1 for key in self._running if key[0] == tenant) + self._reserved_for.get(tenant, 0)
+        granted = max(0, min(wanted, free, self._config.tenant_running_cap - running))
+        if granted:
+            self._reserved += granted
+            self._reserved_for[tenant] = self._reserved_for.get(tenant, 0) + granted
+        return granted
+
+    def release(self, tenant: str, count: int) -> None:
+        """Give back slots :meth:`reserve` held (the create failed, or fewer were started)."""
+        if count <= 0:
+            return
+        self._reserved -= count
+        left = self._reserved_for.get(tenant, 0) - count
+        if left > 0:
+            self._reserved_for[tenant] = left
+        else:
+            self._reserved_for.pop(tenant, None)
+
+    def adopt(self, records: list[InstanceRecord]) -> None:
+        """Run instances just created leased to this node (in the slots :meth:`reserve` held)."""
+        for record in records:
+            self.release(record.tenant, 1)
+            self._run(record, record.lease_until or time.time() + self._config.lease_seconds, fresh=True)
+        self.claimed += len(records)
+        metrics.started_at_create(len(records))
 
     def poke(self) -> None:
         """Something may have become runnable: look now instead of at the next tick."""
@@ -104,7 +140,7 @@ class Dispatcher:
         # Count our own tasks, not engine.active: a task created by the previous claim has not
         # started yet (so is not active) and must still hold its slot.
         self._claimed_up_to = math.inf  # nothing claimable is known to be missed until a claim runs
-        free = self._config.max_concurrent_runs - len(self._tasks)
+        free = self._config.max_concurrent_runs - len(self._tasks) - self._reserved
         if free <= 0:
             return 0
         now = time.time()
@@ -126,9 +162,11 @@ class Dispatcher:
         self.claimed += len(records)
         return len(records)
 
-    def _run(self, record: InstanceRecord, lease_until: float) -> None:
+    def _run(self, record: InstanceRecord, lease_until: float, fresh: bool = False) -> None:
         key = (record.tenant, record.id)
-        task = asyncio.create_task(self._engine.execute(record), name=f"wake {record.tenant}/{record.id}")
+        task = asyncio.create_task(
+            self._engine.execute(record, fresh), name=f"wake {record.tenant}/{record.id}"
+        )
         self._tasks.add(task)
         self._running[key] = task
         self._leases[key] = lease_until

@@ -45,9 +45,10 @@ class Engine:
         self.log_rate = TenantLogRate(config.tenant_log_lines_per_second, config.tenant_log_bytes_per_second)
         self.spawn: children.Spawn | None = None  # step.create's way to the kernel's create (set by it)
 
-    async def execute(self, record: InstanceRecord) -> None:
+    async def execute(self, record: InstanceRecord, fresh: bool = False) -> None:
+        """Run one wake-up of ``record`` (``fresh``: created just now by this node, so it has no steps)."""
         key = (record.tenant, record.id)
-        wake = WakeUp(self, record)
+        wake = WakeUp(self, record, fresh)
         self.active[key] = wake
         try:
             with metrics.wakeup(wake):

@@ -141,6 +141,9 @@ class KernelMetrics:
                                     buckets=_SIZES, registry=r)  # fmt: skip
         self.claim_seconds = Histogram("tenantflow_claim_duration_seconds", "claim latency",
                                        buckets=_LATENCY, registry=r)  # fmt: skip
+        self.started_at_create = Counter("tenantflow_started_at_create",
+                                         "instances created leased to this node and started without a claim",
+                                         registry=r)  # fmt: skip
         self.commit_size = Histogram("tenantflow_commit_batch_size", "changes per group commit",
                                      buckets=_SIZES, registry=r)  # fmt: skip
         self.commit_seconds = Histogram("tenantflow_commit_duration_seconds", "group commit latency",
@@ -332,6 +335,11 @@ def _attempt_ended(wake: WakeUp, step: StepRecord, what: str, error: str) -> Non
 def claimed(count: int, seconds: float) -> None:
     _m.claim_size.observe(count)
     _m.claim_seconds.observe(seconds)
+
+
+@_safe
+def started_at_create(count: int) -> None:
+    _m.started_at_create.inc(count)
 
 
 @_safe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -249,10 +250,31 @@ class Kernel:
             for r, spec in zip(records, specs, strict=True)
         ]  # fmt: skip
         self.creation_rate.take(tenant, len(records))
+        # Instances this node can start now are created leased to it (no claim transaction before
+        # their first step); the rest wait for the dispatcher's claim, fairly among tenants.
+        eager = self.dispatcher.reserve(tenant, len(records)) if self._started else 0
+        if any(r.concurrency_limit for r in records):
+            self.dispatcher.release(tenant, eager)
+            eager = 0
+        for record in records[:eager]:
+            record.lease_owner, record.lease_until = self.config.node_id, now + self.config.lease_seconds
+        leased = [dataclasses.replace(r) for r in records[:eager]]
+        for record in records[:eager]:  # what the caller sees: created, not yet picked up
+            record.lease_owner = record.lease_until = None
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self.storage.create_instances, [*leased, *records[eager:]], history,
+                              self.config.tenant_max_live)
+        )  # fmt: skip
+
+        def settle(done: asyncio.Future[None]) -> None:  # adopt once committed, even if the caller left
+            if done.cancelled() or done.exception() is not None:
+                self.dispatcher.release(tenant, eager)
+            else:
+                self.dispatcher.adopt(leased)
+
+        work.add_done_callback(settle)
         with metrics.counting_refusals(tenant, "max_live"):
-            await asyncio.to_thread(
-                self.storage.create_instances, records, history, self.config.tenant_max_live
-            )
+            await asyncio.shield(work)
         self._poke()
         return records
 

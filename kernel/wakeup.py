@@ -56,9 +56,10 @@ def _foldable(change: Change, into: Change | None = None) -> bool:
 class WakeUp:
     """One wake-up of one instance; also the :class:`~tenantflow.kernel.sandbox.Host` for its guest."""
 
-    def __init__(self, engine: Engine, record: InstanceRecord) -> None:
+    def __init__(self, engine: Engine, record: InstanceRecord, fresh: bool = False) -> None:
         self.engine = engine
         self.record = record
+        self.fresh = fresh  # created just now by this node: no steps to read
         self.steps: dict[str, StepRecord] = {}
         self.flights: dict[str, _Flight] = {}
         self.wakes: list[float] = []
@@ -193,7 +194,10 @@ class WakeUp:
         except TenantflowError as exc:
             await self._end_errored({"name": "CodeUnavailable", "message": f"cannot load {rec.code}: {exc}"})
             return
-        self.steps = {s.key: s for s in await asyncio.to_thread(engine.storage.get_steps, rec.tenant, rec.id)}
+        if not self.fresh:
+            self.steps = {
+                s.key: s for s in await asyncio.to_thread(engine.storage.get_steps, rec.tenant, rec.id)
+            }
         self.next_seq = max((s.seq for s in self.steps.values()), default=0) + 1
         self.state_bytes = sum(len(s.output_json or "") for s in self.steps.values())
         result = await engine.committer.submit(self._change(

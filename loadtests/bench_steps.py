@@ -5,7 +5,9 @@ shared with four other engineers, load average 7-9: every figure is a range, bef
 
 | piece | before | after |
 |---|---|---|
-| guest <-> kernel round trips per step | 2 (step -> run, result -> return) | 2 (unchanged) |
+| guest <-> kernel round trips per new step | 2 (step -> run, result -> return) | 1 with the subprocess sandbox: the first attempt runs ahead of its grant, both replies read after (python-wasm: 2) |
+| a run's process ready when the wake-up starts | forked per run, then moved into its pids cgroup on the event loop (9-25 ms when no move happened recently: an RCU grace period) | a spare, forked, confined and moved ahead (P3 python 19-21 -> 7-9 ms) |
+| a run's seccomp filter | built with libseccomp in every run (0.8 ms CPU) | built once in the template, pid patched in (~0.15 ms) |
 | JSON per step (4 messages encoded and decoded) | 15-26 us | same |
 | one asyncio hop (future resolved by call_soon) | 3-6 us | same |
 | committer hand-off (submit -> result, storage a no-op) | 107 us (queue task + to_thread: 4 loop hops) | 29 us (own writer thread: 1 loop callback) |
@@ -23,8 +25,17 @@ What bounds it: with NORMAL a raw commit is 12-67 us here, while the kernel's ow
 the commit's Python side) and the guest's as much again: the 0.5x NORMAL goal (~25 us a step) is
 out of reach of a Python kernel with a process boundary per step. With FULL the commit (0.15-3 ms
 here, depending on the neighbours' I/O) dominates and P1 sits at 0.4-1x the raw rate. The next cut
-is one round trip per step (the kernel granting "run ahead" to the guest's next new step), which
-would also take the two thread hops per round trip off python-wasm.
+was one round trip per step (now done for the subprocess sandbox: the guest runs a new step's
+first attempt ahead of the kernel's grant); python-wasm still makes two, each with two thread hops.
+
+P3 (Create -> first step running, never-seen tenant, subprocess) after the spares, measured in the
+kernel (ms from the Create call): claim starts 1.6 (Create's commit and fsync, the dispatcher's
+poke), claimed 2.5 (a write transaction and fsync), steps read 3.1, RUNNING committed 3.9 (a third
+fsync), job sent 4.3, first step 5.6-7.2 (the guest in a freshly forked CPython: ~700 page faults
+copying the template's pages as Python touches their reference counts, ~2.3 ms of CPU per run that a
+warm process does in 0.2 ms). Three sequential durable commits and the forked interpreter's first
+touches bound it near 6 ms here; the <= 5 ms goal needs the Create to lease the instance itself
+(no separate claim) and the RUNNING mark to ride on that commit.
 
     nice .venv/bin/python loadtests/bench_steps.py [--steps 1000] [--instances 50] [--steps-each 100]
                                                    [--cold 20] [--sync FULL NORMAL] [--only python ...]
