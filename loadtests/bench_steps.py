@@ -28,14 +28,15 @@ here, depending on the neighbours' I/O) dominates and P1 sits at 0.4-1x the raw 
 was one round trip per step (now done for the subprocess sandbox: the guest runs a new step's
 first attempt ahead of the kernel's grant); python-wasm still makes two, each with two thread hops.
 
-P3 (Create -> first step running, never-seen tenant, subprocess) after the spares, measured in the
-kernel (ms from the Create call): claim starts 1.6 (Create's commit and fsync, the dispatcher's
-poke), claimed 2.5 (a write transaction and fsync), steps read 3.1, RUNNING committed 3.9 (a third
-fsync), job sent 4.3, first step 5.6-7.2 (the guest in a freshly forked CPython: ~700 page faults
-copying the template's pages as Python touches their reference counts, ~2.3 ms of CPU per run that a
-warm process does in 0.2 ms). Three sequential durable commits and the forked interpreter's first
-touches bound it near 6 ms here; the <= 5 ms goal needs the Create to lease the instance itself
-(no separate claim) and the RUNNING mark to ride on that commit.
+P3 (Create -> first step running, never-seen tenant, subprocess) was 19-21 ms: 9-25 ms of it the
+kernel moving the forked child into its pids cgroup (an RCU grace period) on its event loop. With
+spare run processes (forked, confined and moved ahead) and Create starting what it has a slot for
+(written leased to the node: no claim transaction, no step read) it is 6.7 ms p50. What is left,
+measured in the kernel before eager start (ms from the Create call): Create's commit 1.2, claim 1.0
+(now gone), RUNNING committed +0.8 (its own fsync), job sent +0.5, first step +1.4-2.9 (the guest in
+a freshly forked CPython: ~700 page faults copying the template's pages as Python touches their
+reference counts, ~2.3 ms of CPU that a warm process does in 0.2 ms). The <= 5 ms goal needs the
+RUNNING mark to ride on the Create's commit and a run process that is not a fresh fork.
 
     nice .venv/bin/python loadtests/bench_steps.py [--steps 1000] [--instances 50] [--steps-each 100]
                                                    [--cold 20] [--sync FULL NORMAL] [--only python ...]
