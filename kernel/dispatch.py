@@ -52,8 +52,7 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self.claimed = 0
         self._claimed_up_to = math.inf  # the due time up to which the last claim looked
-        self._reserved = 0  # slots held for instances being created leased to this node
-        self._reserved_for: dict[str, int] = {}  # of those, per tenant (only while a create is in flight)
+        self._reserved_for: dict[str, int] = {}  # slots held per tenant for creates in flight (see reserve)
 
     def reserve(self, tenant: str, wanted: int) -> int:
         """How many of ``wanted`` new instances of ``tenant`` this node starts as it creates them
@@ -66,15 +65,18 @@ class Dispatcher:
         running = sum(1 for key in self._running if key[0] == tenant) + self._reserved_for.get(tenant, 0)
         granted = max(0, min(wanted, free, self._config.tenant_running_cap - running))
         if granted:
-            self._reserved += granted
             self._reserved_for[tenant] = self._reserved_for.get(tenant, 0) + granted
         return granted
+
+    @property
+    def _reserved(self) -> int:
+        """Slots held for instances being created leased to this node (few: creates in flight)."""
+        return sum(self._reserved_for.values())
 
     def release(self, tenant: str, count: int) -> None:
         """Give back slots :meth:`reserve` held (the create failed, or fewer were started)."""
         if count <= 0:
             return
-        self._reserved -= count
         left = self._reserved_for.get(tenant, 0) - count
         if left > 0:
             self._reserved_for[tenant] = left

@@ -252,15 +252,13 @@ class Kernel:
         self.creation_rate.take(tenant, len(records))
         # Instances this node can start now are created leased to it (no claim transaction before
         # their first step); the rest wait for the dispatcher's claim, fairly among tenants.
-        eager = self.dispatcher.reserve(tenant, len(records)) if self._started else 0
-        if any(r.concurrency_limit for r in records):
-            self.dispatcher.release(tenant, eager)
-            eager = 0
-        for record in records[:eager]:
-            record.lease_owner, record.lease_until = self.config.node_id, now + self.config.lease_seconds
-        leased = [dataclasses.replace(r) for r in records[:eager]]
-        for record in records[:eager]:  # what the caller sees: created, not yet picked up
-            record.lease_owner = record.lease_until = None
+        limited = any(r.concurrency_limit for r in records)
+        eager = self.dispatcher.reserve(tenant, len(records)) if self._started and not limited else 0
+        until = now + self.config.lease_seconds
+        leased = [  # copies: the caller sees its records as created, not yet picked up
+            dataclasses.replace(r, lease_owner=self.config.node_id, lease_until=until)
+            for r in records[:eager]
+        ]
         work = asyncio.ensure_future(
             asyncio.to_thread(self.storage.create_instances, [*leased, *records[eager:]], history,
                               self.config.tenant_max_live)

@@ -23,14 +23,14 @@ guest -> kernel                                                   kernel reply `
 
 Running ahead: when the job says ``"ahead": true`` (no pause pending) and the transport can ``send``
 and ``receive`` apart (the subprocess sandbox's socket), a new ``do`` step's first attempt need not
-wait for the kernel's ``run``. The runtime sends
-the step request with ``"ahead": true``, calls the callback at once, sends its ``result``, and only
-then reads both replies, in order: ``run`` (attempt 1, which the kernel always grants a new step
-asked for this way, a pending pause included) and the answer to the result. A reply with
-``"ahead": false`` (a pause is pending) stops running ahead for the rest of the wake-up. A step then costs one
-round trip instead of two, and the kernel still learns of the attempt when it starts (its time-out
-runs from there). Only where nothing else can send meanwhile: sync workflows, and async ones whose
-callback runs inline (a sequential step, not a rollback).
+wait for the kernel's ``run``. The runtime sends the step request with ``"ahead": true``, calls the
+callback at once, sends its ``result``, and only then reads both replies, in order: ``run``
+(attempt 1, which the kernel always grants a new step asked for this way, a pending pause included)
+and the answer to the result. A reply with ``"ahead": false`` (a pause is pending) stops running
+ahead for the rest of the wake-up. A step then costs one round trip instead of two, and the kernel
+still learns of the attempt when it starts (its time-out runs from there). Only where nothing else
+can send meanwhile: sync workflows, and async ones whose callback runs inline (a sequential step,
+not a rollback).
 
 Keys are ``"<name>#<occurrence>"``. Durations are seconds; ``until`` is epoch seconds.
 """
@@ -139,9 +139,8 @@ class _Core:
         self.blocked = 0
         self.suspended = False
         self.fatal: dict[str, Any] | None = None
-        self.no_ahead = (
-            job.get("ahead") is not True
-        )  # ask before every step (not granted, or a pause is pending)
+        # Ask before every step: running ahead was not granted, or a pause is pending.
+        self.no_ahead = job.get("ahead") is not True
         self.rollback: dict[str, Any] | None = job.get("rollback")  # rolling back: no new forward step
         self.undos: dict[str, _compose.Undo] = {}
 
@@ -168,7 +167,7 @@ class _Core:
         receive = getattr(self.transport, "receive", None)
         if send is None or receive is None or self.no_ahead or self.rollback is not None:
             return None
-        if self.suspended or self.fatal:
+        if self.suspended or self.fatal:  # the branch stops at this step: the call path says how
             return None
         send({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy, "ahead": True})
         value: Any = None

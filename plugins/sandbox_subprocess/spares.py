@@ -53,9 +53,6 @@ class SparePool:
         self._filling: asyncio.Task[None] | None = None
         self._closed = False
 
-    def __len__(self) -> int:
-        return len(self._spares)
-
     def take(self, limits: str) -> Child | None:
         """A spare for a run with ``limits`` (one that died or no longer fits is discarded), and
         start making its replacement."""
