@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from tenantflow.kernel.sandbox import CodeError
 from tenantflow.plugins import isolated
-from tenantflow.workflow._runtime import module_name
+from tenantflow.workflow._modules import module_name
 
 
 def decode_files(files: Mapping[str, bytes]) -> dict[str, str]:

@@ -24,7 +24,7 @@ from tenantflow.workflow._api import ErrorInfo, InstanceError, RollbackContext, 
 from tenantflow.workflow._durations import parse_duration
 
 if TYPE_CHECKING:
-    from tenantflow.workflow._runtime import _Core
+    from tenantflow.workflow._protocol import Core
 
 CHILD_EVENT = "tenantflow.child-ended:"
 RESERVED_EVENT_PREFIX = "tenantflow."
@@ -49,7 +49,7 @@ class Undo:
     output: Any
 
 
-def register(core: _Core, key: str, fn: Callable[..., Any] | None, config: Any, output: Any) -> Any:
+def register(core: Core, key: str, fn: Callable[..., Any] | None, config: Any, output: Any) -> Any:
     """Remember ``fn`` as the undo of the completed step ``key``; return ``output``."""
     if fn is not None:
         name, _, occurrence = key.rpartition("#")
@@ -106,21 +106,21 @@ def wait_message(key: str, name: str, id: str, timeout: Any) -> dict[str, Any]:
 
 # -- rollbacks ------------------------------------------------------------------------------------
 def _invoke_undo(fn: Callable[..., Any], context: RollbackContext) -> Any:
-    from tenantflow.workflow._runtime import _call_blocking, _wants_context
+    from tenantflow.workflow._callbacks import call_blocking, wants_context
 
-    wants = _wants_context(fn)
-    return _call_blocking((lambda: fn(context)) if wants else fn, context.ctx.name, context.ctx.attempt)
+    wants = wants_context(fn)
+    return call_blocking((lambda: fn(context)) if wants else fn, context.ctx.name, context.ctx.attempt)
 
 
-def should_roll_back(core: _Core, failed: bool) -> bool:
+def should_roll_back(core: Core, failed: bool) -> bool:
     """After the forward replay: whether this wake-up goes on with the rollback."""
     return core.fatal is None and (core.rollback is not None or (failed and bool(core.undos)))
 
 
-def roll_back(core: _Core, failure: BaseException | None) -> None:
+def roll_back(core: Core, failure: BaseException | None) -> None:
     """Run the undos the kernel orders (last started first), each a durable step; then report the
     end, or suspend when an undo waits for a retry."""
-    from tenantflow.workflow._runtime import _policy, error_dict
+    from tenantflow.workflow._protocol import error_dict, step_policy
 
     transport = core.transport
     error = (
@@ -135,9 +135,9 @@ def roll_back(core: _Core, failure: BaseException | None) -> None:
         if undo is None or done.get(key, {}).get("status") in ("complete", "failed"):
             continue  # settled in an earlier wake-up (the kernel checks every undo ran at the end)
         retry = undo.config.get("retries")
-        policy = _policy(undo.name, retry, undo.config.get("timeout"))
+        undo_policy = step_policy(undo.name, retry, undo.config.get("timeout"))
         answer = transport.call(
-            {"op": "step", "kind": "undo", "key": key, "name": undo.name, "policy": policy}
+            {"op": "step", "kind": "undo", "key": key, "name": undo.name, "policy": undo_policy}
         )
         while answer.get("do") == "run":
             attempt = int(answer["attempt"])

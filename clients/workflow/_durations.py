@@ -53,3 +53,13 @@ def parse_duration(value: Duration) -> float:
     if seconds < 0:
         raise ValueError(f"invalid duration {value!r}: must not be negative")
     return seconds
+
+
+def until(when: _dt.datetime | float | int) -> float:
+    if isinstance(when, _dt.datetime):
+        if when.tzinfo is None:
+            raise ValueError("sleep_until needs a timezone-aware datetime (e.g. datetime.now(timezone.utc))")
+        return when.timestamp()
+    if isinstance(when, int | float) and not isinstance(when, bool):
+        return float(when)
+    raise ValueError(f"sleep_until needs a datetime or epoch seconds, got {when!r}")

@@ -16,7 +16,7 @@ from typing import Any
 
 from tenantflow.plugins import guestmsg
 from tenantflow.workflow._durations import parse_duration
-from tenantflow.workflow._runtime import _policy
+from tenantflow.workflow._protocol import step_policy
 
 _KINDS = ("do", "sleep", "wait")
 
@@ -79,7 +79,7 @@ class RawSession:
             raise BadRequest(f"step {self.flight[1]!r} is still running: report its result first")
         request: dict[str, Any] = {"op": "step", "kind": kind, "name": name}
         if kind == "do":
-            request["policy"] = _policy(name, m.get("retries"), m.get("timeout"))
+            request["policy"] = step_policy(name, m.get("retries"), m.get("timeout"))
         elif kind == "sleep":
             request["seconds"] = parse_duration(m.get("seconds", 0))
         else:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Set
 from tenantflow.kernel.sandbox import CodeError
 from tenantflow.plugins import isolated
 from tenantflow.plugins.pysource import decode_files, python_entrypoints
-from tenantflow.workflow._runtime import module_name
+from tenantflow.workflow._modules import module_name
 
 _GUARDS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
 

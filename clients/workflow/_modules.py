@@ -1,0 +1,45 @@
+"""Tenant modules from memory: the tenant's files become importable by module name, in the guest."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from collections.abc import Sequence
+
+
+def module_name(path: str) -> str:
+    """``pkg/util.py`` -> ``pkg.util``; ``pkg/__init__.py`` -> ``pkg``."""
+    name = path[:-3] if path.endswith(".py") else path
+    name = name.replace("/", ".")
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+class _MemoryFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, files: dict[str, str]) -> None:
+        self._sources = {module_name(p): (p, src) for p, src in files.items() if p.endswith(".py")}
+        self._packages = {module_name(p) for p in files if p.endswith("__init__.py")}
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self._sources:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, is_package=fullname in self._packages)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        path, source = self._sources[module.__name__]
+        module.__file__ = path
+        if module.__name__ in self._packages:
+            module.__path__ = []
+        exec(compile(source, path, "exec"), module.__dict__)
+
+
+def install_modules(files: dict[str, str]) -> None:
+    """Make the tenant's files importable by module name."""
+    sys.meta_path.insert(0, _MemoryFinder(files))
