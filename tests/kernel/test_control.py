@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 
@@ -44,6 +42,15 @@ class Branches(WorkflowEntrypoint):
 WAITING = frozenset({pb.STATUS_WAITING})
 
 
+def witness(client: Client, tenant: str, ref: str, workflow: str, params: object = None) -> str:
+    """Run a twin of the instance under test to completion, started after the action under test:
+    once it completes, the moment at which the other would have moved on has certainly passed (an
+    absence checked after a fixed sleep proves nothing on a slow machine)."""
+    twin = client.create(tenant, workflow, ref, params=params)
+    assert client.wait(tenant, twin.id, timeout=60).status == pb.STATUS_COMPLETE
+    return twin.id
+
+
 @pytest.fixture
 def ref(client: Client, tenant: str) -> str:
     return publish(client, tenant, WORKFLOWS)
@@ -55,7 +62,9 @@ def test_pause_a_hibernating_instance_then_resume(client: Client, tenant: str, r
     paused = client.pause(tenant, inst.id)
     assert paused.status == pb.STATUS_PAUSED
     assert client.pause(tenant, inst.id).status == pb.STATUS_PAUSED  # idempotent
-    time.sleep(1.0)  # the nap is over, but a paused instance does not wake
+    witness(
+        client, tenant, ref, "Steps", {"nap": 0.5}
+    )  # the nap is over, but a paused instance does not wake
     assert client.get(tenant, inst.id).status == pb.STATUS_PAUSED
     client.resume(tenant, inst.id)
     done = client.wait(tenant, inst.id)
@@ -112,7 +121,7 @@ def test_terminate_stops_for_good(client: Client, tenant: str, ref: str) -> None
     inst = client.create(tenant, "Steps", ref, params={"nap": 0.3})
     client.wait(tenant, inst.id, statuses=WAITING)
     assert client.terminate(tenant, inst.id).status == pb.STATUS_TERMINATED
-    time.sleep(0.8)
+    witness(client, tenant, ref, "Steps", {"nap": 0.3})  # its nap would have ended by now
     after = client.get(tenant, inst.id)
     assert after.status == pb.STATUS_TERMINATED and [s.name for s in after.steps] == ["first", "nap"]
     for action in (client.terminate, client.pause):
@@ -125,7 +134,7 @@ def test_terminate_kills_a_running_step(client: Client, tenant: str, ref: str) -
     inst = client.create(tenant, "Busy", ref)
     wait_for(lambda: any(s.status == "running" for s in client.get(tenant, inst.id).steps))
     client.terminate(tenant, inst.id)
-    time.sleep(1.5)
+    witness(client, tenant, ref, "Busy")  # its slow step would have finished by now
     after = client.get(tenant, inst.id)
     assert after.status == pb.STATUS_TERMINATED
     assert after.steps[0].status == "running"  # stopped mid-attempt; nothing written after terminate
@@ -189,7 +198,7 @@ def test_delete_removes_ended_and_live_instances(client: Client, tenant: str, re
     with pytest.raises(TenantflowRpcError) as err:
         client.delete(tenant, busy.id)
     assert err.value.code == grpc.StatusCode.NOT_FOUND
-    time.sleep(1.5)  # the deleted instance's step would have finished by now: nothing reappears
-    assert list(client.iter_instances(tenant)) == []
+    twin = witness(client, tenant, ref, "Busy")  # the deleted instance's step would have finished by now
+    assert [i.id for i in client.iter_instances(tenant)] == [twin]  # nothing reappears
     again = client.create(tenant, "Steps", ref, params={"nap": 0}, id=ended.id)  # the id is free again
     assert client.wait(tenant, again.id).status == pb.STATUS_COMPLETE
