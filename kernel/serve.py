@@ -23,6 +23,17 @@ async def serve(args: argparse.Namespace) -> None:
     if problem := lease_problem(args.lease_seconds, args.lease_renew_seconds):
         raise SystemExit(f"error: --lease-seconds/--lease-renew-seconds: {problem}")
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    from tenantflow.kernel.grants import grant_problem, kernel_state
+
+    state = kernel_state(
+        data_dir=data_dir,
+        storage_url=args.storage or "",
+        token_file=args.auth_tokens,
+        tls_files=(args.tls_cert, args.tls_key),
+        git_roots=args.git_root or [],
+    )
+    if problem := grant_problem(args.sandbox_writable_dir or [], state):
+        raise SystemExit(f"error: {problem}")
     hold_data_dir(data_dir)  # one kernel per data directory, for the life of this process
     config = KernelConfig(
         data_dir=data_dir,
