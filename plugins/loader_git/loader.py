@@ -12,7 +12,7 @@ from pygit2.enums import ObjectType, RepositoryOpenFlag
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import InvalidArgument, NotFound, ResourceExhausted
 from tenantflow.kernel.loader import CodeBundle
-from tenantflow.plugins.loader_git import roots
+from tenantflow.plugins.loader_git import confine, roots
 from tenantflow.plugins.loader_git.mirror import Mirrors
 from tenantflow.plugins.loader_git.ref import SCHEMES, GitRef, parse
 
@@ -65,9 +65,15 @@ class _Repo:
         except pygit2.GitError:
             raise NotFound(f"no git repository at {shown!r}") from None
         gitdir = os.path.realpath(self.repo.path)
-        if not any(roots.within(gitdir, root) for root in roots.file_roots(allowed, tenant)):
+        allowed_dirs = roots.file_roots(allowed, tenant)
+        try:
+            if not any(roots.within(gitdir, root) for root in allowed_dirs):
+                raise InvalidArgument(f"repository {shown!r} keeps its objects outside the allowed git roots")
+            confine.check_gitdir(gitdir, allowed_dirs, shown)
+            self.repo.set_odb(confine.confined_odb(gitdir, allowed_dirs, shown))
+        except BaseException:
             self.repo.free()
-            raise InvalidArgument(f"repository {shown!r} keeps its objects outside the allowed git roots")
+            raise
         self.shown = shown
 
     def __enter__(self) -> _Repo:
@@ -87,7 +93,12 @@ def _resolve(r: _Repo, git: GitRef) -> pygit2.Commit:
         for name in (f"refs/heads/{git.rev}", f"refs/tags/{git.rev}"):
             reference = repo.references.get(name)
             if reference is not None:
-                target = reference.peel(pygit2.Commit)
+                try:
+                    target = reference.peel(pygit2.Commit)
+                except (KeyError, ValueError, pygit2.GitError):
+                    raise NotFound(
+                        f"{name} in git repository {r.shown!r} names a commit it does not hold"
+                    ) from None
                 break
     if target is None and _HEX.match(git.rev):
         try:
