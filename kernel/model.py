@@ -109,6 +109,13 @@ class EventRecord:
     created_at: float
     consumed_by: str = ""
 
+    @property
+    def size(self) -> int:
+        """The bytes it holds in an inbox (type and payload, UTF-8), as inbox caps count them."""
+        return len(self.type.encode("utf-8", "surrogatepass")) + len(
+            self.payload_json.encode("utf-8", "surrogatepass")
+        )
+
 
 @dataclass
 class HistoryEntry:
@@ -163,6 +170,12 @@ class Change:
     add_events: list[EventRecord] = field(default_factory=list)  # seq assigned by storage
     history: list[HistoryEntry] = field(default_factory=list)
     wake_on_events: list[str] = field(default_factory=list)  # unconsumed event of a type -> run_at = now
+    # ... the same, but only for a type one of the instance's steps is waiting for (status "waiting",
+    # that event_type): an event nobody waits for is kept, and wakes nobody
+    wake_waiting: list[str] = field(default_factory=list)
+    # (events, bytes): refuse the change (ApplyResult.unread says why) if the instance's unread events
+    # and add_events together would pass either; 0: no cap on that one
+    inbox_cap: tuple[int, int] = (0, 0)
     pause_aware: bool = False  # if stored status is WAITING_FOR_PAUSE: become PAUSED, run_at NULL
     bump_generation: bool = False
     now: float = 0.0
@@ -180,3 +193,16 @@ class ApplyResult:
     reason: str = ""
     event_seqs: list[int] = field(default_factory=list)
     status: Status | None = None  # the status after the change
+    unread: tuple[int, int] | None = None  # refused by inbox_cap: (events, bytes) already unread
+
+
+def inbox_refusal(change: Change, count: int, size: int) -> ApplyResult | None:
+    """How storage refuses ``change`` when the ``count`` events of ``size`` bytes its instance has
+    unread, with its ``add_events``, would pass its ``inbox_cap``; None when they fit."""
+    max_events, max_bytes = change.inbox_cap
+    adding = sum(e.size for e in change.add_events)
+    if (max_events and count + len(change.add_events) > max_events) or (
+        max_bytes and size + adding > max_bytes
+    ):
+        return ApplyResult(False, f"the inbox of instance {change.id!r} is full", unread=(count, size))
+    return None

@@ -55,7 +55,13 @@ class Storage(Protocol):
         """The journal in ``seq`` order."""
         ...
 
-    def get_events(self, tenant: str, id: str, *, unconsumed_only: bool) -> list[EventRecord]: ...
+    def get_events(
+        self, tenant: str, id: str, *, unconsumed_only: bool, type: str | None = None, limit: int = 0
+    ) -> list[EventRecord]:
+        """The inbox oldest first (by ``seq``); only events of ``type`` when given, at most ``limit``
+        (0: all). A wait reads the one it consumes this way: unconsumed, its type, limit 1, found
+        through an index, so the other unread events cost it nothing."""
+        ...
 
     def get_history(self, tenant: str, id: str, after_seq: int, limit: int) -> list[HistoryEntry]: ...
 
@@ -70,7 +76,15 @@ class Storage(Protocol):
         returns one result per change. An engine that needs several transactions for one batch
         and fails after some committed (or cannot tell whether a commit applied) must not raise:
         it returns ok=False, with the storage error as the reason, for every change not known to
-        be applied, so that nothing is ever applied twice."""
+        be applied, so that nothing is ever applied twice.
+
+        Events: ``add_events`` get the next seqs. ``inbox_cap`` is checked in the transaction that
+        stores them, against the unread events stored before the change, so concurrent senders
+        cannot pass it together; a refused change writes nothing and reports ``unread``.
+        ``wake_on_events`` sets ``run_at = now`` if an unconsumed event of one of its types exists;
+        ``wake_waiting`` does the same only for a type one of the instance's steps is waiting for
+        (status ``waiting``, that ``event_type``), so an event nobody waits for wakes nobody. Neither
+        wakes an instance that ends the change paused, waiting for pause or ended."""
         ...
 
     def claim(

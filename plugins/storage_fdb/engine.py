@@ -25,6 +25,7 @@ from tenantflow.kernel.model import (
     ScheduleRecord,
     Status,
     StepRecord,
+    inbox_refusal,
 )
 from tenantflow.plugins.storage_fdb import claims, schedules
 from tenantflow.plugins.storage_fdb.indexes import delete, reindex
@@ -186,6 +187,7 @@ class KVStorage:
             if r.output_json or r.error_name or r.error_message:
                 put_blob(tr, k.inst(r.tenant, r.id, "o"), dumps({f: getattr(r, f) for f in RESULT}))
             reindex(tr, k, r.tenant, r.id, None, head)
+            tr.set(k.inst(r.tenant, r.id, "wi"), b"")  # its waiting steps are indexed (see _waits_for)
             tr.set(k.inst(r.tenant, r.id, "x"), dumps({"batch": batch_id, "results": []}))
         for tenant, last in seqs.items():
             tr.set(k.tenant(tenant, "c"), encode_int(last))
@@ -226,10 +228,25 @@ class KVStorage:
         steps = [StepRecord(**loads(value)) for _, value in group_chunks(rows, 0)]
         return sorted(steps, key=lambda s: s.seq)
 
-    def get_events(self, tenant: str, id: str, *, unconsumed_only: bool) -> list[EventRecord]:
+    def get_events(
+        self, tenant: str, id: str, *, unconsumed_only: bool, type: str | None = None, limit: int = 0
+    ) -> list[EventRecord]:
         k = self.k
 
+        def unread_of_type(tr: Txn, type: str) -> list[EventRecord]:
+            """Through the index of unread events by type: no other event is read."""
+            rows = tr.get_range(*k.inst_range(tenant, id, "w", part(type)), limit=limit)
+            events = []
+            for key, _ in rows:
+                seq = k.strip(key)[-1]
+                e = loads(join_chunks(tr.get_range(*k.inst_range(tenant, id, "v", seq))))
+                if e["type"] == type:  # a long type's key element is its digest
+                    events.append(EventRecord(seq, e["type"], e["payload_json"], e["created_at"]))
+            return events
+
         def read(tr: Txn) -> list[EventRecord]:
+            if unconsumed_only and type is not None:
+                return unread_of_type(tr, type)
             consumed = {
                 k.strip(key)[-1]: value.decode()
                 for key, value in tr.get_range(*k.inst_range(tenant, id, "vc"))
@@ -240,9 +257,13 @@ class KVStorage:
                 if unconsumed_only and seq in consumed:
                     continue
                 e = loads(value)
+                if type is not None and e["type"] != type:
+                    continue
                 events.append(
                     EventRecord(seq, e["type"], e["payload_json"], e["created_at"], consumed.get(seq, ""))
                 )
+                if len(events) == limit:
+                    break
             return events
 
         return self.layer.read(read)
@@ -318,8 +339,14 @@ class KVStorage:
                 marker = loads(raw) if raw is not None else None
                 done[key] = (
                     {
-                        p: ApplyResult(ok, reason, seqs, Status(s) if s is not None else None)
-                        for p, ok, reason, seqs, s in marker["results"]
+                        p: ApplyResult(
+                            ok,
+                            reason,
+                            seqs,
+                            Status(s) if s is not None else None,
+                            (unread[0][0], unread[0][1]) if unread and unread[0] else None,
+                        )
+                        for p, ok, reason, seqs, s, *unread in marker["results"]  # unread: newer markers
                     }  # fmt: skip
                     if marker is not None and marker["batch"] == batch_id
                     else None
@@ -337,7 +364,7 @@ class KVStorage:
             if result.ok or result.reason != f"instance {ch.id!r} does not exist":
                 mine.setdefault(key, []).append((pos, result))
         for (tenant, id), applied in mine.items():
-            rows = [[p, r.ok, r.reason, r.event_seqs, int(r.status) if r.status is not None else None]
+            rows = [[p, r.ok, r.reason, r.event_seqs, int(r.status) if r.status is not None else None, r.unread]
                     for p, r in applied]  # fmt: skip
             tr.set(self.k.inst(tenant, id, "x"), dumps({"batch": batch_id, "results": rows}))
         return results
@@ -368,6 +395,8 @@ class KVStorage:
             history = [h for h in history if h.kind != "status"]
             history.append(HistoryEntry(kind="status", at=ch.now, status=int(Status.PAUSED)))
         # Everything that can fail is checked before the first write (no savepoints here).
+        if ch.add_events and (full := self._inbox_full(tr, ch)):
+            return full
         released = self._released(tr, ch)
         consumed_now: set[int] = set()
         for seq, _ in ch.consume_events:
@@ -386,6 +415,12 @@ class KVStorage:
             put_blob(tr, k.inst(t, i, "s", kp), step_json(step))
             tr.set(k.inst(t, i, "sk", kp), pack((step.seq,)))
             tr.set(k.inst(t, i, "sq", step.seq, kp), b"")
+            if step.event_type:  # a wait's type never changes: its index entry is this one
+                waiting = k.inst(t, i, "wt", part(step.event_type), kp)
+                if step.status == "waiting":
+                    tr.set(waiting, b"")
+                else:
+                    tr.clear(waiting)
         for seq, step_key in ch.consume_events:
             event = loads(join_chunks(tr.get_range(*k.inst_range(t, i, "v", seq))))
             tr.set(k.inst(t, i, "vc", seq), step_key.encode())
@@ -402,13 +437,15 @@ class KVStorage:
                     "created_at": event.created_at,
                 }
                 put_blob(tr, k.inst(t, i, "v", last), dumps(body))
-                tr.set(k.inst(t, i, "w", part(event.type), last), b"")
+                tr.set(k.inst(t, i, "w", part(event.type), last), encode_int(event.size))
                 event_seqs.append(last)
             tr.set(k.inst(t, i, "vn"), encode_int(last))
         final = Status(int(values.get("status", old.status)))
-        if ch.wake_on_events and final not in (Status.PAUSED, Status.WAITING_FOR_PAUSE, Status.COMPLETE,
-                                               Status.ERRORED, Status.TERMINATED):  # fmt: skip
-            if any(tr.get_range(*k.inst_range(t, i, "w", part(type)), limit=1) for type in ch.wake_on_events):
+        if (ch.wake_on_events or ch.wake_waiting) and final not in (
+            Status.PAUSED, Status.WAITING_FOR_PAUSE, Status.COMPLETE, Status.ERRORED, Status.TERMINATED
+        ):  # fmt: skip
+            wake = [*ch.wake_on_events, *(type for type in ch.wake_waiting if self._waits_for(tr, ch, type))]
+            if any(tr.get_range(*k.inst_range(t, i, "w", part(type)), limit=1) for type in wake):
                 values["run_at"] = ch.now
         new = old.replace(
             status=final,
@@ -427,6 +464,23 @@ class KVStorage:
         reindex(tr, k, t, i, old, new)
         self._history(tr, t, i, history)
         return ApplyResult(True, event_seqs=event_seqs, status=final)
+
+    def _inbox_full(self, tr: Txn, ch: Change) -> ApplyResult | None:
+        """The refusal of ``ch`` if its events would pass its inbox cap (None: they fit). The
+        index of unread events holds each one's size (0 for events stored before it did)."""
+        max_events, max_bytes = ch.inbox_cap
+        if not max_events and not max_bytes:
+            return None
+        rows = tr.get_range(*self.k.inst_range(ch.tenant, ch.id, "w"), limit=max_events)
+        return inbox_refusal(ch, len(rows), sum(decode_int(value) for _, value in rows))
+
+    def _waits_for(self, tr: Txn, ch: Change, type: str) -> bool:
+        """Whether a step of the instance is waiting for an event of ``type``. An instance created
+        before waiting steps were indexed (no ``wi`` mark) may wait for any type."""
+        k = self.k
+        if tr.get(k.inst(ch.tenant, ch.id, "wi")) is None:
+            return True
+        return bool(tr.get_range(*k.inst_range(ch.tenant, ch.id, "wt", part(type)), limit=1))
 
     def _steps_from(self, tr: Txn, ch: Change) -> list[tuple[int, str | bytes]]:
         begin = self.k.inst(ch.tenant, ch.id, "sq", ch.delete_steps_from)
@@ -447,15 +501,22 @@ class KVStorage:
 
     def _delete_steps(self, tr: Txn, ch: Change) -> None:
         k, t, i = self.k, ch.tenant, ch.id
-        for seq, kp in self._steps_from(tr, ch):
+        deleted = self._steps_from(tr, ch)
+        for seq, kp in deleted:
             tr.clear_range(*k.inst_range(t, i, "s", kp))
             tr.clear(k.inst(t, i, "sk", kp))
             tr.clear(k.inst(t, i, "sq", seq, kp))
             for key, type in tr.get_range(*k.inst_range(t, i, "c", kp)):
                 event_seq = k.strip(key)[-1]
                 tr.clear(k.inst(t, i, "vc", event_seq))
-                tr.set(k.inst(t, i, "w", part(type.decode()), event_seq), b"")
+                event = loads(join_chunks(tr.get_range(*k.inst_range(t, i, "v", event_seq))))
+                released = EventRecord(event_seq, event["type"], event["payload_json"], event["created_at"])
+                tr.set(k.inst(t, i, "w", part(type.decode()), event_seq), encode_int(released.size))
             tr.clear_range(*k.inst_range(t, i, "c", kp))
+        kps = {kp for _, kp in deleted}
+        for key, _ in tr.get_range(*k.inst_range(t, i, "wt")):
+            if k.strip(key)[-1] in kps:
+                tr.clear(key)
 
     # -- dispatch -------------------------------------------------------------------------------
     def claim(

@@ -32,6 +32,7 @@ from tenantflow.kernel.model import (
     ScheduleRecord,
     Status,
     StepRecord,
+    inbox_refusal,
 )
 from tenantflow.plugins.storage_sqlite import schedules
 
@@ -127,6 +128,25 @@ class SQLiteStorage:
         self._writer.execute(
             "CREATE INDEX IF NOT EXISTS instances_limited_leased ON instances (tenant, workflow, conc_key) "
             "WHERE conc_limit > 0 AND lease_owner IS NOT NULL"
+        )
+        events = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
+        if "bytes" not in events:
+            self._writer.execute("ALTER TABLE events ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
+            self._writer.execute(
+                "UPDATE events SET bytes = length(CAST(type AS BLOB)) + length(CAST(payload_json AS BLOB)) "
+                "WHERE consumed_by = ''"  # consumed ones are counted again only if a restart releases them
+            )
+        # Unread events by type, oldest first, with their sizes: a wait reads only the event it
+        # consumes, and an inbox cap counts the unread ones without reading a payload. The queries
+        # name these indexes (the planner, without statistics, would scan every event's row), and
+        # each holds the column of its WHERE so that it covers them (SQLite 3.40 reads the row else).
+        self._writer.execute(
+            "CREATE INDEX IF NOT EXISTS events_unread ON events (tenant, id, type, seq, bytes, consumed_by) "
+            "WHERE consumed_by = ''"
+        )
+        self._writer.execute(
+            "CREATE INDEX IF NOT EXISTS steps_waiting ON steps (tenant, id, event_type, status) "
+            "WHERE status = 'waiting'"
         )
 
     def _connect(self) -> sqlite3.Connection:
@@ -254,15 +274,17 @@ class SQLiteStorage:
         )
         return [StepRecord(*r) for r in rows]
 
-    def get_events(self, tenant: str, id: str, *, unconsumed_only: bool) -> list[EventRecord]:
-        sql = (
-            "SELECT seq, type, payload_json, created_at, consumed_by FROM events WHERE tenant = ? AND id = ?"
-        )
-        if unconsumed_only:
-            sql += " AND consumed_by = ''"
-        return [
-            EventRecord(*r) for r in self._reader().execute(sql + " ORDER BY seq", (tenant, id)).fetchall()
-        ]
+    def get_events(
+        self, tenant: str, id: str, *, unconsumed_only: bool, type: str | None = None, limit: int = 0
+    ) -> list[EventRecord]:
+        unread = " INDEXED BY events_unread WHERE consumed_by = '' AND" if unconsumed_only else " WHERE"
+        sql = f"SELECT seq, type, payload_json, created_at, consumed_by FROM events{unread} tenant = ? AND id = ?"
+        args: tuple[Any, ...] = (tenant, id)
+        if type is not None:
+            sql += " AND type = ?"
+            args += (type,)
+        sql += " ORDER BY seq LIMIT ?"
+        return [EventRecord(*r) for r in self._reader().execute(sql, (*args, limit or -1)).fetchall()]
 
     def get_history(self, tenant: str, id: str, after_seq: int, limit: int) -> list[HistoryEntry]:
         rows = (
@@ -305,6 +327,8 @@ class SQLiteStorage:
         pause handling, no events): its guards and its instance update are one statement. None when
         it is not that kind of change, or a guard failed (nothing written: the full path says why)."""
         if ch.expect_status or ch.pause_aware or ch.bump_generation or ch.add_events or ch.wake_on_events:
+            return None
+        if ch.wake_waiting:
             return None
         if ch.delete_steps_from is not None or not _SETTABLE.issuperset(ch.set):
             return None
@@ -351,6 +375,8 @@ class SQLiteStorage:
         unknown = set(values) - _SETTABLE
         if unknown:
             raise ValueError(f"cannot set instance columns {sorted(unknown)}")
+        if ch.add_events and (full := _inbox_full(conn, ch)):
+            return full
         history = list(ch.history)
         if (
             ch.pause_aware
@@ -400,16 +426,19 @@ class SQLiteStorage:
             for event in ch.add_events:
                 last += 1
                 conn.execute(
-                    "INSERT INTO events (tenant, id, seq, type, payload_json, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (ch.tenant, ch.id, last, event.type, event.payload_json, event.created_at),
+                    "INSERT INTO events (tenant, id, seq, type, payload_json, created_at, bytes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (ch.tenant, ch.id, last, event.type, event.payload_json, event.created_at, event.size),
                 )
                 event_seqs.append(last)
         final = Status(int(values.get("status", status)))
-        if ch.wake_on_events and final not in (Status.PAUSED, Status.WAITING_FOR_PAUSE, *TERMINAL):
-            marks = ", ".join("?" * len(ch.wake_on_events))
+        wake = [*ch.wake_on_events, *(t for t in ch.wake_waiting if _waits_for(conn, ch, t))]
+        if wake and final not in (Status.PAUSED, Status.WAITING_FOR_PAUSE, *TERMINAL):
+            marks = ", ".join("?" * len(wake))
             found = conn.execute(
-                f"SELECT 1 FROM events WHERE tenant = ? AND id = ? AND consumed_by = '' AND type IN ({marks}) LIMIT 1",
-                (ch.tenant, ch.id, *ch.wake_on_events),
+                f"SELECT 1 FROM events INDEXED BY events_unread WHERE tenant = ? AND id = ? AND consumed_by = '' "
+                f"AND type IN ({marks}) LIMIT 1",
+                (ch.tenant, ch.id, *wake),
             ).fetchone()
             if found:
                 conn.execute(
@@ -585,4 +614,26 @@ def _delete(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> int:
         conn.executemany(f"DELETE FROM {table} WHERE tenant = ? AND id = ?", keys)  # noqa: S608
     before = conn.total_changes
     conn.executemany("DELETE FROM instances WHERE tenant = ? AND id = ?", keys)
+def _inbox_full(conn: sqlite3.Connection, ch: Change) -> ApplyResult | None:
+    """The refusal of ``ch`` if its events would pass its inbox cap (None: they fit)."""
+    max_events, max_bytes = ch.inbox_cap
+    if not max_events and not max_bytes:
+        return None
+    count, size = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM (SELECT bytes FROM events INDEXED BY events_unread "
+        "WHERE tenant = ? AND id = ? AND consumed_by = '' LIMIT ?)",  # at the cap is enough to know
+        (ch.tenant, ch.id, max_events or -1),
+    ).fetchone()
+    return inbox_refusal(ch, count, size)
+
+
+def _waits_for(conn: sqlite3.Connection, ch: Change, type: str) -> bool:
+    """Whether a step of the instance is waiting for an event of ``type``."""
+    row = conn.execute(
+        "SELECT 1 FROM steps INDEXED BY steps_waiting WHERE tenant = ? AND id = ? AND status = 'waiting' AND event_type = ? LIMIT 1",
+        (ch.tenant, ch.id, type),
+    ).fetchone()
+    return row is not None
+
+
     return conn.total_changes - before

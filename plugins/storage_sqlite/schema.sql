@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS steps (
 CREATE TABLE IF NOT EXISTS events (
     tenant TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL,
     payload_json TEXT NOT NULL, created_at REAL NOT NULL, consumed_by TEXT NOT NULL DEFAULT '',
+    bytes INTEGER NOT NULL DEFAULT 0,  -- type + payload (UTF-8); added by engine.py to older databases
     PRIMARY KEY (tenant, id, seq)
 ) WITHOUT ROWID;
 
@@ -47,6 +48,8 @@ CREATE TABLE IF NOT EXISTS history (
 
 -- Concurrency limits: instances.conc_key and conc_limit, and the index instances_limited_leased,
 -- are added by engine.py (_migrate), so databases made before them get them too.
+-- Inbox caps and waits: events.bytes and the indexes events_unread (a wait's event, the inbox's
+-- count and bytes) and steps_waiting (whether an event wakes the instance), likewise.
 
 CREATE TABLE IF NOT EXISTS schedules (
     tenant TEXT NOT NULL, name TEXT NOT NULL,

@@ -23,6 +23,7 @@ from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
 from tenantflow.kernel.model import (
     SKIPPED,
+    ApplyResult,
     Artifact,
     Change,
     EventRecord,
@@ -227,6 +228,141 @@ def test_wake_on_events_and_pause_awareness(storage: Storage) -> None:
     record = storage.get_instance("t", "p")
     assert result.status == Status.PAUSED and record.status == Status.PAUSED and record.run_at is None  # type: ignore[union-attr]
     assert storage.get_history("t", "p", 0, 10)[-1].status == int(Status.PAUSED)
+
+
+def event(type: str, payload: str = "null") -> EventRecord:
+    return EventRecord(0, type, payload, 1.0)
+
+
+def test_a_wait_reads_only_the_oldest_unread_event_of_its_type(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a")], [entry()])
+    long = "L" * 300  # past the length a key element keeps as is
+    sent = [
+        event("a", "1"),
+        event("b", "2"),
+        event("a", "3"),
+        event(long, "4"),
+        event("a", "5"),
+        event("b", "6"),
+    ]
+    assert storage.apply([Change(tenant="t", id="a", now=1.0, add_events=sent)])[0].event_seqs == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    step = StepRecord(key="w#0", seq=1, name="w", kind="wait", status="complete", event_type="a")
+    assert storage.apply([Change(tenant="t", id="a", now=2.0, steps=[step], consume_events=[(1, "w#0")])])[
+        0
+    ].ok
+
+    def unread(type: str, limit: int = 0) -> list[tuple[int, str]]:
+        events = storage.get_events("t", "a", unconsumed_only=True, type=type, limit=limit)
+        return [(e.seq, e.payload_json) for e in events]
+
+    assert unread("a", limit=1) == [(3, "3")]  # the oldest unread one of its type
+    assert unread("a") == [(3, "3"), (5, "5")]
+    assert unread("b", limit=1) == [(2, "2")]
+    assert unread(long) == [(4, "4")] and unread("L" * 299) == [] and unread("c") == []
+    every_a = storage.get_events("t", "a", unconsumed_only=False, type="a")
+    assert [(e.seq, e.consumed_by) for e in every_a] == [(1, "w#0"), (3, ""), (5, "")]
+    assert [e.seq for e in storage.get_events("t", "a", unconsumed_only=True, limit=2)] == [2, 3]
+
+
+def test_the_inbox_cap_counts_unread_events_and_their_bytes(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a"), instance("t", "b")], [entry(), entry()])
+
+    def send(id: str, *events: EventRecord, cap: tuple[int, int] = (3, 0)) -> ApplyResult:
+        return storage.apply([Change(tenant="t", id=id, now=1.0, add_events=list(events), inbox_cap=cap,
+                                     history=[entry("sent")])])[0]  # fmt: skip
+
+    for n in range(3):
+        assert send("a", event("go", str(n))).ok
+    refused = send("a", event("go", "3"))
+    assert not refused.ok and refused.unread == (3, 3 * len("go0")), refused
+    assert send("a", event("go"), cap=(0, 0)).ok  # no cap: the kernel's own notices
+    assert len(storage.get_events("t", "a", unconsumed_only=True)) == 4
+    assert len(storage.get_history("t", "a", 0, 100)) == 1 + 4  # the refused change wrote nothing
+    step = StepRecord(key="w#0", seq=1, name="w", kind="wait", status="complete", event_type="go")
+    storage.apply([Change(tenant="t", id="a", now=2.0, steps=[step], consume_events=[(1, "w#0")])])
+    assert not send("a", event("go")).ok  # 3 unread: still at the cap
+    assert send("a", event("go"), cap=(5, 0)).ok  # unread: 3 + 3 + 6 + 6 bytes
+    by_bytes = send("a", event("go", "x" * 10), cap=(0, 18 + 12 - 1))
+    assert not by_bytes.ok and by_bytes.unread == (4, 18), by_bytes
+    assert send("a", event("go", "x" * 10), cap=(0, 18 + 12)).ok
+    # A restart gives back the events its deleted steps consumed: they count again.
+    assert storage.apply([Change(tenant="t", id="a", now=3.0, delete_steps_from=1, bump_generation=True)])[
+        0
+    ].ok
+    released = send("a", event("go"), cap=(6, 0))
+    assert not released.ok and released.unread == (6, 18 + 12 + 3), released
+    # By bytes; a refused change in a batch refuses itself only.
+    big = event("go", "x" * 1000)
+    batch = [Change(tenant="t", id="b", now=1.0, add_events=[big], inbox_cap=(0, 2100)) for _ in range(3)]
+    assert [(r.ok, r.unread) for r in storage.apply(batch)] == [
+        (True, None),
+        (True, None),
+        (False, (2, 2004)),
+    ]
+    assert send("b", event("go"), cap=(3, 0)).ok  # the count cap alone: 3 events
+
+
+def test_concurrent_senders_cannot_pass_the_inbox_cap(pair: tuple[Storage, Storage]) -> None:
+    a, b = pair
+    a.create_instances([instance("t", "x")], [entry()])
+
+    def send(storage: Storage, n: int) -> int:
+        taken = 0
+        for k in range(10):
+            change = Change(tenant="t", id="x", now=1.0, add_events=[event("go", str(n * 100 + k))],
+                            inbox_cap=(25, 0))  # fmt: skip
+            taken += storage.apply([change])[0].ok
+        return taken
+
+    taken = race(*[lambda s=s, n=n: send(s, n) for n, s in enumerate([a, b, a, b])])  # type: ignore[misc]
+    assert sum(taken) == 25 and len(b.get_events("t", "x", unconsumed_only=True)) == 25
+
+
+def test_an_event_wakes_an_instance_only_while_a_step_waits_for_its_type(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a")], [entry()])
+    waiting = StepRecord(
+        key="w#0", seq=1, name="w", kind="wait", status="waiting", event_type="go", wake_at=99.0
+    )
+    sleeping = StepRecord(key="s#0", seq=2, name="s", kind="sleep", status="sleeping", wake_at=99.0)
+    hibernate = {"status": Status.WAITING, "run_at": 99.0}
+    storage.apply([Change(tenant="t", id="a", now=1.0, steps=[waiting, sleeping], set=hibernate)])
+
+    def send(type: str, now: float) -> float | None:
+        storage.apply([Change(tenant="t", id="a", now=now, add_events=[event(type)], wake_waiting=[type])])
+        return storage.get_instance("t", "a").run_at  # type: ignore[union-attr]
+
+    assert send("other", 2.0) == 99.0  # kept, but nobody waits for it
+    assert send("go", 3.0) == 3.0  # the wait is woken
+    assert [e.type for e in storage.get_events("t", "a", unconsumed_only=True)] == ["other", "go"]
+    done = dataclasses.replace(waiting, status="complete")
+    storage.apply(
+        [Change(tenant="t", id="a", now=4.0, steps=[done], set=hibernate, consume_events=[(2, "w#0")])]
+    )
+    assert send("go", 5.0) == 99.0  # that wait is over
+    # A later wait for a type already in the inbox is woken by the suspend that records it.
+    later = StepRecord(
+        key="o#0", seq=3, name="o", kind="wait", status="waiting", event_type="other", wake_at=99.0
+    )
+    storage.apply(
+        [Change(tenant="t", id="a", now=6.0, steps=[later], set=hibernate, wake_on_events=["other"])]
+    )
+    assert storage.get_instance("t", "a").run_at == 6.0  # type: ignore[union-attr]
+    # A restart deletes the waiting step: nothing waits any more.
+    storage.apply(
+        [Change(tenant="t", id="a", now=7.0, delete_steps_from=3, bump_generation=True, set=hibernate)]
+    )
+    assert send("other", 8.0) == 99.0
+    # A paused instance is never woken.
+    storage.apply([Change(tenant="t", id="a", now=9.0, steps=[later],
+                          set={"status": Status.PAUSED, "run_at": None})])  # fmt: skip
+    assert send("other", 10.0) is None
 
 
 def test_claim_leases_due_instances_round_robin_across_tenants(storage: Storage) -> None:
