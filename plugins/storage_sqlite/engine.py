@@ -608,12 +608,6 @@ class SQLiteStorage:
             self._writer.close()
 
 
-def _delete(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> int:
-    """Delete instances and every row that belongs to them; return how many instances existed."""
-    for table in ("steps", "events", "history"):
-        conn.executemany(f"DELETE FROM {table} WHERE tenant = ? AND id = ?", keys)  # noqa: S608
-    before = conn.total_changes
-    conn.executemany("DELETE FROM instances WHERE tenant = ? AND id = ?", keys)
 def _inbox_full(conn: sqlite3.Connection, ch: Change) -> ApplyResult | None:
     """The refusal of ``ch`` if its events would pass its inbox cap (None: they fit)."""
     max_events, max_bytes = ch.inbox_cap
@@ -636,4 +630,10 @@ def _waits_for(conn: sqlite3.Connection, ch: Change, type: str) -> bool:
     return row is not None
 
 
+def _delete(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> int:
+    """Delete instances and every row that belongs to them; return how many instances existed."""
+    for table in ("steps", "events", "history"):
+        conn.executemany(f"DELETE FROM {table} WHERE tenant = ? AND id = ?", keys)  # noqa: S608
+    before = conn.total_changes
+    conn.executemany("DELETE FROM instances WHERE tenant = ? AND id = ?", keys)
     return conn.total_changes - before
