@@ -23,7 +23,7 @@ from wasmtime.component import Component, Linker
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
 from tenantflow.plugins.pysource import decode_files
-from tenantflow.plugins.sandbox_wasm import build, cache, waits
+from tenantflow.plugins.sandbox_wasm import build, cache, tenant_files, waits
 from tenantflow.plugins.sandbox_wasm.bridge import (
     Bridge,
     GuestStopped,
@@ -77,18 +77,21 @@ class Runner:
         """Instantiate the runner in a fresh store and call ``run(job)`` (on the current thread)."""
         store = Store(self.engine)
         limit_store(store, memory_bytes, RUNNER_SHAPE)
-        store.set_wasi(wasi_config(writable))
+        store.set_wasi(wasi_config(writable))  # the kernel opens the grants; the guest works beneath them
+        if writable and (problem := tenant_files.io_threads_problem()):
+            raise tenant_files.TenantFilesError(problem)
         if bridge is not None:
             bridge.budget.arm(store)
         else:
             store.set_epoch_deadline(1 << 62)
         self.ticker.enter()
         try:
-            self.waits.begin_run(self.linker, store)
-            instance = self.linker.instantiate(store, self.component)
-            run = instance.get_func(store, "run")
-            assert run is not None
-            result: str = run(store, job)
+            with tenant_files.as_tenant():
+                self.waits.begin_run(self.linker, store)
+                instance = self.linker.instantiate(store, self.component)
+                run = instance.get_func(store, "run")
+                assert run is not None
+                result: str = run(store, job)
             return result
         finally:
             waits.end_run()
@@ -143,6 +146,8 @@ class PythonWasmSandbox:
                 failure = runner.invoke(guest_job, limits.memory_bytes, bridge, self._writable)
             except (WasmtimeError, Trap, GuestStopped) as exc:
                 return guest_ended(bridge, bridge.budget.reason or trap_reason(exc))
+            except tenant_files.TenantFilesError as exc:
+                return guest_ended(bridge, str(exc))
             if failure:
                 return guest_ended(bridge, f"the python-wasm runtime failed: {failure}")
             return guest_ended(bridge, "the guest returned without reporting finish or suspend")

@@ -32,7 +32,7 @@ from wasmtime import (
 )  # fmt: skip
 
 from tenantflow.kernel.sandbox import CodeError, Host, Limits, RunExit
-from tenantflow.plugins.sandbox_wasm import cache, rawcheck
+from tenantflow.plugins.sandbox_wasm import cache, rawcheck, tenant_files
 from tenantflow.plugins.sandbox_wasm.abi import RawSession
 from tenantflow.plugins.sandbox_wasm.bridge import (
     Bridge,
@@ -235,17 +235,24 @@ class RawWasmSandbox:
             _sessions.session = session
             store = Store(self.engine)
             limit_store(store, limits.memory_bytes, RAW_SHAPE)
-            store.set_wasi(wasi_config(self._writable))
+            store.set_wasi(
+                wasi_config(self._writable)
+            )  # the kernel opens the grants; the guest works beneath
+            if self._writable and (problem := tenant_files.io_threads_problem()):
+                return guest_ended(bridge, problem)
             bridge.budget.arm(store)
             self.ticker.enter()
             instance = None
             try:
-                instance = self.linker.instantiate(store, module)
-                func = instance.exports(store).get(PREFIX + workflow)
-                if func is None:
-                    raise CodeError(f"{path} exports no workflow_{workflow}")
-                func(store)  # type: ignore[operator]
+                with tenant_files.as_tenant():
+                    instance = self.linker.instantiate(store, module)
+                    func = instance.exports(store).get(PREFIX + workflow)
+                    if func is None:
+                        raise CodeError(f"{path} exports no workflow_{workflow}")
+                    func(store)  # type: ignore[operator]
                 session.complete(workflow)
+            except tenant_files.TenantFilesError as exc:
+                return guest_ended(bridge, str(exc))
             except (WasmtimeError, Trap, GuestStopped) as exc:
                 detail = bridge.budget.reason or trap_reason(exc)
                 return guest_ended(bridge, _with_memory(detail, instance, store, limits))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,3 +209,116 @@ def test_memory_and_tables_stay_within_the_cap_and_kernel_rss_is_bounded(
         # 3 x 256 MiB were filled; the memories go with their stores, which a run drops just after
         # its finish is committed (so poll; generous margin)
         wait_for(lambda: _proc_status(fresh_kernel, "VmRSS") * 1024 - rss_before < 200 * MIB, timeout=15)
+
+
+# -- issue 16: a granted directory is reached with the tenant's privileges, not the kernel's ----------
+PROBE = """
+import os
+from tenantflow.workflow import WorkflowEntrypoint
+
+
+def attempt(fn):
+    try:
+        return f"allowed: {fn()!r}"
+    except OSError as exc:
+        return f"denied: {type(exc).__name__}"
+
+
+def append(path):
+    with open(path, "a") as handle:
+        return handle.write("tenant was here")
+
+
+def make_link(target, link):
+    os.symlink(target, link)
+    return open(os.path.join(link, "hostname")).read()
+
+
+ACTIONS = {"list": os.listdir, "read": lambda path: open(path).read(), "append": append,
+           "write": lambda path: open(path, "w").write("mine")}
+
+
+class Probe(WorkflowEntrypoint):
+    def run(self, event, step):
+        p = event.payload
+        if p["action"] == "link":
+            return step.do("probe", lambda: attempt(lambda: make_link(p["target"], p["path"])))
+        return step.do("probe", lambda: attempt(lambda: ACTIONS[p["action"]](p["path"])))
+"""
+
+
+@pytest.fixture(scope="module")
+def granting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KernelProcess, Path, Path]]:
+    """A kernel granting one directory (open to the tenant uid) and, beside it, one it does not."""
+    grant, outside = tmp_path_factory.mktemp("grant"), tmp_path_factory.mktemp("outside")
+    grant.chmod(0o777)
+    (outside / "readable.txt").write_text("outside the grant")
+    (outside / "readable.txt").chmod(0o644)
+    outside.chmod(0o755)
+    k = KernelProcess(tmp_path_factory.mktemp("kernel"), [*TEST_LIMITS, "--sandbox-writable-dir", str(grant)])
+    k.start()
+    yield k, grant, outside
+    k.stop()
+
+
+def _probe(client: Client, tenant: str, ref: str, **payload: str) -> str:
+    inst = client.create(tenant, "Probe", ref, params=payload)
+    done = client.wait(tenant, inst.id, timeout=60)
+    assert done.status == pb.STATUS_COMPLETE, done
+    result = Client.output(done)
+    assert isinstance(result, str)
+    return result
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="the tenant uid differs from the kernel's only under a root kernel"
+)
+def test_python_wasm_cannot_use_the_kernels_privileges_in_a_grant(
+    granting: tuple[KernelProcess, Path, Path], tenant: str
+) -> None:
+    kernel, grant, _ = granting
+    private = grant / f"{tenant}-private"  # as an operator's own files in a grant: root's, closed
+    private.mkdir(mode=0o700)
+    secret = private / "secret"
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    top = grant / f"{tenant}-root-only.log"
+    top.write_text("root only")
+    top.chmod(0o600)
+    with kernel.client() as client:
+        ref = publish(client, tenant, PROBE, runtime="python-wasm")
+        assert _probe(client, tenant, ref, action="list", path=str(private)).startswith("denied")
+        assert _probe(client, tenant, ref, action="read", path=str(secret)).startswith("denied")
+        assert _probe(client, tenant, ref, action="append", path=str(top)).startswith("denied")
+        assert _probe(client, tenant, ref, action="append", path=str(secret)).startswith("denied")
+        mine = grant / f"{tenant}-mine.txt"  # the grant itself works, as the tenant uid
+        assert _probe(client, tenant, ref, action="write", path=str(mine)) == "allowed: 4"
+        bystander_completes(client, tenant, runtime="python-wasm", within=20)
+    assert secret.read_text() == "root only" and top.read_text() == "root only"
+    assert (mine.stat().st_uid, mine.stat().st_gid) == (65534, 65534)
+
+
+def test_python_wasm_follows_no_symlink_out_of_a_grant(
+    granting: tuple[KernelProcess, Path, Path], tenant: str
+) -> None:
+    kernel, grant, outside = granting
+    absolute = grant / f"{tenant}-absolute"
+    absolute.symlink_to(outside / "readable.txt")
+    relative = grant / f"{tenant}-relative"
+    relative.symlink_to(Path("..") / outside.name / "readable.txt")
+    assert relative.read_text() == "outside the grant"  # the link works for the kernel itself
+    with kernel.client() as client:
+        ref = publish(client, tenant, PROBE, runtime="python-wasm")
+        assert _probe(client, tenant, ref, action="read", path=str(absolute)).startswith("denied")
+        assert _probe(client, tenant, ref, action="read", path=str(relative)).startswith("denied")
+        made = grant / f"{tenant}-made"  # a link the guest makes itself
+        assert _probe(client, tenant, ref, action="link", path=str(made), target="/etc").startswith("denied")
+        inside = grant / f"{tenant}-inside.txt"
+        inside.write_text("inside")
+        inside.chmod(0o644)
+        (grant / f"{tenant}-inner").symlink_to(inside.name)  # a link within the grant still works
+        assert (
+            _probe(client, tenant, ref, action="read", path=str(grant / f"{tenant}-inner"))
+            == "allowed: 'inside'"
+        )
+        bystander_completes(client, tenant, runtime="python-wasm", within=20)
