@@ -17,7 +17,8 @@ may reach with ``tenantflow serve --git-root DIR|https://PREFIX`` (``KernelConfi
 none by default, which refuses every git ref). A root is shared by all tenants unless it contains
 ``{tenant}``, which stands for the calling tenant (``--git-root /srv/git/{tenant}``). Paths are
 resolved through symlinks before the check; a repository whose git directory lies outside the roots
-is refused. Remote repositories are mirrored under ``<data-dir>/git-mirrors`` and fetched when a
+is refused, and objects are read only from the repository's own store and alternates under the
+tenant's roots (see :mod:`.confine`). Remote repositories are mirrored under ``<data-dir>/git-mirrors`` and fetched when a
 branch or tag is pinned (or a pinned commit is missing).
 """
 
