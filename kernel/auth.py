@@ -39,6 +39,14 @@ class Grant:
     def allows(self, tenant: str) -> bool:
         return any(fnmatch.fnmatchcase(tenant, pattern) for pattern in self.tenants)
 
+    def authorize(self, tenants: Iterable[str]) -> None:
+        """PermissionDenied unless this grant may act for every tenant in ``tenants``."""
+        for tenant in tenants:
+            if not self.allows(tenant):
+                raise PermissionDenied(
+                    f"token {self.name or '(unnamed)'!r} may not act for tenant {tenant!r}"
+                )
+
 
 class Tokens:
     """The token table, loaded once at start."""
@@ -65,23 +73,26 @@ class Tokens:
             raise ValueError(f"{path}: {bad[0]!r} is not a SHA-256 hex digest (use `tenantflow token`)")
         return cls(grants)
 
-    def check(self, metadata: Iterable[tuple[str, str | bytes]], tenants: Sequence[str]) -> Grant:
-        """The grant of the call's bearer token, if it may act for every tenant in ``tenants``."""
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str, Grant]:
+        """The digest and grant of the call's bearer token, read from metadata alone (so a call is
+        refused before its body is read); Unauthenticated without a known one."""
         token = ""
         for key, value in metadata:
             if key.lower() == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
                 token = value.removeprefix("Bearer ").strip()
-        grant = self._grants.get(digest(token)) if token else None
+        hashed = digest(token) if token else ""
+        grant = self._grants.get(hashed) if token else None
         if grant is None:
             raise Unauthenticated(
                 "this kernel requires a token: send 'authorization: Bearer <token>' metadata "
                 "(Client(token=...), or --token / $TENANTFLOW_TOKEN in the CLI)"
             )
-        for tenant in tenants:
-            if not grant.allows(tenant):
-                raise PermissionDenied(
-                    f"token {grant.name or '(unnamed)'!r} may not act for tenant {tenant!r}"
-                )
+        return hashed, grant
+
+    def check(self, metadata: Iterable[tuple[str, str | bytes]], tenants: Sequence[str]) -> Grant:
+        """The grant of the call's bearer token, if it may act for every tenant in ``tenants``."""
+        grant = self.authenticate(metadata)[1]
+        grant.authorize(tenants)
         return grant
 
     def __len__(self) -> int:

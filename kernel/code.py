@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ctypes
 import functools
 import gc
@@ -33,10 +32,11 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tenantflow.kernel import metrics
+from tenantflow.kernel.admission import BytesInFlight
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import InvalidArgument, ResourceExhausted
 from tenantflow.kernel.loader import CodeBundle, Loader
@@ -52,34 +52,6 @@ MIB = 1024 * 1024
 CHECKED_ENTRIES = 100_000  # remembered passed checks (~200 bytes each)
 CHECKED_MAX_CHARS = 1024  # larger answers (many workflow classes) are not remembered: re-checked
 NAME = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,99}$")
-
-
-class BytesInFlight:
-    """A kernel-wide budget of bytes being worked on (request bodies, responses): a caller takes its
-    size or fails fast, instead of queuing memory. One caller alone always fits."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, size: int) -> bool:
-        if self.used and self.used + size > self.limit:
-            return False
-        self.used += size
-        return True
-
-    def give(self, size: int) -> None:
-        self.used -= size
-
-    @contextlib.contextmanager
-    def hold(self, size: int, busy: str) -> Iterator[None]:
-        """Hold ``size`` bytes for the block; ResourceExhausted(``busy``) if they do not fit now."""
-        if not self.take(size):
-            raise ResourceExhausted(busy)
-        try:
-            yield
-        finally:
-            self.give(size)
 
 
 def artifact_ref(tenant: str, name: str, digest: str) -> str:

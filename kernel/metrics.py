@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -383,56 +383,19 @@ def counting_refusals(tenant: str, quota: str) -> Iterator[None]:
 _FOLLOWED = {"Create", "CreateBatch", "SendEvent", "Resume", "Restart"}  # calls that make an instance run
 
 
-class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Counts every RPC by method and code, times it, and traces it (continuing the caller's trace)."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method = str(details.method)
-        if handler is None or not method.startswith("/tenantflow."):
-            return handler
-        service, _, name = method.strip("/").rpartition("/")
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                with _rpc(service, name, request, context) as call:
-                    response = await inner(request, context)
-                    call.response = response
-                    return response
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                with _rpc(service, name, request, context):
-                    async for item in inner_stream(request, context):
-                        yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
-
-
 @dataclass
-class _Call:
+class RpcCall:
+    """What the server learns of a call as it goes: its decoded request, then its response."""
+
+    request: Any = None
     response: Any = None
 
 
 @contextlib.contextmanager
-def _rpc(
-    service: str, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-) -> Iterator[_Call]:
-    started, call = time.perf_counter(), _Call()
-    tenant = str(getattr(request, "tenant", "") or "")
+def rpc(service: str, name: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[RpcCall]:
+    """Count one RPC by method and code, time it, and trace it (continuing the caller's trace);
+    the server fills in the request once decoded (a call refused before that has no tenant)."""
+    started, call = time.perf_counter(), RpcCall()
     code = "UNKNOWN"
     with tracing.rpc_span(f"{service}/{name}", context.invocation_metadata()) as span:
         try:
@@ -447,9 +410,9 @@ def _rpc(
         finally:
             _m.rpc_handled.labels(service, name, code).inc()
             _m.rpc_seconds.labels(service, name).observe(time.perf_counter() - started)
-            tracing.rpc_ended(span, code, tenant)
+            tracing.rpc_ended(span, code, str(getattr(call.request, "tenant", "") or ""))
             if code == "OK" and name in _FOLLOWED:
-                tracing.follow(span, *_instances(request, call.response))
+                tracing.follow(span, *_instances(call.request, call.response))
 
 
 def _code(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:

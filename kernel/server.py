@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import functools
-import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -17,8 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tenantflow.kernel import children, errors, metrics, rollback
+from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFlight
 from tenantflow.kernel.auth import Tokens
-from tenantflow.kernel.code import MIB, BytesInFlight
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, Kernel
 from tenantflow.kernel.validate import check_tenant
@@ -26,7 +25,6 @@ from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tenantflow.server")
-F = TypeVar("F", bound=Callable[..., Any])
 
 STATUS_CODES: dict[type[errors.TenantflowError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,38 +48,22 @@ def status_code(exc: errors.TenantflowError) -> grpc.StatusCode:
 
 
 MAX_MESSAGE_BYTES = 1024  # of a status message; gRPC clients refuse trailers over 8-16 KiB
+ECHO_PARAMS_BYTES = 16 * 1024 * 1024  # a CreateBatch with more params is answered without them
 LIGHT_RESPONSE_BYTES = 1024 * 1024  # an instance with fewer bytes of outputs is built without the budget
+LIST_PAGE_BYTES = 16 * 1024 * 1024  # of params, outputs and errors in one List page
+MAX_PAGE = 1000  # instances in one List page
 
 
-class Undecodable:
-    """What the servicer receives instead of a request whose bytes do not decode."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-class Busy(Undecodable):
-    """What the servicer receives instead of a request turned away before decoding (too many like it
-    in progress): RESOURCE_EXHAUSTED without paying for a decoded copy of it."""
-
-
-def _decoder(message: Any, busy: Callable[[int], str] | None = None) -> Callable[[bytes], Any]:
-    """``message.FromString``, except that bytes which do not decode give an :class:`Undecodable`
-    (grpc.aio would answer UNKNOWN "DecodeError" and log a traceback for every such call), and
-    those ``busy`` turns away by size a :class:`Busy`."""
-
-    def decode(data: bytes) -> Any:
-        if busy is not None and (reason := busy(len(data))):
-            return Busy(reason)
-        try:
-            return message.FromString(data)
-        except DecodeError as exc:
-            return Undecodable(
-                f"the request is not a valid {message.DESCRIPTOR.full_name}: "
-                f"{_wire_problem(message.DESCRIPTOR, data) or exc}"
-            )
-
-    return decode
+def _decode(message: Any, data: bytes) -> Any:
+    """``message.FromString``, except that bytes which do not decode are InvalidArgument naming the
+    field to blame (grpc.aio would answer UNKNOWN "DecodeError" and log a traceback)."""
+    try:
+        return message.FromString(data)
+    except DecodeError as exc:
+        raise errors.InvalidArgument(
+            f"the request is not a valid {message.DESCRIPTOR.full_name}: "
+            f"{_wire_problem(message.DESCRIPTOR, data) or exc}"
+        ) from None
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -141,24 +123,6 @@ def _wire_problem(descriptor: Descriptor, data: bytes, where: str = "") -> str |
     return None
 
 
-def _authorize(tokens: Tokens | None, request: Any, context: grpc.aio.ServicerContext) -> None:
-    """With tokens configured, the call's token must be allowed every tenant the request names. A
-    request that did not decode names no tenant: its token must still be known, then it is refused."""
-    if isinstance(request, Undecodable):
-        if tokens is not None:
-            tokens.check(context.invocation_metadata() or (), ())
-        if isinstance(request, Busy):
-            raise errors.ResourceExhausted(request.reason)
-        raise errors.InvalidArgument(request.reason)
-    if tokens is None:
-        return
-    if isinstance(request, pb.CreateBatchRequest):
-        tenants = sorted({r.tenant for r in request.requests})
-    else:
-        tenants = [request.tenant]
-    tokens.check(context.invocation_metadata() or (), tenants)
-
-
 def _message(exc: errors.TenantflowError) -> str:
     """The status message, cut to :data:`MAX_MESSAGE_BYTES` of UTF-8."""
     text = str(exc)
@@ -167,37 +131,69 @@ def _message(exc: errors.TenantflowError) -> str:
     return text.encode()[: MAX_MESSAGE_BYTES - 20].decode("utf-8", "ignore") + "... (cut short)"
 
 
-def _mapped(method: F) -> F:
-    """Authorize the call, then turn kernel errors into gRPC statuses with their message; anything
-    else is INTERNAL."""
-    if inspect.isasyncgenfunction(method):
+def _tenants(request: Any) -> list[str]:
+    """The tenants a decoded request acts for."""
+    if isinstance(request, pb.CreateBatchRequest):
+        return sorted({r.tenant for r in request.requests})
+    return [request.tenant]
 
-        @functools.wraps(method)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+
+class Gate:
+    """Admits every tenantflow call before its body is read or decoded (see
+    :mod:`tenantflow.kernel.admission`) and turns kernel errors into gRPC statuses with their
+    message; anything else is INTERNAL. The one place that does either."""
+
+    def __init__(
+        self, budgets: Budgets, tokens: Tokens | None, busy: dict[str, Callable[[int], str]]
+    ) -> None:
+        self.budgets = budgets
+        self.tokens = tokens
+        self.busy = busy  # per Service/Method: why a body of this size is turned away now ("" if not)
+
+    @contextlib.asynccontextmanager
+    async def call(
+        self, method: str, message: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[metrics.RpcCall]:
+        """The admitted call, its decoded request in ``.request``, for the block."""
+        service, _, name = method.rpartition("/")
+        with metrics.rpc(f"tenantflow.v1.{service}", name, context) as rpc:
             try:
-                _authorize(self.tokens, request, context)
-                async for item in method(self, request, context):
-                    yield item
+                with contextlib.ExitStack() as held:
+                    await self._admit(method, message, context, held, rpc)
+                    yield rpc
             except errors.TenantflowError as exc:
                 await context.abort(status_code(exc), _message(exc))
             except Exception:
-                log.exception("%s failed", method.__name__)
+                log.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kernel log")
 
-        return stream  # type: ignore[return-value]
-
-    @functools.wraps(method)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            _authorize(self.tokens, request, context)
-            return await method(self, request, context)
-        except errors.TenantflowError as exc:
-            await context.abort(status_code(exc), _message(exc))
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kernel log")
-
-    return unary  # type: ignore[return-value]
+    async def _admit(
+        self,
+        method: str,
+        message: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        held: contextlib.ExitStack,
+        rpc: metrics.RpcCall,
+    ) -> None:
+        budgets, grant = self.budgets, None
+        if self.tokens is not None:  # from metadata: a stranger's body is never read
+            key, grant = self.tokens.authenticate(context.invocation_metadata() or ())
+            held.enter_context(budgets.per_token.hold(key, repr(grant.name or "(unnamed)")))
+        peer = context.peer()
+        held.enter_context(budgets.per_peer.hold(peer, peer))
+        data = await context.read()
+        if not isinstance(data, bytes):
+            raise errors.InvalidArgument("the call ended before it sent its request message")
+        held.enter_context(budgets.body(method, len(data)))
+        if (busy := self.busy.get(method)) and (reason := busy(len(data))):
+            raise errors.ResourceExhausted(reason)
+        rpc.request = _decode(message, data)
+        del data  # served from the decoded copy
+        tenants = _tenants(rpc.request)
+        if grant is not None:
+            grant.authorize(tenants)
+        for tenant in tenants:
+            held.enter_context(budgets.per_tenant.hold(tenant, repr(tenant)))
 
 
 def _ts(value: float | None) -> str:
@@ -266,9 +262,8 @@ def _spec(request: pb.CreateRequest) -> CreateSpec:
 class WorkflowsServicer(pb_grpc.WorkflowsServicer):
     """``tenantflow.v1.Workflows``."""
 
-    def __init__(self, kernel: Kernel, tokens: Tokens | None = None) -> None:
+    def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
-        self.tokens = tokens
         # Large instances being answered at once: a few bytes of request must not cost the kernel
         # unbounded memory (each answer holds the loaded steps, the message and its encoding).
         self.responses = BytesInFlight(4 * kernel.config.max_instance_state_bytes)
@@ -292,11 +287,9 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
             )
         return message
 
-    @_mapped
     async def Create(self, request: pb.CreateRequest, context: Any) -> pb.Instance:
         return instance_pb(await self.k.create(request.tenant, _spec(request)))
 
-    @_mapped
     async def CreateBatch(self, request: pb.CreateBatchRequest, context: Any) -> pb.CreateBatchResponse:
         if not request.requests:
             raise errors.InvalidArgument("a batch needs at least one request")
@@ -305,34 +298,49 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
             raise errors.InvalidArgument("all requests of a batch must name the same tenant")
         tenant = tenants.pop()
         records = await self.k.create_batch(tenant, [_spec(r) for r in request.requests])
-        return pb.CreateBatchResponse(instances=[instance_pb(r) for r in records])
+        instances = [instance_pb(r) for r in records]
+        if sum(len(r.params_json) for r in request.requests) > ECHO_PARAMS_BYTES:
+            for instance in instances:  # the caller has them; 100 x 1 MiB would pass any client's limit
+                instance.ClearField("params_json")
+        return pb.CreateBatchResponse(instances=instances)
 
-    @_mapped
     async def Get(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
         view = await self.k.get(request.tenant, request.id)
         return self._instance(view.record, view.steps)
 
-    @_mapped
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
         if request.status not in Status._value2member_map_:
             raise errors.InvalidArgument(
                 f"unknown status {request.status}: a tenantflow.v1.Status value, 0 for every status"
             )
         status = Status(request.status) if request.status else None
-        records, token = await self.k.list_instances(
-            request.tenant, status, request.page_size, request.page_token
-        )
+        # A page is read in chunks that fit LIST_PAGE_BYTES even if every instance carries the
+        # largest params and output, and ends early once it holds that much: a page of 1,000
+        # instances of 2 MiB each would be 2 GiB in memory, and past any client's message limit.
+        if not 0 <= request.page_size <= MAX_PAGE:
+            raise errors.InvalidArgument(
+                f"page_size must be 0..{MAX_PAGE} (0 means 50), got {request.page_size}"
+            )
+        worst = 2 * self.k.config.max_payload_bytes + ENVELOPE_BYTES
+        want, token, used = request.page_size or 50, request.page_token, 0
+        records: list[InstanceRecord] = []
+        while True:
+            room = max(1, (LIST_PAGE_BYTES - used) // worst)
+            chunk, token = await self.k.list_instances(
+                request.tenant, status, min(want - len(records), room), token
+            )
+            records += chunk
+            used += sum(len(r.params_json) + len(r.output_json) + len(r.error_message) for r in chunk)
+            if not token or len(records) >= want or used >= LIST_PAGE_BYTES - worst:
+                break
         return pb.ListResponse(instances=[instance_pb(r) for r in records], next_page_token=token)
 
-    @_mapped
     async def Pause(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
         return instance_pb(await self.k.pause(request.tenant, request.id))
 
-    @_mapped
     async def Resume(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
         return instance_pb(await self.k.resume(request.tenant, request.id))
 
-    @_mapped
     async def Terminate(self, request: pb.TerminateRequest, context: Any) -> pb.Instance:
         await self.k.terminate(
             request.tenant, request.id, rollback=request.rollback, keep_children=request.keep_children
@@ -340,21 +348,17 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         view = await self.k.get(request.tenant, request.id)
         return self._instance(view.record, view.steps)
 
-    @_mapped
     async def Delete(self, request: pb.InstanceRef, context: Any) -> pb.DeleteResponse:
         await self.k.delete(request.tenant, request.id)
         return pb.DeleteResponse()
 
-    @_mapped
     async def Restart(self, request: pb.RestartRequest, context: Any) -> pb.Instance:
         return instance_pb(await self.k.restart(request.tenant, request.id, request.from_step))
 
-    @_mapped
     async def SendEvent(self, request: pb.SendEventRequest, context: Any) -> pb.SendEventResponse:
         seq = await self.k.send_event(request.tenant, request.id, request.type, request.payload_json)
         return pb.SendEventResponse(sequence=seq)
 
-    @_mapped
     async def Watch(self, request: pb.InstanceRef, context: Any) -> AsyncIterator[pb.WatchEvent]:
         async for entry in self.k.watch(request.tenant, request.id):
             yield watch_pb(entry)
@@ -363,11 +367,9 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
 class CodeServicer(pb_grpc.CodeServicer):
     """``tenantflow.v1.Code``."""
 
-    def __init__(self, kernel: Kernel, tokens: Tokens | None = None) -> None:
+    def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
-        self.tokens = tokens
 
-    @_mapped
     async def Publish(self, request: pb.PublishRequest, context: Any) -> pb.CodeVersion:
         ref, runtime, workflows = await self.k.publish(
             request.tenant, request.name, request.runtime, dict(request.files), context.time_remaining()
@@ -411,61 +413,69 @@ def schedule_record(request: pb.Schedule) -> ScheduleRecord:
 class SchedulesServicer(pb_grpc.SchedulesServicer):
     """``tenantflow.v1.Schedules``."""
 
-    def __init__(self, kernel: Kernel, tokens: Tokens | None = None) -> None:
+    def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
-        self.tokens = tokens
 
-    @_mapped
     async def Create(self, request: pb.Schedule, context: Any) -> pb.Schedule:
         return schedule_pb(await self.k.create_schedule(schedule_record(request)))
 
-    @_mapped
     async def Get(self, request: pb.ScheduleRef, context: Any) -> pb.Schedule:
         check_tenant(request.tenant)
         return schedule_pb(await self.k.schedules.get(request.tenant, request.name))
 
-    @_mapped
     async def List(self, request: pb.ListSchedulesRequest, context: Any) -> pb.ListSchedulesResponse:
         check_tenant(request.tenant)
         found, token = await self.k.schedules.list(request.tenant, request.page_size, request.page_token)
         return pb.ListSchedulesResponse(schedules=[schedule_pb(s) for s in found], next_page_token=token)
 
-    @_mapped
     async def Pause(self, request: pb.ScheduleRef, context: Any) -> pb.Schedule:
         check_tenant(request.tenant)
         return schedule_pb(await self.k.schedules.pause(request.tenant, request.name))
 
-    @_mapped
     async def Resume(self, request: pb.ScheduleRef, context: Any) -> pb.Schedule:
         check_tenant(request.tenant)
         return schedule_pb(await self.k.schedules.resume(request.tenant, request.name))
 
-    @_mapped
     async def Delete(self, request: pb.ScheduleRef, context: Any) -> pb.DeleteResponse:
         check_tenant(request.tenant)
         await self.k.schedules.delete(request.tenant, request.name)
         return pb.DeleteResponse()
 
 
-def _add_service(
-    server: grpc.aio.Server, name: str, servicer: Any, busy: dict[str, Callable[[int], str]] | None = None
-) -> None:
-    """Register a tenantflow.v1 service as its generated ``add_*_to_server`` does, with request
-    deserializers that never raise (see :func:`_decoder`); ``busy``: per method, what turns a
-    request away by its size before it is decoded."""
+def _unary(gate: Gate, method: str, message: Any, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async with gate.call(method, message, context) as rpc:
+            rpc.response = await behavior(rpc.request, context)
+            return rpc.response
+
+    return handle
+
+
+def _stream(gate: Gate, method: str, message: Any, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async with gate.call(method, message, context) as rpc:
+            async for item in behavior(rpc.request, context):
+                yield item
+
+    return handle
+
+
+def _add_service(server: grpc.aio.Server, name: str, servicer: Any, gate: Gate) -> None:
+    """Register a tenantflow.v1 service as handlers of raw bytes: every RPC is declared
+    request-streaming to gRPC, so the server reads no request until :class:`Gate` asks for the one
+    a unary call sends (clients see the .proto's unary RPCs; on the wire the two are the same)."""
     service = pb.DESCRIPTOR.services_by_name[name]
     handlers = {}
     for method in service.methods:
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=_decoder(getattr(pb, method.input_type.name), (busy or {}).get(method.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
-        )
+        key, message = f"{name}/{method.name}", getattr(pb, method.input_type.name)
+        serialize = getattr(pb, method.output_type.name).SerializeToString
+        behavior = getattr(servicer, method.name)
+        if method.server_streaming:
+            handle = _stream(gate, key, message, behavior)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(handle, None, serialize)
+        else:
+            handle = _unary(gate, key, message, behavior)
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(handle, None, serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 
@@ -475,25 +485,23 @@ async def create_server(
     address: str = "127.0.0.1:0",
     tokens: Tokens | None = None,
     tls: tuple[bytes, bytes] | None = None,
+    budgets: Budgets | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started-to-be server bound to ``address``; returns it and the bound port (bind port 0 in tests).
     With ``tokens``, every tenantflow call is authorized (health and reflection stay open); with
-    ``tls`` (PEM private key, PEM certificate chain) the port speaks TLS only."""
+    ``tls`` (PEM private key, PEM certificate chain) the port speaks TLS only; ``budgets``: what one
+    caller may hold at once (default: ``tenantflow serve``'s defaults)."""
     config = kernel.config
-    limit = config.max_code_bytes + 1024 * 1024
-    # Calls past max_concurrent_rpcs fail fast with RESOURCE_EXHAUSTED instead of queuing memory.
-    server = grpc.aio.server(interceptors=[metrics.RpcInterceptor()],
-                             options=[("grpc.max_receive_message_length", limit),
+    budgets = budgets or Budgets.of(config)
+    # Calls past max_concurrent_rpcs fail fast with RESOURCE_EXHAUSTED instead of queuing memory;
+    # a message over the largest RPC's limit is refused by gRPC from its length, unread.
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", budgets.largest),
                                       ("grpc.max_send_message_length", config.response_bytes_limit)],
                              maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)  # fmt: skip
-    _add_service(server, "Workflows", WorkflowsServicer(kernel, tokens))
-    _add_service(
-        server,
-        "Code",
-        CodeServicer(kernel, tokens),
-        {"Publish": lambda size: kernel.catalog.publish_busy(size)},
-    )
-    _add_service(server, "Schedules", SchedulesServicer(kernel, tokens))
+    gate = Gate(budgets, tokens, {"Code/Publish": kernel.catalog.publish_busy})
+    _add_service(server, "Workflows", WorkflowsServicer(kernel), gate)
+    _add_service(server, "Code", CodeServicer(kernel), gate)
+    _add_service(server, "Schedules", SchedulesServicer(kernel), gate)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code", "Schedules")]

@@ -629,7 +629,7 @@ def test_invalid_utf8_is_invalid_argument_naming_the_field(
                                                             id="trailing\n")),
          Code.INVALID_ARGUMENT, "bad instance id"),
         (lambda c, ref: c.workflows.Get(pb.InstanceRef(tenant="x y" * 1_000_000, id="a")),
-         Code.INVALID_ARGUMENT, "(3000000 characters)"),
+         Code.INVALID_ARGUMENT, "is 2.9 MiB, over the 64 KiB"),  # refused before it is decoded
     ],
 )  # fmt: skip
 def test_reported_bad_input_is_refused_clearly(

@@ -1,0 +1,175 @@
+"""Who may use how much of the API at once: budgets taken before a request is read or decoded.
+
+A call passes, in order: the token (``--auth-tokens``: none or an unknown one is refused unread), the
+calls in flight of its token and of its peer (unread), its RPC's request size limit (read, not
+decoded), the kernel-wide bytes of requests in flight (then decoded), and the calls in flight of
+each tenant it names. Each budget is a count per key (or bytes kernel-wide) released when the call
+ends, Watch streams included, so one caller at its budget leaves the rest of the global cap
+(``--max-concurrent-rpcs``) to the others.
+
+The peer is gRPC's peer string, ``ipv4:10.0.0.7:53124``: one connection, not one host. Keyed per
+host, every client behind one address — a platform backend and its console on one machine, every
+call through a sidecar proxy, every test on loopback — would share one budget that is really a
+second global cap. Keyed per connection, a client that opens more connections gets more budget;
+that is why, with ``--auth-tokens``, the per-token budget is the one that holds (a token is one
+caller however many connections it opens), and why a kernel whose API tenants can reach should run
+with tokens: without them a caller may name any tenant, and the per-connection budget only stops a
+runaway client (e.g. one leaking Watch streams on its channel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tenantflow.kernel.config import KernelConfig
+from tenantflow.kernel.errors import InvalidArgument, ResourceExhausted
+
+MIB = 1024 * 1024
+SMALL_REQUEST_BYTES = 64 * 1024  # an RPC without a payload field: names, ids, a page token
+# Fields beside a payload (tenant, workflow, code ref, id, concurrency key, event type: a few KiB).
+ENVELOPE_BYTES = 64 * 1024
+# Defaults of the serve flags: per token and per connection half of the default global cap of 1,024
+# calls (one platform backend behind one token or connection still gets most of the kernel), per
+# tenant a quarter; decoded requests of 256 MiB hold two documented-maximum CreateBatch calls.
+PER_TOKEN = 512
+PER_PEER = 512
+PER_TENANT = 256
+REQUEST_BYTES_IN_FLIGHT = 256 * MIB
+
+
+class BytesInFlight:
+    """A kernel-wide budget of bytes being worked on (request bodies, responses): a caller takes its
+    size or fails fast, instead of queuing memory. One caller alone always fits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def fits(self, size: int) -> bool:
+        return not self.used or self.used + size <= self.limit
+
+    def take(self, size: int) -> bool:
+        if not self.fits(size):
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+    @contextlib.contextmanager
+    def hold(self, size: int, busy: str) -> Iterator[None]:
+        """Hold ``size`` bytes for the block; ResourceExhausted(``busy``) if they do not fit now."""
+        if not self.take(size):
+            raise ResourceExhausted(busy)
+        try:
+            yield
+        finally:
+            self.give(size)
+
+
+class InFlight:
+    """Calls in flight per key (a token, a peer, a tenant), at most ``limit`` each (0: no limit).
+    Keys at zero are forgotten, so the map holds only callers with a call in progress."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what  # "token 'acme-ci'"-style noun for messages: "token", "connection", "tenant"
+        self.counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: str, name: str) -> Iterator[None]:
+        """One call of ``key`` for the block; ResourceExhausted naming ``name`` past the limit."""
+        count = self.counts.get(key, 0)
+        if self.limit and count >= self.limit:
+            raise ResourceExhausted(
+                f"{self.what} {name} already has {count} calls and Watch streams in progress, its limit "
+                "on this kernel: end some (close idle Watch streams) or retry when they finish"
+            )
+        self.counts[key] = count + 1
+        try:
+            yield
+        finally:
+            if self.counts[key] == 1:
+                del self.counts[key]
+            else:
+                self.counts[key] -= 1
+
+
+def request_limits(config: KernelConfig) -> dict[str, int]:
+    """The largest request each RPC takes, in bytes, by ``Service/Method``; the rest take
+    :data:`SMALL_REQUEST_BYTES`. A Create carries one payload; a batch ``max_batch`` of them
+    (100 x 1 MiB by default); a Publish the code limit plus its file names."""
+    one = config.max_payload_bytes + ENVELOPE_BYTES
+    return {
+        "Workflows/Create": one,
+        "Workflows/CreateBatch": config.max_batch * (one + 16),
+        "Workflows/SendEvent": one,
+        "Schedules/Create": one,
+        "Code/Publish": config.max_code_bytes + MIB,
+    }
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Everything a call is admitted against, built once per server."""
+
+    per_token: InFlight
+    per_peer: InFlight
+    per_tenant: InFlight
+    requests: BytesInFlight  # decoded request bodies, kernel-wide
+    limits: dict[str, int]
+
+    @classmethod
+    def of(
+        cls,
+        config: KernelConfig,
+        per_token: int = PER_TOKEN,
+        per_peer: int = PER_PEER,
+        per_tenant: int = PER_TENANT,
+        request_bytes: int = REQUEST_BYTES_IN_FLIGHT,
+    ) -> Budgets:
+        """The budgets of ``tenantflow serve``'s flags (0: no limit on that key)."""
+        return cls(
+            InFlight(per_token, "token"),
+            InFlight(per_peer, "connection"),
+            InFlight(per_tenant, "tenant"),
+            BytesInFlight(request_bytes),
+            request_limits(config),
+        )
+
+    def limit(self, method: str) -> int:
+        return self.limits.get(method, SMALL_REQUEST_BYTES)
+
+    @property
+    def largest(self) -> int:
+        """The server-wide receive limit: larger messages are refused by gRPC before they are read."""
+        return max([SMALL_REQUEST_BYTES, *self.limits.values()])
+
+    @contextlib.contextmanager
+    def body(self, method: str, size: int) -> Iterator[None]:
+        """Hold a received body of ``size`` bytes while it is decoded and served, or refuse it
+        (over its RPC's limit, or past the kernel-wide bytes in flight) before it is decoded."""
+        limit, rpc = self.limit(method), method.replace("/", ".")
+        if size > limit and method in self.limits:
+            raise ResourceExhausted(
+                f"the {rpc} request is {_size(size)}; this kernel takes at most {_size(limit)} for it: "
+                "send less (payloads and code have limits: see the README)"
+            )
+        if size > limit:  # names and ids only: no valid request is this large
+            raise InvalidArgument(
+                f"the {rpc} request is {_size(size)}, over the {_size(limit)} a request of names and ids "
+                "can take: check its fields (ids, names and tenants are at most a few hundred characters)"
+            )
+        busy = (
+            f"the kernel is decoding {self.requests.used / MIB:.0f} MiB of requests, its limit; "
+            "retry in a few seconds"
+        )
+        with self.requests.hold(size, busy):
+            yield
+
+
+def _size(n: int) -> str:
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"

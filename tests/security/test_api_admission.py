@@ -1,0 +1,236 @@
+"""The API is a shared resource: a call is bounded per caller before its body is read.
+
+Issue 16: 100 concurrent 10 MB CreateBatch calls without a token took kernel RSS 70 -> 3,250 MiB
+(the body was decoded before the token was checked), and 1,030 Watch streams from one tenant made
+every other tenant's Create fail with RESOURCE_EXHAUSTED (one global cap, no per-caller budget).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tenantflow.client import Client
+from tenantflow.kernel.auth import new_token
+from tenantflow.v1 import tenantflow_pb2 as pb
+from tests.conftest import TEST_LIMITS, KernelProcess
+from tests.helpers import publish
+from tests.security.bystander import bystander_completes
+from tests.security.test_kernel_limits import PeakRss
+
+MiB = 1024 * 1024
+CREATE_BATCH = "/tenantflow.v1.Workflows/CreateBatch"
+WATCH = "/tenantflow.v1.Workflows/Watch"
+
+WAITER = """
+from tenantflow.workflow import WorkflowEntrypoint
+
+class Waiter(WorkflowEntrypoint):
+    def run(self, event, step):
+        return step.wait_for_event("go", type="go", timeout="1 hour")
+"""
+
+
+@pytest.fixture
+def make_kernel(tmp_path: Path) -> Iterator[Callable[..., KernelProcess]]:
+    started: list[KernelProcess] = []
+
+    def make(*args: str) -> KernelProcess:
+        k = KernelProcess(tmp_path / f"kernel{len(started)}", [*TEST_LIMITS, *args])
+        started.append(k)
+        k.start()
+        return k
+
+    yield make
+    for k in started:
+        k.stop()
+
+
+def _tokens(tmp_path: Path, **tenants: list[str]) -> tuple[Path, dict[str, str]]:
+    """A tokens file granting each name its tenants; returns it and the tokens by name."""
+    entries, tokens = [], {}
+    for name, allowed in tenants.items():
+        tokens[name], entry = new_token(name, allowed)
+        entries.append(entry)
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tokens": entries}))
+    return path, tokens
+
+
+def _channel(address: str) -> grpc.Channel:
+    """A channel with a connection of its own (channels with equal options share one by default)."""
+    options = [("grpc.max_send_message_length", 128 * MiB), ("grpc.use_local_subchannel_pool", 1)]
+    return grpc.insecure_channel(address, options=options)
+
+
+def _bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def _pid(kernel: KernelProcess) -> int:
+    assert kernel.proc is not None
+    return kernel.proc.pid
+
+
+def _batch(tenant: str, count: int, params_bytes: int) -> bytes:
+    params = json.dumps("x" * (params_bytes - 2))
+    requests = [pb.CreateRequest(tenant=tenant, workflow="Waiter", code="artifact://x/y", params_json=params)
+                for _ in range(count)]  # fmt: skip
+    return pb.CreateBatchRequest(requests=requests).SerializeToString()
+
+
+def test_calls_without_a_known_token_are_refused_before_their_body_is_read(
+    make_kernel: Callable[..., KernelProcess], tmp_path: Path, tenant: str
+) -> None:
+    path, tokens = _tokens(tmp_path, bystander=["*"])
+    kernel = make_kernel("--auth-tokens", str(path))
+    body = _batch(tenant, 10, 1000 * 1000)  # 10 MB
+    with Client(kernel.address, token=tokens["bystander"]) as client, _channel(kernel.address) as channel:
+        bystander_completes(client, f"{tenant}-warm", within=30)
+        create_batch = channel.unary_unary(CREATE_BATCH, request_serializer=None, response_deserializer=None)
+
+        def attack(k: int) -> str:
+            metadata = _bearer(f"tf_guess{k}") if k % 2 else None  # none, or an unknown one
+            try:
+                create_batch(body, metadata=metadata, timeout=60)
+                return "OK"
+            except grpc.RpcError as exc:
+                return str(exc.code().name)
+
+        with PeakRss(_pid(kernel)) as memory, ThreadPoolExecutor(100) as pool:
+            attacks = [pool.submit(attack, k) for k in range(100)]
+            took = bystander_completes(client, tenant, within=10)
+            codes = Counter(a.result() for a in attacks)
+        grew = memory.peak - memory.start
+    print(f"100 x 10 MB CreateBatch without a token: {dict(codes)}, kernel RSS +{grew / MiB:.0f} MiB "
+          f"(peak {memory.peak / MiB:.0f} MiB), bystander {took:.2f} s")  # fmt: skip
+    assert codes == {"UNAUTHENTICATED": 100}
+    assert grew < 300 * MiB, f"kernel RSS grew {grew / MiB:.0f} MiB for bodies it should not read (was 3 GiB)"
+
+
+def test_each_rpc_takes_a_body_of_its_own_size_and_a_full_batch_still_fits(
+    make_kernel: Callable[..., KernelProcess], tmp_path: Path, tenant: str
+) -> None:
+    path, tokens = _tokens(tmp_path, platform=["*"])
+    kernel = make_kernel("--auth-tokens", str(path))
+    metadata = _bearer(tokens["platform"])
+    with Client(kernel.address, token=tokens["platform"]) as client, _channel(kernel.address) as channel:
+        ref = publish(client, tenant, WAITER)
+        get = channel.unary_unary("/tenantflow.v1.Workflows/Get", request_serializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            get(
+                pb.InstanceRef(tenant=tenant, id="x" * MiB).SerializeToString(), metadata=metadata, timeout=30
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Workflows.Get request is 1.0 MiB, over the 64 KiB" in str(err.value.details())
+
+        create = channel.unary_unary("/tenantflow.v1.Workflows/Create", request_serializer=None)
+        huge = pb.CreateRequest(
+            tenant=tenant, workflow="Waiter", code=ref, params_json=json.dumps("x" * 3 * MiB)
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            create(huge.SerializeToString(), metadata=metadata, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Workflows.Create request is 3.0 MiB; this kernel takes at most 1.1 MiB" in str(
+            err.value.details()
+        )
+
+        # The documented maximum: 100 creates of 1 MiB of params each, one call (over 100 MiB).
+        params = json.dumps("x" * (MiB - 2))
+        batch = [pb.CreateRequest(tenant=tenant, workflow="Waiter", code=ref, params_json=params)] * 100
+        body = pb.CreateBatchRequest(requests=batch).SerializeToString()
+        assert len(body) > 100 * MiB
+        create_batch = channel.unary_unary(CREATE_BATCH, request_serializer=None, response_deserializer=None)
+        create_batch(body, metadata=metadata, timeout=120)
+        assert sum(1 for _ in client.iter_instances(tenant)) == 100
+        bystander_completes(client, tenant, within=10)
+
+
+def _hold_watches(
+    channel: grpc.Channel, requests: list[tuple[pb.InstanceRef, list[tuple[str, str]] | None]]
+) -> tuple[list[grpc.Call], Counter[str]]:
+    """Open a Watch stream per request; keep those admitted (their first event arrived) open."""
+    watch = channel.unary_stream(WATCH, request_serializer=pb.InstanceRef.SerializeToString)
+    held, codes = [], Counter[str]()
+    for request, metadata in requests:
+        call = watch(request, metadata=metadata, timeout=120)
+        try:
+            next(call)
+            held.append(call)
+            codes["held"] += 1
+        except grpc.RpcError as exc:
+            codes[exc.code().name] += 1
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                assert "calls and Watch streams in progress" in str(exc.details()), exc.details()
+    return held, codes
+
+
+def _waiting(client: Client, tenant: str) -> str:
+    ref = publish(client, tenant, WAITER)
+    return client.create(tenant, "Waiter", ref).id
+
+
+def test_watch_streams_past_a_tokens_budget_refuse_only_that_caller(
+    make_kernel: Callable[..., KernelProcess], tmp_path: Path, tenant: str
+) -> None:
+    path, tokens = _tokens(tmp_path, attacker=[tenant], helper=[tenant], bystander=["*"])
+    # A global cap of 12 that one caller could fill alone, were it not for its own budgets.
+    kernel = make_kernel("--auth-tokens", str(path), "--max-concurrent-rpcs", "12",
+                         "--max-rpcs-per-token", "6", "--max-rpcs-per-tenant", "8")  # fmt: skip
+    with Client(kernel.address, token=tokens["bystander"]) as client, _channel(kernel.address) as channel:
+        inst = _waiting(client, tenant)
+        ref = pb.InstanceRef(tenant=tenant, id=inst)
+        held, codes = _hold_watches(channel, [(ref, _bearer(tokens["attacker"]))] * 20)
+        assert codes == {"held": 6, "RESOURCE_EXHAUSTED": 14}, codes
+        # The tenant's budget holds across its tokens: 2 more through another token, then no more.
+        more, codes = _hold_watches(channel, [(ref, _bearer(tokens["helper"]))] * 5)
+        assert codes == {"held": 2, "RESOURCE_EXHAUSTED": 3}, codes
+        try:
+            other = _waiting(client, f"{tenant}-other")  # another tenant's Create, meanwhile
+            client.send_event(f"{tenant}-other", other, "go", {"ok": True})
+            assert client.wait(f"{tenant}-other", other, timeout=10).status == pb.STATUS_COMPLETE
+            bystander_completes(client, tenant, within=10)
+        finally:
+            for call in [*held, *more]:
+                call.cancel()
+
+
+def test_without_tokens_a_connections_budget_holds_whatever_tenants_it_names(
+    make_kernel: Callable[..., KernelProcess], tenant: str
+) -> None:
+    kernel = make_kernel("--max-concurrent-rpcs", "12", "--max-rpcs-per-connection", "6")
+    with kernel.client() as client, _channel(kernel.address) as channel:
+        names = [f"{tenant[:50]}-{k}" for k in range(10)]  # tenant names cost nothing here
+        refs = [pb.InstanceRef(tenant=name, id=_waiting(client, name)) for name in names]
+        held, codes = _hold_watches(channel, [(refs[k % 10], None) for k in range(20)])
+        try:
+            assert codes == {"held": 6, "RESOURCE_EXHAUSTED": 14}, codes
+            bystander_completes(client, tenant, within=10)
+        finally:
+            for call in held:
+                call.cancel()
+
+
+def test_a_thousand_watch_streams_of_one_tenant_leave_the_others_room(
+    make_kernel: Callable[..., KernelProcess], tenant: str
+) -> None:
+    """The reported attack at the default flags: 1,030 streams from one tenant and one connection."""
+    kernel = make_kernel()
+    with kernel.client() as client, _channel(kernel.address) as channel:
+        ref = pb.InstanceRef(tenant=tenant, id=_waiting(client, tenant))
+        started = time.monotonic()
+        held, codes = _hold_watches(channel, [(ref, None)] * 1030)
+        try:
+            print(f"1,030 Watch streams: {dict(codes)} in {time.monotonic() - started:.1f} s")
+            assert codes == {"held": 256, "RESOURCE_EXHAUSTED": 774}, codes  # --max-rpcs-per-tenant
+            bystander_completes(client, tenant, within=10)
+        finally:
+            for call in held:
+                call.cancel()
