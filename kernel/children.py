@@ -224,7 +224,7 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
         # left unconsumed it would wake the suspended parent again and again. A child's end commits
         # with its notice, so if the child is still not ended after the notice was read, it is stale.
         events = await asyncio.to_thread(
-            wake.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True
+            wake.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True, type=step.event_type
         )
         stale = _claim(wake, events, step.event_type, step.key)
         if stale:
@@ -240,7 +240,9 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
         return {"do": "suspend"}
     if not ended:
         problem = "InstanceTimeout", f"instance {id!r} did not end before the time-out"
-    events = await asyncio.to_thread(wake.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True)
+    events = await asyncio.to_thread(
+        wake.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True, type=step.event_type
+    )
     consumed = [*stale, *_claim(wake, events, step.event_type, step.key)]  # stale: claimed above
     step.updated_at = now
     if problem is None:

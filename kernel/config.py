@@ -84,6 +84,11 @@ class KernelConfig:
     # Stored step outputs (and error messages) of one instance: what each wake-up's job and each Get
     # carry. Cloudflare Workflows caps persisted state per instance likewise.
     max_instance_state_bytes: int = 32 * 1024 * 1024
+    # Unread events one instance may hold (SendEvent past either: RESOURCE_EXHAUSTED; 0: no cap). A
+    # wait consumes one event at a time, so more than this is a backlog nobody reads; 16 MiB is 16
+    # events at the 1 MiB payload limit and half the state cap, so the inbox never outweighs the rest.
+    max_inbox_events: int = 1000
+    max_inbox_bytes: int = 16 * 1024 * 1024
     max_concurrent_rpcs: int = 1024  # gRPC calls in progress at once, streams included (0: no cap)
     # Bytes of large Publish requests being checked or queued, kernel-wide (the rest fail fast)
     max_publish_bytes_in_flight: int = 64 * 1024 * 1024

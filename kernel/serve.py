@@ -14,7 +14,6 @@ DEFAULT_ADDRESS = "127.0.0.1:7450"
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from tenantflow.kernel.admission import Budgets
     from tenantflow.kernel.auth import Tokens
     from tenantflow.kernel.config import KernelConfig, default_data_dir, hold_data_dir, lease_problem
     from tenantflow.kernel.sandbox import Limits
@@ -46,6 +45,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_running_per_tenant=args.max_running_per_tenant,
         max_step_timeout=args.max_step_timeout,
         max_instance_state_bytes=int(args.max_instance_state_mb * 1024 * 1024),
+        max_inbox_events=args.max_inbox_events,
+        max_inbox_bytes=int(args.max_inbox_mb * 1024 * 1024),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_publish_bytes_in_flight=int(args.max_publish_mb_in_flight * 1024 * 1024),
         tenant_create_rate=args.tenant_create_rate,
@@ -102,14 +103,7 @@ async def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {exc}") from None
     kernel = Kernel(config)
     await kernel.start()
-    budgets = Budgets.of(
-        config,
-        per_token=args.max_rpcs_per_token,
-        per_peer=args.max_rpcs_per_connection,
-        per_tenant=args.max_rpcs_per_tenant,
-        request_bytes=int(args.max_request_mb_in_flight * 1024 * 1024),
-    )
-    server, port = await create_server(kernel, args.listen, tokens, tls, budgets)
+    server, port = await create_server(kernel, args.listen, tokens, tls)
     await server.start()
     endpoint = None
     if config.metrics_listen:
@@ -238,39 +232,23 @@ def add_serve_parser(sub: Any) -> None:
         help="step outputs one instance may store, in MiB; a step that would pass it fails for good",
     )
     s.add_argument(
+        "--max-inbox-events",
+        type=COUNT_OR_ZERO,
+        default=1000,
+        help="unread events one instance may hold; SendEvent past it fails with RESOURCE_EXHAUSTED (0: no cap)",
+    )
+    s.add_argument(
+        "--max-inbox-mb",
+        type=AMOUNT_OR_ZERO,
+        default=16.0,
+        help="... and their bytes (type and payload), in MiB (0: no cap)",
+    )
+    s.add_argument(
         "--max-concurrent-rpcs",
         type=COUNT_OR_ZERO,
         default=1024,
         help="gRPC calls in progress at once, Watch streams included; more fail fast with "
         "RESOURCE_EXHAUSTED (0: no cap)",
-    )
-    s.add_argument(
-        "--max-rpcs-per-token",
-        type=COUNT_OR_ZERO,
-        default=512,
-        help="calls and Watch streams one --auth-tokens token may have in progress; more fail fast with "
-        "RESOURCE_EXHAUSTED before they are read (0: no cap)",
-    )
-    s.add_argument(
-        "--max-rpcs-per-connection",
-        type=COUNT_OR_ZERO,
-        default=512,
-        help="calls and Watch streams one client connection may have in progress (the budget that holds "
-        "without --auth-tokens); more fail fast with RESOURCE_EXHAUSTED before they are read (0: no cap)",
-    )
-    s.add_argument(
-        "--max-rpcs-per-tenant",
-        type=COUNT_OR_ZERO,
-        default=256,
-        help="calls and Watch streams acting for one tenant in progress; more fail fast with "
-        "RESOURCE_EXHAUSTED (0: no cap)",
-    )
-    s.add_argument(
-        "--max-request-mb-in-flight",
-        type=POSITIVE,
-        default=256.0,
-        help="MiB of request bodies being decoded and served at once, kernel-wide; more fail fast with "
-        "RESOURCE_EXHAUSTED (one request alone always fits)",
     )
     s.add_argument(
         "--max-publish-mb-in-flight",

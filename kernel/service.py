@@ -58,6 +58,7 @@ log = logging.getLogger("tenantflow.kernel")
 # nothing changes, up to 1 s; and slower when many streams watch, to stay within the poll budget.
 WATCH_POLL_SECONDS = (0.1, 1.0)
 WATCH_POLLS_PER_SECOND = 200.0
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -531,17 +532,28 @@ class Kernel:
                 f"instance {id!r} is {record.status.name.lower()}; it takes no more events"
             )
         now = time.time()
+        config = self.engine.config
         change = Change(
             tenant=tenant, id=id, now=now, expect_status=frozenset(set(Status) - TERMINAL),
             add_events=[EventRecord(seq=0, type=type, payload_json=payload, created_at=now)],
-            wake_on_events=[type],  # makes the instance runnable unless it is paused
+            # Runnable now only if a step waits for this type (and it is not paused); else it is kept
+            # for a later wait, and wakes nobody.
+            wake_waiting=[type],
+            inbox_cap=(config.max_inbox_events, config.max_inbox_bytes),
             history=[HistoryEntry(kind="event", at=now, message=f"event of type {type!r} received",
                                   data_json=json.dumps({"type": type}))],
         )  # fmt: skip
-        try:
-            result = await self.committer.commit(change)
-        except Conflict as exc:
-            raise FailedPrecondition(f"instance {id!r} ended meanwhile ({exc})") from None
+        result = await self.committer.submit(change)
+        if result.unread is not None:
+            count, size = result.unread
+            raise ResourceExhausted(
+                f"the inbox of instance {id!r} is full: {count} events ({size / MIB:.1f} MiB) are waiting to "
+                f"be consumed, and an instance holds at most {config.max_inbox_events} unread events and "
+                f"{config.max_inbox_bytes / MIB:g} MiB (the kernel's --max-inbox-events and --max-inbox-mb); "
+                "the instance must consume events (step.wait_for_event of their type) before more can be sent"
+            )
+        if not result.ok:
+            raise FailedPrecondition(f"instance {id!r} ended meanwhile ({result.reason})")
         self._poke()
         return result.event_seqs[0]
 

@@ -229,8 +229,16 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
                               data_json=json.dumps({"type": event_type, "timeout_at": step.wake_at}))  # fmt: skip
         wake._submit(wake._change(steps=[dataclasses.replace(step)], history=[entry]))
     rec = wake.record
-    events = await asyncio.to_thread(wake.engine.storage.get_events, rec.tenant, rec.id, unconsumed_only=True)
-    event = next((e for e in events if e.type == step.event_type), None)
+    # Only the event this wait consumes is read: the others in the inbox may be many, and large.
+    events = await asyncio.to_thread(
+        wake.engine.storage.get_events,
+        rec.tenant,
+        rec.id,
+        unconsumed_only=True,
+        type=step.event_type,
+        limit=1,
+    )
+    event = events[0] if events else None
     if event is not None:
         value = {
             "type": event.type,

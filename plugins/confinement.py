@@ -5,12 +5,14 @@ not do; the caller decides whether that is fatal."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import struct
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 CLONE_NEWUSER = 0x10000000
@@ -169,6 +171,28 @@ def lock_capabilities() -> None:
         prctl(PR_CAPBSET_DROP, cap)
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED)
+
+
+@contextlib.contextmanager
+def without_effective_capabilities() -> Iterator[None]:
+    """Empty the effective set for a while (permitted stays, so it comes back): a check of what
+    an uid may do must not pass through CAP_DAC_OVERRIDE, which a uid change keeps while the
+    securebits say NO_SETUID_FIXUP."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    saved = [half.effective for half in data]
+    for half in data:
+        half.effective = 0
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+    try:
+        yield
+    finally:
+        for half, effective in zip(data, saved, strict=True):
+            half.effective = effective
+        libc.capset(ctypes.byref(header), data)
 
 
 def clear_capabilities() -> str:

@@ -4,9 +4,9 @@ The template (zygote) confines itself once, so every forked child inherits it fo
 capabilities at all (bounding, permitted, effective, inheritable and ambient sets empty, securebits
 locked so uid 0 cannot regain them), no network (a fresh network namespace, unless the operator
 grants it), read-only access to the interpreter's directories only (Landlock), no privilege gain,
-a seccomp allow-list of system calls, and an unprivileged uid where the interpreter stays readable
-by one (else uid 0 without capabilities: owner bits still let it read root's files, which Landlock
-restricts). Each child then sets its own limits and filter. What could not be applied is reported,
+a seccomp allow-list of system calls, and never uid 0: a root kernel's template becomes uid 65534,
+with a private file view that lets that uid reach the interpreter and the grants wherever they
+live (see ``tenant_uid``); an ordinary user's kernel runs tenant code as that user. Each child then sets its own limits and filter. What could not be applied is reported,
 never hidden: the kernel refuses to start the sandbox without it unless the operator opts out.
 """
 
@@ -16,10 +16,8 @@ import ctypes
 import os
 import resource
 import signal
-import stat
 import struct
 import sys
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from tenantflow.plugins.confinement import (
@@ -36,7 +34,7 @@ from tenantflow.plugins.confinement import (
     syscall,
     unshare_network,
 )
-from tenantflow.plugins.sandbox_subprocess import syscalls
+from tenantflow.plugins.sandbox_subprocess import syscalls, tenant_uid
 
 __all__ = [
     "NETWORK_READ_PATHS", "Confinement", "capability_state", "confine_template", "die_with_parent",
@@ -49,13 +47,16 @@ NO_NEW_PRIVS = "no_new_privs"
 SECCOMP = "seccomp syscall filter"
 NETWORK = "network namespace"
 LANDLOCK = "Landlock file isolation"
+UNPRIVILEGED_UID = "an unprivileged uid"
 
 
 class Confinement(NamedTuple):
-    """What ``confine_template`` could not establish (``{protection: why}``) and what it notes."""
+    """What ``confine_template`` could not establish (``{protection: why}``), what it notes, and
+    why each granted directory tenant code could not use is unusable."""
 
     missing: dict[str, str]
     notes: list[str]
+    unusable: list[str]
 
 
 _pyseccomp: Any = None  # the module, once the template loaded it (children filter with it too)
@@ -161,25 +162,15 @@ def _seccomp(pyseccomp: Any, network: bool) -> str:
     return ""
 
 
-def _world_readable(path: str) -> bool:
-    """True if every directory up to ``path`` can be traversed by any user."""
-    current = Path(path).resolve()
-    for part in [current, *current.parents]:
-        try:
-            mode = part.stat().st_mode
-        except OSError:
-            return False
-        if not mode & stat.S_IXOTH:
-            return False
-    return True
-
-
 def confine_template(
     *, network: bool = False, filesystem: bool = True, writable: list[str] | None = None
 ) -> Confinement:
     """Confine the calling (template) process for good; say what could not be established."""
     missing: dict[str, str] = {}
     notes: list[str] = []
+    writable = writable or []
+    root = os.geteuid() == 0
+    unusable = [] if root else tenant_uid.unusable_grants(writable)  # before a user namespace hides owners
     pyseccomp = _load_pyseccomp()
     if not isinstance(pyseccomp, str):
         _prepare_run_filter(pyseccomp)
@@ -188,25 +179,13 @@ def confine_template(
     if problem := no_new_privs():
         missing[NO_NEW_PRIVS] = problem
     lock_capabilities()
-    if os.geteuid() == 0:
-        if all(_world_readable(p) for p in (sys.base_prefix, sys.prefix)):
-            try:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-            except OSError as exc:
-                notes.append(
-                    f"tenant code runs as uid 0 without capabilities: could not switch to uid 65534 ({exc})"
-                )
-        else:
-            notes.append(
-                f"tenant code runs as uid 0 without capabilities: the interpreter under {sys.base_prefix} "
-                "is not readable by an unprivileged uid (install it world-readable to run tenant code as "
-                "uid 65534)"
-            )
+    if root:
+        if problem := _leave_root(read_only_paths(network), writable):
+            missing[UNPRIVILEGED_UID] = problem
+        unusable = tenant_uid.unusable_grants(writable)
     if filesystem:
         problem = (
-            landlock(read_only_paths(network), writable or [], network)
+            landlock(read_only_paths(network), writable, network)
             if sys.platform == "linux"
             else "landlock needs Linux"
         )
@@ -218,7 +197,22 @@ def confine_template(
     problem = _seccomp(pyseccomp, network)  # last: it forbids the set-up above
     if problem:
         missing[SECCOMP] = problem
-    return Confinement(missing, notes)
+    return Confinement(missing, notes, unusable)
+
+
+def _leave_root(needed: list[str], writable: list[str]) -> str:
+    """As root: make ``needed`` (and the grants) reachable by the tenant uid, then become it; a
+    problem, or "" (a grant the tenant uid cannot use is said by ``unusable_grants``). An ordinary
+    user's kernel needs none of this: tenant code runs as that user."""
+    view = tenant_uid.open_view([*needed, *writable])
+    if lost := tenant_uid.unreachable_as_tenant(needed):
+        return (
+            f"tenant code would run as uid 0: uid {tenant_uid.TENANT_UID} cannot read {', '.join(lost)}"
+            + (f" and {view}" if view else "")
+            + " (install Python where any user may read it, e.g. /usr/bin/python3, or run the kernel as"
+            " an ordinary user)"
+        )
+    return tenant_uid.drop()
 
 
 def limit_child(memory_bytes: int, cpu_seconds: float, open_files: int, file_bytes: int = 0) -> None:

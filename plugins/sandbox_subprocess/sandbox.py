@@ -22,7 +22,7 @@ from typing import Any
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
 from tenantflow.plugins.pysource import decode_files, inspect_python
 from tenantflow.plugins.sandbox_subprocess import wire
-from tenantflow.plugins.sandbox_subprocess.pids import MAX_TASKS, RunCgroups
+from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS, RunCgroups
 from tenantflow.plugins.sandbox_subprocess.spares import Child, SparePool, close_child_ends
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
@@ -76,7 +76,7 @@ async def cpu_watchdog(pid: int, limits: Limits, calls: list[int], kill: Callabl
     ``calls[0]`` counts the run's host calls: each one starts a new budget (a step attempt, or the
     workflow code between steps). Sampling, not per-call reads, keeps steps cheap; a segment is
     charged from the first sample after its call, at most one tick late. A run seen with more than
-    ``MAX_TASKS`` threads is killed too: the bound where no pids cgroup holds it (see ``pids``)."""
+    ``MAX_TASKS`` threads is killed too: the bound where no pids cgroup holds it (see ``cgroups``)."""
     tick = min(0.25, max(limits.cpu_seconds / 4, 0.01))
     seen, base = -1, 0.0
     while True:
@@ -329,6 +329,13 @@ class SubprocessSandbox:
         hello = json.loads(await loop.sock_recv(ours, 65536) or b"{}")
         if not hello.get("ready"):
             raise RuntimeError("the subprocess sandbox template failed to start (its output is logged above)")
+        if unusable := hello.get("unusable", []):
+            await self.close()
+            raise SystemExit(
+                "error: a --sandbox-writable-dir the python sandbox's tenant code cannot use: "
+                + "; ".join(unusable)
+                + ". The kernel does not change an operator's files itself."
+            )
         missing: dict[str, str] = hello.get("missing", {})
         self.protections_off = [f"{name}: {why}" for name, why in missing.items()]
         if self._settings["network"]:

@@ -298,6 +298,7 @@ def test_kernel_files_unreachable(
 def granting_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KernelProcess, Path]]:
     """A kernel whose operator grants the sandboxes one directory."""
     granted = tmp_path_factory.mktemp("granted")
+    granted.chmod(0o777)  # tenant code runs as another uid than the test
     kernel = KernelProcess(
         tmp_path_factory.mktemp("kernel"), [*TEST_LIMITS, "--sandbox-writable-dir", str(granted)]
     )

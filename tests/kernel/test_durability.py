@@ -54,6 +54,7 @@ def effects(directory: Path) -> Counter[tuple[str, str]]:
 def test_sigkill_loses_no_completed_step(tmp_path: Path) -> None:
     effects_dir = tmp_path / "effects"
     effects_dir.mkdir()
+    effects_dir.chmod(0o777)  # tenant code runs as another uid than the test
     kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--sandbox-writable-dir", str(effects_dir)])
     kernel.start()
     tenant = "durable"

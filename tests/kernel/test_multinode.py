@@ -121,6 +121,7 @@ def nodes(tmp_path: Path, count: int, *extra: str) -> list[KernelProcess]:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[KernelProcess]]:
     (tmp_path / "effects").mkdir()
+    (tmp_path / "effects").chmod(0o777)  # tenant code runs as another uid than the test
     kernels = nodes(tmp_path, 3)
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda k: k.start(), kernels))
@@ -252,6 +253,7 @@ def test_slow_owner_is_fenced(tmp_path: Path) -> None:
     """A node stopped past its lease (SIGSTOP) loses the instance to another node; continued
     (SIGCONT), it records nothing more for it, and only the attempt it had in flight ran twice."""
     (tmp_path / "effects").mkdir()
+    (tmp_path / "effects").chmod(0o777)  # tenant code runs as another uid than the test
     database, effects_dir, tenant = tmp_path / "shared.sqlite3", tmp_path / "effects", "fenced"
     kernels = nodes(tmp_path, 2, "--lease-seconds", "3")
     with ThreadPoolExecutor(2) as pool:

@@ -19,7 +19,7 @@ import wasmtime
 from tenantflow.client import Client
 from tenantflow.kernel.sandbox import CodeError
 from tenantflow.plugins import isolated
-from tenantflow.plugins.sandbox_subprocess.pids import MAX_TASKS
+from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS
 from tenantflow.plugins.sandbox_subprocess.spares import SPARES
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import KernelProcess

@@ -62,6 +62,7 @@ def gone_within(kernel_pid: int, limit: float) -> float:
 def test_sandbox_processes_die_with_a_killed_kernel(tmp_path: Path, tenant: str) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    out.chmod(0o777)  # tenant code runs as another uid than the test
     target = out / "late.txt"
     kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--sandbox-writable-dir", str(out)])
     kernel.start()
@@ -94,6 +95,7 @@ def test_a_restarted_kernel_retries_without_overlap(tmp_path: Path, tenant: str)
     """The new kernel's attempt is the only one that writes."""
     out = tmp_path / "out"
     out.mkdir()
+    out.chmod(0o777)  # tenant code runs as another uid than the test
     target = out / "late.txt"
     args = [*TEST_LIMITS, "--sandbox-writable-dir", str(out)]
     kernel = KernelProcess(tmp_path / "kernel", args)

@@ -17,7 +17,7 @@ import pytest
 
 from tenantflow.client import Client
 from tenantflow.v1 import tenantflow_pb2 as pb
-from tests.conftest import KernelProcess
+from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.helpers import publish
 from tests.security.bystander import bystander_completes
 
@@ -95,6 +95,12 @@ def fanotify():
     return c_errno(fd)
 
 
+def write_owned(path):
+    with open(path, "w") as f:
+        f.write("tenant")
+    return os.stat(path).st_uid
+
+
 def sched_fifo():
     return py_errno(os.sched_setscheduler, 0, os.SCHED_FIFO, os.sched_param(1))
 
@@ -119,6 +125,8 @@ ATTACKS = {
     "prlimit_other": lambda arg: py_errno(resource.prlimit, int(arg), resource.RLIMIT_NOFILE, (1, 1)),
     "unset_death_signal": lambda arg: c_errno(prctl(1, 0)),  # PR_SET_PDEATHSIG 0: outlive the kernel
     "proc_status": lambda arg: py_errno(open, "/proc/self/status"),
+    "write_owned": lambda arg: write_owned(arg),
+    "list_dir": lambda arg: py_errno(os.listdir, arg),
 }
 
 
@@ -220,8 +228,16 @@ def test_a_step_holds_no_capability(client: Client, tenant: str, ref: str) -> No
     for name in ("effective", "permitted", "inheritable"):
         assert state[name] == 0, (name, state)
     assert state["bounding"] == [] and state["ambient"] == [], state
-    if state["uid"] == 0:  # the fallback: uid 0 can never regain a capability
-        assert state["securebits"] == 0xEF, state
+
+
+def test_tenant_code_never_runs_as_uid_0(client: Client, tenant: str, ref: str) -> None:
+    """Wherever the interpreter lives (here under /root, 0700): a root kernel runs tenant code as
+    uid 65534, an ordinary user's kernel as that user."""
+    state = attack(client, tenant, ref, "capabilities")
+    assert isinstance(state, dict)
+    assert state["uid"] != 0 and state["euid"] != 0, state
+    if os.geteuid() == 0:
+        assert state["uid"] == state["euid"] == 65534, state
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -260,6 +276,10 @@ def test_proc_status_of_a_running_step_shows_no_privilege(
         for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(status[field], 16) == 0, (pid, field, status[field])
         assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
+        ids = (
+            status["Uid"].split() + status["Gid"].split()
+        )  # real, effective, saved, fs: as the host sees them
+        assert "0" not in ids, status
     bystander_completes(client, tenant)
     assert client.wait(tenant, inst.id, timeout=60).status == pb.STATUS_COMPLETE
 
@@ -288,3 +308,49 @@ def test_raw_output_is_bounded_per_run(client: Client, tenant: str, ref: str, ke
     dropped = 1024 * 1024 - 64 * 1024
     assert any(f"{dropped} more bytes this run wrote to stdout/stderr were dropped" in line for line in logs)
     assert not any("xxxxxxxx" in line for line in kernel.lines)
+
+
+def _private_grant(tmp_path: Path, mode: int) -> Path:
+    """A granted directory of ``mode`` under a parent no other user may enter (as pytest's own
+    tmp directories are: /tmp/pytest-of-<user> is 0700)."""
+    parent = tmp_path / "private"
+    parent.mkdir(mode=0o700)
+    (parent / "sibling").write_text("not granted")
+    grant = parent / "grant"
+    grant.mkdir()
+    grant.chmod(mode)
+    return grant
+
+
+def test_a_grant_tenant_code_cannot_write_is_refused_at_start(tmp_path: Path) -> None:
+    """Read-only for its owner and closed to others: whoever tenant code runs as cannot write it,
+    so the kernel refuses to start, naming the owner and mode to set (it changes nothing itself)."""
+    grant = _private_grant(tmp_path, 0o500)
+    kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--sandbox-writable-dir", str(grant)])
+    with pytest.raises(RuntimeError, match="did not start"):
+        kernel.start()
+    kernel.stop()
+    said = "\n".join(kernel.lines)
+    info = grant.stat()
+    assert f"{grant} (owner {info.st_uid}:{info.st_gid}, mode 0500)" in said, said
+    assert "chmod 0777" in said and "chown" in said, said
+    assert grant.stat().st_mode & 0o777 == 0o500
+
+
+def test_a_grant_under_a_private_directory_is_usable_and_the_rest_stays_hidden(
+    tmp_path: Path, tenant: str
+) -> None:
+    """The grant is reachable through its closed parent, files there are the tenant uid's (never
+    root's), and the parent's other entries are out of sight."""
+    grant = _private_grant(tmp_path, 0o777)
+    kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--sandbox-writable-dir", str(grant)])
+    kernel.start()
+    try:
+        with kernel.client() as client:
+            ref = publish(client, tenant, ATTACKS)
+            owner = attack(client, tenant, ref, "write_owned", grant / "out.txt")
+            assert owner != 0 and owner == (grant / "out.txt").stat().st_uid
+            assert (grant / "out.txt").read_text() == "tenant"
+            assert attack(client, tenant, ref, "list_dir", grant.parent) in (errno.EACCES, errno.EPERM)
+    finally:
+        kernel.stop()

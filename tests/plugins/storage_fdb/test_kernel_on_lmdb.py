@@ -47,6 +47,7 @@ def effects(directory: Path) -> Counter[tuple[str, str]]:
 def test_a_kernel_on_lmdb_runs_workflows_through_a_sigkill(tmp_path: Path) -> None:
     store, effects_dir, tenant = tmp_path / "kv", tmp_path / "effects", "lmdb"
     effects_dir.mkdir()
+    effects_dir.chmod(0o777)  # tenant code runs as another uid than the test
     args = [*TEST_LIMITS, "--storage", f"kv+lmdb://{store}", "--sandbox-writable-dir", str(effects_dir)]
     kernel = KernelProcess(tmp_path / "kernel", args)
     kernel.start()
@@ -102,6 +103,7 @@ def test_serve_with_fdb_but_no_client_library_says_what_to_install(tmp_path: Pat
 def test_two_kernels_share_one_lmdb_store(tmp_path: Path) -> None:
     store, effects_dir, tenant = tmp_path / "kv", tmp_path / "effects", "pair"
     effects_dir.mkdir()
+    effects_dir.chmod(0o777)  # tenant code runs as another uid than the test
     kernels = [
         KernelProcess(tmp_path / f"n{n}", [*TEST_LIMITS, "--node-id", f"n{n}", "--storage", f"kv+lmdb://{store}",
                                            "--sandbox-writable-dir", str(effects_dir)])
