@@ -14,6 +14,7 @@ DEFAULT_ADDRESS = "127.0.0.1:7450"
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from tenantflow.kernel.admission import Budgets
     from tenantflow.kernel.auth import Tokens
     from tenantflow.kernel.config import KernelConfig, default_data_dir, hold_data_dir, lease_problem
     from tenantflow.kernel.sandbox import Limits
@@ -103,7 +104,14 @@ async def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {exc}") from None
     kernel = Kernel(config)
     await kernel.start()
-    server, port = await create_server(kernel, args.listen, tokens, tls)
+    budgets = Budgets.of(
+        config,
+        per_token=args.max_rpcs_per_token,
+        per_peer=args.max_rpcs_per_connection,
+        per_tenant=args.max_rpcs_per_tenant,
+        request_bytes=int(args.max_request_mb_in_flight * 1024 * 1024),
+    )
+    server, port = await create_server(kernel, args.listen, tokens, tls, budgets)
     await server.start()
     endpoint = None
     if config.metrics_listen:
@@ -249,6 +257,34 @@ def add_serve_parser(sub: Any) -> None:
         default=1024,
         help="gRPC calls in progress at once, Watch streams included; more fail fast with "
         "RESOURCE_EXHAUSTED (0: no cap)",
+    )
+    s.add_argument(
+        "--max-rpcs-per-token",
+        type=COUNT_OR_ZERO,
+        default=512,
+        help="calls and Watch streams one --auth-tokens token may have in progress; more fail fast with "
+        "RESOURCE_EXHAUSTED before they are read (0: no cap)",
+    )
+    s.add_argument(
+        "--max-rpcs-per-connection",
+        type=COUNT_OR_ZERO,
+        default=512,
+        help="calls and Watch streams one client connection may have in progress (the budget that holds "
+        "without --auth-tokens); more fail fast with RESOURCE_EXHAUSTED before they are read (0: no cap)",
+    )
+    s.add_argument(
+        "--max-rpcs-per-tenant",
+        type=COUNT_OR_ZERO,
+        default=256,
+        help="calls and Watch streams acting for one tenant in progress; more fail fast with "
+        "RESOURCE_EXHAUSTED (0: no cap)",
+    )
+    s.add_argument(
+        "--max-request-mb-in-flight",
+        type=POSITIVE,
+        default=256.0,
+        help="MiB of request bodies being decoded and served at once, kernel-wide; more fail fast with "
+        "RESOURCE_EXHAUSTED (one request alone always fits)",
     )
     s.add_argument(
         "--max-publish-mb-in-flight",
