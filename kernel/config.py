@@ -69,6 +69,10 @@ class KernelConfig:
     tenant_create_rate: float = 100.0  # instances a tenant may create per second (0: no limit)
     tenant_create_burst: float = 1000.0  # ... in bursts of up to this many
     tenant_max_live: int = 0  # instances of a tenant not yet ended (0: no cap)
+    tenant_max_schedules: int = 1000  # schedules of a tenant, paused ones included (0: no cap)
+    tenant_schedule_fire_rate: float = 10.0  # fires per second of a tenant's schedules (0: no limit)
+    tenant_schedule_fire_burst: float = 100.0  # ... in bursts of up to this many
+    schedule_min_interval: float = 1.0  # seconds between two fires of one schedule, at the closest
     # A node renews the leases of the instances it runs every lease_renew_seconds (0: a quarter of the
     # lease); a node that dies stops renewing, and the others take its instances over once they expire.
     lease_seconds: float = 6.0

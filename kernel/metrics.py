@@ -163,8 +163,20 @@ class KernelMetrics:
         self.code_evictions = Counter("tenantflow_code_cache_evictions", "loaded code dropped", registry=r)
         self.refusals = Counter("tenantflow_quota_refusals", "requests refused by a per-tenant quota",
                                 ["quota", *t], registry=r)  # fmt: skip
+        self.schedule_fires = Counter("tenantflow_schedule_fires", "schedule ticks that started an instance",
+                                      t, registry=r)  # fmt: skip
+        self.schedule_skipped = Counter("tenantflow_schedule_fires_skipped",
+                                        "schedule ticks that started no instance, by reason (overlap: the last "
+                                        "one still live; catchup: missed past the catch-up window; late: passed "
+                                        "over by a later fire; error: Create refused it)", ["reason", *t], registry=r)  # fmt: skip
+        self.schedule_deferred = Counter("tenantflow_schedule_fires_deferred",
+                                         "due schedules put back because their tenant had no fire budget left",
+                                         t, registry=r)  # fmt: skip
+        self.schedule_lag = Histogram("tenantflow_schedule_fire_lag_seconds", "from a schedule's tick to its fire",
+                                      buckets=_LATENCY, registry=r)  # fmt: skip
         ProcessCollector(registry=r)
-        self._tenant_families = [self.attempts, self.failures, self.retries, self.wakeups, self.refusals]
+        self._tenant_families = [self.attempts, self.failures, self.retries, self.wakeups, self.refusals,
+                                 self.schedule_fires, self.schedule_skipped, self.schedule_deferred]  # fmt: skip
         self._seen: weakref.WeakKeyDictionary[WakeUp, _Seen] = weakref.WeakKeyDictionary()
 
     def labels(self, tenant: str) -> list[str]:
@@ -365,6 +377,25 @@ def code_evicted(count: int) -> None:
 def quota_refused(tenant: str, quota: str) -> None:
     """``quota``: create_rate or max_live."""
     _m.refusals.labels(quota, *_m.labels(tenant)).inc()
+
+
+@_safe
+def schedule_fired(tenant: str, lag: float) -> None:
+    """A schedule's tick started an instance ``lag`` seconds after the tick."""
+    _count(_m.schedule_fires, _m.labels(tenant))
+    _m.schedule_lag.observe(max(0.0, lag))
+
+
+@_safe
+def schedule_skipped(tenant: str, reason: str, ticks: int = 1) -> None:
+    """``ticks`` of a schedule started nothing; ``reason``: overlap, catchup, late or error."""
+    if ticks > 0:
+        (_m.schedule_skipped.labels(reason, *_m.labels(tenant))).inc(ticks)
+
+
+@_safe
+def schedule_deferred(tenant: str) -> None:
+    _count(_m.schedule_deferred, _m.labels(tenant))
 
 
 @contextlib.contextmanager

@@ -12,6 +12,13 @@ Policies:
 - catch-up, for fires missed while no kernel ran (a fire later than ``catchup_window`` seconds):
   ``skip`` (default) drops them and waits for the next fire; ``run_once`` starts one instance for
   all of them at once (the latest missed fire's id). Fires while paused are never made up.
+
+Bounds (:mod:`tenantflow.kernel.firebudget`): schedules per tenant, the closest two fires of one
+schedule, and fires per second per tenant. Claims are round-robin across tenants and at most
+``PER_TENANT`` of one tenant's schedules are handled per pass, so one tenant's thousands of due
+schedules delay another tenant's one by at most a pass. A fire always handles the latest tick
+due; the ticks it passes over (the kernel was down, busy, or the tenant out of fire budget) are
+counted as skipped, never dropped without a trace.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadDateError, croniter
 
+from tenantflow.kernel import metrics
 from tenantflow.kernel.errors import (
     AlreadyExists,
     Conflict,
@@ -36,6 +44,7 @@ from tenantflow.kernel.errors import (
     TenantflowError,
     excerpt,
 )
+from tenantflow.kernel.firebudget import FireBudget, ScheduleLimits
 from tenantflow.kernel.model import TERMINAL, InstanceRecord, ScheduleRecord
 from tenantflow.kernel.storage import Storage
 
@@ -49,7 +58,10 @@ DEFAULT_WINDOW = 60.0
 MAX_WINDOW = 366 * 86400.0
 POLL_SECONDS = 0.5  # how soon a node sees a fire another node's RPC made due, or a clock tick
 LEASE_SECONDS = 30.0
-CLAIM_BATCH = 50
+CLAIM_BATCH = 50  # schedules handled per pass of the fire loop
+PER_TENANT = 10  # ... of one tenant at most
+COUNTED = 1000  # passed-over ticks counted one by one per fire (past it: estimated, and logged)
+GAP_SAMPLES = 200  # fires looked at to find a cron's closest two
 
 # What fires an instance: (tenant, schedule, instance id) -> the instance (raises as Create does).
 Fire = Callable[[ScheduleRecord, str], Awaitable[InstanceRecord]]
@@ -90,6 +102,36 @@ def latest_fire(cron: str, time_zone: str, first: float, now: float) -> float:
     return max(prev.timestamp(), first)
 
 
+def passed_over(cron: str, time_zone: str, first: float, before: float) -> int:
+    """How many ticks fall in ``[first, before)`` (``first`` a tick). Every-N-seconds crons are
+    counted by arithmetic; others one by one up to ``COUNTED``, then extrapolated."""
+    if before <= first:
+        return 0
+    fields = croniter(cron).expanded
+    if all(f == ["*"] for f in fields[:5]):  # the same seconds every minute, whatever the zone
+        seconds = [0] if len(fields) < 6 else range(60) if fields[5] == ["*"] else [int(x) for x in fields[5]]
+        lo, hi = int(first), -int(-before // 1)  # ticks are whole seconds
+        return sum((hi - 1 - x) // 60 - (lo - 1 - x) // 60 for x in seconds)
+    it = croniter(cron, dt.datetime.fromtimestamp(first - 0.001, _zone(time_zone)))
+    count, at = 0, first
+    while count < COUNTED:
+        at = it.get_next(dt.datetime).timestamp()
+        if at >= before:
+            return count
+        count += 1
+    return count + int((before - at) / max((at - first) / count, 1.0))
+
+
+def closest_fires(cron: str, time_zone: str, after: float) -> float:
+    """The shortest time between two consecutive fires among the next ``GAP_SAMPLES``."""
+    it = croniter(cron, dt.datetime.fromtimestamp(after, _zone(time_zone)))
+    try:
+        times: list[float] = [it.get_next(dt.datetime).timestamp() for _ in range(GAP_SAMPLES)]
+    except CroniterBadDateError:
+        return float("inf")
+    return min(b - a for a, b in zip(times, times[1:], strict=False))
+
+
 def check(s: ScheduleRecord) -> None:
     """Validate what a caller chose; raise InvalidArgument saying what to fix."""
     if not NAME.fullmatch(s.name or ""):
@@ -114,10 +156,14 @@ def check(s: ScheduleRecord) -> None:
 class Schedules:
     """The Schedules operations and the loop that fires due schedules on this node."""
 
-    def __init__(self, storage: Storage, fire: Fire, node_id: str) -> None:
+    def __init__(
+        self, storage: Storage, fire: Fire, node_id: str, limits: ScheduleLimits | None = None
+    ) -> None:
         self._storage = storage
         self._fire = fire
         self._node = node_id
+        self._limits = limits or ScheduleLimits()
+        self._budget = FireBudget(self._limits.fire_rate, self._limits.fire_burst)
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -126,12 +172,21 @@ class Schedules:
         """Store a new schedule; its first fire is the first after now (none while paused)."""
         check(schedule)
         now = time.time()
+        least = self._limits.min_interval
+        if least > 1:  # cron's own finest is one second
+            gap = await asyncio.to_thread(closest_fires, schedule.cron, schedule.time_zone, now)
+            if gap < least:
+                raise InvalidArgument(
+                    f"cron {excerpt(schedule.cron)} fires {gap:g} s apart at its closest; a schedule on this "
+                    f"kernel fires at most once every {least:g} s (--schedule-min-interval)"
+                )
         s = dataclasses.replace(
             schedule, created_at=now, updated_at=now, version=0, fires=0, skipped=0, last_fire=None,
             last_instance="", last_error="", lease_owner=None, lease_until=None,
             next_fire=None if schedule.paused else next_fire(schedule.cron, schedule.time_zone, now),
         )  # fmt: skip
-        made = await asyncio.to_thread(self._storage.create_schedule, s)
+        with metrics.counting_refusals(s.tenant, "max_schedules"):
+            made = await asyncio.to_thread(self._storage.create_schedule, s, self._limits.max_per_tenant)
         self._poke.set()
         return made
 
@@ -204,10 +259,14 @@ class Schedules:
             self._poke.clear()
             try:
                 due = await asyncio.to_thread(
-                    self._storage.claim_schedules, self._node, time.time(), LEASE_SECONDS, CLAIM_BATCH
-                )
-                for s in due:
-                    await self._fire_one(s)
+                    self._storage.claim_schedules, self._node, time.time(), LEASE_SECONDS, CLAIM_BATCH,
+                    PER_TENANT, self._budget.exhausted(),
+                )  # fmt: skip
+                for s in due:  # round-robin by tenant, as claimed
+                    if self._budget.take(s.tenant):
+                        await self._fire_one(s)
+                    else:
+                        await self._defer(s)
             except Exception:
                 log.exception("firing due schedules failed; retrying")
                 due = []
@@ -220,13 +279,21 @@ class Schedules:
         assert s.next_fire is not None  # claim_schedules returns due ones only
         at = latest_fire(s.cron, s.time_zone, s.next_fire, now)
         missed = now - at > s.catchup_window
-        fires, skipped, last_instance, error = s.fires, s.skipped, s.last_instance, ""
+        passed = passed_over(s.cron, s.time_zone, s.next_fire, at)
+        if passed:
+            metrics.schedule_skipped(s.tenant, "late", passed)
+            if passed >= COUNTED:
+                log.info("schedule %s/%s: ~%d ticks from %s passed over (the kernel was down or busy, or the "
+                         "tenant out of fire budget)", s.tenant, s.name, passed, fire_id(s.name, s.next_fire))  # fmt: skip
+        fires, skipped, last_instance, error = s.fires, s.skipped + passed, s.last_instance, ""
         if missed and s.catchup == "skip":
             skipped += 1
-            log.info("schedule %s/%s: fire at %s missed while no kernel ran; skipped (catch-up skip)",
-                     s.tenant, s.name, fire_id(s.name, at))  # fmt: skip
+            metrics.schedule_skipped(s.tenant, "catchup")
+            log.info("schedule %s/%s: fire at %s missed (%.0f s late, past its catch-up window); skipped",
+                     s.tenant, s.name, fire_id(s.name, at), now - at)  # fmt: skip
         elif s.overlap == "skip" and await self._live(s):
             skipped += 1
+            metrics.schedule_skipped(s.tenant, "overlap")
         else:
             id = fire_id(s.name, at)
             try:
@@ -236,8 +303,11 @@ class Schedules:
             except TenantflowError as exc:  # e.g. its code was deleted, or a quota: said in Get
                 error = f"fire {id}: {exc}"
                 log.warning("schedule %s/%s could not fire: %s", s.tenant, s.name, exc)
+                skipped += 1
+                metrics.schedule_skipped(s.tenant, "error")
             if not error:
                 fires, last_instance = fires + 1, id
+                metrics.schedule_fired(s.tenant, now - at)
         done = dataclasses.replace(
             s, next_fire=next_fire(s.cron, s.time_zone, max(at, now)), last_fire=at, fires=fires,
             skipped=skipped, last_instance=last_instance, last_error=error, lease_owner=None,
@@ -245,6 +315,12 @@ class Schedules:
         )  # fmt: skip
         if await asyncio.to_thread(self._storage.update_schedule, done) is None:
             log.info("schedule %s/%s changed while it fired (paused, resumed or deleted)", s.tenant, s.name)
+
+    async def _defer(self, s: ScheduleRecord) -> None:
+        """Out of fire budget: give the lease back, due as it was (fired later, or passed over)."""
+        metrics.schedule_deferred(s.tenant)
+        back = dataclasses.replace(s, lease_owner=None, lease_until=None)
+        await asyncio.to_thread(self._storage.update_schedule, back)
 
     async def _live(self, s: ScheduleRecord) -> bool:
         if not s.last_instance:

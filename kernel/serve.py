@@ -53,6 +53,10 @@ async def serve(args: argparse.Namespace) -> None:
         tenant_create_rate=args.tenant_create_rate,
         tenant_create_burst=args.tenant_create_burst,
         tenant_max_live=args.tenant_max_live,
+        tenant_max_schedules=args.tenant_max_schedules,
+        tenant_schedule_fire_rate=args.tenant_schedule_fire_rate,
+        tenant_schedule_fire_burst=args.tenant_schedule_fire_burst,
+        schedule_min_interval=args.schedule_min_interval,
         limits=Limits(
             memory_bytes=args.memory_mb * 1024 * 1024,
             cpu_seconds=args.cpu_seconds,
@@ -217,6 +221,27 @@ def add_serve_parser(sub: Any) -> None:
         type=COUNT_OR_ZERO,
         default=0,
         help="instances of one tenant not yet complete, errored or terminated (0: no cap)",
+    )
+    s.add_argument(
+        "--tenant-max-schedules",
+        type=COUNT_OR_ZERO,
+        default=1000,
+        help="schedules one tenant may have, paused ones included (0: no cap)",
+    )
+    s.add_argument(
+        "--tenant-schedule-fire-rate",
+        type=AMOUNT_OR_ZERO,
+        default=10.0,
+        help="fires per second of one tenant's schedules together; later fires are deferred (0: no limit)",
+    )
+    s.add_argument(
+        "--tenant-schedule-fire-burst", type=POSITIVE, default=100.0, help="... in bursts of up to this many"
+    )
+    s.add_argument(
+        "--schedule-min-interval",
+        type=POSITIVE,
+        default=1.0,
+        help="seconds between two fires of one schedule at the closest; Create refuses a cron firing more often",
     )
     s.add_argument("--memory-mb", type=COUNT, default=512, help="sandbox memory limit per run")
     s.add_argument(

@@ -25,6 +25,7 @@ from tenantflow.kernel.errors import (
     ResourceExhausted,
     excerpt,
 )
+from tenantflow.kernel.firebudget import ScheduleLimits
 from tenantflow.kernel.jsonsafe import check_json
 from tenantflow.kernel.model import (
     TERMINAL,
@@ -148,7 +149,10 @@ class Kernel:
         if released:
             log.info("reclaimed %d instances this node was running when it stopped", released)
         self.dispatcher.start()
-        self.schedules = schedules.Schedules(self.storage, self._fire, self.config.node_id)
+        c = self.config
+        limits = ScheduleLimits(c.tenant_max_schedules, c.tenant_schedule_fire_rate, c.tenant_schedule_fire_burst,
+                                c.schedule_min_interval)  # fmt: skip
+        self.schedules = schedules.Schedules(self.storage, self._fire, c.node_id, limits)
         self.schedules.start()
         self._sweepers = [
             asyncio.create_task(self.catalog.sweep_forever(), name="tenantflow-code-sweep"),

@@ -8,7 +8,7 @@ instance, and it commits a whole batch atomically (the kernel's group commit).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from tenantflow.kernel.model import (
@@ -128,9 +128,10 @@ class Storage(Protocol):
         ...
 
     # -- schedules: every write but create and delete is a compare-and-set on ``version`` ----------
-    def create_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+    def create_schedule(self, schedule: ScheduleRecord, max_per_tenant: int = 0) -> ScheduleRecord:
         """Insert it with version 1 and return it; raise ``AlreadyExists`` if the tenant has one of
-        that name."""
+        that name, or ``ResourceExhausted`` if it already has ``max_per_tenant`` (0: no cap)
+        schedules, paused ones included (counted in the inserting transaction)."""
         ...
 
     def get_schedule(self, tenant: str, name: str) -> ScheduleRecord | None: ...
@@ -149,11 +150,23 @@ class Storage(Protocol):
     def delete_schedule(self, tenant: str, name: str) -> bool: ...
 
     def claim_schedules(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        per_tenant: int = 0,
+        skip: Collection[str] = (),
     ) -> list[ScheduleRecord]:
-        """Lease up to ``limit`` schedules not paused with ``next_fire <= now`` and no live lease
-        (earliest fire first), bumping their versions: one node fires a schedule at a time. The
-        fire itself is made safe by the instance's deterministic id, the lease only saves work."""
+        """Lease up to ``limit`` schedules not paused with ``next_fire <= now`` and no live lease,
+        bumping their versions: one node fires a schedule at a time. The fire itself is made safe
+        by the instance's deterministic id, the lease only saves work.
+
+        Round-robin by tenant, as ``claim``: each tenant's earliest due schedule first, then every
+        tenant's second, and so on (earlier fire first within a round); at most ``per_tenant``
+        (0: no cap) of one tenant, none of a tenant in ``skip`` (out of fire budget). Returned in
+        that order. However many schedules one tenant has due, another tenant's due schedule is
+        found by the same claim."""
         ...
 
     def close(self) -> None: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
@@ -605,8 +605,8 @@ class KVStorage:
         return dict(counts)
 
     # -- schedules (plugins/storage_fdb/schedules.py) ------------------------------------------------
-    def create_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
-        return self.layer.transact(lambda tr: schedules.create(tr, self.k, schedule))
+    def create_schedule(self, schedule: ScheduleRecord, max_per_tenant: int = 0) -> ScheduleRecord:
+        return self.layer.transact(lambda tr: schedules.create(tr, self.k, schedule, max_per_tenant))
 
     def get_schedule(self, tenant: str, name: str) -> ScheduleRecord | None:
         return self.layer.read(lambda tr: schedules.get(tr, self.k, tenant, name))
@@ -623,9 +623,17 @@ class KVStorage:
         return self.layer.transact(lambda tr: schedules.delete(tr, self.k, tenant, name))
 
     def claim_schedules(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        per_tenant: int = 0,
+        skip: Collection[str] = (),
     ) -> list[ScheduleRecord]:
-        return self.layer.transact(lambda tr: schedules.claim(tr, self.k, owner, now, lease_seconds, limit))
+        return self.layer.transact(
+            lambda tr: schedules.claim(tr, self.k, owner, now, lease_seconds, limit, per_tenant, skip)
+        )
 
     def close(self) -> None:
         self.layer.close()

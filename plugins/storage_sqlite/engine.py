@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -577,9 +577,9 @@ class SQLiteStorage:
         return {Status(status): count for status, count in rows}
 
     # -- schedules --------------------------------------------------------------------------------
-    def create_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+    def create_schedule(self, schedule: ScheduleRecord, max_per_tenant: int = 0) -> ScheduleRecord:
         with self._write() as conn:
-            return schedules.create(conn, schedule)
+            return schedules.create(conn, schedule, max_per_tenant)
 
     def get_schedule(self, tenant: str, name: str) -> ScheduleRecord | None:
         return schedules.get(self._reader(), tenant, name)
@@ -598,10 +598,16 @@ class SQLiteStorage:
             return schedules.delete(conn, tenant, name)
 
     def claim_schedules(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        per_tenant: int = 0,
+        skip: Collection[str] = (),
     ) -> list[ScheduleRecord]:
         with self._write() as conn:
-            return schedules.claim(conn, owner, now, lease_seconds, limit)
+            return schedules.claim(conn, owner, now, lease_seconds, limit, per_tenant, skip)
 
     def close(self) -> None:
         with self._lock:

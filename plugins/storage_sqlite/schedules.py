@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+from collections.abc import Collection
 
-from tenantflow.kernel.errors import AlreadyExists
+from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
 from tenantflow.kernel.model import ScheduleRecord
 
 
@@ -19,8 +20,15 @@ def _record(body: str) -> ScheduleRecord:
     return ScheduleRecord(**json.loads(body))
 
 
-def create(conn: sqlite3.Connection, schedule: ScheduleRecord) -> ScheduleRecord:
+def create(conn: sqlite3.Connection, schedule: ScheduleRecord, max_per_tenant: int) -> ScheduleRecord:
     s = dataclasses.replace(schedule, version=1)
+    if max_per_tenant:  # the caller's write transaction: concurrent creates cannot pass it together
+        (count,) = conn.execute("SELECT COUNT(*) FROM schedules WHERE tenant = ?", (s.tenant,)).fetchone()
+        if count >= max_per_tenant:
+            raise ResourceExhausted(
+                f"tenant {s.tenant!r} has {count} schedules and the limit is {max_per_tenant}: delete "
+                "schedules it no longer needs, then create again"
+            )
     try:
         conn.execute("INSERT INTO schedules VALUES (?, ?, ?, ?, ?, ?)", _row(s))
     except sqlite3.IntegrityError:
@@ -62,16 +70,29 @@ def delete(conn: sqlite3.Connection, tenant: str, name: str) -> bool:
 
 
 def claim(
-    conn: sqlite3.Connection, owner: str, now: float, lease_seconds: float, limit: int
+    conn: sqlite3.Connection,
+    owner: str,
+    now: float,
+    lease_seconds: float,
+    limit: int,
+    per_tenant: int,
+    skip: Collection[str],
 ) -> list[ScheduleRecord]:
+    # Every due row takes part in the round-robin (ranked within its tenant), so one tenant's
+    # thousands of due schedules cannot push another tenant's one out of the first rounds.
     rows = conn.execute(
-        "SELECT body FROM schedules WHERE next_fire <= ? AND (lease_until IS NULL OR lease_until < ?) "
-        "ORDER BY next_fire LIMIT ?",
-        (now, now, limit),
+        "SELECT tenant, name FROM (SELECT tenant, name, next_fire, ROW_NUMBER() OVER "
+        "(PARTITION BY tenant ORDER BY next_fire, name) AS rn FROM schedules "
+        "WHERE next_fire <= :now AND (lease_until IS NULL OR lease_until < :now) "
+        "AND tenant NOT IN (SELECT value FROM json_each(:skip))) "
+        "WHERE rn <= :cap ORDER BY rn, next_fire, tenant LIMIT :limit",
+        {"now": now, "skip": json.dumps(sorted(skip)), "cap": per_tenant or 1 << 62, "limit": limit},
     ).fetchall()
     claimed = []
-    for (body,) in rows:
-        s = _record(body)
+    for tenant, name in rows:
+        s = get(conn, tenant, name)
+        if s is None:
+            continue
         leased = update(conn, dataclasses.replace(s, lease_owner=owner, lease_until=now + lease_seconds))
         if leased is not None:
             claimed.append(leased)

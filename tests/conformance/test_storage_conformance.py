@@ -707,3 +707,68 @@ def test_paging_under_writes_sees_every_instance_once_in_order(pair: tuple[Stora
     assert seen[:150] == [f"a{n:03}" for n in range(150)]  # the ones there before: all, once, in order
     later = seen[150:]
     assert len(later) == len(set(later)) and later == sorted(later)  # no repeats, creation order
+
+
+# -- schedules: the per-tenant cap and the fair claim (issue 16) ----------------------------------
+
+
+def test_the_schedule_cap_counts_each_tenant_in_the_creating_transaction(
+    pair: tuple[Storage, Storage],
+) -> None:
+    a, b = pair
+    got = race(*[lambda s=s, n=n: _try_create(s, schedule(f"s{n}", None), 5)
+                 for n, s in enumerate([a, b] * 4)])  # type: ignore[misc]  # fmt: skip
+    assert got.count("ok") == 5 and got.count("full") == 3  # racing creates never pass the cap together
+    with pytest.raises(ResourceExhausted, match="'t' has 5 schedules and the limit is 5"):
+        a.create_schedule(schedule("more", None), max_per_tenant=5)
+    a.create_schedule(schedule("more", None, tenant="u"), max_per_tenant=5)  # another tenant's own count
+    made = sorted(s.name for s in a.list_schedules("t", None, 100)[0])
+    assert a.delete_schedule("t", made[0]) and not a.delete_schedule("t", made[0])
+    b.create_schedule(schedule("more", None), max_per_tenant=5)  # a delete frees a place, once
+    with pytest.raises(ResourceExhausted):
+        b.create_schedule(schedule("again", None), max_per_tenant=5)
+    a.create_schedule(schedule("uncapped", None))  # 0: no cap
+
+
+def _try_create(storage: Storage, s: ScheduleRecord, cap: int) -> str:
+    try:
+        storage.create_schedule(s, max_per_tenant=cap)
+    except ResourceExhausted:
+        return "full"
+    return "ok"
+
+
+def test_claim_schedules_is_round_robin_across_tenants(storage: Storage) -> None:
+    now = time.time()
+    for n in range(30):  # the flood: due earlier than anyone else
+        storage.create_schedule(schedule(f"f{n:02}", now - 100 + n, tenant="flood"))
+    storage.create_schedule(schedule("one", now - 1, tenant="quiet"))
+    storage.create_schedule(schedule("two", now - 2, tenant="other"))
+    storage.create_schedule(dataclasses.replace(schedule("paused", now - 500, tenant="idle"), paused=True))
+    got = storage.claim_schedules("n", now, 30, 5, per_tenant=3)
+    assert [(s.tenant, s.name) for s in got] == [
+        ("flood", "f00"), ("other", "two"), ("quiet", "one"), ("flood", "f01"), ("flood", "f02"),
+    ]  # fmt: skip
+    # the flooding tenant's next ones (its earliest are leased) still go after the others' first
+    storage.create_schedule(schedule("late", now, tenant="quiet"))
+    again = storage.claim_schedules("m", now, 30, 3, per_tenant=2)  # another node
+    assert [(s.tenant, s.name) for s in again] == [("flood", "f03"), ("quiet", "late"), ("flood", "f04")]
+    # a tenant out of fire budget is passed over entirely; no cap takes all of a tenant's due ones
+    storage.create_schedule(schedule("three", now - 3, tenant="other"))
+    skipped = storage.claim_schedules("o", now, 30, 100, skip={"flood"})
+    assert [(s.tenant, s.name) for s in skipped] == [("other", "three")]
+    rest = storage.claim_schedules("p", now, 30, 100)
+    assert [s.name for s in rest] == [f"f{n:02}" for n in range(5, 30)]
+
+
+def test_a_deferred_schedule_is_due_again_once_its_lease_is_given_back(storage: Storage) -> None:
+    now = time.time()
+    made = storage.create_schedule(schedule("s", now - 1))
+    (leased,) = storage.claim_schedules("n", now, 30, 10)
+    assert storage.claim_schedules("m", now, 30, 10) == []
+    back = storage.update_schedule(dataclasses.replace(leased, lease_owner=None, lease_until=None))
+    assert back is not None and back.next_fire == made.next_fire
+    assert [s.name for s in storage.claim_schedules("o", now, 30, 10)] == ["s"]
+    storage.update_schedule(dataclasses.replace(back, paused=True, next_fire=None))
+    assert storage.delete_schedule("t", "s")
+    assert storage.claim_schedules("m", now + 60, 30, 10) == []  # paused, then deleted: gone from the index
