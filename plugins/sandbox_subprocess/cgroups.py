@@ -1,21 +1,30 @@
-"""A task (thread) limit per run: a pids cgroup that the kernel makes for each run.
+"""Limits per run that rlimits cannot give: a pids and a memory cgroup the kernel makes for each run.
 
-RLIMIT_NPROC binds neither uid 0 nor tenants sharing one uid, and a run may start threads: with
-32 KiB stacks one run could start ~6,850 of them, and five runs would take every pid of a host
-with the default pid_max. So the kernel (which keeps its privileges; the confined template has
-none) makes one cgroup per run with ``pids.max = MAX_TASKS`` and moves the forked child into it
-before sending the job: the child is blocked reading its job then, so no tenant code runs
-outside the cgroup. A thread past the limit fails to start (``RuntimeError: can't start new
-thread``). Uses the v1 pids hierarchy where one is mounted, else cgroup v2 (``pids`` enabled
-below the kernel's own cgroup). Many hosts give a process no writable cgroup (containers,
-non-root kernels): then :attr:`RunCgroups.problem` says why, the kernel warns, and the sandbox's
-watchdog kills a run seen over the limit instead (sampling: a weaker bound).
+Tasks: RLIMIT_NPROC binds neither uid 0 nor tenants sharing one uid, and a run may start threads:
+with 32 KiB stacks one run could start ~6,850 of them, and five runs would take every pid of a
+host with the default pid_max. ``pids.max = MAX_TASKS``: a thread past it fails to start
+(``RuntimeError: can't start new thread``).
+
+Memory: RLIMIT_AS bounds what a run maps, not what it creates. memfd and tmpfs pages are shared
+memory no address space counts (a step held 1,000 MiB in memfds under a 512 MiB limit), so the
+run's memory cgroup is limited to the run's memory limit as well, counting them (and swap); past
+it the host's OOM killer kills the run, and the sandbox reports the step's memory limit.
+
+The kernel (which keeps its privileges; the confined template has none) makes both, and moves the
+forked child in before sending the job: the child is blocked reading its job then, so no tenant
+code runs outside them. Uses each controller's v1 hierarchy where one is mounted, else cgroup v2
+(controllers enabled below the kernel's own cgroup). Many hosts give a process no writable cgroup
+(containers, non-root kernels): then :attr:`RunCgroups.problem` (tasks) and
+:attr:`RunCgroups.memory_problem` say why; the kernel warns and the sandbox's watchdog kills a
+run seen over the task limit instead (sampling: a weaker bound), and the template's filter
+refuses ``memfd_create``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
@@ -66,63 +75,149 @@ def _sweep(parent: Path) -> None:
                 entry.rmdir()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Hierarchy:
+    """Where this kernel's run cgroups go for some controllers: ``base`` = ``tenantflow-<pid>``."""
+
+    base: Path
+    controllers: frozenset[str]
+    v2: bool
+
+    def limit(self, run: Path, memory_bytes: int) -> None:
+        if "pids" in self.controllers:
+            _write(run / "pids.max", str(MAX_TASKS))
+        if "memory" in self.controllers:
+            if self.v2:
+                _write(run / "memory.max", str(memory_bytes))
+                with contextlib.suppress(FileNotFoundError):
+                    _write(run / "memory.swap.max", "0")
+            else:
+                _write(run / "memory.limit_in_bytes", str(memory_bytes))
+                with contextlib.suppress(FileNotFoundError):  # no swap accounting on this host
+                    _write(run / "memory.memsw.limit_in_bytes", str(memory_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCgroup:
+    """One run's cgroups (one per hierarchy) and which of them holds its memory limit."""
+
+    paths: tuple[Path, ...]
+    memory: Path | None
+    memory_v2: bool = False
+
+    def oom_killed(self) -> bool:
+        """Whether the host's OOM killer killed something here: the run went past its memory."""
+        if self.memory is None:
+            return False
+        name = "memory.events" if self.memory_v2 else "memory.oom_control"
+        try:
+            lines = (self.memory / name).read_text().splitlines()
+        except OSError:
+            return False
+        counts = dict(line.split(None, 1) for line in lines if " " in line)
+        return counts.get("oom_kill", "0").strip() not in ("", "0")
+
+
+def _v1(controller: str, mounts: list[tuple[str, str, set[str]]]) -> _Hierarchy:
+    point = next((p for p, kind, opts in mounts if kind == "cgroup" and controller in opts), None)
+    own = _own_cgroup(controller)
+    if point is None or own is None:
+        raise OSError(0, f"no {controller} cgroup hierarchy is mounted")
+    parent = Path(point, own)
+    _sweep(parent)
+    base = parent / f"tenantflow-{os.getpid()}"
+    base.mkdir(exist_ok=True)
+    return _probe(_Hierarchy(base, frozenset({controller}), v2=False))
+
+
+def _v2(controllers: set[str], mounts: list[tuple[str, str, set[str]]]) -> _Hierarchy:
+    point = next((p for p, kind, _ in mounts if kind == "cgroup2"), None)
+    own = _own_cgroup("")
+    if point is None or own is None:
+        raise OSError(0, "no cgroup v2 hierarchy is mounted")
+    parent = Path(point, own)
+    available = set((parent / "cgroup.controllers").read_text().split()) & controllers
+    if not available:
+        raise OSError(0, f"the {' and '.join(sorted(controllers))} controllers are not available in {parent}")
+    enabled = set((parent / "cgroup.subtree_control").read_text().split())
+    if available - enabled:  # EBUSY if processes live there
+        _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(available - enabled)))
+    _sweep(parent)
+    base = parent / f"tenantflow-{os.getpid()}"
+    base.mkdir(exist_ok=True)
+    _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(available)))
+    return _probe(_Hierarchy(base, frozenset(available), v2=True))
+
+
+def _probe(hierarchy: _Hierarchy) -> _Hierarchy:
+    probe = hierarchy.base / "probe"
+    probe.mkdir(exist_ok=True)
+    try:
+        hierarchy.limit(probe, 64 * 1024 * 1024)
+    finally:
+        probe.rmdir()
+    return hierarchy
+
+
 class RunCgroups:
-    """This kernel's pids cgroups: ``tenantflow-<kernel pid>/run-<run pid>``, one per run."""
+    """This kernel's run cgroups: ``tenantflow-<kernel pid>/run-<run pid>`` in each hierarchy."""
 
     def __init__(self) -> None:
-        self.base: Path | None = None
-        self.problem = ""
-        try:
-            self.base = self._make_base()
-        except OSError as exc:
-            self.problem = f"no pids cgroup could be made ({exc.strerror or exc})"
-            self.base = None
-
-    def _make_base(self) -> Path:
+        self.problem = ""  # why runs have no pids cgroup ("" when they have one)
+        self.memory_problem = ""  # why runs have no memory cgroup
+        self._hierarchies: list[_Hierarchy] = []
         mounts = _mounts()
-        v1 = next((point for point, kind, opts in mounts if kind == "cgroup" and "pids" in opts), None)
-        if v1 is not None and (own := _own_cgroup("pids")) is not None:
-            parent = Path(v1, own)
-            _sweep(parent)
-            base = parent / f"tenantflow-{os.getpid()}"
-            base.mkdir(exist_ok=True)
-        else:
-            v2 = next((point for point, kind, _ in mounts if kind == "cgroup2"), None)
-            own = _own_cgroup("")
-            if v2 is None or own is None:
-                raise OSError(0, "no pids cgroup hierarchy is mounted")
-            parent = Path(v2, own)
-            if "pids" not in (parent / "cgroup.controllers").read_text().split():
-                raise OSError(0, f"the pids controller is not available in {parent}")
-            if "pids" not in (parent / "cgroup.subtree_control").read_text().split():
-                _write(parent / "cgroup.subtree_control", "+pids")  # EBUSY if processes live there
-            _sweep(parent)
-            base = parent / f"tenantflow-{os.getpid()}"
-            base.mkdir(exist_ok=True)
-            _write(base / "cgroup.subtree_control", "+pids")
-        probe = base / "probe"
-        probe.mkdir(exist_ok=True)
-        try:
-            _write(probe / "pids.max", str(MAX_TASKS))
-        finally:
-            probe.rmdir()
-        return base
+        v2_wanted: set[str] = set()
+        for controller in ("pids", "memory"):
+            try:
+                self._hierarchies.append(_v1(controller, mounts))
+            except OSError:
+                v2_wanted.add(controller)
+        if v2_wanted:
+            with contextlib.suppress(OSError):
+                self._hierarchies.append(_v2(v2_wanted, mounts))
+        held = {c for h in self._hierarchies for c in h.controllers}
+        if "pids" not in held:
+            self.problem = (
+                "no pids cgroup could be made (neither a v1 pids hierarchy nor v2 pids is writable)"
+            )
+        if "memory" not in held:
+            self.memory_problem = (
+                "no memory cgroup could be made (neither a v1 memory hierarchy nor v2 memory is writable)"
+            )
 
-    def attach(self, pid: int) -> Path | None:
-        """Put process ``pid`` (all its threads) in a new cgroup of its own; None if that failed
-        (``problem`` says why)."""
-        if self.base is None:
+    @property
+    def memory(self) -> bool:
+        """Whether runs get a memory cgroup (so memfd and tmpfs pages count against the limit)."""
+        return not self.memory_problem
+
+    def attach(self, pid: int, memory_bytes: int) -> RunCgroup | None:
+        """Put process ``pid`` (all its threads) in new cgroups of its own; None if none could be
+        made (``problem`` says why)."""
+        paths: list[Path] = []
+        memory: _Hierarchy | None = None
+        for hierarchy in self._hierarchies:
+            path = hierarchy.base / f"run-{pid}"
+            try:
+                path.mkdir()
+                hierarchy.limit(path, memory_bytes)
+                _write(path / "cgroup.procs", str(pid))
+            except OSError as exc:
+                self.release_now(path)
+                what = " and ".join(sorted(hierarchy.controllers))
+                problem = f"a run's {what} cgroup could not be set up ({exc})"
+                if "pids" in hierarchy.controllers:
+                    self.problem = problem
+                if "memory" in hierarchy.controllers:
+                    self.memory_problem = problem
+                continue
+            paths.append(path)
+            if "memory" in hierarchy.controllers:
+                memory = hierarchy
+        if not paths:
             return None
-        path = self.base / f"run-{pid}"
-        try:
-            path.mkdir()
-            _write(path / "pids.max", str(MAX_TASKS))
-            _write(path / "cgroup.procs", str(pid))
-        except OSError as exc:
-            self.problem = f"a run's pids cgroup could not be set up ({exc})"
-            self.release_now(path)
-            return None
-        return path
+        memory_path = memory.base / f"run-{pid}" if memory is not None else None
+        return RunCgroup(tuple(paths), memory_path, memory.v2 if memory is not None else False)
 
     @staticmethod
     def release_now(path: Path) -> bool:
@@ -135,19 +230,19 @@ class RunCgroups:
             return False
         return True
 
-    async def release(self, path: Path) -> None:
-        """Remove a run's cgroup once its (killed) process has left it."""
-        for _ in range(_RMDIR_TRIES):
-            if self.release_now(path):
-                return
-            await asyncio.sleep(0.05)
+    async def release(self, run: RunCgroup) -> None:
+        """Remove a run's cgroups once its (killed) process has left them."""
+        for path in run.paths:
+            for _ in range(_RMDIR_TRIES):
+                if self.release_now(path):
+                    break
+                await asyncio.sleep(0.05)
 
     def close(self) -> None:
         """Remove every cgroup this kernel made (runs still in one keep it: they are being killed)."""
-        if self.base is None:
-            return
-        with contextlib.suppress(OSError):
-            for run in self.base.iterdir():
-                if run.is_dir():
-                    self.release_now(run)
-        self.release_now(self.base)
+        for hierarchy in self._hierarchies:
+            with contextlib.suppress(OSError):
+                for run in hierarchy.base.iterdir():
+                    if run.is_dir():
+                        self.release_now(run)
+            self.release_now(hierarchy.base)

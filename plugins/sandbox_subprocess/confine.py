@@ -152,20 +152,21 @@ def filter_child() -> None:
     syscalls.build_run_filter(_pyseccomp, os.getpid()).load()
 
 
-def _seccomp(pyseccomp: Any, network: bool) -> str:
+def _seccomp(pyseccomp: Any, network: bool, memfd: bool) -> str:
     if isinstance(pyseccomp, str):
         return pyseccomp
     try:
-        syscalls.build_filter(pyseccomp, network=network).load()
+        syscalls.build_filter(pyseccomp, network=network, memfd=memfd).load()
     except OSError as exc:
         return f"the filter could not be loaded ({exc})"
     return ""
 
 
 def confine_template(
-    *, network: bool = False, filesystem: bool = True, writable: list[str] | None = None
+    *, network: bool = False, filesystem: bool = True, writable: list[str] | None = None, memfd: bool = False
 ) -> Confinement:
-    """Confine the calling (template) process for good; say what could not be established."""
+    """Confine the calling (template) process for good; say what could not be established.
+    ``memfd``: runs may call memfd_create (only where a memory cgroup counts what they put there)."""
     missing: dict[str, str] = {}
     notes: list[str] = []
     writable = writable or []
@@ -194,7 +195,7 @@ def confine_template(
     problem = clear_capabilities()
     if problem:
         missing[CAPABILITIES] = problem
-    problem = _seccomp(pyseccomp, network)  # last: it forbids the set-up above
+    problem = _seccomp(pyseccomp, network, memfd)  # last: it forbids the set-up above
     if problem:
         missing[SECCOMP] = problem
     return Confinement(missing, notes, unusable)

@@ -22,7 +22,7 @@ from typing import Any
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
 from tenantflow.plugins.pysource import decode_files, inspect_python
 from tenantflow.plugins.sandbox_subprocess import wire
-from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS, RunCgroups
+from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS, RunCgroup, RunCgroups
 from tenantflow.plugins.sandbox_subprocess.spares import Child, SparePool, close_child_ends
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
@@ -299,6 +299,17 @@ class SubprocessSandbox:
         return inspect_python(files)
 
     async def start(self) -> None:
+        if self._cgroups is None:
+            self._cgroups = RunCgroups()
+            self._warn_cgroup()
+            if self._cgroups.memory_problem:
+                log.warning(
+                    "subprocess sandbox: %s; tenant code may not call memfd_create, and files it writes to a"
+                    " grant on tmpfs are memory no run's limit counts. Give the kernel a writable memory"
+                    " cgroup (root, or a delegated cgroup v2) to count them",
+                    self._cgroups.memory_problem,
+                )
+        self._settings["memfd"] = self._cgroups.memory  # else the template's filter refuses it
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {
             "MALLOC_ARENA_MAX": "2",
@@ -353,9 +364,6 @@ class SubprocessSandbox:
             )
         for line in self.protections_off:
             log.warning("UNSAFE (%s): subprocess sandbox runs tenant code WITHOUT %s", UNSAFE_FLAG, line)
-        if self._cgroups is None:
-            self._cgroups = RunCgroups()
-            self._warn_cgroup()
         ours.setblocking(False)
         loop.add_reader(ours.fileno(), self._on_control)
 
@@ -430,8 +438,8 @@ class SubprocessSandbox:
         })  # fmt: skip
 
     async def _child(self, limits: str) -> Child:
-        """Fork a run process and move it into a pids cgroup of its own, before any job is sent:
-        it is blocked reading its job, so no tenant code runs outside the cgroup. The move waits in
+        """Fork a run process and move it into a pids and a memory cgroup of its own, before any job
+        is sent: it is blocked reading its job, so no tenant code runs outside them. The move waits in
         a thread (it can take milliseconds), never on the event loop."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         output_r, output_w = os.pipe()  # the run's own stdout/stderr
@@ -447,7 +455,8 @@ class SubprocessSandbox:
         child = Child(pid, ours, output_r, None, limits, self._proc)
         if self._cgroups is None:
             return child
-        attach = asyncio.ensure_future(asyncio.to_thread(self._cgroups.attach, pid))
+        memory = int(json.loads(limits)["memory_bytes"])
+        attach = asyncio.ensure_future(asyncio.to_thread(self._cgroups.attach, pid, memory))
         try:
             child.cgroup = await asyncio.shield(attach)
         except BaseException:  # cancelled: the child goes once the move is over
@@ -467,7 +476,7 @@ class SubprocessSandbox:
         close_child_ends(child)
         self._release(child.cgroup)
 
-    def _release(self, cgroup: Path | None) -> None:
+    def _release(self, cgroup: RunCgroup | None) -> None:
         if cgroup is not None and self._cgroups is not None:
             release = asyncio.create_task(self._cgroups.release(cgroup))
             self._releases.add(release)
@@ -570,6 +579,7 @@ class SubprocessSandbox:
                 ours.close()
             self._kill(pid)
             watchdog.cancel()
+            out_of_memory = cgroup is not None and cgroup.oom_killed()  # read before the cgroup goes
             self._release(cgroup)
             await output.close()
         if ended:
@@ -577,6 +587,12 @@ class SubprocessSandbox:
         # The watchdog kills and returns in one loop step, so it is done before the EOF is seen.
         if watchdog.done() and not watchdog.cancelled() and (reason := watchdog.result()):
             return RunExit(True, reason)
+        if out_of_memory:
+            return RunExit(
+                True,
+                f"memory limit exceeded ({limits.memory_bytes // (1024 * 1024)} MiB per run, counting memfd"
+                " and tmpfs files the run created)",
+            )
         try:
             status: int | None = await asyncio.wait_for(asyncio.shield(exit_future), 2.0)
         except TimeoutError:

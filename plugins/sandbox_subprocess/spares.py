@@ -1,4 +1,4 @@
-"""Spare run processes: forked from the template and moved into their pids cgroup ahead of the run
+"""Spare run processes: forked from the template and moved into their cgroups ahead of the run
 that takes them, so neither cost is on a run's critical path.
 
 Moving a process into a cgroup waits for an RCU grace period when no process moved recently:
@@ -19,8 +19,9 @@ import os
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
+
+from tenantflow.plugins.sandbox_subprocess.cgroups import RunCgroup
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
 SPARES = 2  # spare processes kept per template
@@ -33,7 +34,7 @@ class Child:
     pid: int
     sock: socket.socket  # the kernel's end of the job/host-call stream
     output: int  # read end of the child's own stdout/stderr
-    cgroup: Path | None  # its pids cgroup (None where no cgroup could be made)
+    cgroup: RunCgroup | None  # its pids and memory cgroups (None where none could be made)
     limits: str  # the fork request's limits: a spare serves only runs with the same ones
     template: Any  # the template process that forked it (a replaced template's spares are dead)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 ALLOWED = (
     # memory
-    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "msync", "memfd_create",
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "msync",
     # files and descriptors (Landlock decides which paths)
     "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2",
     "pwritev2", "lseek", "open", "openat", "close", "close_range", "dup", "dup2", "dup3", "fcntl",
@@ -74,11 +74,13 @@ F_SETLEASE, F_NOTIFY = 1024, 1026
 _LOW32 = 0xFFFFFFFF
 
 
-def build_filter(seccomp: Any, *, network: bool) -> Any:
-    """The template's allow-list as a pyseccomp filter (default: EPERM); its runs inherit it."""
+def build_filter(seccomp: Any, *, network: bool, memfd: bool = False) -> Any:
+    """The template's allow-list as a pyseccomp filter (default: EPERM); its runs inherit it.
+    ``memfd_create`` only with ``memfd``: its pages are memory no rlimit counts, so only where the
+    run's memory cgroup does."""
     rules = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
     allow = seccomp.ALLOW
-    for name in (*ALLOWED, *TEMPLATE_ONLY, "clone", "kill", "tgkill"):
+    for name in (*ALLOWED, *TEMPLATE_ONLY, "clone", "kill", "tgkill", *(("memfd_create",) if memfd else ())):
         _add(rules, allow, name)
     for name in XATTR:
         _add(rules, seccomp.ERRNO(errno.EOPNOTSUPP), name)

@@ -139,6 +139,7 @@ def _serve() -> None:
         writable=settings.get("writable", []),
         network=settings.get("network", False),
         filesystem=settings.get("filesystem", True),
+        memfd=settings.get("memfd", False),
     )
     if not confine.die_with_parent(kernel):  # again: a change of uid cleared the death signal
         return
