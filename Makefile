@@ -1,10 +1,10 @@
 # The documented entry points: `make demo` and `make test`. Everything else is a helper of those.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit proto-check runtimes node-deps bench loadtest figures clean
+.PHONY: demo test test-stock lint typecheck unit proto-check runtimes node-deps bench loadtest figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,18 @@ node-deps:
 	else echo "npm not found: the Node.js client test will be skipped"; fi
 
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(TESTS)
+
+# The configuration a stock machine has, tested too: a venv of a world-readable system Python (e.g.
+# Debian's /usr/bin/python3), running every test whose outcome depends on the uid tenant code runs
+# as and on what that uid may reach (the attacks, the sandbox's own tests, the sandbox conformance
+# suite and each test that grants tenant code a directory).
+STOCK_PYTHON ?= /usr/bin/python3
+STOCK_VENV ?= build/venv-stock
+UID_TESTS := tests/security tests/plugins/sandbox_subprocess tests/conformance/test_sandbox_conformance.py \
+	tests/kernel/test_durability.py tests/kernel/test_multinode.py tests/plugins/storage_fdb/test_kernel_on_lmdb.py
+test-stock:
+	$(MAKE) PYTHON=$(STOCK_PYTHON) VENV=$(STOCK_VENV) runtimes unit TESTS="$(UID_TESTS)"
 
 bench: $(STAMP)
 	$(PY) loadtests/bench_steps.py
@@ -59,4 +70,4 @@ figures: $(STAMP)
 	nice -n 19 $(PY) loadtests/loadtest.py --scenario all --users 30 --duration 60s --quiet
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules
+	rm -rf $(VENV) $(STOCK_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules
