@@ -43,13 +43,20 @@ _Unit = list[_Item]  # committed in one transaction, never split
 _Settled = tuple["asyncio.Future[ApplyResult]", ApplyResult | None, BaseException | None]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Barrier:
+    """A place in the queue: its future resolves once everything queued before it is settled."""
+
+    future: asyncio.Future[None]
+
+
 class Committer:
     """Queues changes and applies them in batches, in order; a change is acknowledged only once durable."""
 
     def __init__(self, storage: Storage, on_applied: Callable[[list[Change]], None]) -> None:
         self._storage = storage
         self._on_applied = on_applied
-        self._queue: queue.SimpleQueue[_Unit | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Unit | _Barrier | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsettled = 0  # changes queued or being applied, counted on the loop
@@ -122,15 +129,28 @@ class Committer:
             raise Conflict(result.reason)
         return result
 
+    async def barrier(self) -> None:
+        """Wait until every change queued before this call has been applied or refused: the writer
+        takes the queue in order (how a node knows the writes of a stopped wake-up are through)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._thread is None or self._stopping:
+            raise Unavailable("the kernel is stopping: nothing more is committed; retry on a running kernel")
+        self._queue.put(_Barrier(future))
+        await future
+
     # -- the writer thread ------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
                 return
+            if isinstance(first, _Barrier):
+                self._pass(first)
+                continue
             units = [first]
             size = len(first)
             stop = False
+            barrier: _Barrier | None = None
             while size < self.max_batch:
                 try:
                     unit = self._queue.get_nowait()
@@ -139,11 +159,22 @@ class Committer:
                 if unit is None:
                     stop = True
                     break
+                if isinstance(unit, _Barrier):
+                    barrier = unit
+                    break
                 units.append(unit)
                 size += len(unit)
             self._apply_batch(units)
+            if barrier is not None:
+                self._pass(barrier)
             if stop:
                 return
+
+    def _pass(self, barrier: _Barrier) -> None:
+        """Resolve ``barrier`` on the loop, after the results handed back before it."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(_resolve, barrier.future)
 
     def _apply_batch(self, units: list[_Unit]) -> None:
         batch = [item for unit in units for item in unit]
@@ -195,6 +226,11 @@ class Committer:
             if self._unsettled == 0:
                 assert self._drained is not None
                 self._drained.set()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _retrieve(future: asyncio.Future[ApplyResult]) -> None:

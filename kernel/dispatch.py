@@ -20,9 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tenantflow.kernel import metrics
 from tenantflow.kernel.config import KernelConfig, lease_problem
-from tenantflow.kernel.engine import Engine, WakeUp
-from tenantflow.kernel.model import Change, InstanceRecord
+from tenantflow.kernel.engine import Engine
+from tenantflow.kernel.model import InstanceRecord
 from tenantflow.kernel.storage import Storage
+from tenantflow.kernel.wakeup import WakeUp
 
 log = logging.getLogger("tenantflow.dispatch")
 # How soon an idle node looks again for work another node made due (an expired lease, a timer set or
@@ -193,9 +194,9 @@ class Dispatcher:
             return True
         if any(key in self._running for key in self._fenced):
             return False  # their wake-ups are stopping; each pokes the dispatcher as it ends
-        # The committer applies changes in order: once this guard that never holds (no instance has
-        # an empty id) is answered, every change the stopped wake-ups queued has been refused.
-        await self._engine.committer.submit(Change(tenant="", id="", now=now))
+        # The committer applies changes in order: past this barrier, every change the stopped
+        # wake-ups queued has been refused.
+        await self._engine.committer.barrier()
         self._fenced.clear()
         return True
 
@@ -220,7 +221,7 @@ class Dispatcher:
                 if key not in lost:
                     self._leases[key] = max(self._leases.get(key, until), until)
                     continue
-                if not wake.ended and not wake.aborted:
+                if not wake.journal.ended and not wake.journal.aborted:
                     log.info("lost the lease on %s/%s (another node took it, or an RPC ended or "
                              "restarted it); its wake-up stops without writing", *key)  # fmt: skip
                 self._fenced.add(key)
@@ -238,7 +239,7 @@ class Dispatcher:
                             "may have expired and their instances moved to other nodes", late)  # fmt: skip
             due = max(due + interval, time.monotonic())
             # A wake-up that ended has made (or is making) the commit that releases its lease.
-            wakes = {k: w for k, w in self._engine.active.items() if not w.ended}
+            wakes = {k: w for k, w in self._engine.active.items() if not w.journal.ended}
             if not wakes:
                 continue
             try:

@@ -1,9 +1,9 @@
 """The engine: runs wake-ups and tracks which are active in this process.
 
 The work is split along the step contract: :mod:`~tenantflow.kernel.wakeup` runs one wake-up (the
-sandbox, deadlines, commits), :mod:`~tenantflow.kernel.stepkinds` decides ``do``/``sleep``/``wait``/
-``finish``/``suspend``, :mod:`~tenantflow.kernel.children` and :mod:`~tenantflow.kernel.rollback`
-the child and rollback step kinds, :mod:`~tenantflow.kernel.guestdata` validates guest values.
+sandbox conversation and its deadlines), the step kinds (:mod:`~tenantflow.kernel.stepkinds`,
+:mod:`~tenantflow.kernel.children`, :mod:`~tenantflow.kernel.rollback`) decide each guest request
+against the instance's :class:`~tenantflow.kernel.journal.Journal`, which commits.
 This module only starts wake-ups and lets control RPCs reach the active ones.
 """
 
@@ -12,16 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from tenantflow.kernel import children, metrics
+from tenantflow.kernel import metrics
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
+from tenantflow.kernel.journal import Spawn, Stop
 from tenantflow.kernel.logbudget import TenantLogRate
 from tenantflow.kernel.model import InstanceRecord
 from tenantflow.kernel.storage import Storage
-from tenantflow.kernel.wakeup import WakeUp, _Abort
+from tenantflow.kernel.wakeup import WakeUp
 
-__all__ = ["Engine", "WakeUp"]
 log = logging.getLogger("tenantflow.engine")
 
 
@@ -34,6 +34,7 @@ class Engine:
         committer: Committer,
         catalog: CodeCatalog,
         config: KernelConfig,
+        spawn: Spawn,
         on_idle: Callable[[], None] = lambda: None,
     ) -> None:
         self.storage = storage
@@ -43,17 +44,18 @@ class Engine:
         self.active: dict[tuple[str, str], WakeUp] = {}
         self._on_idle = on_idle
         self.log_rate = TenantLogRate(config.tenant_log_lines_per_second, config.tenant_log_bytes_per_second)
-        self.spawn: children.Spawn | None = None  # step.create's way to the kernel's create (set by it)
+        self._spawn = spawn  # step.create's way to the kernel's create path
 
     async def execute(self, record: InstanceRecord, fresh: bool = False) -> None:
         """Run one wake-up of ``record`` (``fresh``: created just now by this node, so it has no steps)."""
         key = (record.tenant, record.id)
-        wake = WakeUp(self, record, fresh)
+        wake = WakeUp(record, config=self.config, storage=self.storage, committer=self.committer,
+                      catalog=self.catalog, log_rate=self.log_rate, spawn=self._spawn, fresh=fresh)  # fmt: skip
         self.active[key] = wake
         try:
-            with metrics.wakeup(wake):
+            with metrics.wakeup(wake.journal):
                 await wake.execute()
-        except _Abort:
+        except Stop:
             pass
         except Exception:
             log.exception("wake-up of %s/%s failed", record.tenant, record.id)
@@ -70,4 +72,4 @@ class Engine:
     def request_pause(self, tenant: str, id: str, pause: bool = True) -> None:
         wake = self.active.get((tenant, id))
         if wake is not None:
-            wake.pause_requested = pause
+            wake.journal.pause_requested = pause

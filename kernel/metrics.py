@@ -22,9 +22,9 @@ import threading
 import time
 import weakref
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_wsgi_server
@@ -32,14 +32,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tenantflow.kernel import logformat, tracing
-from tenantflow.kernel.model import Status
+from tenantflow.kernel.model import InstanceRecord, Status, StepRecord
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from tenantflow.kernel.engine import WakeUp
-    from tenantflow.kernel.model import StepRecord
-    from tenantflow.kernel.service import Kernel
 
 log = logging.getLogger("tenantflow.metrics")
 _sandbox_log = logging.getLogger("tenantflow.sandbox")
@@ -51,6 +47,26 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _LONG = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)  # steps, wake-ups
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _code_hit: contextvars.ContextVar[bool] = contextvars.ContextVar("tenantflow_code_hit", default=True)
+
+
+class Run(Protocol):
+    """What the wake-up and step hooks read of a run (the kernel's journal of one wake-up)."""
+
+    record: InstanceRecord
+    aborted: str
+    steps: dict[str, StepRecord]
+
+    @property
+    def flights(self) -> Mapping[str, object]: ...
+
+
+@dataclass(frozen=True)
+class Scraped:
+    """What a scrape reads of the running kernel, each read when asked."""
+
+    wakeups_running: Callable[[], int]
+    code_cache: Callable[[], tuple[int, int]]  # entries, bytes of source
+    count_by_status: Callable[[], dict[Status, int]] | None  # None: the storage cannot count
 
 
 class TenantLabels:
@@ -177,7 +193,7 @@ class KernelMetrics:
         ProcessCollector(registry=r)
         self._tenant_families = [self.attempts, self.failures, self.retries, self.wakeups, self.refusals,
                                  self.schedule_fires, self.schedule_skipped, self.schedule_deferred]  # fmt: skip
-        self._seen: weakref.WeakKeyDictionary[WakeUp, _Seen] = weakref.WeakKeyDictionary()
+        self._seen: weakref.WeakKeyDictionary[Run, _Seen] = weakref.WeakKeyDictionary()
 
     def labels(self, tenant: str) -> list[str]:
         """The tenant label values (none when per-tenant labels are off)."""
@@ -220,34 +236,34 @@ def _safe(hook: F) -> F:
     return safe  # type: ignore[return-value]
 
 
-# -- hooks: wake-ups and steps (kernel/engine.py) ---------------------------------------------------
+# -- hooks: wake-ups and steps (kernel/engine.py, kernel/wakeup.py, the step kinds) ---------------------------------------------------
 @contextlib.contextmanager
-def wakeup(wake: WakeUp) -> Iterator[None]:
+def wakeup(run: Run) -> Iterator[None]:
     """Around one wake-up: timer lag, duration, outcome, its span, and the log context."""
-    tokens = _wakeup_began(wake) or []
+    tokens = _wakeup_began(run) or []
     try:
         yield
     finally:
         logformat.unbind(tokens)
-        _wakeup_ended(wake)
+        _wakeup_ended(run)
 
 
 @_safe
-def _wakeup_began(wake: WakeUp) -> logformat.Tokens:
-    rec = wake.record
+def _wakeup_began(run: Run) -> logformat.Tokens:
+    rec = run.record
     if rec.run_at:
         _m.timer_lag.observe(max(0.0, time.time() - rec.run_at))
     span = tracing.start_wakeup(rec.tenant, rec.id, rec.workflow, rec.runtime)
-    _m._seen[wake] = _Seen(started=time.monotonic(), span=span)
+    _m._seen[run] = _Seen(started=time.monotonic(), span=span)
     return logformat.bind(tenant=rec.tenant, instance=rec.id)
 
 
 @_safe
-def _wakeup_ended(wake: WakeUp) -> None:
-    rec, seen = wake.record, _m._seen.pop(wake, None)
+def _wakeup_ended(run: Run) -> None:
+    rec, seen = run.record, _m._seen.pop(run, None)
     if seen is None:
         return
-    what = seen.outcome or ("aborted" if wake.aborted else "not_started")
+    what = seen.outcome or ("aborted" if run.aborted else "not_started")
     for _, span in seen.attempts.values():
         tracing.end(span, "interrupted", "the wake-up ended during the attempt")
     _m.wakeups.labels(what, *_m.labels(rec.tenant)).inc()
@@ -258,36 +274,36 @@ def _wakeup_ended(wake: WakeUp) -> None:
 
 
 @_safe
-def outcome(wake: WakeUp, what: str) -> None:
+def outcome(run: Run, what: str) -> None:
     """How the wake-up ended: complete, errored, waiting, paused, suspended, crashed, timed_out,
     code_unavailable (the last one recorded wins)."""
-    seen = _m._seen.get(wake)
+    seen = _m._seen.get(run)
     if seen is not None:
         seen.outcome = what
 
 
 @_safe
-def sandbox_started(wake: WakeUp, runtime: str) -> None:
+def sandbox_started(run: Run, runtime: str) -> None:
     """A sandbox run starts; it is cold when this wake-up had to load its code."""
     _m.sandbox_starts.labels(runtime).inc()
     if not _code_hit.get():
         _m.cold_starts.labels(runtime).inc()
-    seen = _m._seen.get(wake)
+    seen = _m._seen.get(run)
     if seen is not None:
         seen.runtime = runtime
 
 
 @_safe
-def sandbox_ended(wake: WakeUp, runtime: str, detail: str) -> None:
+def sandbox_ended(run: Run, runtime: str, detail: str, stopped: str) -> None:
     """The sandbox run is over; count a kill, classified from what the sandbox or the kernel said."""
-    reason = kill_reason(detail, wake.stopped, wake.aborted)
+    reason = kill_reason(detail, stopped, run.aborted)
     if not reason:
         return
     _m.kills.labels(runtime, reason).inc()
     if reason != "stopped":  # stops asked for (terminate, pause, restart) are not news
-        steps = sorted({wake.steps[key].name for key in wake.flights if key in wake.steps})
-        _sandbox_log.info("%s run of %s/%s stopped (%s): %s", runtime, wake.record.tenant, wake.record.id,
-                          reason, wake.stopped or detail, extra={"step": ", ".join(steps)})  # fmt: skip
+        steps = sorted({run.steps[key].name for key in run.flights if key in run.steps})
+        _sandbox_log.info("%s run of %s/%s stopped (%s): %s", runtime, run.record.tenant, run.record.id,
+                          reason, stopped or detail, extra={"step": ", ".join(steps)})  # fmt: skip
 
 
 def kill_reason(detail: str, stopped: str, aborted: str) -> str:
@@ -309,33 +325,33 @@ def kill_reason(detail: str, stopped: str, aborted: str) -> str:
 
 
 @_safe
-def attempt_started(wake: WakeUp, step: StepRecord) -> None:
-    rec = wake.record
+def attempt_started(run: Run, step: StepRecord) -> None:
+    rec = run.record
     _count(_m.attempts, _m.labels(rec.tenant))
     logformat.bind(tenant=rec.tenant, instance=rec.id, step=step.name)
-    seen = _m._seen.get(wake)
+    seen = _m._seen.get(run)
     if seen is not None:
         span = tracing.start_attempt(seen.span, rec.tenant, rec.id, step.name, step.attempts)
         seen.attempts[step.key] = (time.monotonic(), span)
 
 
 @_safe
-def attempt_succeeded(wake: WakeUp, step: StepRecord) -> None:
-    _attempt_ended(wake, step, "ok", "")
+def attempt_succeeded(run: Run, step: StepRecord) -> None:
+    _attempt_ended(run, step, "ok", "")
 
 
 @_safe
-def attempt_failed(wake: WakeUp, step: StepRecord, error: dict[str, str], *, retry: bool) -> None:
+def attempt_failed(run: Run, step: StepRecord, error: dict[str, str], *, retry: bool) -> None:
     """A failed attempt (raised, crashed or timed out); ``retry``: another attempt will follow."""
-    labels = _m.labels(wake.record.tenant)
+    labels = _m.labels(run.record.tenant)
     _count(_m.failures, labels)
     if retry:
         _count(_m.retries, labels)
-    _attempt_ended(wake, step, "error", error.get("name") or "failed")
+    _attempt_ended(run, step, "error", error.get("name") or "failed")
 
 
-def _attempt_ended(wake: WakeUp, step: StepRecord, what: str, error: str) -> None:
-    seen = _m._seen.get(wake)
+def _attempt_ended(run: Run, step: StepRecord, what: str, error: str) -> None:
+    seen = _m._seen.get(run)
     started = seen.attempts.pop(step.key, None) if seen is not None else None
     if started is not None:
         _m.step_seconds.labels(what).observe(time.monotonic() - started[0])
@@ -472,8 +488,8 @@ class _KernelCollector(Collector):
     """Gauges read on scrape: wake-ups running, code cache size, and instances by status (counted by
     storage at most every ``STATUS_CACHE_SECONDS``, so a scrape storm costs one query per period)."""
 
-    def __init__(self, kernel: Kernel) -> None:
-        self._kernel = kernel
+    def __init__(self, scraped: Scraped) -> None:
+        self._scraped = scraped
         self._counts: dict[Status, int] | None = None
         self._counted_at = -STATUS_CACHE_SECONDS
         self._lock = threading.Lock()
@@ -482,15 +498,12 @@ class _KernelCollector(Collector):
         return []
 
     def collect(self) -> Iterable[Metric]:
-        k = self._kernel
+        scraped = self._scraped
         yield GaugeMetricFamily("tenantflow_wakeups_running", "wake-ups running in this kernel now",
-                                value=len(k.engine.active))  # fmt: skip
-        yield GaugeMetricFamily(
-            "tenantflow_code_cache_entries", "loaded code held in memory", value=len(k.catalog)
-        )
-        yield GaugeMetricFamily(
-            "tenantflow_code_cache_bytes", "tenant source held in memory", value=k.catalog.bytes
-        )
+                                value=scraped.wakeups_running())  # fmt: skip
+        entries, size = scraped.code_cache()
+        yield GaugeMetricFamily("tenantflow_code_cache_entries", "loaded code held in memory", value=entries)
+        yield GaugeMetricFamily("tenantflow_code_cache_bytes", "tenant source held in memory", value=size)
         counts = self._status_counts()
         if counts is None:
             return
@@ -509,7 +522,7 @@ class _KernelCollector(Collector):
         with self._lock:
             if time.monotonic() - self._counted_at >= STATUS_CACHE_SECONDS:
                 self._counted_at = time.monotonic()
-                count = getattr(self._kernel.storage, "count_by_status", None)
+                count = self._scraped.count_by_status
                 try:
                     self._counts = count() if count is not None else None
                 except Exception as exc:  # a scrape must not fail because storage is busy
@@ -536,12 +549,12 @@ class Endpoint:
         self._thread.join(5)
 
 
-def serve(address: str, kernel: Kernel) -> Endpoint:
-    """Serve ``/metrics`` on ``address`` (HOST:PORT; port 0 picks a free one) for ``kernel``."""
+def serve(address: str, scraped: Scraped) -> Endpoint:
+    """Serve ``/metrics`` on ``address`` (HOST:PORT; port 0 picks a free one), reading ``scraped``."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdecimal():
         raise ValueError(f"--metrics-listen {address!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
-    _m.registry.register(_KernelCollector(kernel))
+    _m.registry.register(_KernelCollector(scraped))
     try:
         server, thread = start_wsgi_server(int(port), host.strip("[]") or "0.0.0.0", registry=_m.registry)
     except OSError as exc:

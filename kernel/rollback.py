@@ -6,7 +6,7 @@ policy. One journal record (key :data:`KEY`, kind ``rollback``) holds the state:
 ``terminated``), the forward error, the undo order once chosen, and the outcome. Undo records are
 keyed ``<forward key>#undo``; neither kind of key can be a forward step's (those end in ``#<n>``).
 
-Guest protocol (see ``tenantflow.workflow._runtime``)::
+Guest protocol (see ``tenantflow.workflow._compose``)::
 
     {"op": "rollback", "error": {...}, "keys": [forward keys with an undo]}
         -> {"do": "rollback", "order": [keys, last started first], "error": {...}}
@@ -17,14 +17,11 @@ Guest protocol (see ``tenantflow.workflow._runtime``)::
 from __future__ import annotations
 
 import json
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tenantflow.kernel import children, guestdata, metrics, stepkinds
+from tenantflow.kernel import guestdata, metrics, stepkinds
+from tenantflow.kernel.journal import Journal, guest_entry
 from tenantflow.kernel.model import Status, StepRecord
-
-if TYPE_CHECKING:
-    from tenantflow.kernel.wakeup import WakeUp
 
 KEY = "#rollback"
 UNDO = "#undo"
@@ -48,43 +45,43 @@ def state(step: StepRecord) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def prepare(wake: WakeUp, job: dict[str, Any]) -> None:
+def prepare(journal: Journal, job: dict[str, Any]) -> None:
     """Keep undo and rollback records out of the forward journal; tell a guest that is rolling
     back why, and which undos already ran."""
     job["journal"] = [e for e in job["journal"] if e["kind"] not in APART]
-    rb = wake.steps.get(KEY)
+    rb = journal.steps.get(KEY)
     if rb is None:
         return
-    undos = sorted((s for s in wake.steps.values() if s.kind == "undo"), key=lambda s: s.seq)
+    undos = sorted((s for s in journal.steps.values() if s.kind == "undo"), key=lambda s: s.seq)
     job["rollback"] = {
         "reason": state(rb).get("reason", "failed"),
         "error": {"name": rb.error_name, "message": rb.error_message},
-        "undos": [wake._journal_entry(s) for s in undos],
+        "undos": [guest_entry(s) for s in undos],
     }
 
 
-async def begin(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
+async def begin(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
     keys = m["keys"]
-    if not isinstance(keys, list) or len(keys) > wake.engine.config.max_steps:
+    if not isinstance(keys, list) or len(keys) > journal.config.max_steps:
         raise ValueError("keys must be a list of step keys")
-    now = time.time()
-    rb = wake.steps.get(KEY)
+    now = journal.now()
+    rb = journal.steps.get(KEY)
     history = []
     if rb is None:
-        rb = record(KEY, wake.next_seq, "failed", guestdata._error(m.get("error"), 16384), now)
-        wake.next_seq += 1
-        wake.steps[KEY] = rb
+        rb = record(KEY, journal.next_seq, "failed", guestdata._error(m.get("error"), 16384), now)
+        journal.next_seq += 1
+        journal.steps[KEY] = rb
     current = state(rb)
     if "order" not in current:  # chosen once, from the steps that completed: replays reuse it
-        done = [wake.steps[k] for k in dict.fromkeys(map(str, keys)) if k in wake.steps]
+        done = [journal.steps[k] for k in dict.fromkeys(map(str, keys)) if k in journal.steps]
         done = [s for s in done if s.kind == "do" and s.status == "complete"]
         current["order"] = [s.key for s in sorted(done, key=lambda s: s.seq, reverse=True)]
         rb.output_json, rb.updated_at = json.dumps(current), now
         why = "run() raised" if current["reason"] == "failed" else "terminated with rollback"
-        history.append(wake._history("rollback_started", message=(
+        history.append(journal.history("rollback_started", message=(
             f"{why} ({rb.error_name}: {rb.error_message[:200]}); undoing {len(current['order'])} step(s)"),
-            data_json=json.dumps({"reason": current["reason"], "steps": [wake.steps[k].name for k in current["order"]]})))  # fmt: skip
-        await wake._commit(wake._change(steps=[rb], history=history))
+            data_json=json.dumps({"reason": current["reason"], "steps": [journal.steps[k].name for k in current["order"]]})))  # fmt: skip
+        await journal.commit(journal.change(steps=[rb], history=history))
     return {
         "do": "rollback",
         "order": current["order"],
@@ -92,32 +89,28 @@ async def begin(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def undo(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
+async def undo(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
     key = str(m["key"])
-    rb = wake.steps.get(KEY)
+    rb = journal.steps.get(KEY)
     forward_key = key.removesuffix(UNDO)
     if rb is None or not key.endswith(UNDO) or forward_key not in state(rb).get("order", []):
         raise ValueError(f"no rollback of step {forward_key!r} is due")
-    step = wake.steps.get(key)
+    step = journal.steps.get(key)
     if step is None:
-        forward = wake.steps[forward_key]
-        step = StepRecord(key=key, seq=wake.next_seq, name=forward.name, kind="undo", status="new",
-                          updated_at=time.time())  # fmt: skip
-        wake.next_seq += 1
-        wake.steps[key] = step
-    return await stepkinds.do(wake, step, guestdata._policy(m["policy"]))
+        step = journal.new_step(key, journal.steps[forward_key].name, "undo")
+    return await stepkinds.do(journal, step, guestdata._policy(m["policy"]))
 
 
-async def end(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
-    rb = wake.steps.get(KEY)
+async def end(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
+    rb = journal.steps.get(KEY)
     if rb is None:
         raise ValueError("no rollback is running")
     current = state(rb)
-    undos = [wake.steps.get(k + UNDO) for k in current.get("order", [])]
+    undos = [journal.steps.get(k + UNDO) for k in current.get("order", [])]
     if any(u is None or u.status not in ("complete", "failed") for u in undos):
         raise ValueError("the rollback ended before every undo was settled")
     failed = [u for u in undos if u is not None and u.status == "failed"]
-    now = time.time()
+    now = journal.now()
     rb.status, rb.updated_at = ("failed" if failed else "complete"), now
     if failed:
         current["failed"] = [
@@ -130,16 +123,16 @@ async def end(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
         f"{u.name!r} ({u.error_name}: {u.error_message[:200]})" for u in failed)) if failed else (
         f"{len(undos)} undo(s) completed")  # fmt: skip
     history = [
-        wake._history("rollback_failed" if failed else "rollback_completed", message=summary,
+        journal.history("rollback_failed" if failed else "rollback_completed", message=summary,
                       data_json=json.dumps({"failed": current.get("failed", [])})),
-        wake._status(status, "terminated (rolled back)" if terminated else f"{rb.error_name}: {rb.error_message}"),
+        journal.status_entry(status, "terminated (rolled back)" if terminated else f"{rb.error_name}: {rb.error_message}"),
     ]  # fmt: skip
     error = {"error_name": "", "error_message": ""} if terminated else {
         "error_name": rb.error_name, "error_message": rb.error_message}  # fmt: skip
-    metrics.outcome(wake, status.name.lower())
-    wake.ended = True
-    children.notify_parent(wake, status)
-    await wake._commit(wake._change(
+    metrics.outcome(journal, status.name.lower())
+    journal.ended = True
+    journal.notify_parent(status)
+    await journal.commit(journal.change(
         steps=[rb], history=history,
         set={"status": status, **error, "run_at": None, "lease_owner": None, "lease_until": None},
     ))  # fmt: skip

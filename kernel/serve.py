@@ -120,7 +120,7 @@ async def serve(args: argparse.Namespace) -> None:
     endpoint = None
     if config.metrics_listen:
         try:
-            endpoint = metrics.serve(config.metrics_listen, kernel)
+            endpoint = metrics.serve(config.metrics_listen, kernel.scraped())
         except ValueError as exc:
             await server.stop(None)
             await kernel.stop()

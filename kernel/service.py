@@ -26,6 +26,7 @@ from tenantflow.kernel.errors import (
     excerpt,
 )
 from tenantflow.kernel.firebudget import ScheduleLimits
+from tenantflow.kernel.journal import RESERVED_EVENT_PREFIX, parent_notice
 from tenantflow.kernel.jsonsafe import check_json
 from tenantflow.kernel.model import (
     TERMINAL,
@@ -142,8 +143,9 @@ class Kernel:
         self.catalog = CodeCatalog(self.storage, loaders, sandboxes, self.config)
         self.committer = Committer(self.storage, self.notifier.touch)
         self.committer.start()
-        self.engine = Engine(self.storage, self.committer, self.catalog, self.config, on_idle=self._poke)
-        self.engine.spawn = self._spawn
+        self.engine = Engine(
+            self.storage, self.committer, self.catalog, self.config, self._spawn, on_idle=self._poke
+        )
         self.dispatcher = Dispatcher(self.storage, self.engine, self.config)
         released = await asyncio.to_thread(self.storage.release_leases, self.config.node_id)
         if released:
@@ -167,6 +169,14 @@ class Kernel:
     def _poke(self) -> None:
         if self._started:
             self.dispatcher.poke()
+
+    def scraped(self) -> metrics.Scraped:
+        """What a ``/metrics`` scrape reads of this kernel."""
+        return metrics.Scraped(
+            wakeups_running=lambda: len(self.engine.active),
+            code_cache=lambda: (len(self.catalog), self.catalog.bytes),
+            count_by_status=getattr(self.storage, "count_by_status", None),
+        )
 
     async def stop(self) -> None:
         if not self._started:
@@ -435,7 +445,7 @@ class Kernel:
                 set={"status": Status.TERMINATED, "run_at": None, "lease_owner": None, "lease_until": None},
                 history=[HistoryEntry(kind="status", at=now, status=int(Status.TERMINATED), message="terminated")],
             )  # fmt: skip
-            notice = children.parent_notice(record, Status.TERMINATED, now) if notify else None
+            notice = parent_notice(record, Status.TERMINATED, now) if notify else None
         try:  # the parent's notice rides in the same transaction, never split from it
             await self._apply(change, [notice] if notice is not None else [])
         except Conflict as exc:
@@ -524,9 +534,9 @@ class Kernel:
 
     async def send_event(self, tenant: str, id: str, type: str, payload_json: str) -> int:
         check_name(type, "event type")
-        if type.startswith(children.RESERVED_EVENT_PREFIX):
+        if type.startswith(RESERVED_EVENT_PREFIX):
             raise InvalidArgument(
-                f"event types starting with {children.RESERVED_EVENT_PREFIX!r} are sent by the kernel itself; "
+                f"event types starting with {RESERVED_EVENT_PREFIX!r} are sent by the kernel itself; "
                 "pick another type"
             )
         payload = self._json(payload_json, "payload_json")

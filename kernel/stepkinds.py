@@ -1,44 +1,30 @@
-"""The step decisions, kernel side: what the kernel answers for ``do``, ``sleep`` and ``wait``
-steps, a step's result, ``finish`` and ``suspend``.
+"""The step decisions: what the kernel answers for ``do``, ``sleep`` and ``wait`` steps, a step's
+result, ``finish`` and ``suspend``.
 
-Each function decides for one guest request on a :class:`~tenantflow.kernel.wakeup.WakeUp` and
-commits the decision through it (``wake._commit``/``wake._submit``) before answering; it may read
-storage (the inbox) and update the wake-up's in-memory state (steps, flights, wakes), but never
-runs or stops the sandbox (that is the wake-up loop's, in :mod:`tenantflow.kernel.wakeup`).
+Each function decides for one guest request against a :class:`~tenantflow.kernel.journal.Journal`
+and commits the decision through it before answering; it may read the instance's inbox through the
+journal, but never runs or stops a sandbox (that is the wake-up's, in :mod:`tenantflow.kernel.wakeup`).
 The child and rollback step kinds live in :mod:`~tenantflow.kernel.children` and
 :mod:`~tenantflow.kernel.rollback`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tenantflow.kernel import children, metrics
+from tenantflow.kernel import metrics
 from tenantflow.kernel.guestdata import _error, _not_json, _strict_json, _valid_text, iso, retry_delay
+from tenantflow.kernel.journal import RESERVED_EVENT_PREFIX, Flight, Journal
 from tenantflow.kernel.model import HistoryEntry, Status, StepRecord
-
-if TYPE_CHECKING:
-    from tenantflow.kernel.wakeup import WakeUp
 
 WALL_GRACE_SECONDS = 5.0  # after a step that outlasted the wake-up's wall-clock limit
 MIB = 1024 * 1024
 
 
-@dataclasses.dataclass
-class _Flight:
-    attempt: int
-    deadline: float
-    policy: dict[str, Any]
-    timeout: float  # the policy's, or the kernel's ceiling if that is lower
-    started: float
-
-
-def _timed_out(flight: _Flight, now: float, hard: float) -> dict[str, str]:
+def timed_out(flight: Flight, now: float, hard: float) -> dict[str, str]:
     """The StepTimeout error of an attempt stopped at ``now``."""
     asked = flight.policy["timeout"]
     if flight.deadline > now:  # stopped by the wake-up's hard limit before its own time-out
@@ -56,7 +42,7 @@ def _timed_out(flight: _Flight, now: float, hard: float) -> dict[str, str]:
     }
 
 
-def settled(wake: WakeUp, step: StepRecord) -> dict[str, Any] | None:
+def settled(journal: Journal, step: StepRecord) -> dict[str, Any] | None:
     if step.status == "complete":
         return {"do": "return", "value": json.loads(step.output_json or "null")}
     if step.status == "failed":
@@ -65,85 +51,83 @@ def settled(wake: WakeUp, step: StepRecord) -> dict[str, Any] | None:
     return None
 
 
-def not_now(wake: WakeUp, step: StepRecord) -> dict[str, Any] | None:
+def not_now(journal: Journal, step: StepRecord) -> dict[str, Any] | None:
     """The answer for a step that must not start an attempt now: settled (replay it), backing off
     before a retry, or parked for a pause. None when an attempt may start."""
-    answer = settled(wake, step)
+    answer = settled(journal, step)
     if answer is not None:
         return answer
-    if step.status == "retrying" and step.wake_at is not None and step.wake_at > time.time():
-        wake.wakes.append(step.wake_at)
+    if step.status == "retrying" and step.wake_at is not None and step.wake_at > journal.now():
+        journal.wakes.append(step.wake_at)
         return {"do": "suspend"}
-    if wake.pause_requested:
-        return suspend_for_pause(wake)
+    if journal.pause_requested:
+        return suspend_for_pause(journal)
     return None
 
 
-async def do(wake: WakeUp, step: StepRecord, policy: dict[str, Any]) -> dict[str, Any]:
-    return not_now(wake, step) or start_attempt(wake, step, policy)
+async def do(journal: Journal, step: StepRecord, policy: dict[str, Any]) -> dict[str, Any]:
+    return not_now(journal, step) or start_attempt(journal, step, policy)
 
 
-def suspend_for_pause(wake: WakeUp) -> dict[str, Any]:
+def suspend_for_pause(journal: Journal) -> dict[str, Any]:
     """Park a branch at a step boundary. If the pause is cancelled before the wake-up ends, the
     instance must be runnable again at once, so the branch asks to be woken now."""
-    wake.wakes.append(time.time())
+    journal.wakes.append(journal.now())
     return {"do": "suspend"}
 
 
-def start_attempt(wake: WakeUp, step: StepRecord, policy: dict[str, Any]) -> dict[str, Any]:
-    now = time.time()
+def start_attempt(journal: Journal, step: StepRecord, policy: dict[str, Any]) -> dict[str, Any]:
+    now = journal.now()
     step.attempts += 1
     step.status, step.wake_at, step.updated_at = "running", None, now
-    timeout = min(policy["timeout"], wake.engine.config.step_timeout_ceiling)
-    wake.flights[step.key] = _Flight(step.attempts, now + timeout, policy, timeout, now)
-    metrics.attempt_started(wake, step)
-    entry = wake._history("step_started", step, attempt=step.attempts)
-    wake._submit(wake._change(steps=[dataclasses.replace(step)], history=[entry]))
+    timeout = min(policy["timeout"], journal.config.step_timeout_ceiling)
+    journal.flights[step.key] = Flight(step.attempts, now + timeout, policy, timeout, now)
+    metrics.attempt_started(journal, step)
+    entry = journal.history("step_started", step, attempt=step.attempts)
+    journal.submit(journal.change(steps=[dataclasses.replace(step)], history=[entry]))
     return {"do": "run", "attempt": step.attempts}
 
 
 def fail_attempt(
-    wake: WakeUp, step: StepRecord, policy: dict[str, Any], error: dict[str, str], *, retryable: bool
+    journal: Journal, step: StepRecord, policy: dict[str, Any], error: dict[str, str], *, retryable: bool
 ) -> list[HistoryEntry]:
     """Record a failed attempt on ``step`` (retrying or failed for good); return its history."""
-    now = time.time()
+    now = journal.now()
     step.error_name, step.error_message, step.updated_at = error["name"], error["message"], now
     text = f"{error['name']}: {error['message']}"
-    metrics.attempt_failed(wake, step, error, retry=retryable and step.attempts <= policy["limit"])
-    history = [wake._history("step_failed", step, attempt=step.attempts, message=text,
+    metrics.attempt_failed(journal, step, error, retry=retryable and step.attempts <= policy["limit"])
+    history = [journal.history("step_failed", step, attempt=step.attempts, message=text,
                              data_json=json.dumps({"final": not retryable or step.attempts > policy["limit"]}))]  # fmt: skip
     if not retryable or step.attempts > policy["limit"]:
         step.status, step.wake_at = "failed", None
         return history
     step.status, step.wake_at = "retrying", now + retry_delay(policy, step.attempts)
-    history.append(wake._history("step_retrying", step, attempt=step.attempts + 1, message=(
+    history.append(journal.history("step_retrying", step, attempt=step.attempts + 1, message=(
         f"attempt {step.attempts + 1} at {iso(step.wake_at)}"), data_json=json.dumps({"wake_at": step.wake_at})))  # fmt: skip
     return history
 
 
-async def result(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
-    step = wake._known(m)
-    flight = wake.flights.get(step.key)
+async def result(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
+    step = journal.known(str(m["key"]))
+    flight = journal.flights.get(step.key)
     if flight is None or m["attempt"] != flight.attempt:
         raise ValueError(f"no attempt {m.get('attempt')!r} of step {step.key!r} is running")
-    del wake.flights[step.key]
-    # A step allowed past the wake-up limit leaves a moment to commit and reach the next boundary.
-    wake.wall = max(wake.wall, time.time() + WALL_GRACE_SECONDS)
+    del journal.flights[step.key]
     output = _strict_json(m.get("value")) if m["ok"] is True else None
     if output is not None:
-        if len(output) > wake.engine.config.max_payload_bytes:
+        if len(output) > journal.config.max_payload_bytes:
             error = {"name": "OutputTooLarge", "message": (
                 f"the step returned {len(output)} bytes of JSON; the limit is "
-                f"{wake.engine.config.max_payload_bytes}: store large data elsewhere and return a reference")}  # fmt: skip
-        elif state_error := state_full(wake, len(output)):
+                f"{journal.config.max_payload_bytes}: store large data elsewhere and return a reference")}  # fmt: skip
+        elif state_error := state_full(journal, len(output)):
             error = state_error
         else:
-            step.status, step.output_json, step.updated_at = "complete", output, time.time()
+            step.status, step.output_json, step.updated_at = "complete", output, journal.now()
             step.error_name = step.error_message = ""
-            entry = wake._history("step_completed", step, attempt=step.attempts)
-            wake.state_bytes += len(output)  # before the commit: parallel steps count each other
-            await wake._commit(wake._change(steps=[step], history=[entry]))
-            metrics.attempt_succeeded(wake, step)
+            entry = journal.history("step_completed", step, attempt=step.attempts)
+            journal.state_bytes += len(output)  # before the commit: parallel steps count each other
+            await journal.commit(journal.change(steps=[step], history=[entry]))
+            metrics.attempt_succeeded(journal, step)
             return {"do": "return", "value": m.get("value")}
         retryable = False
     elif m["ok"] is True:
@@ -152,33 +136,33 @@ async def result(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
         error = _error(m.get("error"))
         retryable = bool((m.get("error") or {}).get("retryable", True))
         if error["name"] == "MemoryError" and not error["message"]:
-            mib = wake.engine.config.limits.memory_bytes // (1024 * 1024)
+            mib = journal.config.limits.memory_bytes // (1024 * 1024)
             error["message"] = f"out of memory: the step exceeded the sandbox memory limit ({mib} MiB)"
-    history = fail_attempt(wake, step, flight.policy, error, retryable=retryable)
-    await wake._commit(wake._change(steps=[step], history=history))
+    history = fail_attempt(journal, step, flight.policy, error, retryable=retryable)
+    await journal.commit(journal.change(steps=[step], history=history))
     if step.status == "failed":
         return {"do": "raise", "error": {"name": step.error_name, "message": step.error_message}}
     assert step.wake_at is not None
-    if step.wake_at <= time.time() and not wake.pause_requested:
-        return start_attempt(wake, step, flight.policy)
-    wake.wakes.append(step.wake_at)
-    return suspend_for_pause(wake) if wake.pause_requested else {"do": "suspend"}
+    if step.wake_at <= journal.now() and not journal.pause_requested:
+        return start_attempt(journal, step, flight.policy)
+    journal.wakes.append(step.wake_at)
+    return suspend_for_pause(journal) if journal.pause_requested else {"do": "suspend"}
 
 
-def state_full(wake: WakeUp, adding: int) -> dict[str, str] | None:
+def state_full(journal: Journal, adding: int) -> dict[str, str] | None:
     """The InstanceStateLimit error if storing ``adding`` more bytes of output passes the cap."""
-    cap = wake.engine.config.max_instance_state_bytes
-    if wake.state_bytes + adding <= cap:
+    cap = journal.config.max_instance_state_bytes
+    if journal.state_bytes + adding <= cap:
         return None
     return {"name": "InstanceStateLimit", "message": (
-        f"this instance has stored {wake.state_bytes / MIB:.1f} MiB of step outputs and this one adds "
+        f"this instance has stored {journal.state_bytes / MIB:.1f} MiB of step outputs and this one adds "
         f"{adding / MIB:.1f} MiB; the limit is {cap / MIB:g} MiB per instance (the kernel's "
         "--max-instance-state-mb): store large data elsewhere and return a reference, or split the work "
         "into several instances")}  # fmt: skip
 
 
-def deadline(wake: WakeUp, m: dict[str, Any], now: float) -> float:
-    limit = wake.engine.config.max_sleep_seconds
+def deadline(journal: Journal, m: dict[str, Any], now: float) -> float:
+    limit = journal.config.max_sleep_seconds
     if "until" in m:
         until = float(m["until"])
         if math.isnan(until) or until > now + limit:
@@ -190,55 +174,48 @@ def deadline(wake: WakeUp, m: dict[str, Any], now: float) -> float:
     return now + seconds
 
 
-async def sleep(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, Any]:
+async def sleep(journal: Journal, step: StepRecord, m: dict[str, Any]) -> dict[str, Any]:
     if step.status == "complete":
         return {"do": "return", "value": None}
-    now = time.time()
+    now = journal.now()
     if step.status == "new":
-        step.status, step.wake_at = "sleeping", deadline(wake, m, now)
+        step.status, step.wake_at = "sleeping", deadline(journal, m, now)
         if step.wake_at > now:
-            entry = wake._history("sleeping", step, message=f"until {iso(step.wake_at)}",
+            entry = journal.history("sleeping", step, message=f"until {iso(step.wake_at)}",
                                   data_json=json.dumps({"wake_at": step.wake_at}))  # fmt: skip
-            wake._submit(wake._change(steps=[dataclasses.replace(step)], history=[entry]))
+            journal.submit(journal.change(steps=[dataclasses.replace(step)], history=[entry]))
     assert step.wake_at is not None
     if step.wake_at <= now:
         step.status, step.updated_at = "complete", now
-        wake._submit(
-            wake._change(steps=[dataclasses.replace(step)], history=[wake._history("step_completed", step)])
+        journal.submit(
+            journal.change(
+                steps=[dataclasses.replace(step)], history=[journal.history("step_completed", step)]
+            )
         )
         return {"do": "return", "value": None}
-    wake.wakes.append(step.wake_at)
-    wake.hibernating = True
+    journal.wakes.append(step.wake_at)
+    journal.hibernating = True
     return {"do": "suspend"}
 
 
-async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, Any]:
-    answer = settled(wake, step)
+async def wait(journal: Journal, step: StepRecord, m: dict[str, Any]) -> dict[str, Any]:
+    answer = settled(journal, step)
     if answer is not None:
         return answer
     event_type = m["type"]
     if not isinstance(event_type, str) or not 0 < len(event_type) <= 256:
         raise ValueError("an event type must be a non-empty string of at most 256 characters")
     _valid_text(event_type, "event type")
-    if event_type.startswith(children.RESERVED_EVENT_PREFIX):
-        raise ValueError(f"event types starting with {children.RESERVED_EVENT_PREFIX!r} are the kernel's own")
-    now = time.time()
+    if event_type.startswith(RESERVED_EVENT_PREFIX):
+        raise ValueError(f"event types starting with {RESERVED_EVENT_PREFIX!r} are the kernel's own")
+    now = journal.now()
     if step.status == "new":
-        step.status, step.event_type, step.wake_at = "waiting", event_type, deadline(wake, m, now)
-        entry = wake._history("waiting", step, message=f"for an event of type {event_type!r}",
+        step.status, step.event_type, step.wake_at = "waiting", event_type, deadline(journal, m, now)
+        entry = journal.history("waiting", step, message=f"for an event of type {event_type!r}",
                               data_json=json.dumps({"type": event_type, "timeout_at": step.wake_at}))  # fmt: skip
-        wake._submit(wake._change(steps=[dataclasses.replace(step)], history=[entry]))
-    rec = wake.record
+        journal.submit(journal.change(steps=[dataclasses.replace(step)], history=[entry]))
     # Only the event this wait consumes is read: the others in the inbox may be many, and large.
-    events = await asyncio.to_thread(
-        wake.engine.storage.get_events,
-        rec.tenant,
-        rec.id,
-        unconsumed_only=True,
-        type=step.event_type,
-        limit=1,
-    )
-    event = events[0] if events else None
+    event = await journal.next_event(step.event_type)
     if event is not None:
         value = {
             "type": event.type,
@@ -246,17 +223,18 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
             "timestamp": iso(event.created_at),
         }
         output = json.dumps(value)
-        if full := state_full(wake, len(output)):  # the event stays in the inbox
+        if full := state_full(journal, len(output)):  # the event stays in the inbox
             step.status, step.updated_at = "failed", now
             step.error_name, step.error_message = full["name"], full["message"]
-            entry = wake._history("step_failed", step, message=f"{step.error_name}: {step.error_message}")
-            await wake._commit(wake._change(steps=[step], history=[entry]))
+            entry = journal.history("step_failed", step, message=f"{step.error_name}: {step.error_message}")
+            await journal.commit(journal.change(steps=[step], history=[entry]))
             return {"do": "raise", "error": {**full, "type": step.event_type}}
         step.status, step.output_json, step.updated_at = "complete", output, now
-        entry = wake._history("step_completed", step, message=f"event {event.seq} received")
-        wake.state_bytes += len(output)
-        await wake._commit(
-            wake._change(steps=[step], consume_events=[(event.seq, step.key)], history=[entry])
+        entry = journal.history("step_completed", step, message=f"event {event.seq} received")
+        journal.state_bytes += len(output)
+        journal.claim(event)
+        await journal.commit(
+            journal.change(steps=[step], consume_events=[(event.seq, step.key)], history=[entry])
         )
         return {"do": "return", "value": value}
     assert step.wake_at is not None
@@ -264,53 +242,53 @@ async def wait(wake: WakeUp, step: StepRecord, m: dict[str, Any]) -> dict[str, A
         step.status, step.updated_at = "failed", now
         step.error_name = "EventTimeoutError"
         step.error_message = f"no event of type {step.event_type!r} arrived before the time-out"
-        entry = wake._history("step_failed", step, message=f"{step.error_name}: {step.error_message}")
-        await wake._commit(wake._change(steps=[step], history=[entry]))
+        entry = journal.history("step_failed", step, message=f"{step.error_name}: {step.error_message}")
+        await journal.commit(journal.change(steps=[step], history=[entry]))
         return {"do": "raise", "error": {"name": step.error_name, "message": step.error_message,
                                          "type": step.event_type}}  # fmt: skip
-    wake.wakes.append(step.wake_at)
-    wake.wait_types.add(step.event_type)
-    wake.hibernating = True
+    journal.wakes.append(step.wake_at)
+    journal.wait_types.add(step.event_type)
+    journal.hibernating = True
     return {"do": "suspend"}
 
 
-async def finish(wake: WakeUp, m: dict[str, Any]) -> dict[str, Any]:
+async def finish(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
     if m["ok"] is True:
         output = _strict_json(m.get("value"))
         if output is None:
-            await wake._end_errored(_not_json("run() returned"))
+            await journal.end_errored(_not_json("run() returned"))
             return {"do": "ack"}
-        if len(output) > wake.engine.config.max_payload_bytes:
-            await wake._end_errored({"name": "OutputTooLarge", "message": (
-                f"run() returned {len(output)} bytes of JSON; the limit is {wake.engine.config.max_payload_bytes}")})  # fmt: skip
+        if len(output) > journal.config.max_payload_bytes:
+            await journal.end_errored({"name": "OutputTooLarge", "message": (
+                f"run() returned {len(output)} bytes of JSON; the limit is {journal.config.max_payload_bytes}")})  # fmt: skip
             return {"do": "ack"}
-        wake.ended = True
-        metrics.outcome(wake, "complete")
-        children.notify_parent(wake, Status.COMPLETE)
-        change = wake._change(
+        journal.ended = True
+        metrics.outcome(journal, "complete")
+        journal.notify_parent(Status.COMPLETE)
+        change = journal.change(
             set={"status": Status.COMPLETE, "output_json": output, "error_name": "", "error_message": "",
                  "run_at": None, "lease_owner": None, "lease_until": None},
-            history=[wake._status(Status.COMPLETE)],
+            history=[journal.status_entry(Status.COMPLETE)],
         )  # fmt: skip
-        await wake._commit(change)
+        await journal.commit(change)
     else:
-        await wake._end_errored(_error(m.get("error"), 16384))
+        await journal.end_errored(_error(m.get("error"), 16384))
     return {"do": "ack"}
 
 
-async def suspend(wake: WakeUp) -> dict[str, Any]:
+async def suspend(journal: Journal) -> dict[str, Any]:
     # A pause asked for while running is stored as WAITING_FOR_PAUSE, and pause_aware turns that
     # into PAUSED in the same transaction; a Resume that landed meanwhile (on any node) has
     # already cleared it, so the instance goes on instead of being paused by a stale flag.
-    status = Status.WAITING if wake.hibernating else Status.RUNNING
-    run_at = min(wake.wakes) if wake.wakes else None
-    history = [wake._status(status)] if status != Status.RUNNING else []
+    status = Status.WAITING if journal.hibernating else Status.RUNNING
+    run_at = min(journal.wakes) if journal.wakes else None
+    history = [journal.status_entry(status)] if status != Status.RUNNING else []
     outcome = "suspended" if status == Status.RUNNING else status.name.lower()
-    metrics.outcome(wake, "paused" if wake.pause_requested else outcome)
-    change = wake._change(
+    metrics.outcome(journal, "paused" if journal.pause_requested else outcome)
+    change = journal.change(
         set={"status": status, "run_at": run_at, "lease_owner": None, "lease_until": None},
-        wake_on_events=sorted(wake.wait_types), pause_aware=True, history=history,
+        wake_on_events=sorted(journal.wait_types), pause_aware=True, history=history,
     )  # fmt: skip
-    wake.ended = True
-    await wake._commit(change)
+    journal.ended = True
+    await journal.commit(change)
     return {"do": "ack"}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tenantflow.client import Client, TenantflowRpcError
-from tenantflow.kernel import children
+from tenantflow.kernel import journal
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.model import Change, HistoryEntry, InstanceRecord, Status
@@ -282,7 +282,7 @@ def test_a_childs_end_and_its_parents_notice_never_split(tmp_path: Path, split_b
     transactions: list[list[tuple[str, str]]] = []
     now = time.time()
     end = Change(tenant="t", id="child", now=now, set={"status": Status.COMPLETE, "output_json": "1"})
-    notice = children.parent_notice(child, Status.COMPLETE, now)
+    notice = journal.parent_notice(child, Status.COMPLETE, now)
     assert notice is not None
     bad = Change(
         tenant="t", id="other", now=now, history=[HistoryEntry(kind="log", at=now, message="\ud800")]
@@ -323,7 +323,7 @@ def test_a_childs_end_and_its_parents_notice_never_split(tmp_path: Path, split_b
         stored = storage.get_instance("t", "child")
         assert stored is not None and stored.status == Status.COMPLETE
         inbox = storage.get_events("t", "parent", unconsumed_only=True)
-        assert [e.type for e in inbox] == [children.CHILD_EVENT + "child"]
+        assert [e.type for e in inbox] == [journal.CHILD_EVENT + "child"]
     finally:
         storage.close()
 

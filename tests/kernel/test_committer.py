@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tenantflow.kernel import children
+from tenantflow.kernel import journal
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import Conflict, Unavailable
@@ -80,7 +80,7 @@ def test_a_refused_end_sends_no_notice_to_the_parent(tmp_path: Path) -> None:
     async def main() -> None:
         committer = Committer(storage, lambda changes: None)
         committer.start()
-        notice = children.parent_notice(child, Status.COMPLETE, time.time())
+        notice = journal.parent_notice(child, Status.COMPLETE, time.time())
         assert notice is not None and not notice.after_previous  # the committer makes it a rider
         with pytest.raises(Conflict, match="lease"):  # node-b took the lease meanwhile
             await committer.commit(end, [notice])
@@ -91,7 +91,7 @@ def test_a_refused_end_sends_no_notice_to_the_parent(tmp_path: Path) -> None:
     try:
         asyncio.run(main())
         events = storage.get_events("t", "parent", unconsumed_only=True)
-        assert [e.type for e in events] == [children.CHILD_EVENT + "child"]  # once: the end that applied
+        assert [e.type for e in events] == [journal.CHILD_EVENT + "child"]  # once: the end that applied
     finally:
         storage.close()
 
