@@ -181,13 +181,18 @@ class Journal:
 
     async def next_event(self, type: str) -> EventRecord | None:
         """The oldest unread event of ``type`` in the instance's inbox that no other step of this
-        run has taken (so two parallel waits never consume one event)."""
+        run has taken (so two parallel waits never consume one event). Take it with :meth:`claim`
+        before the next ``await``."""
         rec = self.record
-        events = await asyncio.to_thread(
-            self._storage.get_events, rec.tenant, rec.id, unconsumed_only=True, type=type,
-            limit=len(self._claimed) + 1,
-        )  # fmt: skip
-        return next((e for e in events if e.seq not in self._claimed), None)
+        while True:
+            limit = len(self._claimed) + 1  # enough to pass every event taken so far
+            events = await asyncio.to_thread(
+                self._storage.get_events, rec.tenant, rec.id, unconsumed_only=True, type=type, limit=limit
+            )
+            free = next((e for e in events if e.seq not in self._claimed), None)
+            if free is not None or len(events) < limit or limit > len(self._claimed):
+                return free
+            # another step took events while this one read: read again, past them
 
     def claim(self, event: EventRecord) -> None:
         """Take ``event`` for a step of this run (its commit consumes it)."""

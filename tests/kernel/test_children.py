@@ -62,12 +62,6 @@ class Slow(WorkflowEntrypoint):
         step.do("slow", lambda: time.sleep(3) or 1)
         return step.wait_for_instance("join", kid)
 
-class Twins(WorkflowEntrypoint):
-    async def run(self, event, step):
-        kid = await step.create("start", "Child", params={"n": 2})
-        await step.do("slow", lambda: time.sleep(2) or 1)  # the child has most likely ended by now
-        return list(await asyncio.gather(step.wait_for_instance("a", kid), step.wait_for_instance("b", kid)))
-
 class Rerun(WorkflowEntrypoint):
     async def run(self, event, step):
         await step.create("start", "Waiter")
@@ -358,16 +352,3 @@ def test_restart_terminates_the_children_of_the_create_steps_it_deletes(client: 
     # the old child ended without a notice: the parent had stopped waiting for it
     ended = [e.child_id for e in client.watch(tenant, parent.id, timeout=10) if e.kind == "child_ended"]
     assert old not in ended, ended
-
-
-def test_two_parallel_waits_on_one_child_both_return_in_one_wake_up(client: Client, tenant: str) -> None:
-    ref = publish(client, tenant, FAMILY)
-    parent = client.create(tenant, "Twins", ref)
-    done = client.wait(tenant, parent.id, timeout=60)
-    assert done.status == pb.STATUS_COMPLETE, done.error
-    assert Client.output(done) == [4, 4]
-    # a wait whose commit failed would abort the wake-up, which replays only once its lease expires:
-    # every run after the first is then not explained by a hibernation
-    statuses = [e.status for e in client.watch(tenant, parent.id, timeout=10) if e.kind == "status"]
-    runs, waits = statuses.count(pb.STATUS_RUNNING), statuses.count(pb.STATUS_WAITING)
-    assert runs == waits + 1, statuses
