@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tenantflow.kernel import metrics
 from tenantflow.kernel.config import KernelConfig, lease_problem
-from tenantflow.kernel.engine import Engine
+from tenantflow.kernel.executor import Engine
 from tenantflow.kernel.model import InstanceRecord
 from tenantflow.kernel.storage import Storage
 from tenantflow.kernel.wakeup import WakeUp

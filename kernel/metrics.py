@@ -236,7 +236,7 @@ def _safe(hook: F) -> F:
     return safe  # type: ignore[return-value]
 
 
-# -- hooks: wake-ups and steps (kernel/engine.py, kernel/wakeup.py, the step kinds) ---------------------------------------------------
+# -- hooks: wake-ups and steps (kernel/executor.py, kernel/wakeup.py, the step kinds) ---------------------------------------------------
 @contextlib.contextmanager
 def wakeup(run: Run) -> Iterator[None]:
     """Around one wake-up: timer lag, duration, outcome, its span, and the log context."""

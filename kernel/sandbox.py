@@ -46,7 +46,7 @@ class RunExit:
 
 
 class Host(Protocol):
-    """The kernel side of the step protocol (see ``kernel/engine.py``)."""
+    """The kernel side of the step protocol (see ``kernel/executor.py``)."""
 
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         """Handle a guest request; the reply is sent back to the guest."""
@@ -72,7 +72,7 @@ class Sandbox(Protocol):
         """Check tenant code without running it; return ``{workflow class: module}``.
 
         Tenant code is hostile input: parse, compile or validate it in a limited child process
-        (``tenantflow.plugins.isolated``), never in the kernel. Raise :class:`CodeError` naming file
+        (``tenantflow.plugins.sandboxing.isolated``), never in the kernel. Raise :class:`CodeError` naming file
         and line for code this sandbox cannot run, and ``errors.ResourceExhausted`` when checking it
         hits a CPU, memory or time limit. Called from a thread; checks of different tenants run at
         once."""

@@ -16,7 +16,6 @@ from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.dispatch import Dispatcher
-from tenantflow.kernel.engine import Engine
 from tenantflow.kernel.errors import (
     Conflict,
     FailedPrecondition,
@@ -25,6 +24,7 @@ from tenantflow.kernel.errors import (
     ResourceExhausted,
     excerpt,
 )
+from tenantflow.kernel.executor import Engine
 from tenantflow.kernel.firebudget import ScheduleLimits
 from tenantflow.kernel.journal import RESERVED_EVENT_PREFIX, parent_notice
 from tenantflow.kernel.jsonsafe import check_json

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
-from tenantflow.plugins.pysource import decode_files, inspect_python
 from tenantflow.plugins.sandbox_subprocess import wire
 from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS, RunCgroup, RunCgroups
 from tenantflow.plugins.sandbox_subprocess.spares import Child, SparePool, close_child_ends
+from tenantflow.plugins.sandboxing.pysource import decode_files, inspect_python
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
 YIELD_EVERY = 64  # frames read from one guest between turns of the kernel's event loop

@@ -18,7 +18,7 @@ import os
 import stat
 from pathlib import Path
 
-from tenantflow.plugins.confinement import libc, without_effective_capabilities
+from tenantflow.plugins.sandboxing.linux import libc, without_effective_capabilities
 
 TENANT_UID = TENANT_GID = 65534  # nobody / nogroup
 CLONE_NEWNS = 0x00020000

@@ -15,7 +15,7 @@ import struct
 import threading
 from typing import Any
 
-from tenantflow.plugins import guestmsg
+from tenantflow.plugins.sandboxing import guestmsg
 
 MAX_FRAME = 256 * 1024 * 1024  # what the kernel sends (a job carries the tenant's files and journal)
 CALL, NOTIFY = 0, 1
@@ -31,7 +31,7 @@ def encode(message: dict[str, Any], kind: int = CALL) -> bytes:
 
 async def read_header(reader: asyncio.StreamReader, limit: int) -> tuple[int, int] | None:
     """``(body size, kind)`` of the next frame, or None at end of stream; a body over ``limit``
-    bytes raises :class:`~tenantflow.plugins.guestmsg.MessageError` before it is read."""
+    bytes raises :class:`~tenantflow.plugins.sandboxing.guestmsg.MessageError` before it is read."""
     try:
         header = await reader.readexactly(_HEADER.size)
     except asyncio.IncompleteReadError:

@@ -27,7 +27,7 @@ import traceback
 from typing import Any
 
 import tenantflow.workflow  # noqa: F401
-from tenantflow.plugins.sandbox_subprocess import confine
+from tenantflow.plugins.sandbox_subprocess import policy
 from tenantflow.plugins.sandbox_subprocess.wire import SocketTransport
 from tenantflow.workflow._runtime import run_job
 
@@ -91,9 +91,9 @@ def _child(template: int, fds: list[int], request: dict[str, Any]) -> None:
     """In the forked child: confine, then run one job. Never returns."""
     code = 0
     try:
-        if not confine.die_with_parent(template):
+        if not policy.die_with_parent(template):
             os._exit(75)  # the template died before we could be tied to it: so does this run
-        confine.set_name(b"tf-spare")
+        policy.set_name(b"tf-spare")
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
@@ -103,15 +103,15 @@ def _child(template: int, fds: list[int], request: dict[str, Any]) -> None:
         sock_fd = os.dup2(sock_fd, 3)
         os.closerange(4, 65536)
         limits = request.get("limits", {})
-        confine.limit_child(
+        policy.limit_child(
             limits["memory_bytes"], limits["cpu_seconds"], limits["open_files"], limits.get("file_bytes", 0)
         )
-        confine.scope_child()  # no signals to the template or other tenants' runs
-        confine.filter_child()
+        policy.scope_child()  # no signals to the template or other tenants' runs
+        policy.filter_child()
         sock = socket.socket(fileno=sock_fd)
         transport = SocketTransport(sock)
         job = transport.recv()  # a spare waits here, confined, until a run takes it
-        confine.set_name(b"tf-run")
+        policy.set_name(b"tf-run")
         run_job(job, transport, threads=True)
     except BaseException:  # noqa: BLE001 - report and exit; the kernel sees the crash
         try:
@@ -131,17 +131,17 @@ def main() -> None:
 
 def _serve() -> None:
     kernel = int(sys.argv[3].rpartition("=")[2])
-    if not confine.die_with_parent(kernel):
+    if not policy.die_with_parent(kernel):
         return  # the kernel died while starting us
     ctrl = socket.socket(fileno=int(sys.argv[1]))
     settings = json.loads(sys.argv[2])
-    confinement = confine.confine_template(
+    confinement = policy.confine_template(
         writable=settings.get("writable", []),
         network=settings.get("network", False),
         filesystem=settings.get("filesystem", True),
         memfd=settings.get("memfd", False),
     )
-    if not confine.die_with_parent(kernel):  # again: a change of uid cleared the death signal
+    if not policy.die_with_parent(kernel):  # again: a change of uid cleared the death signal
         return
     ctrl.send(json.dumps({"ready": True, **confinement._asdict()}).encode())
     template = os.getpid()

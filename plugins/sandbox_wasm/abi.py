@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from tenantflow.plugins import guestmsg
+from tenantflow.plugins.sandboxing import guestmsg
 from tenantflow.workflow._durations import parse_duration
 from tenantflow.workflow._protocol import step_policy
 

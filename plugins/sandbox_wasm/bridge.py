@@ -23,8 +23,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
-from tenantflow.plugins import guestmsg
-from tenantflow.plugins.sandbox_wasm.engine import Budget
+from tenantflow.plugins.sandbox_wasm.wasmtime_engine import Budget
+from tenantflow.plugins.sandboxing import guestmsg
 
 log = logging.getLogger("tenantflow.sandbox.wasm")
 STOPPED = "stopped by the kernel (step time-out, pause or termination)"

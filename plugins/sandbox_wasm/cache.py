@@ -21,7 +21,7 @@ from typing import TypeVar
 from wasmtime import Engine, Module, WasmtimeError
 from wasmtime.component import Component
 
-from tenantflow.plugins.sandbox_wasm.engine import ENGINE_TAG
+from tenantflow.plugins.sandbox_wasm.wasmtime_engine import ENGINE_TAG
 
 log = logging.getLogger("tenantflow.sandbox.wasm")
 T = TypeVar("T", Module, Component)

@@ -6,8 +6,8 @@ import ast
 from collections.abc import Mapping, Set
 
 from tenantflow.kernel.sandbox import CodeError
-from tenantflow.plugins import isolated
-from tenantflow.plugins.pysource import decode_files, python_entrypoints
+from tenantflow.plugins.sandboxing import isolated
+from tenantflow.plugins.sandboxing.pysource import decode_files, python_entrypoints
 from tenantflow.workflow._modules import module_name
 
 _GUARDS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}

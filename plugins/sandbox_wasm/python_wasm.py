@@ -22,7 +22,6 @@ from wasmtime import Store, Trap, WasmtimeError
 from wasmtime.component import Component, Linker
 
 from tenantflow.kernel.sandbox import Host, Limits, RunExit
-from tenantflow.plugins.pysource import decode_files
 from tenantflow.plugins.sandbox_wasm import build, cache, tenant_files, waits
 from tenantflow.plugins.sandbox_wasm.bridge import (
     Bridge,
@@ -31,7 +30,8 @@ from tenantflow.plugins.sandbox_wasm.bridge import (
     guest_ended,
     run_guest,
 )
-from tenantflow.plugins.sandbox_wasm.engine import (
+from tenantflow.plugins.sandbox_wasm.pycheck import inspect_python_wasm
+from tenantflow.plugins.sandbox_wasm.wasmtime_engine import (
     RUNNER_SHAPE,
     ThreadPerRun,
     limit_store,
@@ -39,7 +39,7 @@ from tenantflow.plugins.sandbox_wasm.engine import (
     trap_reason,
     wasi_config,
 )
-from tenantflow.plugins.sandbox_wasm.pycheck import inspect_python_wasm
+from tenantflow.plugins.sandboxing.pysource import decode_files
 
 log = logging.getLogger("tenantflow.sandbox.wasm")
 READY_TIMEOUT = 600.0

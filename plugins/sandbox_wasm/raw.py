@@ -41,7 +41,8 @@ from tenantflow.plugins.sandbox_wasm.bridge import (
     guest_ended,
     run_guest,
 )
-from tenantflow.plugins.sandbox_wasm.engine import (
+from tenantflow.plugins.sandbox_wasm.waits import shadow_preview1
+from tenantflow.plugins.sandbox_wasm.wasmtime_engine import (
     RAW_SHAPE,
     ThreadPerRun,
     limit_store,
@@ -49,7 +50,6 @@ from tenantflow.plugins.sandbox_wasm.engine import (
     trap_reason,
     wasi_config,
 )
-from tenantflow.plugins.sandbox_wasm.waits import shadow_preview1
 
 PREFIX = "workflow_"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")

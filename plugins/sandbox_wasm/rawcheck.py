@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from tenantflow.plugins import isolated
 from tenantflow.plugins.sandbox_wasm import cache
+from tenantflow.plugins.sandboxing import isolated
 
 
 def inspect_raw(files: Mapping[str, bytes]) -> dict[str, str]:

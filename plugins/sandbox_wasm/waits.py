@@ -27,7 +27,7 @@ from wasmtime.component import Component, ResourceAny
 from wasmtime.component import Linker as ComponentLinker
 
 from tenantflow.plugins.sandbox_wasm.bridge import current_bridge
-from tenantflow.plugins.sandbox_wasm.engine import Budget
+from tenantflow.plugins.sandbox_wasm.wasmtime_engine import Budget
 
 MAX_SUBSCRIPTIONS = 4096  # per poll_oneoff call
 

@@ -14,7 +14,7 @@ from tenantflow.kernel import hookimpl
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import InvalidArgument
 from tenantflow.kernel.storage import Storage
-from tenantflow.plugins.storage_fdb.engine import KVStorage
+from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.layer import Layer
 
 _OPTIONS = {"fdb": {"api_version", "root"}, "kv+lmdb": {"map_size_mb", "root"}}

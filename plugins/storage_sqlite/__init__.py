@@ -6,7 +6,7 @@ from __future__ import annotations
 from tenantflow.kernel import hookimpl
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.storage import Storage
-from tenantflow.plugins.storage_sqlite.engine import SQLiteStorage, parse_url
+from tenantflow.plugins.storage_sqlite.sqlite_storage import SQLiteStorage, parse_url
 
 
 @hookimpl

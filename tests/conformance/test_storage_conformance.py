@@ -64,7 +64,7 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def close(storage: Storage, url: str) -> None:
     """Close; on a shared FoundationDB cluster, first remove the test's subspace."""
     if url.startswith("fdb:"):
-        from tenantflow.plugins.storage_fdb.engine import KVStorage
+        from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 
         assert isinstance(storage, KVStorage)
         storage.layer.transact(lambda tr: tr.clear_range(*storage.k.glob_range()))

@@ -17,7 +17,7 @@ from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.model import Change, HistoryEntry, InstanceRecord, Status
 from tenantflow.kernel.plugins import Plugins
-from tenantflow.plugins.storage_sqlite.engine import SQLiteStorage
+from tenantflow.plugins.storage_sqlite.sqlite_storage import SQLiteStorage
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.helpers import publish, wait_for

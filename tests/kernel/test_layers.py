@@ -11,7 +11,7 @@ KERNEL = Path(tenantflow.kernel.__file__).parent
 PREFIX = "tenantflow.kernel"
 # The step kinds decide against the journal and know nothing of what drives them.
 STEP_KINDS = ("stepkinds", "children", "rollback")
-ABOVE_STEP_KINDS = ("wakeup", "engine", "dispatch", "service", "server", "serve", "cli")
+ABOVE_STEP_KINDS = ("wakeup", "executor", "dispatch", "service", "server", "serve", "cli")
 
 
 def imports(path: Path) -> set[str]:

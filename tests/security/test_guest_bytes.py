@@ -17,7 +17,7 @@ import pytest
 
 from tenantflow.client import Client
 from tenantflow.kernel.logbudget import LogBudget, TenantLogRate
-from tenantflow.plugins import guestmsg
+from tenantflow.plugins.sandboxing import guestmsg
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.helpers import publish

@@ -15,7 +15,7 @@ import pytest
 
 from tenantflow.client import Client, TenantflowRpcError
 from tenantflow.kernel.errors import ResourceExhausted
-from tenantflow.plugins import isolated
+from tenantflow.plugins.sandboxing import isolated
 from tests.conftest import KernelProcess
 from tests.helpers import publish
 from tests.security.bystander import BYSTANDER, bystander_completes

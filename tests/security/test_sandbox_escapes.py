@@ -18,9 +18,9 @@ import wasmtime
 
 from tenantflow.client import Client
 from tenantflow.kernel.sandbox import CodeError
-from tenantflow.plugins import isolated
 from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS
 from tenantflow.plugins.sandbox_subprocess.spares import SPARES
+from tenantflow.plugins.sandboxing import isolated
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import KernelProcess
 from tests.helpers import publish, wait_for
@@ -230,13 +230,13 @@ def _check(target: str, *args: object, limits: isolated.ChildLimits = isolated.D
 def test_a_check_holds_no_privilege() -> None:
     """What a check child itself reports (it cannot read /proc: Landlock), and the fork server's
     /proc/<pid>/status seen from outside."""
-    state = _check("tenantflow.plugins.confinement:capability_state")
+    state = _check("tenantflow.plugins.sandboxing.linux:capability_state")
     assert isinstance(state, dict)
     assert {
         k: state[k] for k in ("effective", "permitted", "inheritable", "bounding", "ambient")
     } == dict.fromkeys(("effective", "permitted", "inheritable", "bounding", "ambient"), 0)
-    assert _check("tenantflow.plugins.confinement:prctl", 39) == 1  # PR_GET_NO_NEW_PRIVS
-    assert _check("tenantflow.plugins.confinement:prctl", 21) == 2  # PR_GET_SECCOMP: filter mode
+    assert _check("tenantflow.plugins.sandboxing.linux:prctl", 39) == 1  # PR_GET_NO_NEW_PRIVS
+    assert _check("tenantflow.plugins.sandboxing.linux:prctl", 21) == 2  # PR_GET_SECCOMP: filter mode
     server = isolated._server._proc
     assert server is not None
     status = dict(line.split(":", 1) for line in Path(f"/proc/{server.pid}/status").read_text().splitlines())

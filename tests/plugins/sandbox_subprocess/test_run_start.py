@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tenantflow.kernel.sandbox import Limits
-from tenantflow.plugins.sandbox_subprocess import confine, syscalls
+from tenantflow.plugins.sandbox_subprocess import policy, syscalls
 from tenantflow.plugins.sandbox_subprocess.sandbox import SubprocessSandbox
 from tenantflow.plugins.sandbox_subprocess.spares import SPARES
 
@@ -20,10 +20,10 @@ pyseccomp = pytest.importorskip("pyseccomp")
 
 @pytest.mark.parametrize("pid", [1, 4242, 4_194_304])
 def test_patched_run_filter_is_the_one_libseccomp_builds(pid: int) -> None:
-    confine._prepare_run_filter(pyseccomp)
-    assert confine._run_filter is not None, "the run filter could not be prebuilt"
-    built = confine.export_bpf(syscalls.build_run_filter(pyseccomp, pid))
-    assert confine.run_filter_program(pid) == built
+    policy._prepare_run_filter(pyseccomp)
+    assert policy._run_filter is not None, "the run filter could not be prebuilt"
+    built = policy.export_bpf(syscalls.build_run_filter(pyseccomp, pid))
+    assert policy.run_filter_program(pid) == built
 
 
 CODE = """

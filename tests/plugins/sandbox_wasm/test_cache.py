@@ -8,7 +8,7 @@ import pytest
 from wasmtime import Module, wat2wasm
 
 from tenantflow.plugins.sandbox_wasm import cache
-from tenantflow.plugins.sandbox_wasm.engine import ENGINE_TAG, shared_engine, trap_reason
+from tenantflow.plugins.sandbox_wasm.wasmtime_engine import ENGINE_TAG, shared_engine, trap_reason
 
 WASM = bytes(wat2wasm('(module (memory (export "memory") 1) (func (export "workflow_X")))'))
 

@@ -20,7 +20,7 @@ SCRIPT = """
 import sys, threading
 from wasmtime import Engine, Linker, Module, Store
 from tenantflow.plugins.sandbox_wasm import tenant_files
-from tenantflow.plugins.sandbox_wasm.engine import wasi_config
+from tenantflow.plugins.sandbox_wasm.wasmtime_engine import wasi_config
 
 # path_open(preopen 3, path "secret", read) -> the WASI errno (0: opened; 2: EACCES)
 WAT = '''(module

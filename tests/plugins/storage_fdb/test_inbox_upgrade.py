@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tenantflow.kernel.model import Change, EventRecord, HistoryEntry, InstanceRecord, Status
-from tenantflow.plugins.storage_fdb.engine import KVStorage
 from tenantflow.plugins.storage_fdb.keys import part
+from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.layer import Txn
 from tenantflow.plugins.storage_fdb.lmdb_layer import LmdbLayer
 from tenantflow.plugins.storage_fdb.records import dumps

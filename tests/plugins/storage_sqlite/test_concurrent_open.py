@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from tenantflow.plugins.storage_sqlite.engine import SQLiteStorage
+from tenantflow.plugins.storage_sqlite.sqlite_storage import SQLiteStorage
 
 
 def _open(path: Path, start: threading.Barrier, errors: list[BaseException]) -> None:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tenantflow.kernel.model import Change, EventRecord, HistoryEntry, InstanceRecord, Status
-from tenantflow.plugins.storage_sqlite.engine import SQLiteStorage
+from tenantflow.plugins.storage_sqlite.sqlite_storage import SQLiteStorage
 
 
 def test_unread_events_of_an_older_database_count_against_the_cap(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Messages from a guest, as every sandbox reads them: bounded before they are read, decoded safely.
 
-Shared by the sandboxes (as :mod:`tenantflow.plugins.pysource` is). A sandbox checks the length a
+Shared by the sandboxes (as :mod:`tenantflow.plugins.sandboxing.pysource` is). A sandbox checks the length a
 guest announces against :attr:`Limits.message_bytes <tenantflow.kernel.sandbox.Limits>` before it
 copies the message (:func:`too_large`), then :func:`decode` turns it into a dict, refusing JSON
 nested deeper than :data:`MAX_DEPTH` before the parser could recurse (the kernel re-encodes what

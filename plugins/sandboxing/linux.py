@@ -1,5 +1,5 @@
 """Low-level Linux confinement shared by the python sandbox's template and the code checker's
-fork server (:mod:`tenantflow.plugins.isolated`): capability sets, no_new_privs, Landlock, the
+fork server (:mod:`tenantflow.plugins.sandboxing.isolated`): capability sets, no_new_privs, Landlock, the
 network namespace and the parent-death signal, through ctypes. Each helper answers what it could
 not do; the caller decides whether that is fatal."""
 

@@ -2,7 +2,7 @@
 
 Tenant code is never imported, parsed or compiled in the kernel: :func:`inspect_python` parses and
 compiles it (to report syntax errors with file and line) and searches it for top-level workflow
-classes in a limited child process (:mod:`tenantflow.plugins.isolated`).
+classes in a limited child process (:mod:`tenantflow.plugins.sandboxing.isolated`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import ast
 from collections.abc import Mapping
 
 from tenantflow.kernel.sandbox import CodeError
-from tenantflow.plugins import isolated
+from tenantflow.plugins.sandboxing import isolated
 from tenantflow.workflow._modules import module_name
 
 

@@ -45,9 +45,9 @@ from typing import Any
 
 from tenantflow.kernel.errors import ResourceExhausted
 from tenantflow.kernel.sandbox import CodeError
-from tenantflow.plugins import confinement
+from tenantflow.plugins.sandboxing import linux
 
-log = logging.getLogger("tenantflow.plugins.isolated")
+log = logging.getLogger("tenantflow.plugins.sandboxing.isolated")
 MAX_CHILDREN = 4  # checks at once in this process: bounds their total memory
 _slots = threading.BoundedSemaphore(MAX_CHILDREN)
 _STDERR_BYTES = 16 * 1024
@@ -326,7 +326,7 @@ def _outcome(code: int, out: bytes, err: bytes, limits: ChildLimits) -> Any:
 
 # -- the fork server and its children -------------------------------------------------------------
 def _die_with_parent(parent: int) -> None:
-    if not confinement.die_with_parent(parent):  # the parent died before the signal was armed
+    if not linux.die_with_parent(parent):  # the parent died before the signal was armed
         os._exit(1)
 
 
@@ -341,9 +341,9 @@ def _confine(limits: ChildLimits, parent: int) -> None:
     for path in limits.writable:
         with contextlib.suppress(OSError):
             os.makedirs(path, mode=0o700, exist_ok=True)
-    if confinement.landlock_abi() >= 1:  # else the server reported it missing
-        readable = [*confinement.read_only_paths(), *_package_dirs()]
-        problem = confinement.landlock(readable, list(limits.writable), False)
+    if linux.landlock_abi() >= 1:  # else the server reported it missing
+        readable = [*linux.read_only_paths(), *_package_dirs()]
+        problem = linux.landlock(readable, list(limits.writable), False)
         if problem:
             raise RuntimeError(f"the checker could not confine its files: {problem}")
     if _pyseccomp is not None:
@@ -427,7 +427,7 @@ def _confine_server() -> dict[str, str]:
     except Exception as exc:  # libseccomp missing on this machine
         missing["seccomp syscall filter"] = f"libseccomp is not available ({exc})"
     uid, gid = os.geteuid(), os.getegid()
-    if problem := confinement.unshare_network():
+    if problem := linux.unshare_network():
         missing["network namespace"] = problem
     elif uid != 0:  # a new user namespace came with it: keep our uid there, so files stay ours
         with contextlib.suppress(OSError):
@@ -438,12 +438,12 @@ def _confine_server() -> dict[str, str]:
             ):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
-    if problem := confinement.no_new_privs():
+    if problem := linux.no_new_privs():
         missing["no_new_privs"] = problem
-    confinement.lock_capabilities()
-    if problem := confinement.clear_capabilities():
+    linux.lock_capabilities()
+    if problem := linux.clear_capabilities():
         missing["capability drop"] = problem
-    if confinement.landlock_abi() < 1:
+    if linux.landlock_abi() < 1:
         missing["Landlock file isolation"] = "landlock unavailable"
     if _pyseccomp is not None:
         try:

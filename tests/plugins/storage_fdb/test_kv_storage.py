@@ -25,8 +25,8 @@ from tenantflow.kernel.model import (
     Status,
     StepRecord,
 )
-from tenantflow.plugins.storage_fdb import engine, open_url
-from tenantflow.plugins.storage_fdb.engine import KVStorage
+from tenantflow.plugins.storage_fdb import kv_storage, open_url
+from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.layer import Txn
 from tenantflow.plugins.storage_fdb.lmdb_layer import RETRY_LIMIT
 from tests.plugins.storage_fdb.checked import CheckedLayer
@@ -224,9 +224,9 @@ def split_batch(storage: KVStorage, monkeypatch: pytest.MonkeyPatch) -> list[Cha
                              [entry()] * len(ids))  # fmt: skip
     end, notice = end_and_notice()
     a, b, c = big_step("a", 100_000), big_step("b", 100_000), big_step("c", 100_000)
-    size = engine._change_bytes
+    size = kv_storage._change_bytes
     # a and b fill a transaction; the end would still fit in it, its notice would not
-    monkeypatch.setattr(engine, "MAX_TXN_BYTES", size(a) + size(b) + size(end) + size(notice) - 1)
+    monkeypatch.setattr(kv_storage, "MAX_TXN_BYTES", size(a) + size(b) + size(end) + size(notice) - 1)
     return [a, b, end, notice, c]
 
 

@@ -20,7 +20,8 @@ import struct
 import sys
 from typing import Any, NamedTuple
 
-from tenantflow.plugins.confinement import (
+from tenantflow.plugins.sandbox_subprocess import syscalls, tenant_uid
+from tenantflow.plugins.sandboxing.linux import (
     NETWORK_READ_PATHS,
     capability_state,
     clear_capabilities,
@@ -34,7 +35,6 @@ from tenantflow.plugins.confinement import (
     syscall,
     unshare_network,
 )
-from tenantflow.plugins.sandbox_subprocess import syscalls, tenant_uid
 
 __all__ = [
     "NETWORK_READ_PATHS", "Confinement", "capability_state", "confine_template", "die_with_parent",
