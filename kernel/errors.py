@@ -49,3 +49,7 @@ def excerpt(value: str, limit: int = 64) -> str:
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+class Unimplemented(TenantflowError):
+    """The API has this call or option, and this kernel does not do it yet: nothing was changed."""

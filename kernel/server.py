@@ -19,7 +19,7 @@ from tenantflow.kernel import children, errors, metrics, rollback
 from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFlight
 from tenantflow.kernel.auth import Tokens
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
-from tenantflow.kernel.service import CreateSpec, Kernel
+from tenantflow.kernel.service import CreateSpec, ExportedHistory, Kernel
 from tenantflow.kernel.validate import check_tenant
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
@@ -36,6 +36,7 @@ STATUS_CODES: dict[type[errors.TenantflowError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
@@ -242,6 +243,28 @@ def instance_pb(record: InstanceRecord, steps: list[StepRecord] | None = None) -
     )  # fmt: skip
 
 
+HISTORY_FORMAT = "tenantflow.history.v1"
+
+
+def journal_entry_pb(step: StepRecord) -> pb.JournalEntry:
+    return pb.JournalEntry(
+        key=step.key, seq=step.seq, name=step.name, kind=step.kind, status=step.status, attempts=step.attempts,
+        output_json=step.output_json, event_type=step.event_type, wake_at=_ts(step.wake_at),
+        error=pb.Error(name=step.error_name, message=step.error_message) if step.error_name else None,
+    )  # fmt: skip
+
+
+def history_pb(exported: ExportedHistory) -> pb.History:
+    return pb.History(
+        format=HISTORY_FORMAT,
+        instance=instance_pb(exported.record, exported.steps),
+        journal=[journal_entry_pb(s) for s in exported.steps],
+        events=[pb.InboxEvent(sequence=e.seq, type=e.type, payload_json=e.payload_json, at=_ts(e.created_at),
+                              consumed_by=e.consumed_by) for e in exported.events],
+        timeline=[watch_pb(h) for h in exported.timeline],
+    )  # fmt: skip
+
+
 def watch_pb(entry: HistoryEntry) -> pb.WatchEvent:
     child = ""
     if entry.kind in ("child_created", "child_ended"):
@@ -314,6 +337,11 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
                 f"unknown status {request.status}: a tenantflow.v1.Status value, 0 for every status"
             )
         status = Status(request.status) if request.status else None
+        if request.workflow or request.created_after or request.created_before or request.include_count:
+            raise errors.Unimplemented(
+                "List filters by workflow and creation time, and counts, are not available in this kernel "
+                "yet: filter by status, or list every instance and filter on your side"
+            )
         # A page is read in chunks that fit LIST_PAGE_BYTES even if every instance carries the
         # largest params and output, and ends early once it holds that much: a page of 1,000
         # instances of 2 MiB each would be 2 GiB in memory, and past any client's message limit.
@@ -363,6 +391,27 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         async for entry in self.k.watch(request.tenant, request.id):
             yield watch_pb(entry)
 
+    async def ExportHistory(self, request: pb.InstanceRef, context: Any) -> pb.History:
+        exported = await self.k.export_history(request.tenant, request.id)
+        size = sum(len(s.output_json) for s in exported.steps) + sum(
+            len(e.payload_json) for e in exported.events
+        )
+        busy = (f"too many large histories are being read at once ({self.responses.used / MIB:.0f} MiB); "
+                "retry in a few seconds")  # fmt: skip
+        with self.responses.hold(size, busy):
+            message = history_pb(exported)
+        limit = self.k.config.response_bytes_limit
+        if (total := message.ByteSize()) > limit:
+            raise errors.ResourceExhausted(
+                f"the history of {request.id!r} is {total / MIB:.1f} MiB as a message, over the kernel's "
+                f"{limit / MIB:g} MiB response limit"
+            )
+        return message
+
+    async def Upgrade(self, request: pb.UpgradeRequest, context: Any) -> pb.UpgradeResponse:
+        check_tenant(request.tenant)
+        raise errors.Unimplemented("Upgrade is not available in this kernel yet: nothing was changed")
+
 
 class CodeServicer(pb_grpc.CodeServicer):
     """``tenantflow.v1.Code``."""
@@ -375,6 +424,10 @@ class CodeServicer(pb_grpc.CodeServicer):
             request.tenant, request.name, request.runtime, dict(request.files), context.time_remaining()
         )
         return pb.CodeVersion(ref=ref, runtime=runtime, workflows=workflows)
+
+    async def List(self, request: pb.ListCodeRequest, context: Any) -> pb.ListCodeResponse:
+        check_tenant(request.tenant)
+        raise errors.Unimplemented("listing published code is not available in this kernel yet")
 
 
 OVERLAP = {

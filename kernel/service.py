@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
@@ -77,12 +78,25 @@ class CreateSpec:
     schedule: str = ""  # set by a schedule's fire only
 
 
+TIMELINE_EXPORT_ENTRIES = 10_000  # an exported history keeps the end of a longer timeline
+
+
 @dataclass
 class InstanceView:
     """An instance with its journal, as ``Get`` returns it."""
 
     record: InstanceRecord
     steps: list[StepRecord]
+
+
+@dataclass
+class ExportedHistory:
+    """An instance's whole record, as ``ExportHistory`` returns it."""
+
+    record: InstanceRecord
+    steps: list[StepRecord]
+    events: list[EventRecord]  # consumed or not, oldest first
+    timeline: list[HistoryEntry]  # the last TIMELINE_EXPORT_ENTRIES, oldest first
 
 
 class Notifier:
@@ -345,6 +359,19 @@ class Kernel:
 
     async def history(self, tenant: str, id: str, after: int, limit: int = 500) -> list[HistoryEntry]:
         return await asyncio.to_thread(self.storage.get_history, tenant, id, after, limit)
+
+    async def export_history(self, tenant: str, id: str) -> ExportedHistory:
+        """The instance's journal and inbox (bounded by the state and inbox caps) and the end of its
+        timeline, for replay against other code."""
+        record = await self._record(tenant, id)
+        steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
+        events = await asyncio.to_thread(self.storage.get_events, tenant, id, unconsumed_only=False)
+        timeline: collections.deque[HistoryEntry] = collections.deque(maxlen=TIMELINE_EXPORT_ENTRIES)
+        after = 0
+        while page := await self.history(tenant, id, after, 1000):
+            timeline.extend(page)
+            after = page[-1].seq
+        return ExportedHistory(record, steps, events, list(timeline))
 
     # -- control ----------------------------------------------------------------------------------
     async def pause(self, tenant: str, id: str) -> InstanceRecord:

@@ -259,6 +259,11 @@ class Client:
         request = pb.SendEventRequest(tenant=tenant, id=id, type=type, payload_json=_json(payload))
         return int(self._call(self.workflows.SendEvent, request).sequence)
 
+    def export_history(self, tenant: str, id: str) -> pb.History:
+        """The instance's journal, inbox and timeline (``json_format.MessageToJson`` of it is what
+        ``tenantflow history export`` writes and ``tenantflow dev replay`` reads)."""
+        return self._call(self.workflows.ExportHistory, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
+
     def watch(self, tenant: str, id: str, timeout: float | None = None) -> Iterator[pb.WatchEvent]:
         """The instance's timeline from the start, then live, until it ends."""
         try:

@@ -60,7 +60,7 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "Workflows.Create": LOOKUP | {Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED},
     "Workflows.CreateBatch": LOOKUP | {Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED},
     "Workflows.Get": LOOKUP,
-    "Workflows.List": {Code.OK, Code.INVALID_ARGUMENT},
+    "Workflows.List": {Code.OK, Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED},  # filters not implemented yet
     "Workflows.Pause": CONTROL,
     "Workflows.Resume": CONTROL,
     "Workflows.Terminate": CONTROL,
@@ -68,7 +68,11 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "Workflows.SendEvent": CONTROL | {Code.RESOURCE_EXHAUSTED},
     "Workflows.Watch": LOOKUP,
     "Workflows.Delete": LOOKUP,
+    "Workflows.ExportHistory": LOOKUP | {Code.RESOURCE_EXHAUSTED},
+    # not implemented yet; the tenant is still checked first
+    "Workflows.Upgrade": {Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED},
     "Code.Publish": {Code.OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED},
+    "Code.List": {Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED},
     # Create checks as Workflows.Create does (tenant, workflow, code ref, params), then the schedule's own
     # fields; pausing a paused schedule or resuming a running one is no error.
     "Schedules.Create": LOOKUP | {Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED},
@@ -211,9 +215,13 @@ def strategies(ref: str, ids: list[str], steps: list[str]) -> dict[str, st.Searc
                 "status": st.integers(0, 8),
                 "page_size": st.integers(0, 1000),
                 "page_token": st.sampled_from(["", "1"]),
+                "workflow": st.just(""),
+                "include_count": st.just(False),
             },
             {
                 "tenant": tenants,
+                "workflow": texts(["W"]),
+                "include_count": st.booleans(),
                 "status": int32,
                 "page_size": int32,
                 "page_token": st.one_of(
@@ -242,6 +250,38 @@ def strategies(ref: str, ids: list[str], steps: list[str]) -> dict[str, st.Searc
         ),
         "Workflows.Watch": ref_of,
         "Workflows.Delete": ref_of,
+        "Workflows.ExportHistory": ref_of,
+        "Workflows.Upgrade": requests(
+            pb.UpgradeRequest,
+            {
+                "tenant": tenant,
+                "to_code": st.sampled_from(refs),
+                "ids": st.lists(instance, max_size=3),
+                "workflow": st.sampled_from(["", "Waiter"]),
+                "dry_run": st.booleans(),
+            },
+            {
+                "tenant": tenants,
+                "to_code": wild_refs,
+                "ids": st.lists(instances, max_size=3),
+                "workflow": texts(["W"]),
+            },
+        ),
+        "Code.List": requests(
+            pb.ListCodeRequest,
+            {
+                "tenant": tenant,
+                "name": st.sampled_from(["", "wf"]),
+                "page_size": st.integers(0, 1000),
+                "page_token": st.just(""),
+            },
+            {
+                "tenant": tenants,
+                "name": texts(["wf"]),
+                "page_size": int32,
+                "page_token": st.text(max_size=30),
+            },
+        ),
         "Code.Publish": requests(
             pb.PublishRequest,
             {

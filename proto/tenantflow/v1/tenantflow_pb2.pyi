@@ -119,18 +119,24 @@ class Error(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    TRACEBACK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """exception class name, e.g. "ValueError", "NonRetryableError" """
     message: _builtins.str
+    traceback: _builtins.str
+    """Where tenant code raised it: the tenant's own frames (file and line), not the SDK's, most
+    recent call last, at most 4 KiB. Empty for errors the kernel or the SDK raised.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         message: _builtins.str = ...,
+        traceback: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "name", b"name", "traceback", b"traceback"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,6 +212,7 @@ class Instance(_message.Message):
     ROLLBACK_FIELD_NUMBER: _builtins.int
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    PIN_CHANGES_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     id: _builtins.str
     workflow: _builtins.str
@@ -236,6 +243,10 @@ class Instance(_message.Message):
     def rollback(self) -> Global___Rollback:
         """unset until a rollback starts"""
 
+    @_builtins.property
+    def pin_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PinChange]:
+        """Upgrade's re-pins of this instance, oldest first"""
+
     def __init__(
         self,
         *,
@@ -256,14 +267,43 @@ class Instance(_message.Message):
         rollback: Global___Rollback | None = ...,
         concurrency_key: _builtins.str = ...,
         concurrency_limit: _builtins.int = ...,
+        pin_changes: _abc.Iterable[Global___PinChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "rollback", b"rollback"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_ids", b"child_ids", "code", b"code", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "created_at", b"created_at", "error", b"error", "id", b"id", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "rollback", b"rollback", "runtime", b"runtime", "status", b"status", "steps", b"steps", "tenant", b"tenant", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_ids", b"child_ids", "code", b"code", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "created_at", b"created_at", "error", b"error", "id", b"id", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "pin_changes", b"pin_changes", "rollback", b"rollback", "runtime", b"runtime", "status", b"status", "steps", b"steps", "tenant", b"tenant", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Instance: _TypeAlias = Instance  # noqa: Y015
+
+@_typing.final
+class PinChange(_message.Message):
+    """An instance moved to other code by Upgrade, after its journal replayed cleanly on it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_CODE_FIELD_NUMBER: _builtins.int
+    TO_CODE_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    from_code: _builtins.str
+    to_code: _builtins.str
+    at: _builtins.str
+    """RFC 3339 UTC"""
+    def __init__(
+        self,
+        *,
+        from_code: _builtins.str = ...,
+        to_code: _builtins.str = ...,
+        at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "from_code", b"from_code", "to_code", b"to_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinChange: _TypeAlias = PinChange  # noqa: Y015
 
 @_typing.final
 class Rollback(_message.Message):
@@ -448,13 +488,25 @@ class ListRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    INCLUDE_COUNT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     status: Global___Status.ValueType
     """STATUS_UNSPECIFIED lists every status"""
     page_size: _builtins.int
     """default 50, at most 1000"""
     page_token: _builtins.str
-    """from a previous ListResponse"""
+    """from a previous ListResponse (with the same filters)"""
+    workflow: _builtins.str
+    """only instances of this workflow class; empty: every class"""
+    created_after: _builtins.str
+    """RFC 3339; only instances created at or after it"""
+    created_before: _builtins.str
+    """RFC 3339; only instances created before it"""
+    include_count: _builtins.bool
+    """also count every instance the filters match (costs a query)"""
     def __init__(
         self,
         *,
@@ -462,10 +514,14 @@ class ListRequest(_message.Message):
         status: Global___Status.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        workflow: _builtins.str = ...,
+        created_after: _builtins.str = ...,
+        created_before: _builtins.str = ...,
+        include_count: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "include_count", b"include_count", "page_size", b"page_size", "page_token", b"page_token", "status", b"status", "tenant", b"tenant", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -477,8 +533,11 @@ class ListResponse(_message.Message):
 
     INSTANCES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_COUNT_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """empty on the last page"""
+    total_count: _builtins.int
+    """with include_count: instances the filters match, all pages"""
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Instance]:
         """without steps"""
@@ -488,10 +547,11 @@ class ListResponse(_message.Message):
         *,
         instances: _abc.Iterable[Global___Instance] | None = ...,
         next_page_token: _builtins.str = ...,
+        total_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "next_page_token", b"next_page_token", "total_count", b"total_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -504,20 +564,26 @@ class RestartRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     FROM_STEP_FIELD_NUMBER: _builtins.int
+    KEEP_CONSUMED_EVENTS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     id: _builtins.str
     from_step: _builtins.str
     """empty: from the start; else rerun from this step (and all after it)"""
+    keep_consumed_events: _builtins.bool
+    """Events the rerun steps consumed are spent by default (a restarted pipeline does not deploy
+    again on the old approval); true returns them to the inbox for the new run's waits.
+    """
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         id: _builtins.str = ...,
         from_step: _builtins.str = ...,
+        keep_consumed_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_step", b"from_step", "id", b"id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_step", b"from_step", "id", b"id", "keep_consumed_events", b"keep_consumed_events", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -588,7 +654,7 @@ class WatchEvent(_message.Message):
     at: _builtins.str
     """RFC 3339"""
     kind: _builtins.str
-    """status | step_started | step_completed | step_failed | step_retrying | sleeping | waiting | event | log | child_created | child_ended | rollback_started | rollback_completed | rollback_failed"""
+    """status | step_started | step_completed | step_failed | step_retrying | sleeping | waiting | event | log | child_created | child_ended | rollback_started | rollback_completed | rollback_failed | code_changed"""
     status: Global___Status.ValueType
     """for kind == status"""
     step: _builtins.str
@@ -664,10 +730,13 @@ class PublishRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
     runtime: _builtins.str
     """"python" (subprocess sandbox); others per installed sandboxes"""
+    strict: _builtins.bool
+    """refuse code with determinism hazards instead of warning"""
     @_builtins.property
     def files(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
         """module file name -> contents"""
@@ -679,14 +748,49 @@ class PublishRequest(_message.Message):
         name: _builtins.str = ...,
         runtime: _builtins.str = ...,
         files: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
+        strict: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "name", b"name", "runtime", b"runtime", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "name", b"name", "runtime", b"runtime", "strict", b"strict", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishRequest: _TypeAlias = PublishRequest  # noqa: Y015
+
+@_typing.final
+class CodeWarning(_message.Message):
+    """Something in the code that Publish accepted but a person should look at."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    file: _builtins.str
+    line: _builtins.int
+    kind: _builtins.str
+    """A determinism hazard in run() outside a step: clock | random | uuid | io | event_mutation |
+    dynamic_step_name; or ignored_class (a class without run next to a workflow)
+    """
+    message: _builtins.str
+    """what was found and what to do instead"""
+    def __init__(
+        self,
+        *,
+        file: _builtins.str = ...,
+        line: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "kind", b"kind", "line", b"line", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CodeWarning: _TypeAlias = CodeWarning  # noqa: Y015
 
 @_typing.final
 class CodeVersion(_message.Message):
@@ -695,27 +799,322 @@ class CodeVersion(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     WORKFLOWS_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PUBLISHED_AT_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """artifact://<tenant>/<name>@sha256:<hex>"""
     runtime: _builtins.str
+    name: _builtins.str
+    published_at: _builtins.str
+    """RFC 3339 UTC, when this digest was first published"""
     @_builtins.property
     def workflows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """entrypoint classes the code defines"""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___CodeWarning]: ...
     def __init__(
         self,
         *,
         ref: _builtins.str = ...,
         runtime: _builtins.str = ...,
         workflows: _abc.Iterable[_builtins.str] | None = ...,
+        warnings: _abc.Iterable[Global___CodeWarning] | None = ...,
+        name: _builtins.str = ...,
+        published_at: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "runtime", b"runtime", "workflows", b"workflows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "published_at", b"published_at", "ref", b"ref", "runtime", b"runtime", "warnings", b"warnings", "workflows", b"workflows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CodeVersion: _TypeAlias = CodeVersion  # noqa: Y015
+
+@_typing.final
+class ListCodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name: _builtins.str
+    """only versions of this name; empty: every name"""
+    page_size: _builtins.int
+    """default 50, at most 1000"""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCodeRequest: _TypeAlias = ListCodeRequest  # noqa: Y015
+
+@_typing.final
+class ListCodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___CodeVersion]:
+        """newest first"""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___CodeVersion] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCodeResponse: _TypeAlias = ListCodeResponse  # noqa: Y015
+
+@_typing.final
+class History(_message.Message):
+    """An instance's whole record, as `tenantflow history export` writes it (the JSON form is
+    protobuf's JSON mapping of this message) and `tenantflow dev replay` reads it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    JOURNAL_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    format: _builtins.str
+    """"tenantflow.history.v1" """
+    @_builtins.property
+    def instance(self) -> Global___Instance:
+        """with its steps as Get shows them"""
+
+    @_builtins.property
+    def journal(self) -> _containers.RepeatedCompositeFieldContainer[Global___JournalEntry]:
+        """what the kernel replays the workflow against, in record order"""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___InboxEvent]:
+        """the instance's inbox, consumed or not, oldest first"""
+
+    @_builtins.property
+    def timeline(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchEvent]:
+        """what Watch showed, oldest first"""
+
+    def __init__(
+        self,
+        *,
+        format: _builtins.str = ...,
+        instance: Global___Instance | None = ...,
+        journal: _abc.Iterable[Global___JournalEntry] | None = ...,
+        events: _abc.Iterable[Global___InboxEvent] | None = ...,
+        timeline: _abc.Iterable[Global___WatchEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "format", b"format", "instance", b"instance", "journal", b"journal", "timeline", b"timeline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___History: _TypeAlias = History  # noqa: Y015
+
+@_typing.final
+class JournalEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    OUTPUT_JSON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    WAKE_AT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """"<name>#<occurrence>", or "<forward key>#undo" / "#rollback" """
+    seq: _builtins.int
+    """record order"""
+    name: _builtins.str
+    kind: _builtins.str
+    """do | sleep | wait | create | wait_instance | undo | rollback"""
+    status: _builtins.str
+    attempts: _builtins.int
+    output_json: _builtins.str
+    event_type: _builtins.str
+    """for waits: the type waited for"""
+    wake_at: _builtins.str
+    """RFC 3339"""
+    @_builtins.property
+    def error(self) -> Global___Error: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        status: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        output_json: _builtins.str = ...,
+        error: Global___Error | None = ...,
+        event_type: _builtins.str = ...,
+        wake_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "event_type", b"event_type", "key", b"key", "kind", b"kind", "name", b"name", "output_json", b"output_json", "seq", b"seq", "status", b"status", "wake_at", b"wake_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournalEntry: _TypeAlias = JournalEntry  # noqa: Y015
+
+@_typing.final
+class InboxEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    CONSUMED_BY_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    type: _builtins.str
+    payload_json: _builtins.str
+    at: _builtins.str
+    """RFC 3339, when it was sent"""
+    consumed_by: _builtins.str
+    """the step key that consumed it; empty while unread"""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        type: _builtins.str = ...,
+        payload_json: _builtins.str = ...,
+        at: _builtins.str = ...,
+        consumed_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "consumed_by", b"consumed_by", "payload_json", b"payload_json", "sequence", b"sequence", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InboxEvent: _TypeAlias = InboxEvent  # noqa: Y015
+
+@_typing.final
+class UpgradeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    TO_CODE_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    to_code: _builtins.str
+    """the code ref to move to (an unpinned ref is pinned first)"""
+    workflow: _builtins.str
+    """with no ids: the workflow class whose live instances move"""
+    dry_run: _builtins.bool
+    """replay and report; change nothing"""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """these instances; empty: every live instance of `workflow`"""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        to_code: _builtins.str = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        workflow: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "ids", b"ids", "tenant", b"tenant", "to_code", b"to_code", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeRequest: _TypeAlias = UpgradeRequest  # noqa: Y015
+
+@_typing.final
+class UpgradeOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    FROM_CODE_FIELD_NUMBER: _builtins.int
+    TO_CODE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    from_code: _builtins.str
+    to_code: _builtins.str
+    result: _builtins.str
+    """upgraded | compatible (dry run: would be upgraded) | diverged (its journal does not replay
+    on the new code; left on its pin) | skipped (ended, already on the code, or busy)
+    """
+    reason: _builtins.str
+    """for diverged and skipped: why, naming the step"""
+    step: _builtins.str
+    """for diverged: the step recorded where the new code asked for another"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        from_code: _builtins.str = ...,
+        to_code: _builtins.str = ...,
+        result: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        step: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_code", b"from_code", "id", b"id", "reason", b"reason", "result", b"result", "step", b"step", "to_code", b"to_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeOutcome: _TypeAlias = UpgradeOutcome  # noqa: Y015
+
+@_typing.final
+class UpgradeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpgradeOutcome]: ...
+    def __init__(
+        self,
+        *,
+        instances: _abc.Iterable[Global___UpgradeOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeResponse: _TypeAlias = UpgradeResponse  # noqa: Y015
 
 @_typing.final
 class Schedule(_message.Message):
@@ -743,6 +1142,7 @@ class Schedule(_message.Message):
     SKIPPED_FIRES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    UPCOMING_FIRES_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
     """1-64 of letters, digits, '_' and '-'"""
@@ -770,6 +1170,10 @@ class Schedule(_message.Message):
     created_at: _builtins.str
     last_error: _builtins.str
     """why the last fire could not create its instance, if it could not"""
+    @_builtins.property
+    def upcoming_fires(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """RFC 3339 UTC: the next three fires (a wrong cron shows at once)"""
+
     def __init__(
         self,
         *,
@@ -791,10 +1195,11 @@ class Schedule(_message.Message):
         skipped_fires: _builtins.int = ...,
         created_at: _builtins.str = ...,
         last_error: _builtins.str = ...,
+        upcoming_fires: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["catchup", b"catchup", "catchup_window_seconds", b"catchup_window_seconds", "code", b"code", "created_at", b"created_at", "cron", b"cron", "fires", b"fires", "last_error", b"last_error", "last_fire", b"last_fire", "last_instance_id", b"last_instance_id", "name", b"name", "next_fire", b"next_fire", "overlap", b"overlap", "params_json", b"params_json", "paused", b"paused", "skipped_fires", b"skipped_fires", "tenant", b"tenant", "time_zone", b"time_zone", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catchup", b"catchup", "catchup_window_seconds", b"catchup_window_seconds", "code", b"code", "created_at", b"created_at", "cron", b"cron", "fires", b"fires", "last_error", b"last_error", "last_fire", b"last_fire", "last_instance_id", b"last_instance_id", "name", b"name", "next_fire", b"next_fire", "overlap", b"overlap", "params_json", b"params_json", "paused", b"paused", "skipped_fires", b"skipped_fires", "tenant", b"tenant", "time_zone", b"time_zone", "upcoming_fires", b"upcoming_fires", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

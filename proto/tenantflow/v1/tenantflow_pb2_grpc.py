@@ -89,6 +89,16 @@ class WorkflowsStub:
                 request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
                 response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.ExportHistory = channel.unary_unary(
+                '/tenantflow.v1.Workflows/ExportHistory',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.History.FromString,
+                _registered_method=True)
+        self.Upgrade = channel.unary_unary(
+                '/tenantflow.v1.Workflows/Upgrade',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.UpgradeRequest.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.UpgradeResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowsServicer:
@@ -161,6 +171,20 @@ class WorkflowsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportHistory(self, request, context):
+        """The instance's journal, inbox and timeline, for replay against new code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Upgrade(self, request, context):
+        """Re-pins live instances to new code, each only if its journal replays cleanly on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +242,16 @@ def add_WorkflowsServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.FromString,
                     response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ExportHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportHistory,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.History.SerializeToString,
+            ),
+            'Upgrade': grpc.unary_unary_rpc_method_handler(
+                    servicer.Upgrade,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.UpgradeRequest.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.UpgradeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -517,6 +551,60 @@ class Workflows:
             '/tenantflow.v1.Workflows/Delete',
             tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
             tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Workflows/ExportHistory',
+            tenantflow_dot_v1_dot_tenantflow__pb2.InstanceRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.History.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upgrade(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Workflows/Upgrade',
+            tenantflow_dot_v1_dot_tenantflow__pb2.UpgradeRequest.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.UpgradeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -832,6 +920,11 @@ class CodeStub:
                 request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.PublishRequest.SerializeToString,
                 response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.CodeVersion.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/tenantflow.v1.Code/List',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListCodeRequest.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListCodeResponse.FromString,
+                _registered_method=True)
 
 
 class CodeServicer:
@@ -843,6 +936,13 @@ class CodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """A tenant's published versions, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -850,6 +950,11 @@ def add_CodeServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.PublishRequest.FromString,
                     response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.CodeVersion.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListCodeRequest.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListCodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -879,6 +984,33 @@ class Code:
             '/tenantflow.v1.Code/Publish',
             tenantflow_dot_v1_dot_tenantflow__pb2.PublishRequest.SerializeToString,
             tenantflow_dot_v1_dot_tenantflow__pb2.CodeVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Code/List',
+            tenantflow_dot_v1_dot_tenantflow__pb2.ListCodeRequest.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.ListCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

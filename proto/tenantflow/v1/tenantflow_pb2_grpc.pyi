@@ -45,6 +45,10 @@ class WorkflowsStub:
     Watch: _grpc.UnaryStreamMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.WatchEvent]
     Delete: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.DeleteResponse]
     """Deletes the instance with its journal, events and history; a live one is terminated first."""
+    ExportHistory: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.History]
+    """The instance's journal, inbox and timeline, for replay against new code."""
+    Upgrade: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.UpgradeRequest, _tenantflow_pb2.UpgradeResponse]
+    """Re-pins live instances to new code, each only if its journal replays cleanly on it."""
 
 @_typing.type_check_only
 class WorkflowsAsyncStub(WorkflowsStub):
@@ -61,6 +65,10 @@ class WorkflowsAsyncStub(WorkflowsStub):
     Watch: _aio.UnaryStreamMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.WatchEvent]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.DeleteResponse]  # type: ignore[assignment]
     """Deletes the instance with its journal, events and history; a live one is terminated first."""
+    ExportHistory: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.InstanceRef, _tenantflow_pb2.History]  # type: ignore[assignment]
+    """The instance's journal, inbox and timeline, for replay against new code."""
+    Upgrade: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.UpgradeRequest, _tenantflow_pb2.UpgradeResponse]  # type: ignore[assignment]
+    """Re-pins live instances to new code, each only if its journal replays cleanly on it."""
 
 class WorkflowsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -140,6 +148,22 @@ class WorkflowsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tenantflow_pb2.DeleteResponse, _abc.Awaitable[_tenantflow_pb2.DeleteResponse]]:
         """Deletes the instance with its journal, events and history; a live one is terminated first."""
+
+    @_abc_1.abstractmethod
+    def ExportHistory(
+        self,
+        request: _tenantflow_pb2.InstanceRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.History, _abc.Awaitable[_tenantflow_pb2.History]]:
+        """The instance's journal, inbox and timeline, for replay against new code."""
+
+    @_abc_1.abstractmethod
+    def Upgrade(
+        self,
+        request: _tenantflow_pb2.UpgradeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.UpgradeResponse, _abc.Awaitable[_tenantflow_pb2.UpgradeResponse]]:
+        """Re-pins live instances to new code, each only if its journal replays cleanly on it."""
 
 def add_WorkflowsServicer_to_server(servicer: WorkflowsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -225,11 +249,15 @@ class CodeStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CodeAsyncStub: ...
     Publish: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.PublishRequest, _tenantflow_pb2.CodeVersion]
+    List: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.ListCodeRequest, _tenantflow_pb2.ListCodeResponse]
+    """A tenant's published versions, newest first."""
 
 @_typing.type_check_only
 class CodeAsyncStub(CodeStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Publish: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.PublishRequest, _tenantflow_pb2.CodeVersion]  # type: ignore[assignment]
+    List: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.ListCodeRequest, _tenantflow_pb2.ListCodeResponse]  # type: ignore[assignment]
+    """A tenant's published versions, newest first."""
 
 class CodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -238,5 +266,13 @@ class CodeServicer(metaclass=_abc_1.ABCMeta):
         request: _tenantflow_pb2.PublishRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tenantflow_pb2.CodeVersion, _abc.Awaitable[_tenantflow_pb2.CodeVersion]]: ...
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _tenantflow_pb2.ListCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.ListCodeResponse, _abc.Awaitable[_tenantflow_pb2.ListCodeResponse]]:
+        """A tenant's published versions, newest first."""
 
 def add_CodeServicer_to_server(servicer: CodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
