@@ -10,6 +10,7 @@ This module only starts wake-ups and lets control RPCs reach the active ones.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from tenantflow.kernel import metrics
@@ -36,6 +37,7 @@ class Engine:
         config: KernelConfig,
         spawn: Spawn,
         on_idle: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
         self.committer = committer
@@ -45,12 +47,14 @@ class Engine:
         self._on_idle = on_idle
         self.log_rate = TenantLogRate(config.tenant_log_lines_per_second, config.tenant_log_bytes_per_second)
         self._spawn = spawn  # step.create's way to the kernel's create path
+        self._clock = clock  # the step kinds' time (a local run skips it ahead)
 
     async def execute(self, record: InstanceRecord, fresh: bool = False) -> None:
         """Run one wake-up of ``record`` (``fresh``: created just now by this node, so it has no steps)."""
         key = (record.tenant, record.id)
         wake = WakeUp(record, config=self.config, storage=self.storage, committer=self.committer,
-                      catalog=self.catalog, log_rate=self.log_rate, spawn=self._spawn, fresh=fresh)  # fmt: skip
+                      catalog=self.catalog, log_rate=self.log_rate, spawn=self._spawn, fresh=fresh,
+                      clock=self._clock)  # fmt: skip
         self.active[key] = wake
         try:
             with metrics.wakeup(wake.journal):

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tenantflow.kernel import children, metrics, rollback, schedules
@@ -132,8 +132,14 @@ class Notifier:
 class Kernel:
     """Owns storage, sandboxes, loaders, the committer, the engine and the dispatcher."""
 
-    def __init__(self, config: KernelConfig | None = None, plugins: Plugins | None = None) -> None:
+    def __init__(
+        self,
+        config: KernelConfig | None = None,
+        plugins: Plugins | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config or KernelConfig()
+        self.clock = clock  # the step kinds' time: a local run (kernel/devrun.py) skips it ahead
         self.plugins = plugins or Plugins()
         self.storage: Storage
         self.catalog: CodeCatalog
@@ -146,8 +152,10 @@ class Kernel:
         self.sandboxes: dict[str, Sandbox] = {}
         self._started = False
 
-    async def start(self) -> None:
-        """Open storage, warm the sandboxes, reclaim this node's leases and start dispatching."""
+    async def start(self, dispatch: bool = True) -> None:
+        """Open storage, warm the sandboxes, reclaim this node's leases and start dispatching
+        (``dispatch=False``: nothing runs by itself, nor do schedules fire; a local run drives the
+        wake-ups)."""
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.storage = self.plugins.storage(self.config.resolved_storage_url(), self.config)
         sandboxes = self.sandboxes = self.plugins.sandboxes(self.config)
@@ -158,18 +166,26 @@ class Kernel:
         self.committer = Committer(self.storage, self.notifier.touch)
         self.committer.start()
         self.engine = Engine(
-            self.storage, self.committer, self.catalog, self.config, self._spawn, on_idle=self._poke
+            self.storage,
+            self.committer,
+            self.catalog,
+            self.config,
+            self._spawn,
+            on_idle=self._poke,
+            clock=self.clock,
         )
         self.dispatcher = Dispatcher(self.storage, self.engine, self.config)
         released = await asyncio.to_thread(self.storage.release_leases, self.config.node_id)
         if released:
             log.info("reclaimed %d instances this node was running when it stopped", released)
-        self.dispatcher.start()
+        if dispatch:
+            self.dispatcher.start()
         c = self.config
         limits = ScheduleLimits(c.tenant_max_schedules, c.tenant_schedule_fire_rate, c.tenant_schedule_fire_burst,
                                 c.schedule_min_interval)  # fmt: skip
         self.schedules = schedules.Schedules(self.storage, self._fire, c.node_id, limits)
-        self.schedules.start()
+        if dispatch:
+            self.schedules.start()
         self._sweepers = [
             asyncio.create_task(self.catalog.sweep_forever(), name="tenantflow-code-sweep"),
             asyncio.create_task(

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tenantflow.kernel import children, metrics, rollback, stepkinds
@@ -49,16 +50,22 @@ class WakeUp:
         log_rate: TenantLogRate,
         spawn: Spawn,
         fresh: bool = False,
+        clock: Callable[[], float] = time.time,
+        replay: bool = False,
     ) -> None:
         self.record = record
         self.config = config
         self.catalog = catalog
         self.fresh = fresh  # created just now by this node: no steps to read
+        # Replaying a history (kernel/replay.py): the guest replays what the journal settles, and the
+        # first step it does not settle is neither decided nor run; the wake-up ends there.
+        self.replay = replay
+        self.replay_stopped_at: tuple[str, str] | None = None  # (step name, kind)
         self.stopped = ""  # stopped by this wake-up itself (time-outs): record why
         self.logs = LogBudget(record.tenant, log_rate, config.max_log_lines_per_run,
                               config.max_log_bytes_per_run, config.log_flood_factor, self._flooded)  # fmt: skip
         self.journal = Journal(record, config, storage, committer, spawn,
-                               on_abort=self._cancel_sandbox, last_words=self._dropped_logs)  # fmt: skip
+                               on_abort=self._cancel_sandbox, last_words=self._dropped_logs, clock=clock)  # fmt: skip
         self._loop = asyncio.get_running_loop()
         self.sandbox_task: asyncio.Task[Any] | None = None
         self.wall = math.inf  # when this wake-up's wall-clock limit strikes (set once it runs)
@@ -96,7 +103,7 @@ class WakeUp:
             metrics.outcome(journal, "code_unavailable")
             journal.ended = True
             retry = journal.change(
-                set={"run_at": time.time() + CODE_RETRY_SECONDS, "lease_owner": None, "lease_until": None}
+                set={"run_at": journal.now() + CODE_RETRY_SECONDS, "lease_owner": None, "lease_until": None}
             )
             with contextlib.suppress(Stop):
                 await journal.commit(retry)
@@ -125,7 +132,7 @@ class WakeUp:
             "event": {"payload": json.loads(rec.params_json or "null"), "instance_id": rec.id,
                       "timestamp": iso(rec.created_at)},
             "journal": journal.guest_journal(),
-            "ahead": not journal.pause_requested,  # new steps may run ahead of their grant (see the runtime)
+            "ahead": not journal.pause_requested and not self.replay,  # new steps may run ahead of their grant (see the runtime)
         }  # fmt: skip
         rollback.prepare(journal, job)
         self.sandbox_task = asyncio.create_task(sandbox.run(job, self, self.config.limits))
@@ -139,6 +146,8 @@ class WakeUp:
         except Exception as exc:  # a broken sandbox must not take the kernel down
             log.exception("sandbox failed for %s/%s", rec.tenant, rec.id)
             detail = f"the sandbox failed: {exc}"
+        if journal.ended and not self.stopped:  # it reported its end: how the process went after is no news
+            detail = ""
         metrics.sandbox_ended(journal, code.bundle.runtime, detail, self.stopped)
         if journal.ended or journal.aborted:
             return
@@ -176,7 +185,7 @@ class WakeUp:
     async def _crashed(self, detail: str, late: list[str]) -> None:
         """The guest died or was stopped: charge the attempts in flight, then come back later."""
         journal = self.journal
-        now = time.time()
+        now = journal.now()
         steps: list[StepRecord] = []
         history: list[HistoryEntry] = []
         charged = late or list(journal.flights)
@@ -254,6 +263,12 @@ class WakeUp:
 
     async def _step(self, m: dict[str, Any]) -> dict[str, Any]:
         journal = self.journal
+        if self.replay:  # no decision, no attempt: nothing a replay does reaches the outside
+            self.replay_stopped_at = self.replay_stopped_at or (
+                _text(m.get("name", ""), 256),
+                _text(m.get("kind", ""), 32),
+            )
+            return {"do": "suspend"}
         if m["kind"] == "undo":  # keyed after its forward step, never a step of its own name
             return await rollback.undo(journal, m)
         kind, key, name = m["kind"], _valid_text(m["key"], "step key"), _valid_text(m["name"], "step name")

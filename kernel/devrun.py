@@ -1,0 +1,243 @@
+"""Local runs: a workflow through the real engine, against a throwaway store, with time skipped.
+
+``tenantflow dev run`` and the tenants' test kit (``tenantflow.testing``) drive a
+:class:`~tenantflow.kernel.service.Kernel` that runs nothing by itself: the driver claims what is
+due on a clock it owns and runs each wake-up in the same sandbox a kernel would use, delivers
+scripted events when a workflow first waits for their type, and, unless real time is asked for,
+moves the clock to the next timer when nothing is due, so a one-year sleep passes at once. Work a
+step does (``time.sleep`` inside a step) is real and is not skipped; durable time (sleeps, retry
+back-offs, event time-outs) is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+
+from tenantflow.kernel.config import KernelConfig
+from tenantflow.kernel.historyfile import RecordedHistory
+from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, Status, StepRecord
+from tenantflow.kernel.plugins import Plugins
+from tenantflow.kernel.replay import ReplayReport, replay
+from tenantflow.kernel.service import CreateSpec, Kernel
+
+TENANT = "dev"
+NODE = "dev"
+
+
+class SkippingClock:
+    """Wall-clock time plus the durable time skipped so far."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.skipped
+
+    def skip_to(self, when: float) -> None:
+        self.skipped += max(0.0, when - self())
+
+
+@dataclass(frozen=True)
+class ScriptedEvent:
+    """An event delivered when a workflow first waits for its ``type``."""
+
+    type: str
+    payload: object = None
+
+
+@dataclass
+class Outcome:
+    """How a local run ended: the instance, its steps and its timeline, and the time skipped."""
+
+    record: InstanceRecord
+    steps: list[StepRecord]
+    timeline: list[HistoryEntry]
+    skipped_seconds: float
+    stuck: str = ""  # why the run could not go on ("" once it ended)
+    undelivered: list[ScriptedEvent] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return self.record.status in TERMINAL
+
+    @property
+    def output(self) -> object:
+        return json.loads(self.record.output_json) if self.record.output_json else None
+
+
+def files_of(path: Path) -> dict[str, bytes]:
+    """A workflow file, or every ``.py`` file under a directory, as Publish takes them."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    if path.is_dir():
+        found = {
+            p.relative_to(path).as_posix(): p.read_bytes()
+            for p in sorted(path.rglob("*.py"))
+            if "__pycache__" not in p.parts
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        }
+        if found:
+            return found
+        raise ValueError(f"{path} holds no .py files")
+    raise ValueError(f"{path} does not exist")
+
+
+class LocalRun:
+    """A kernel of one's own over a throwaway SQLite store, driven by :meth:`drive`.
+
+    ``real_time``: sleeps and time-outs take their real time instead of being skipped.
+    ``config``: settings to change from the defaults (as :class:`KernelConfig` fields)."""
+
+    def __init__(
+        self,
+        *,
+        real_time: bool = False,
+        plugins: Plugins | None = None,
+        config: Mapping[str, object] | None = None,
+    ) -> None:
+        self.real_time = real_time
+        self.clock = SkippingClock()
+        self._plugins = plugins
+        self._config = dict(config or {})
+        self._dir: Path | None = None
+        self.kernel: Kernel
+
+    async def __aenter__(self) -> LocalRun:
+        self._dir = Path(tempfile.mkdtemp(prefix="tenantflow-dev-"))
+        config = replace(KernelConfig(data_dir=self._dir, node_id=NODE, retention_seconds=0), **self._config)  # type: ignore[arg-type]
+        self.kernel = Kernel(config, self._plugins, clock=self.clock)
+        try:
+            await self.kernel.start(dispatch=False)
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.kernel.stop()
+        finally:
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def publish(self, files: dict[str, bytes], runtime: str = "python", name: str = "dev") -> str:
+        """Publish the workflow's files (checked as a kernel checks them); return the pinned ref."""
+        ref, _, _ = await self.kernel.publish(TENANT, name, runtime, files, None)
+        return ref
+
+    async def start(self, workflow: str, ref: str, params: object = None, id: str = "") -> InstanceRecord:
+        spec = CreateSpec(workflow=workflow, code=ref, id=id, params_json=json.dumps(params))
+        return await self.kernel.create(TENANT, spec)
+
+    async def replay(self, history: RecordedHistory, ref: str) -> ReplayReport:
+        """Replay an exported history on ``ref`` (code this run published), without side effects."""
+        k = self.kernel
+        record = replace(history.record, tenant=TENANT)
+        return await replay(record, history.steps, history.events, ref, catalog=k.catalog, config=k.config,
+                            plugins=k.plugins)  # fmt: skip
+
+    async def drive(
+        self,
+        id: str,
+        events: Sequence[ScriptedEvent] = (),
+        on_entry: Callable[[HistoryEntry], None] | None = None,
+        timeout: float = 600.0,
+    ) -> Outcome:
+        """Run instance ``id`` (and the children it starts) until it ends, or until it cannot go on
+        (it waits for an event nobody will send, or is paused), or ``timeout`` seconds of real time."""
+        kernel, storage = self.kernel, self.kernel.storage
+        pending = list(events)
+        seen = 0
+        stuck = ""
+        give_up = time.monotonic() + timeout
+
+        async def emit() -> None:
+            nonlocal seen
+            while entries := await kernel.history(TENANT, id, seen):
+                seen = entries[-1].seq
+                if on_entry is not None:
+                    for entry in entries:
+                        on_entry(entry)
+
+        while True:
+            await self._deliver(pending)
+            due = await asyncio.to_thread(
+                storage.claim,
+                NODE,
+                self.clock(),
+                kernel.config.lease_seconds,
+                kernel.config.max_concurrent_runs,
+            )
+            if due:
+                await asyncio.gather(*(kernel.engine.execute(record) for record in due))
+                await emit()
+                continue
+            await emit()
+            record = (await kernel.get(TENANT, id)).record
+            if record.status in TERMINAL:
+                break
+            if record.status == Status.PAUSED:
+                stuck = "the instance is paused"
+                break
+            if time.monotonic() >= give_up:
+                stuck = f"the run did not end within {timeout:g} s"
+                break
+            next_at = await asyncio.to_thread(storage.next_run_at)
+            if next_at is None:
+                waits = await self._waits()
+                types = sorted({t for ts in waits.values() for t in ts})
+                stuck = (
+                    f"the workflow waits for an event of type {', '.join(map(repr, types))} that no scripted event supplies"
+                    if types
+                    else "nothing is due and nothing can wake the instance"
+                )
+                break
+            if self.real_time:
+                await asyncio.sleep(min(max(next_at - self.clock(), 0.0), 0.5))
+            else:
+                self.clock.skip_to(next_at)
+        view = await kernel.get(TENANT, id)
+        timeline: list[HistoryEntry] = []
+        after = 0
+        while page := await kernel.history(TENANT, id, after, 1000):
+            timeline.extend(page)
+            after = page[-1].seq
+        return Outcome(view.record, view.steps, timeline, self.clock.skipped, stuck, pending)
+
+    async def _waits(self) -> dict[str, set[str]]:
+        """The event types each waiting instance of the run waits for, by instance id."""
+        storage = self.kernel.storage
+        waits: dict[str, set[str]] = {}
+        cursor: str | None = None
+        while True:
+            page, cursor = await asyncio.to_thread(
+                storage.list_instances, TENANT, Status.WAITING, cursor, 100
+            )
+            for record in page:
+                steps = await asyncio.to_thread(storage.get_steps, TENANT, record.id)
+                types = {s.event_type for s in steps if s.status == "waiting" and s.kind == "wait"}
+                if types:
+                    waits[record.id] = types
+            if cursor is None:
+                return waits
+
+    async def _deliver(self, pending: list[ScriptedEvent]) -> None:
+        """Send each scripted event to the first instance waiting for its type, in script order."""
+        if not pending:
+            return
+        for id, types in (await self._waits()).items():
+            for event in list(pending):
+                if event.type in types:
+                    pending.remove(event)
+                    types.discard(event.type)
+                    await self.kernel.send_event(TENANT, id, event.type, json.dumps(event.payload))
