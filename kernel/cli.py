@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tenantflow.kernel.devcli import add_dev_parser
 from tenantflow.kernel.serve import COUNT_OR_ZERO, DEFAULT_ADDRESS, add_serve_parser
 
 
@@ -200,6 +201,18 @@ def _cmd_watch(args: argparse.Namespace) -> None:
         _print_instance(client.get(args.tenant, args.id))
 
 
+def _cmd_history_export(args: argparse.Namespace) -> None:
+    from google.protobuf import json_format
+
+    with _client(args) as client:
+        text = json_format.MessageToJson(client.export_history(args.tenant, args.id)) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote the history of {args.id} to {args.output}", file=sys.stderr)
+
+
 def _control(action: str) -> Any:
     def run(args: argparse.Namespace) -> None:
         with _client(args) as client:
@@ -321,6 +334,15 @@ def parser() -> argparse.ArgumentParser:
     c = client_parser("watch", "follow an instance's steps live until it ends")
     c.add_argument("id")
     c.set_defaults(func=_cmd_watch)
+    history = sub.add_parser("history", help="an instance's history, for replay against new code")
+    c = client_parser(
+        "export", "write an instance's journal, inbox and timeline as JSON (for tenantflow dev replay)",
+        history.add_subparsers(dest="history_command", required=True),
+    )  # fmt: skip
+    c.add_argument("id")
+    c.add_argument("--output", "-o", default="-", help="the file to write (default: standard output)")
+    c.set_defaults(func=_cmd_history_export)
+    add_dev_parser(sub, describe)
     for action in ("pause", "resume", "terminate", "restart", "delete"):
         c = client_parser(action, f"{action} an instance")
         c.add_argument("id")

@@ -249,7 +249,7 @@ class Kernel:
             raise ResourceExhausted(
                 f"a batch holds at most {self.config.max_batch} instances; got {len(specs)}"
             )
-        now = time.time()
+        now = self.clock()
         records: list[InstanceRecord] = []
         seen: set[str] = set()
         pins: dict[str, str] = {}
@@ -399,7 +399,7 @@ class Kernel:
                 )
             if record.status in (Status.PAUSED, Status.WAITING_FOR_PAUSE):
                 return record
-            now = time.time()
+            now = self.clock()
             leased = record.lease_owner is not None and (record.lease_until or 0) > now
             status = Status.WAITING_FOR_PAUSE if leased else Status.PAUSED
             change = Change(
@@ -419,7 +419,7 @@ class Kernel:
 
     async def resume(self, tenant: str, id: str) -> InstanceRecord:
         record = await self._record(tenant, id)
-        now = time.time()
+        now = self.clock()
         if record.status == Status.WAITING_FOR_PAUSE:
             change = Change(tenant=tenant, id=id, now=now, expect_status=frozenset({Status.WAITING_FOR_PAUSE}),
                             set={"status": Status.RUNNING},
@@ -462,7 +462,7 @@ class Kernel:
     async def _terminate_one(
         self, record: InstanceRecord, steps: list[StepRecord], roll_back: bool, *, notify: bool = True
     ) -> None:
-        tenant, id, now = record.tenant, record.id, time.time()
+        tenant, id, now = record.tenant, record.id, self.clock()
         started = next((s for s in steps if s.key == rollback.KEY), None)
         live = frozenset(set(Status) - TERMINAL)
         roll_back = roll_back and record.runtime in rollback.RUNTIMES
@@ -554,7 +554,7 @@ class Kernel:
                 raise NotFound(f"instance {id!r} has no step named {from_step!r}; its steps: {names}")
             delete_from = match.seq
             message = f"restarted from step {from_step!r}"
-        now = time.time()
+        now = self.clock()
         change = Change(
             tenant=tenant, id=id, now=now, bump_generation=True, delete_steps_from=delete_from,
             set={"status": Status.QUEUED, "run_at": now, "lease_owner": None, "lease_until": None,
@@ -588,7 +588,7 @@ class Kernel:
             raise FailedPrecondition(
                 f"instance {id!r} is {record.status.name.lower()}; it takes no more events"
             )
-        now = time.time()
+        now = self.clock()
         config = self.engine.config
         change = Change(
             tenant=tenant, id=id, now=now, expect_status=frozenset(set(Status) - TERMINAL),
