@@ -106,11 +106,13 @@ class CodeCatalog:
         loaders: dict[str, Loader],
         sandboxes: dict[str, Sandbox],
         config: KernelConfig,
+        unavailable: Callable[[str], str] = lambda wanted: "",
     ) -> None:
         self._storage = storage
         self._loaders = loaders
         self._sandboxes = sandboxes
         self._config = config
+        self._unavailable = unavailable  # why a runtime or scheme has no plugin (Plugins.unavailable)
         self._cache: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self.bytes = 0  # source bytes held by the cache
         self._loading: dict[tuple[str, str], asyncio.Task[LoadedCode]] = {}
@@ -124,7 +126,9 @@ class CodeCatalog:
     def sandbox(self, runtime: str) -> Sandbox:
         sandbox = self._sandboxes.get(runtime)
         if sandbox is None:
-            raise InvalidArgument(f"unknown runtime {runtime!r}; installed: {sorted(self._sandboxes)}")
+            raise InvalidArgument(
+                f"unknown runtime {runtime!r}; installed: {sorted(self._sandboxes)}{self._unavailable(runtime)}"
+            )
         return sandbox
 
     def inspect_now(self, runtime: str, files: Mapping[str, bytes]) -> dict[str, str]:
@@ -238,7 +242,9 @@ class CodeCatalog:
         scheme = scheme_of(ref)
         loader = self._loaders.get(scheme)
         if loader is None:
-            raise InvalidArgument(f"no code loader for {scheme!r} refs; installed: {sorted(self._loaders)}")
+            raise InvalidArgument(
+                f"no code loader for {scheme!r} refs; installed: {sorted(self._loaders)}{self._unavailable(scheme)}"
+            )
         return loader
 
     def pin(self, tenant: str, ref: str) -> str:

@@ -162,7 +162,7 @@ class Kernel:
         for sandbox in sandboxes.values():
             await sandbox.start()
         loaders = self.plugins.loaders(self.storage, self.config)
-        self.catalog = CodeCatalog(self.storage, loaders, sandboxes, self.config)
+        self.catalog = CodeCatalog(self.storage, loaders, sandboxes, self.config, self.plugins.unavailable)
         self.committer = Committer(self.storage, self.notifier.touch)
         self.committer.start()
         self.engine = Engine(
@@ -653,7 +653,10 @@ class Kernel:
             raise InvalidArgument(f"bad code name {excerpt(name)}: 1-100 of letters, digits, '_', '-', '.'")
         runtime = runtime or "python"
         if runtime not in self.sandboxes:
-            raise InvalidArgument(f"unknown runtime {excerpt(runtime)}; installed: {sorted(self.sandboxes)}")
+            raise InvalidArgument(
+                f"unknown runtime {excerpt(runtime)}; installed: {sorted(self.sandboxes)}"
+                + self.plugins.unavailable(runtime)
+            )
         check_files(files)
         ref, workflows = await self.catalog.publish_async(tenant, name, runtime, files, deadline)
         return ref, runtime, workflows

@@ -3,11 +3,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+
+# The [wasm] extra: without it this plugin fails at load, and the kernel names the extra when asked
+# for a wasm runtime (rather than failing at first use).
+import wasmtime  # noqa: F401
 
 from tenantflow.kernel import hookimpl
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.sandbox import Sandbox
+
+# componentize-py builds the python-wasm runner (not imported until then); it comes with wasmtime.
+if importlib.util.find_spec("componentize_py") is None:
+    raise ModuleNotFoundError("No module named 'componentize_py'", name="componentize_py")
 
 
 @hookimpl

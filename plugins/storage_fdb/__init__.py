@@ -3,6 +3,10 @@
 URLs: ``fdb://`` (the default cluster file), ``fdb:///etc/foundationdb/fdb.cluster``, with
 ``?api_version=730`` (730 and up) and ``?root=tenantflow`` (the subspace, so clusters can be shared);
 ``kv+lmdb:///path/to/dir`` (one machine, any number of kernels on it) with ``?map_size_mb=8192``.
+
+Needs the ``[fdb]`` extra (the FoundationDB binding and lmdb), imported at load (lmdb here, fdb
+through :mod:`.keys`): without it the plugin does not load, and the kernel names the extra when
+asked for ``fdb://`` or ``kv+lmdb://``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from tenantflow.kernel.errors import InvalidArgument
 from tenantflow.kernel.storage import Storage
 from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.layer import Layer
+from tenantflow.plugins.storage_fdb.lmdb_layer import LmdbLayer
 
 _OPTIONS = {"fdb": {"api_version", "root"}, "kv+lmdb": {"map_size_mb", "root"}}
 
@@ -45,8 +50,6 @@ def open_url(url: str) -> KVStorage:
     if parts.scheme == "kv+lmdb":
         if parts.netloc or not parts.path:
             raise InvalidArgument(f"storage URL {url!r} names no directory: use kv+lmdb:///path/to/dir")
-        from tenantflow.plugins.storage_fdb.lmdb_layer import LmdbLayer
-
         map_size = _int(url, options, "map_size_mb", 8192, 1) << 20
         layer = LmdbLayer(Path(parts.path), map_size=map_size)
     else:
