@@ -81,6 +81,21 @@ def _not_json(what: str) -> dict[str, str]:
         "languages cannot read: return null or a string instead")}  # fmt: skip
 
 
+MAX_TRACEBACK_BYTES = 4096
+
+
+def _traceback(raw: Any) -> str:
+    """A guest's traceback of its own frames, bounded to 4 KiB (its last lines kept: they say where)."""
+    if not isinstance(raw, str) or not raw:
+        return ""
+    text = _text(raw, 1 << 20).encode("utf-8")
+    if len(text) <= MAX_TRACEBACK_BYTES:
+        return text.decode("utf-8")
+    return "...\n" + text[-(MAX_TRACEBACK_BYTES - 4) :].decode("utf-8", "ignore")
+
+
 def _error(raw: Any, limit: int = 4096) -> dict[str, str]:
+    """A guest's error: ``name``, ``message`` and ``traceback`` (empty when it sent none)."""
     raw = raw if isinstance(raw, dict) else {}
-    return {"name": _text(raw.get("name") or "Error", 200), "message": _text(raw.get("message") or "", limit)}
+    return {"name": _text(raw.get("name") or "Error", 200), "message": _text(raw.get("message") or "", limit),
+            "traceback": _traceback(raw.get("traceback"))}  # fmt: skip

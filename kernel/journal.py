@@ -292,14 +292,17 @@ class Journal:
             self.riders.append(notice)
 
     async def end_errored(self, error: dict[str, str]) -> None:
-        """End the instance errored with ``error`` (name, message)."""
+        """End the instance errored with ``error`` (name, message, and traceback if any)."""
         metrics.outcome(self, "errored")
         self.ended = True
         self.notify_parent(Status.ERRORED)
         change = self.change(
             set={"status": Status.ERRORED, "error_name": error["name"], "error_message": error["message"],
+                 "error_traceback": error.get("traceback", ""),
                  "run_at": None, "lease_owner": None, "lease_until": None},
-            history=[self.status_entry(Status.ERRORED, f"{error['name']}: {error['message']}")],
+            history=[dataclasses.replace(
+                self.status_entry(Status.ERRORED, f"{error['name']}: {error['message']}"),
+                data_json=json.dumps({"traceback": error["traceback"]}) if error.get("traceback") else "")],
         )  # fmt: skip
         try:
             await self.commit(change)

@@ -50,6 +50,7 @@ class InstanceRecord:
     # a lease at once; storage's claim enforces it.
     concurrency_key: str = ""
     concurrency_limit: int = 0
+    error_traceback: str = ""  # the tenant's own frames where run() raised, at most 4 KiB
 
 
 @dataclass
@@ -97,6 +98,7 @@ class StepRecord:
     wake_at: float | None = None
     event_type: str = ""
     updated_at: float = 0.0
+    error_traceback: str = ""  # the tenant's own frames where the last attempt raised, at most 4 KiB
 
 
 @dataclass

@@ -212,7 +212,8 @@ def step_pb(step: StepRecord) -> pb.Step:
     occurrence = step.key.removesuffix(rollback.UNDO).rsplit("#", 1)[1]  # an undo: its forward step's
     return pb.Step(
         name=step.name, status=step.status, attempts=step.attempts, output_json=step.output_json,
-        error=pb.Error(name=step.error_name, message=step.error_message) if step.error_name else None,
+        error=pb.Error(name=step.error_name, message=step.error_message, traceback=step.error_traceback)
+        if step.error_name else None,
         kind=STEP_KINDS.get(step.kind, step.kind), occurrence=int(occurrence), wake_at=_ts(step.wake_at),
     )  # fmt: skip
 
@@ -235,7 +236,8 @@ def instance_pb(record: InstanceRecord, steps: list[StepRecord] | None = None) -
     return pb.Instance(
         tenant=record.tenant, id=record.id, workflow=record.workflow, code=record.code,
         status=pb.Status.ValueType(int(record.status)), output_json=record.output_json,
-        error=pb.Error(name=record.error_name, message=record.error_message) if record.error_name else None,
+        error=pb.Error(name=record.error_name, message=record.error_message, traceback=record.error_traceback)
+        if record.error_name else None,
         steps=[step_pb(s) for s in steps if s.key != rollback.KEY], created_at=_ts(record.created_at),
         updated_at=_ts(record.updated_at), params_json=record.params_json, runtime=record.runtime,
         parent_id=record.parent, child_ids=children.child_ids(steps), rollback=rollback_pb(record, steps),
@@ -250,7 +252,8 @@ def journal_entry_pb(step: StepRecord) -> pb.JournalEntry:
     return pb.JournalEntry(
         key=step.key, seq=step.seq, name=step.name, kind=step.kind, status=step.status, attempts=step.attempts,
         output_json=step.output_json, event_type=step.event_type, wake_at=_ts(step.wake_at),
-        error=pb.Error(name=step.error_name, message=step.error_message) if step.error_name else None,
+        error=pb.Error(name=step.error_name, message=step.error_message, traceback=step.error_traceback)
+        if step.error_name else None,
     )  # fmt: skip
 
 
@@ -293,7 +296,7 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
 
     def _instance(self, record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         """``instance_pb`` within the kernel's response budget and message limit, or ResourceExhausted."""
-        size = sum(len(s.output_json) + len(s.error_message) for s in steps)
+        size = sum(len(s.output_json) + len(s.error_message) + len(s.error_traceback) for s in steps)
         if size <= LIGHT_RESPONSE_BYTES:
             return self._fits(instance_pb(record, steps))
         busy = (f"too many large instances are being read at once ({self.responses.used / MIB:.0f} MiB); "

@@ -94,10 +94,14 @@ def fail_attempt(
     """Record a failed attempt on ``step`` (retrying or failed for good); return its history."""
     now = journal.now()
     step.error_name, step.error_message, step.updated_at = error["name"], error["message"], now
+    step.error_traceback = error.get("traceback", "")
     text = f"{error['name']}: {error['message']}"
     metrics.attempt_failed(journal, step, error, retry=retryable and step.attempts <= policy["limit"])
+    data: dict[str, Any] = {"final": not retryable or step.attempts > policy["limit"]}
+    if step.error_traceback:
+        data["traceback"] = step.error_traceback
     history = [journal.history("step_failed", step, attempt=step.attempts, message=text,
-                             data_json=json.dumps({"final": not retryable or step.attempts > policy["limit"]}))]  # fmt: skip
+                               data_json=json.dumps(data))]  # fmt: skip
     if not retryable or step.attempts > policy["limit"]:
         step.status, step.wake_at = "failed", None
         return history
@@ -123,7 +127,7 @@ async def result(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
             error = state_error
         else:
             step.status, step.output_json, step.updated_at = "complete", output, journal.now()
-            step.error_name = step.error_message = ""
+            step.error_name = step.error_message = step.error_traceback = ""
             entry = journal.history("step_completed", step, attempt=step.attempts)
             journal.state_bytes += len(output)  # before the commit: parallel steps count each other
             await journal.commit(journal.change(steps=[step], history=[entry]))
@@ -267,7 +271,7 @@ async def finish(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
         journal.notify_parent(Status.COMPLETE)
         change = journal.change(
             set={"status": Status.COMPLETE, "output_json": output, "error_name": "", "error_message": "",
-                 "run_at": None, "lease_owner": None, "lease_until": None},
+                 "error_traceback": "", "run_at": None, "lease_owner": None, "lease_until": None},
             history=[journal.status_entry(Status.COMPLETE)],
         )  # fmt: skip
         await journal.commit(change)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from tenantflow.workflow import _compose
 from tenantflow.workflow._callbacks import call_blocking, call_inline, invoke
 from tenantflow.workflow._durations import parse_duration, until
 from tenantflow.workflow._loop import GuestLoop
-from tenantflow.workflow._protocol import Core, step_policy
+from tenantflow.workflow._protocol import Core, check_callable, step_policy
+
+T = TypeVar("T")
 
 
 class AsyncStep:
@@ -20,6 +22,22 @@ class AsyncStep:
     def __init__(self, core: Core, loop: GuestLoop) -> None:
         self._core = core
         self._loop = loop
+        # Every step call's coroutine, to find those run() never awaited (they never ran).
+        self.calls: list[tuple[str, Coroutine[Any, Any, Any]]] = []
+
+    def _track(self, name: str, coro: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
+        self.calls.append((name, coro))
+        return coro
+
+    def never_awaited(self) -> list[str]:
+        """The names of step calls whose awaitable was never awaited (closed now, so Python does
+        not warn about them as well)."""
+        names = []
+        for name, coro in self.calls:
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()
+                names.append(name)
+        return names
 
     async def _block(self) -> None:
         self._core.blocked += 1
@@ -63,9 +81,16 @@ class AsyncStep:
             failure = exc
         return self._core.outcome(key, name, attempt, value, failure)
 
-    async def do(
+    def do(
         self, name: str, fn: Callable[..., Any], *, retries: Any = None, timeout: Any = None,
         rollback: Callable[..., Any] | None = None, rollback_config: Any = None,
+    ) -> Coroutine[Any, Any, Any]:  # fmt: skip
+        check_callable(name, fn)  # at the call, not in an attempt: no retry can fix it
+        return self._track(name, self._do(name, fn, retries, timeout, rollback, rollback_config))
+
+    async def _do(
+        self, name: str, fn: Callable[..., Any], retries: Any, timeout: Any,
+        rollback: Callable[..., Any] | None, rollback_config: Any,
     ) -> Any:  # fmt: skip
         _compose.check_rollback(name, rollback, rollback_config)
         key, entry = self._core.begin(name, "do")
@@ -84,9 +109,12 @@ class AsyncStep:
         value = await self._drive(key, name, "do", reply, fn)
         return _compose.register(self._core, key, rollback, rollback_config, value)
 
-    async def create(
+    def create(
         self, name: str, workflow: str, *, code: str | None = None, params: Any = None, id: str | None = None
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
+        return self._track(name, self._create(name, workflow, code, params, id))
+
+    async def _create(self, name: str, workflow: str, code: str | None, params: Any, id: str | None) -> Any:
         key, entry = self._core.begin(name, "create")
         if self._core.settled(entry):
             return self._core.replay(name, entry)
@@ -97,7 +125,10 @@ class AsyncStep:
         )
         return await self._drive(key, name, "create", self._core.call(message), None)
 
-    async def wait_for_instance(self, name: str, id: str, *, timeout: Any = None) -> Any:
+    def wait_for_instance(self, name: str, id: str, *, timeout: Any = None) -> Coroutine[Any, Any, Any]:
+        return self._track(name, self._wait_for_instance(name, id, timeout))
+
+    async def _wait_for_instance(self, name: str, id: str, timeout: Any) -> Any:
         key, entry = self._core.begin(name, "wait_instance")
         if self._core.settled(entry):
             return self._core.replay(name, entry)
@@ -106,11 +137,11 @@ class AsyncStep:
         message = _compose.wait_message(key, name, id, timeout)
         return await self._drive(key, name, "wait_instance", self._core.call(message), None)
 
-    async def sleep(self, name: str, duration: Any) -> None:
-        await self._sleep(name, {"seconds": parse_duration(duration)})
+    def sleep(self, name: str, duration: Any) -> Coroutine[Any, Any, None]:
+        return self._track(name, self._sleep(name, {"seconds": parse_duration(duration)}))
 
-    async def sleep_until(self, name: str, when: Any) -> None:
-        await self._sleep(name, {"until": until(when)})
+    def sleep_until(self, name: str, when: Any) -> Coroutine[Any, Any, None]:
+        return self._track(name, self._sleep(name, {"until": until(when)}))
 
     async def _sleep(self, name: str, when: dict[str, float]) -> None:
         key, entry = self._core.begin(name, "sleep")
@@ -121,8 +152,11 @@ class AsyncStep:
         reply = self._core.call({"op": "step", "kind": "sleep", "key": key, "name": name, **when})
         await self._drive(key, name, "sleep", reply, None)
 
-    async def wait_for_event(self, name: str, *, type: str, timeout: Any = None) -> Any:
+    def wait_for_event(self, name: str, *, type: str, timeout: Any = None) -> Coroutine[Any, Any, Any]:
         _compose.check_event_type(type)
+        return self._track(name, self._wait_for_event(name, type, timeout))
+
+    async def _wait_for_event(self, name: str, type: str, timeout: Any) -> Any:
         key, entry = self._core.begin(name, "wait")
         if self._core.settled(entry):
             return _compose.event(self._core.replay(name, entry))

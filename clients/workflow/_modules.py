@@ -5,9 +5,13 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import linecache
 import sys
 import types
 from collections.abc import Sequence
+
+# The tenant's file paths: a traceback keeps only their frames (the SDK's are not the author's).
+TENANT_FILES: set[str] = set()
 
 
 def module_name(path: str) -> str:
@@ -41,5 +45,9 @@ class _MemoryFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install_modules(files: dict[str, str]) -> None:
-    """Make the tenant's files importable by module name."""
+    """Make the tenant's files importable by module name, their lines readable by tracebacks."""
+    for path, source in files.items():
+        if path.endswith(".py"):
+            TENANT_FILES.add(path)
+            linecache.cache[path] = (len(source), None, source.splitlines(keepends=True), path)
     sys.meta_path.insert(0, _MemoryFinder(files))

@@ -31,6 +31,7 @@ Keys are ``"<name>#<occurrence>"``. Durations are seconds; ``until`` is epoch se
 
 from __future__ import annotations
 
+import inspect
 import json
 import traceback
 from collections.abc import Callable
@@ -40,8 +41,10 @@ from tenantflow.workflow import _compose
 from tenantflow.workflow._api import EventTimeoutError, NonRetryableError, StepError
 from tenantflow.workflow._durations import parse_duration
 from tenantflow.workflow._loop import GuestLoop
+from tenantflow.workflow._modules import TENANT_FILES
 
 MAX_VALUE_BYTES = 1024 * 1024
+MAX_TRACEBACK_BYTES = 4096
 _BACKOFFS = ("constant", "linear", "exponential")
 
 
@@ -66,8 +69,27 @@ def error_dict(exc: BaseException, *, with_traceback: bool = True) -> dict[str, 
     # Bounded like the kernel keeps it, so a huge message never exceeds the kernel's message limit.
     info: dict[str, Any] = {"name": type(exc).__name__[:200], "message": str(exc)[:16384]}
     if with_traceback:
-        info["traceback"] = "".join(traceback.format_exception(exc)[-6:])[-4000:]
+        info["traceback"] = tenant_traceback(exc)
     return info
+
+
+def tenant_traceback(exc: BaseException) -> str:
+    """Where the tenant's code raised ``exc``: only the frames of the tenant's own files, most
+    recent call last, at most 4 KiB (the oldest frames go first); empty if none of its frames is
+    the tenant's (the SDK raised it)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in TENANT_FILES]
+    if not frames:
+        return ""
+    head = "Traceback (most recent call last):\n"
+    tail = "".join(traceback.format_exception_only(exc))
+    if len(tail) > 1024:  # a huge message: the kernel keeps it whole in Error.message
+        tail = tail[:1020] + "...\n"
+    lines = traceback.format_list(frames)
+    text = head + "".join(lines) + tail
+    while len(text.encode("utf-8", "surrogatepass")) > MAX_TRACEBACK_BYTES and len(lines) > 1:
+        lines = lines[1:]
+        text = head + "  ...\n" + "".join(lines) + tail
+    return text.encode("utf-8", "surrogatepass")[:MAX_TRACEBACK_BYTES].decode("utf-8", "ignore")
 
 
 # -- the step core shared by sync and async workflows ----------------------------------------
@@ -212,6 +234,22 @@ class Core:
             return message
         message.update(ok=True, value=value)
         return message
+
+
+def check_callable(name: str, fn: Any) -> None:
+    """``TypeError`` at the ``step.do`` call for a ``fn`` no attempt could call: it fails the run at
+    once instead of being retried with back-off."""
+    if callable(fn):
+        return
+    if inspect.isawaitable(fn):
+        if inspect.iscoroutine(fn):
+            fn.close()  # it never runs: Python would warn that it was never awaited
+        raise TypeError(
+            f"step {name!r}: step.do needs a function to call, got {type(fn).__name__} (the result of "
+            f"calling one?): pass the function itself, e.g. step.do({name!r}, fetch) or "
+            f"step.do({name!r}, lambda: fetch(url))"
+        )
+    raise TypeError(f"step {name!r}: step.do needs a function to call, got {type(fn).__name__}")
 
 
 def step_policy(name: str, retries: dict[str, Any] | None, timeout: Any) -> dict[str, Any]:

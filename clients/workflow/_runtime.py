@@ -90,6 +90,13 @@ def _finish(transport: Transport, value: Any) -> None:
     transport.call({"op": "finish", "ok": True, "value": value})
 
 
+def _never_awaited(names: list[str]) -> dict[str, Any]:
+    listed = ", ".join(repr(n) for n in dict.fromkeys(names))
+    return {"name": "StepNotAwaited", "message": (
+        f"step {listed} was called but never awaited, so it never ran: write "
+        f"`await step.do(...)`, or pass it to asyncio.gather")}  # fmt: skip
+
+
 def run_job(job: dict[str, Any], transport: Transport, *, threads: bool = True) -> None:
     """Run one wake-up of ``job`` (files, module, workflow, event, journal) and report how it ended."""
     stdout, stderr = sys.stdout, sys.stderr
@@ -126,8 +133,12 @@ def _run(job: dict[str, Any], transport: Transport, threads: bool) -> None:
         loop = GuestLoop(threads=threads)  # type: ignore[abstract]
         core = Core(job, transport, loop)
         _replay_aware(core)
-        task = loop.run(workflow.run(event, AsyncStep(core, loop)))
+        step = AsyncStep(core, loop)
+        task = loop.run(workflow.run(event, step))
         raised = task.exception() if task.done() and not task.cancelled() else None
+        if task.done() and (lost := step.never_awaited()) and raised is None and not core.fatal:
+            transport.call({"op": "finish", "ok": False, "error": _never_awaited(lost)})
+            return
         if _compose.should_roll_back(core, raised is not None and not isinstance(raised, Suspend)):
             _compose.roll_back(core, raised)
             return

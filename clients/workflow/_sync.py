@@ -8,7 +8,7 @@ from typing import Any
 from tenantflow.workflow import _compose
 from tenantflow.workflow._callbacks import call_blocking
 from tenantflow.workflow._durations import parse_duration, until
-from tenantflow.workflow._protocol import Core, Suspend, step_policy
+from tenantflow.workflow._protocol import Core, Suspend, check_callable, step_policy
 
 
 class SyncStep:
@@ -46,6 +46,7 @@ class SyncStep:
         self, name: str, fn: Callable[..., Any], *, retries: Any = None, timeout: Any = None,
         rollback: Callable[..., Any] | None = None, rollback_config: Any = None,
     ) -> Any:  # fmt: skip
+        check_callable(name, fn)  # at the call, not in an attempt: no retry can fix it
         _compose.check_rollback(name, rollback, rollback_config)
         key, entry = self._core.begin(name, "do")
         if self._core.settled(entry):

@@ -54,8 +54,9 @@ from tenantflow.plugins.storage_fdb.records import (
 )
 
 _SETTABLE = frozenset(
-    {"status", "output_json", "error_name", "error_message", "run_at", "lease_owner", "lease_until"}
-)
+    {"status", "output_json", "error_name", "error_message", "error_traceback", "run_at", "lease_owner",
+     "lease_until"}
+)  # fmt: skip
 PAGE = 100  # instances deleted or released per transaction
 _INSTANCE_OVERHEAD = 2_000  # bytes of keys and index entries an instance write adds
 # FoundationDB errors after which a commit may have applied: commit_unknown_result (past the retry
@@ -65,7 +66,10 @@ _MAYBE_COMMITTED = frozenset({1021, 1031, 1039})
 
 def _change_bytes(ch: Change) -> int:
     total = _INSTANCE_OVERHEAD + sum(size(str(v)) for v in ch.set.values())
-    total += sum(size(s.output_json) + size(s.error_message) + size(s.key) + 300 for s in ch.steps)
+    total += sum(
+        size(s.output_json) + size(s.error_message) + size(s.error_traceback) + size(s.key) + 300
+        for s in ch.steps
+    )
     total += sum(size(e.payload_json) + size(e.type) + 200 for e in ch.add_events)
     return total + sum(size(h.message) + size(h.data_json) + 200 for h in ch.history)
 
@@ -184,7 +188,7 @@ class KVStorage:
                         conc if r.concurrency_key or r.concurrency_limit else None)  # fmt: skip
             tr.set(k.inst(r.tenant, r.id, "h"), head.encode())
             put_blob(tr, k.inst(r.tenant, r.id, "e"), dumps({f: getattr(r, f) for f in ENVELOPE}))
-            if r.output_json or r.error_name or r.error_message:
+            if r.output_json or r.error_name or r.error_message or r.error_traceback:
                 put_blob(tr, k.inst(r.tenant, r.id, "o"), dumps({f: getattr(r, f) for f in RESULT}))
             reindex(tr, k, r.tenant, r.id, None, head)
             tr.set(k.inst(r.tenant, r.id, "wi"), b"")  # its waiting steps are indexed (see _waits_for)

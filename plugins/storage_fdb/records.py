@@ -66,7 +66,7 @@ ENVELOPE = (
     "params_json",
     "parent",
 )  # parent: absent in older records
-RESULT = ("output_json", "error_name", "error_message")
+RESULT = ("output_json", "error_name", "error_message", "error_traceback")  # traceback: absent in older
 
 
 def record(
@@ -75,7 +75,8 @@ def record(
     return InstanceRecord(
         tenant=tenant, id=id, **envelope, status=head.status,
         output_json=result.get("output_json", ""), error_name=result.get("error_name", ""),
-        error_message=result.get("error_message", ""), created_at=head.created_at,
+        error_message=result.get("error_message", ""), error_traceback=result.get("error_traceback", ""),
+        created_at=head.created_at,
         updated_at=head.updated_at, run_at=head.run_at, generation=head.generation,
         lease_owner=head.lease_owner, lease_until=head.lease_until,
         concurrency_key=head.conc[1] if head.conc else "", concurrency_limit=head.conc[2] if head.conc else 0,

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS history (
 -- are added by engine.py (_migrate), so databases made before them get them too.
 -- Inbox caps and waits: events.bytes and the indexes events_unread (a wait's event, the inbox's
 -- count and bytes) and steps_waiting (whether an event wakes the instance), likewise.
+-- Tenant tracebacks: instances.error_traceback and steps.error_traceback, likewise.
 
 CREATE TABLE IF NOT EXISTS schedules (
     tenant TEXT NOT NULL, name TEXT NOT NULL,

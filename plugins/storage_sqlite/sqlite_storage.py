@@ -39,15 +39,19 @@ from tenantflow.plugins.storage_sqlite import schedules
 _INSTANCE_COLUMNS = (
     "tenant, id, workflow, code, runtime, module, params_json, status, output_json, error_name, "
     "error_message, created_at, updated_at, run_at, generation, lease_owner, lease_until, parent, "
-    "conc_key, conc_limit"
+    "conc_key, conc_limit, error_traceback"
 )
 _SETTABLE = frozenset(
-    {"status", "output_json", "error_name", "error_message", "run_at", "lease_owner", "lease_until"}
-)
+    {"status", "output_json", "error_name", "error_message", "error_traceback", "run_at", "lease_owner",
+     "lease_until"}
+)  # fmt: skip
 # Terminal statuses as SQL, "4, 5, 6": the same text as the partial index instances_ended, so
 # SQLite uses it.
 _ENDED = ", ".join(str(int(s)) for s in sorted(TERMINAL))
-_STEP_COLUMNS = "key, seq, name, kind, status, attempts, output_json, error_name, error_message, wake_at, event_type, updated_at"
+_STEP_COLUMNS = (
+    "key, seq, name, kind, status, attempts, output_json, error_name, error_message, wake_at, event_type, "
+    "updated_at, error_traceback"
+)
 
 
 def parse_url(url: str) -> tuple[Path, str]:
@@ -70,7 +74,7 @@ def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
         params_json=row[6], status=Status(row[7]), output_json=row[8], error_name=row[9],
         error_message=row[10], created_at=row[11], updated_at=row[12], run_at=row[13],
         generation=row[14], lease_owner=row[15], lease_until=row[16], parent=row[17],
-        concurrency_key=row[18], concurrency_limit=row[19],
+        concurrency_key=row[18], concurrency_limit=row[19], error_traceback=row[20],
     )  # fmt: skip
 
 
@@ -129,6 +133,12 @@ class SQLiteStorage:
             "CREATE INDEX IF NOT EXISTS instances_limited_leased ON instances (tenant, workflow, conc_key) "
             "WHERE conc_limit > 0 AND lease_owner IS NOT NULL"
         )
+        # Tenant tracebacks (Error.traceback) on instances and steps.
+        if "error_traceback" not in columns:
+            self._writer.execute("ALTER TABLE instances ADD COLUMN error_traceback TEXT NOT NULL DEFAULT ''")
+        steps = {row[1] for row in self._writer.execute("PRAGMA table_info(steps)")}
+        if "error_traceback" not in steps:
+            self._writer.execute("ALTER TABLE steps ADD COLUMN error_traceback TEXT NOT NULL DEFAULT ''")
         events = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
         if "bytes" not in events:
             self._writer.execute("ALTER TABLE events ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
@@ -215,12 +225,12 @@ class SQLiteStorage:
             for record in records:
                 try:
                     conn.execute(
-                        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({', '.join('?' * 20)})",
+                        f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES ({', '.join('?' * 21)})",
                         (record.tenant, record.id, record.workflow, record.code, record.runtime, record.module,
                          record.params_json, int(record.status), record.output_json, record.error_name,
                          record.error_message, record.created_at, record.updated_at, record.run_at,
                          record.generation, record.lease_owner, record.lease_until, record.parent,
-                         record.concurrency_key, record.concurrency_limit),
+                         record.concurrency_key, record.concurrency_limit, record.error_traceback),
                     )  # fmt: skip
                 except sqlite3.IntegrityError:
                     raise AlreadyExists(
@@ -262,7 +272,7 @@ class SQLiteStorage:
         rows = self._reader().execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [_instance(r) for r in rows], (str(rows[-1][20]) if more and rows else None)
+        return [_instance(r) for r in rows], (str(rows[-1][21]) if more and rows else None)
 
     def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
         rows = (
@@ -352,9 +362,10 @@ class SQLiteStorage:
     def _steps(self, conn: sqlite3.Connection, ch: Change) -> None:
         if ch.steps:
             conn.executemany(
-                f"INSERT OR REPLACE INTO steps (tenant, id, {_STEP_COLUMNS}) VALUES ({', '.join('?' * 14)})",
+                f"INSERT OR REPLACE INTO steps (tenant, id, {_STEP_COLUMNS}) VALUES ({', '.join('?' * 15)})",
                 [(ch.tenant, ch.id, s.key, s.seq, s.name, s.kind, s.status, s.attempts, s.output_json,
-                  s.error_name, s.error_message, s.wake_at, s.event_type, s.updated_at) for s in ch.steps],
+                  s.error_name, s.error_message, s.wake_at, s.event_type, s.updated_at, s.error_traceback)
+                 for s in ch.steps],
             )  # fmt: skip
 
     def _apply_one(self, conn: sqlite3.Connection, ch: Change) -> ApplyResult:

@@ -103,6 +103,26 @@ def test_artifacts_are_immutable_and_latest_is_the_last_published(storage: Stora
     assert storage.get_artifact("other", "code", None) is None
 
 
+def test_tracebacks_of_instances_and_steps_round_trip_and_clear(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a")], [entry()])
+    tb = "Traceback (most recent call last):\n  File \"wf.py\", line 3, in run\nKeyError: 'by'\n" * 40
+    step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="failed", attempts=1,
+                      error_name="KeyError", error_message="'by'", error_traceback=tb)  # fmt: skip
+    failed = Change(tenant="t", id="a", now=time.time(), steps=[step],
+                    set={"status": Status.ERRORED, "error_name": "KeyError", "error_message": "'by'",
+                         "error_traceback": tb})  # fmt: skip
+    assert [r.ok for r in storage.apply([failed])] == [True]
+    assert storage.get_instance("t", "a").error_traceback == tb  # type: ignore[union-attr]
+    assert [s.error_traceback for s in storage.get_steps("t", "a")] == [tb]
+    listed, _ = storage.list_instances("t", None, None, 10)
+    assert [r.error_traceback for r in listed] == [tb]
+    cleared = Change(
+        tenant="t", id="a", now=time.time(), set={"status": Status.QUEUED, "error_traceback": ""}
+    )
+    assert [r.ok for r in storage.apply([cleared])] == [True]
+    assert storage.get_instance("t", "a").error_traceback == ""  # type: ignore[union-attr]
+
+
 def test_create_is_all_or_nothing_per_tenant(storage: Storage) -> None:
     storage.create_instances([instance("t", "a"), instance("t", "b")], [entry(), entry()])
     with pytest.raises(AlreadyExists, match="'b' already exists"):
