@@ -126,6 +126,10 @@ class LocalRun:
     ) -> None:
         try:
             await self.kernel.stop()
+            # let what the kernel left running (a sandbox cleaning up after its last run) finish
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if others:
+                await asyncio.wait(others, timeout=10)
         finally:
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
