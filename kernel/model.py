@@ -147,6 +147,18 @@ class Artifact:
 
 
 @dataclass
+class ArtifactVersion:
+    """A published version as ``Code.List`` shows it: an :class:`Artifact` without its files."""
+
+    tenant: str
+    name: str
+    digest: str
+    runtime: str
+    workflows: dict[str, str]
+    created_at: float  # when this digest was first published
+
+
+@dataclass
 class Change:
     """An atomic, guarded update of one instance. Storage applies a batch of these in one commit.
 

@@ -15,9 +15,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tenantflow.kernel import children, errors, metrics, rollback
+from tenantflow.kernel import children, codelist, errors, metrics, rollback
 from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFlight
 from tenantflow.kernel.auth import Tokens
+from tenantflow.kernel.code import artifact_ref
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, ExportedHistory, Kernel
 from tenantflow.kernel.validate import check_tenant
@@ -426,11 +427,20 @@ class CodeServicer(pb_grpc.CodeServicer):
         ref, runtime, workflows = await self.k.publish(
             request.tenant, request.name, request.runtime, dict(request.files), context.time_remaining()
         )
-        return pb.CodeVersion(ref=ref, runtime=runtime, workflows=workflows)
+        newest, _ = await codelist.list_code(self.k.storage, request.tenant, request.name, 1, "")
+        at = newest[0].created_at if newest and ref.endswith(newest[0].digest) else None
+        return pb.CodeVersion(
+            ref=ref, runtime=runtime, workflows=workflows, name=request.name, published_at=_ts(at)
+        )
 
     async def List(self, request: pb.ListCodeRequest, context: Any) -> pb.ListCodeResponse:
-        check_tenant(request.tenant)
-        raise errors.Unimplemented("listing published code is not available in this kernel yet")
+        found, token = await codelist.list_code(
+            self.k.storage, request.tenant, request.name, request.page_size, request.page_token
+        )
+        versions = [pb.CodeVersion(ref=artifact_ref(v.tenant, v.name, v.digest), runtime=v.runtime,
+                                   workflows=sorted(v.workflows), name=v.name, published_at=_ts(v.created_at))
+                    for v in found]  # fmt: skip
+        return pb.ListCodeResponse(versions=versions, next_page_token=token)
 
 
 OVERLAP = {

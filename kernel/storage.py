@@ -14,6 +14,7 @@ from typing import Protocol
 from tenantflow.kernel.model import (
     ApplyResult,
     Artifact,
+    ArtifactVersion,
     Change,
     EventRecord,
     HistoryEntry,
@@ -33,6 +34,14 @@ class Storage(Protocol):
 
     def get_artifact(self, tenant: str, name: str, digest: str | None) -> Artifact | None:
         """The artifact with ``digest``, or the latest published under ``name`` when ``digest`` is None."""
+        ...
+
+    def list_artifacts(
+        self, tenant: str, name: str | None, cursor: str | None, limit: int
+    ) -> tuple[list[ArtifactVersion], str | None]:
+        """The tenant's published versions (only ``name``'s when given), the most recently published
+        first (publishing a version again makes it the newest); returns the page and the cursor of
+        the next page (None on the last). A cursor is decimal digits, perhaps with a leading ``-``."""
         ...
 
     def create_instances(

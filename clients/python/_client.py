@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -13,12 +14,43 @@ import grpc
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
 
-Status = pb.Status
-TERMINAL = frozenset({pb.STATUS_COMPLETE, pb.STATUS_ERRORED, pb.STATUS_TERMINATED})
+
+class Status(enum.IntEnum):
+    """An instance's status: equal to the ``tenantflow.v1.Status`` number an ``Instance`` carries,
+    and read as its name: ``str(Status(inst.status))`` is ``"waiting"``."""
+
+    UNSPECIFIED = 0
+    QUEUED = 1
+    RUNNING = 2
+    PAUSED = 3
+    ERRORED = 4
+    TERMINATED = 5
+    COMPLETE = 6
+    WAITING = 7
+    WAITING_FOR_PAUSE = 8
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def of(cls, value: Status | str | int) -> Status:
+        """A status from its name (``"waiting"``, any case), number or :class:`Status`; ``ValueError``
+        listing the names for anything else."""
+        if isinstance(value, str):
+            key = value.strip().upper().removeprefix("STATUS_").replace("-", "_")
+            if key in cls.__members__ and key != "UNSPECIFIED":
+                return cls[key]
+            names = ", ".join(str(s) for s in cls if s)
+            raise ValueError(f"unknown status {value!r}: one of {names}")
+        return cls(int(value))
+
+
+TERMINAL = frozenset({Status.COMPLETE, Status.ERRORED, Status.TERMINATED})
 
 
 class TenantflowRpcError(Exception):
-    """A failed call: ``code`` is the gRPC status code, ``message`` what the kernel said."""
+    """A failed call: ``code`` is the gRPC status code (``grpc.StatusCode.NOT_FOUND`` ...),
+    ``message`` what the kernel said."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
@@ -28,7 +60,7 @@ class TenantflowRpcError(Exception):
 
 def status_name(status: int) -> str:
     """``STATUS_WAITING_FOR_PAUSE`` -> ``waiting_for_pause``."""
-    return pb.Status.Name(status).removeprefix("STATUS_").lower()  # type: ignore[arg-type]
+    return str(Status(status)) if status in Status._value2member_map_ else str(status)
 
 
 def _json(value: Any) -> str:
@@ -119,6 +151,23 @@ class Client:
         encoded = {k: v.encode() if isinstance(v, str) else v for k, v in files.items()}
         request = pb.PublishRequest(tenant=tenant, name=name, runtime=runtime, files=encoded)
         return self._call(self.code.Publish, request)  # type: ignore[no-any-return]
+
+    def list_code(
+        self, tenant: str, name: str = "", page_size: int = 0, page_token: str = ""
+    ) -> pb.ListCodeResponse:
+        """A page of the tenant's published versions (of ``name`` only, if given), newest first."""
+        request = pb.ListCodeRequest(tenant=tenant, name=name, page_size=page_size, page_token=page_token)
+        return self._call(self.code.List, request)  # type: ignore[no-any-return]
+
+    def iter_code(self, tenant: str, name: str = "", page_size: int = 100) -> Iterator[pb.CodeVersion]:
+        """Every published version of the tenant (of ``name`` only, if given), newest first."""
+        token = ""
+        while True:
+            page = self.list_code(tenant, name, page_size, token)
+            yield from page.versions
+            token = page.next_page_token
+            if not token:
+                return
 
     # -- instances ------------------------------------------------------------------------------------
     def create(
@@ -219,11 +268,21 @@ class Client:
         """The instances ``id`` started with ``step.create``, in step order."""
         return [self.get(tenant, child) for child in self.get(tenant, id).child_ids]
 
-    def list(self, tenant: str, status: int = 0, page_size: int = 0, page_token: str = "") -> pb.ListResponse:
-        request = pb.ListRequest(tenant=tenant, status=status, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
+    def list(
+        self, tenant: str, status: Status | str | int = 0, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListResponse:
+        """A page of the tenant's instances, oldest first; ``status`` (a name such as ``"waiting"``,
+        or a :class:`Status`) lists only those."""
+        wanted = Status.of(status) if status else Status.UNSPECIFIED
+        status_value = pb.Status.ValueType(int(wanted))
+        request = pb.ListRequest(
+            tenant=tenant, status=status_value, page_size=page_size, page_token=page_token
+        )
         return self._call(self.workflows.List, request)  # type: ignore[no-any-return]
 
-    def iter_instances(self, tenant: str, status: int = 0, page_size: int = 100) -> Iterator[pb.Instance]:
+    def iter_instances(
+        self, tenant: str, status: Status | str | int = 0, page_size: int = 100
+    ) -> Iterator[pb.Instance]:
         """Every instance of ``tenant`` (optionally with ``status``), page by page."""
         token = ""
         while True:
@@ -251,8 +310,15 @@ class Client:
         """Delete the instance and everything recorded for it (a live one is terminated first)."""
         self._call(self.workflows.Delete, pb.InstanceRef(tenant=tenant, id=id))
 
-    def restart(self, tenant: str, id: str, from_step: str = "") -> pb.Instance:
-        request = pb.RestartRequest(tenant=tenant, id=id, from_step=from_step)
+    def restart(
+        self, tenant: str, id: str, from_step: str = "", *, keep_consumed_events: bool = False
+    ) -> pb.Instance:
+        """Run the instance again, from the start or from ``from_step``. The events the rerun steps
+        consumed are spent (a rerun wait does not take the old approval again) unless
+        ``keep_consumed_events``, which returns them to the inbox."""
+        request = pb.RestartRequest(
+            tenant=tenant, id=id, from_step=from_step, keep_consumed_events=keep_consumed_events
+        )
         return self._call(self.workflows.Restart, request)  # type: ignore[no-any-return]
 
     def send_event(self, tenant: str, id: str, type: str, payload: Any = None) -> int:
@@ -272,14 +338,17 @@ class Client:
             raise TenantflowRpcError(exc.code(), exc.details() or "") from None
 
     def wait(
-        self, tenant: str, id: str, statuses: frozenset[int] = TERMINAL, timeout: float = 60.0
+        self, tenant: str, id: str, statuses: Iterable[Status | str | int] = TERMINAL, timeout: float = 60.0
     ) -> pb.Instance:
-        """Poll until the instance reaches one of ``statuses``; raise ``TimeoutError`` naming the last status."""
+        """Poll until the instance reaches one of ``statuses`` (names such as ``"waiting"`` or
+        :class:`Status` values; default: complete, errored or terminated) and return it; raise
+        ``TimeoutError`` naming the last status."""
+        wanted = {int(Status.of(s)) for s in statuses}
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
             instance = self.get(tenant, id)
-            if instance.status in statuses:
+            if instance.status in wanted:
                 return instance
             if time.monotonic() > deadline:
                 raise TimeoutError(

@@ -18,6 +18,7 @@ from tenantflow.kernel.model import (
     SKIPPED,
     ApplyResult,
     Artifact,
+    ArtifactVersion,
     Change,
     EventRecord,
     HistoryEntry,
@@ -27,7 +28,7 @@ from tenantflow.kernel.model import (
     StepRecord,
     inbox_refusal,
 )
-from tenantflow.plugins.storage_fdb import claims, schedules
+from tenantflow.plugins.storage_fdb import artifacts, claims, schedules
 from tenantflow.plugins.storage_fdb.indexes import delete, reindex
 from tenantflow.plugins.storage_fdb.keys import Keys, pack, part, unpack
 from tenantflow.plugins.storage_fdb.layer import (
@@ -55,7 +56,7 @@ from tenantflow.plugins.storage_fdb.records import (
 
 _SETTABLE = frozenset(
     {"status", "output_json", "error_name", "error_message", "error_traceback", "run_at", "lease_owner",
-     "lease_until"}
+     "lease_until", "code"}  # code: Upgrade re-pins an instance
 )  # fmt: skip
 PAGE = 100  # instances deleted or released per transaction
 _INSTANCE_OVERHEAD = 2_000  # bytes of keys and index entries an instance write adds
@@ -107,6 +108,7 @@ class KVStorage:
             if tr.get(meta_key) is None:
                 tr.set(meta_key, meta)
             tr.set(k.tenant(a.tenant, "a", a.name, "latest"), a.digest.encode())  # latest again
+            artifacts.index_version(tr, k, a.tenant, a.name, a.digest)
 
         self.layer.transact(publish)
 
@@ -133,6 +135,11 @@ class KVStorage:
             return Artifact(tenant, name, want, m["runtime"], files, m["workflows"], m["created_at"])
 
         return self.layer.read(read)
+
+    def list_artifacts(
+        self, tenant: str, name: str | None, cursor: str | None, limit: int
+    ) -> tuple[list[ArtifactVersion], str | None]:
+        return artifacts.list_versions(self.layer, self.k, tenant, name, cursor, limit)
 
     # -- instances ------------------------------------------------------------------------------
     def create_instances(
@@ -459,6 +466,9 @@ class KVStorage:
             lease_until=values["lease_until"] if "lease_until" in values else old.lease_until,
             updated_at=ch.now,
         )
+        if "code" in values:  # Upgrade re-pins the instance: the envelope's one mutable field
+            envelope = loads(join_chunks(tr.get_range(*k.inst_range(t, i, "e"))))
+            put_blob(tr, k.inst(t, i, "e"), dumps({**envelope, "code": values["code"]}))
         if any(f in values for f in RESULT):
             rows = tr.get_range(*k.inst_range(t, i, "o"))
             result = loads(join_chunks(rows)) if rows else {}

@@ -6,6 +6,9 @@ CREATE TABLE IF NOT EXISTS artifacts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     UNIQUE (tenant, name, digest)
 );
+-- Code.List: a tenant's versions newest first, of every name or of one
+CREATE INDEX IF NOT EXISTS artifacts_listed ON artifacts (tenant, seq);
+CREATE INDEX IF NOT EXISTS artifacts_listed_by_name ON artifacts (tenant, name, seq);
 
 CREATE TABLE IF NOT EXISTS instances (
     rowid INTEGER PRIMARY KEY AUTOINCREMENT,

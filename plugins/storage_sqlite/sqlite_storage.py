@@ -25,6 +25,7 @@ from tenantflow.kernel.model import (
     TERMINAL,
     ApplyResult,
     Artifact,
+    ArtifactVersion,
     Change,
     EventRecord,
     HistoryEntry,
@@ -43,7 +44,7 @@ _INSTANCE_COLUMNS = (
 )
 _SETTABLE = frozenset(
     {"status", "output_json", "error_name", "error_message", "error_traceback", "run_at", "lease_owner",
-     "lease_until"}
+     "lease_until", "code"}  # code: Upgrade re-pins an instance
 )  # fmt: skip
 # Terminal statuses as SQL, "4, 5, 6": the same text as the partial index instances_ended, so
 # SQLite uses it.
@@ -214,6 +215,21 @@ class SQLiteStorage:
             return None
         files = {k: base64.b64decode(v) for k, v in json.loads(row[4]).items()}
         return Artifact(row[0], row[1], row[2], row[3], files, json.loads(row[5]), row[6])
+
+    def list_artifacts(
+        self, tenant: str, name: str | None, cursor: str | None, limit: int
+    ) -> tuple[list[ArtifactVersion], str | None]:
+        sql = "SELECT name, digest, runtime, workflows, created_at, seq FROM artifacts WHERE tenant = ?"
+        args: tuple[Any, ...] = (tenant,)
+        if name is not None:
+            sql += " AND name = ?"
+            args += (name,)
+        if cursor:
+            sql += " AND seq < ?"
+            args += (int(cursor),)
+        rows = self._reader().execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        found = [ArtifactVersion(tenant, r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows[:limit]]
+        return found, (str(rows[limit - 1][5]) if len(rows) > limit else None)
 
     # -- instances ------------------------------------------------------------------------------
     def create_instances(

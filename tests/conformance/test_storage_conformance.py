@@ -123,6 +123,33 @@ def test_tracebacks_of_instances_and_steps_round_trip_and_clear(storage: Storage
     assert storage.get_instance("t", "a").error_traceback == ""  # type: ignore[union-attr]
 
 
+def test_artifacts_list_newest_first_in_pages_and_by_name(storage: Storage) -> None:
+    def put(name: str, digest: str, at: float) -> None:
+        storage.put_artifact(Artifact("t", name, digest * 64, "python", {"wf.py": b"x"}, {"W": "wf"}, at))
+
+    put("a", "1", 1.0)
+    put("b", "2", 2.0)
+    put("a", "3", 3.0)
+    put("c", "4", 4.0)
+    put("a", "1", 5.0)  # published again: the newest, still first published at 1.0
+    storage.put_artifact(Artifact("u", "a", "9" * 64, "python", {"wf.py": b"y"}, {"W": "wf"}, 6.0))
+    seen, cursor, pages = [], None, 0
+    while True:
+        page, cursor = storage.list_artifacts("t", None, cursor, 2)
+        seen += [(v.name, v.digest[0], v.created_at) for v in page]
+        pages += 1
+        if cursor is None:
+            break
+    assert seen == [("a", "1", 1.0), ("c", "4", 4.0), ("a", "3", 3.0), ("b", "2", 2.0)] and pages == 2
+    (first, *_), _ = storage.list_artifacts("t", None, None, 1)
+    assert (first.tenant, first.runtime, first.workflows) == ("t", "python", {"W": "wf"})
+    only_a, cursor = storage.list_artifacts("t", "a", None, 1)
+    rest, end = storage.list_artifacts("t", "a", cursor, 10)
+    assert [v.digest[0] for v in only_a + rest] == ["1", "3"] and end is None
+    assert storage.list_artifacts("t", "zzz", None, 10) == ([], None)
+    assert [v.digest[0] for v in storage.list_artifacts("u", None, None, 10)[0]] == ["9"]
+
+
 def test_create_is_all_or_nothing_per_tenant(storage: Storage) -> None:
     storage.create_instances([instance("t", "a"), instance("t", "b")], [entry(), entry()])
     with pytest.raises(AlreadyExists, match="'b' already exists"):

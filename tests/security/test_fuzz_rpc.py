@@ -72,7 +72,7 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     # not implemented yet; the tenant is still checked first
     "Workflows.Upgrade": {Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED},
     "Code.Publish": {Code.OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED},
-    "Code.List": {Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED},
+    "Code.List": {Code.OK, Code.INVALID_ARGUMENT},
     # Create checks as Workflows.Create does (tenant, workflow, code ref, params), then the schedule's own
     # fields; pausing a paused schedule or resuming a running one is no error.
     "Schedules.Create": LOOKUP | {Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED},
