@@ -201,6 +201,17 @@ def _cmd_watch(args: argparse.Namespace) -> None:
         _print_instance(client.get(args.tenant, args.id))
 
 
+def _cmd_upgrade(args: argparse.Namespace) -> None:
+    if not args.instance and not args.workflow:
+        raise SystemExit(
+            "error: name the instances (--instance ID ...) or a workflow class (--workflow NAME)"
+        )
+    with _client(args) as client:
+        outcomes = client.upgrade(args.tenant, args.to, args.instance, args.workflow, args.dry_run)
+    rows = [[o.id, o.result, o.step, o.reason] for o in outcomes]
+    print(table(rows, ["id", "result", "step", "reason"]) if rows else "no live instance matched")
+
+
 def _cmd_history_export(args: argparse.Namespace) -> None:
     from google.protobuf import json_format
 
@@ -342,6 +353,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("id")
     c.add_argument("--output", "-o", default="-", help="the file to write (default: standard output)")
     c.set_defaults(func=_cmd_history_export)
+    c = client_parser("upgrade", "move live instances to new code, each only if its history replays on it")
+    c.add_argument(
+        "--to", required=True, metavar="REF", help="the code to move to (an unpinned ref is pinned)"
+    )
+    c.add_argument(
+        "--instance", action="append", default=[], metavar="ID", help="an instance to move (repeatable)"
+    )
+    c.add_argument("--workflow", default="", help="move every live instance of this workflow class")
+    c.add_argument("--dry-run", action="store_true", help="replay and report only; change nothing")
+    c.set_defaults(func=_cmd_upgrade)
     add_dev_parser(sub, describe)
     for action in ("pause", "resume", "terminate", "restart", "delete"):
         c = client_parser(action, f"{action} an instance")

@@ -25,7 +25,8 @@ from tenantflow.kernel.model import Status, StepRecord
 
 KEY = "#rollback"
 UNDO = "#undo"
-APART = frozenset({"undo", "rollback"})  # journal kinds the forward replay never sees
+# Journal kinds the forward replay never sees (pin: Upgrade's record of re-pins, kernel/upgrade.py).
+APART = frozenset({"undo", "rollback", "pin"})
 # Runtimes whose guest runs the tenant SDK, which knows undos; a raw wasm module does not, so
 # Terminate with rollback ends its instance at once.
 RUNTIMES = frozenset({"python", "python-wasm"})

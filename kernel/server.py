@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tenantflow.kernel import children, codelist, errors, metrics, rollback
+from tenantflow.kernel import children, codelist, errors, metrics, rollback, upgrade
 from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFlight
 from tenantflow.kernel.auth import Tokens
 from tenantflow.kernel.code import artifact_ref
@@ -239,10 +239,12 @@ def instance_pb(record: InstanceRecord, steps: list[StepRecord] | None = None) -
         status=pb.Status.ValueType(int(record.status)), output_json=record.output_json,
         error=pb.Error(name=record.error_name, message=record.error_message, traceback=record.error_traceback)
         if record.error_name else None,
-        steps=[step_pb(s) for s in steps if s.key != rollback.KEY], created_at=_ts(record.created_at),
+        steps=[step_pb(s) for s in steps if s.key not in (rollback.KEY, upgrade.PIN_KEY)], created_at=_ts(record.created_at),
         updated_at=_ts(record.updated_at), params_json=record.params_json, runtime=record.runtime,
         parent_id=record.parent, child_ids=children.child_ids(steps), rollback=rollback_pb(record, steps),
         concurrency_key=record.concurrency_key, concurrency_limit=record.concurrency_limit,
+        pin_changes=[pb.PinChange(from_code=str(p["from"]), to_code=str(p["to"]), at=_ts(float(p["at"])))  # type: ignore[arg-type]
+                     for p in upgrade.pin_changes(steps)],
     )  # fmt: skip
 
 
@@ -413,8 +415,13 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         return message
 
     async def Upgrade(self, request: pb.UpgradeRequest, context: Any) -> pb.UpgradeResponse:
-        check_tenant(request.tenant)
-        raise errors.Unimplemented("Upgrade is not available in this kernel yet: nothing was changed")
+        outcomes = await self.k.upgrade(
+            request.tenant, request.to_code, list(request.ids), request.workflow, request.dry_run
+        )
+        return pb.UpgradeResponse(instances=[
+            pb.UpgradeOutcome(id=o.id, from_code=o.from_code, to_code=o.to_code, result=o.result, reason=o.reason,
+                              step=o.step) for o in outcomes
+        ])  # fmt: skip
 
 
 class CodeServicer(pb_grpc.CodeServicer):

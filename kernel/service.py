@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tenantflow.kernel import children, metrics, rollback, schedules
+from tenantflow.kernel import children, metrics, rollback, schedules, upgrade
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -574,6 +574,34 @@ class Kernel:
         if orphans:
             await self._terminate_children(tenant, dropped, False, orphans)
         return await self._record(tenant, id)
+
+    async def upgrade(
+        self, tenant: str, to_code: str, ids: list[str], workflow: str, dry_run: bool
+    ) -> list[upgrade.Outcome]:
+        """Re-pin live instances to ``to_code``, each only if its journal replays cleanly on it
+        (:mod:`tenantflow.kernel.upgrade`); ``dry_run`` replays and reports only."""
+        check_tenant(tenant)
+        check_ref(to_code)
+        for id in ids:
+            check_id(id)
+        if workflow:
+            check_workflow(workflow)
+        pinned = await asyncio.to_thread(self.catalog.pin, tenant, to_code)
+        code = await self.catalog.get(tenant, pinned)
+        upgrader = upgrade.Upgrader(self.storage, self.catalog, self.config, self.plugins, self.committer.submit,
+                                    self.clock)  # fmt: skip
+        outcomes = []
+        for chosen in await upgrader.select(tenant, ids, workflow):
+            if isinstance(chosen, str):
+                outcomes.append(
+                    upgrade.Outcome(chosen, "", pinned, "skipped", f"instance {chosen!r} does not exist")
+                )
+            else:
+                outcomes.append(
+                    await upgrader.upgrade(chosen, pinned, code.bundle.runtime, code.workflows, dry_run)
+                )
+        self._poke()  # instances let go of may be due
+        return outcomes
 
     async def send_event(self, tenant: str, id: str, type: str, payload_json: str) -> int:
         check_name(type, "event type")

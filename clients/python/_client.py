@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -324,6 +324,21 @@ class Client:
     def send_event(self, tenant: str, id: str, type: str, payload: Any = None) -> int:
         request = pb.SendEventRequest(tenant=tenant, id=id, type=type, payload_json=_json(payload))
         return int(self._call(self.workflows.SendEvent, request).sequence)
+
+    def upgrade(
+        self,
+        tenant: str,
+        to_code: str,
+        ids: Sequence[str] = (),
+        workflow: str = "",
+        dry_run: bool = False,
+    ) -> Sequence[pb.UpgradeOutcome]:
+        """Move live instances (``ids``, or every live one of ``workflow``) to ``to_code``, each only
+        if its journal replays cleanly on it; one outcome per instance (``dry_run``: report only)."""
+        request = pb.UpgradeRequest(
+            tenant=tenant, to_code=to_code, ids=ids, workflow=workflow, dry_run=dry_run
+        )
+        return tuple(self._call(self.workflows.Upgrade, request).instances)
 
     def export_history(self, tenant: str, id: str) -> pb.History:
         """The instance's journal, inbox and timeline (``json_format.MessageToJson`` of it is what

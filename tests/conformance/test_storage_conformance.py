@@ -819,3 +819,25 @@ def test_a_deferred_schedule_is_due_again_once_its_lease_is_given_back(storage: 
     storage.update_schedule(dataclasses.replace(back, paused=True, next_fire=None))
     assert storage.delete_schedule("t", "s")
     assert storage.claim_schedules("m", now + 60, 30, 10) == []  # paused, then deleted: gone from the index
+
+
+def test_upgrade_re_pins_an_instance_under_its_lease(storage: Storage) -> None:
+    """Upgrade sets the code ref of a live instance (guarded by the lease it holds and the generation);
+    the envelope's other fields stay as they were."""
+    storage.create_instances([instance("t", "i")], [entry()])
+    now = time.time()
+    take = Change(
+        tenant="t", id="i", now=now, generation=0, set={"lease_owner": "n/upgrade", "lease_until": now + 60}
+    )
+    assert storage.apply([take])[0].ok
+    stolen = Change(
+        tenant="t", id="i", now=now, owner="other", set={"code": "artifact://t/c@sha256:" + "2" * 64}
+    )
+    assert not storage.apply([stolen])[0].ok  # only the lease holder re-pins
+    new = "artifact://t/c@sha256:" + "1" * 64
+    pin = Change(tenant="t", id="i", now=now, generation=0, owner="n/upgrade",
+                 set={"code": new, "lease_owner": None, "lease_until": None})  # fmt: skip
+    assert storage.apply([pin])[0].ok
+    after = storage.get_instance("t", "i")
+    assert after is not None and after.code == new and after.lease_owner is None
+    assert (after.workflow, after.params_json) == (instance("t", "i").workflow, instance("t", "i").params_json)

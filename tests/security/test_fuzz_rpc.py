@@ -69,8 +69,8 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "Workflows.Watch": LOOKUP,
     "Workflows.Delete": LOOKUP,
     "Workflows.ExportHistory": LOOKUP | {Code.RESOURCE_EXHAUSTED},
-    # not implemented yet; the tenant is still checked first
-    "Workflows.Upgrade": {Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED},
+    # Upgrade pins the ref first (as Create); each instance's outcome is in the reply, never an error
+    "Workflows.Upgrade": LOOKUP,
     "Code.Publish": {Code.OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED},
     "Code.List": {Code.OK, Code.INVALID_ARGUMENT},
     # Create checks as Workflows.Create does (tenant, workflow, code ref, params), then the schedule's own
