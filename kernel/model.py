@@ -180,6 +180,9 @@ class Change:
     set: dict[str, Any] = field(default_factory=dict)  # instance columns -> new values
     steps: list[StepRecord] = field(default_factory=list)  # upserted by key
     delete_steps_from: int | None = None  # delete journal entries with seq >= this (restart)
+    # ... and give the events they consumed back to the inbox; without it those events stay spent
+    # (their consumed_by becomes the step key + SPENT, so no later step of that key owns them)
+    release_events: bool = False
     consume_events: list[tuple[int, str]] = field(default_factory=list)  # (event seq, step key)
     add_events: list[EventRecord] = field(default_factory=list)  # seq assigned by storage
     history: list[HistoryEntry] = field(default_factory=list)
@@ -197,6 +200,7 @@ class Change:
 
 
 SKIPPED = "not applied: the change it rides on was refused"
+SPENT = " (before a restart)"  # appended to the consumed_by of events a restart left spent
 
 
 @dataclass

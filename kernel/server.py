@@ -387,7 +387,10 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         return pb.DeleteResponse()
 
     async def Restart(self, request: pb.RestartRequest, context: Any) -> pb.Instance:
-        return instance_pb(await self.k.restart(request.tenant, request.id, request.from_step))
+        restarted = await self.k.restart(
+            request.tenant, request.id, request.from_step, keep_events=request.keep_consumed_events
+        )
+        return instance_pb(restarted)
 
     async def SendEvent(self, request: pb.SendEventRequest, context: Any) -> pb.SendEventResponse:
         seq = await self.k.send_event(request.tenant, request.id, request.type, request.payload_json)

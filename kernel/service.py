@@ -62,6 +62,7 @@ log = logging.getLogger("tenantflow.kernel")
 WATCH_POLL_SECONDS = (0.1, 1.0)
 WATCH_POLLS_PER_SECOND = 200.0
 MIB = 1024 * 1024
+LIVE_STEP = frozenset({"running", "retrying", "sleeping", "waiting"})  # ended with a terminated instance
 
 
 @dataclass(frozen=True)
@@ -482,9 +483,12 @@ class Kernel:
         else:
             if started is not None and started.status == "running":  # a rollback cut short
                 started.status, started.updated_at = "stopped", now
+            # A step still waiting, sleeping or retrying ends with the instance, not left "waiting".
+            ended = [dataclasses.replace(s, status="terminated", wake_at=None, updated_at=now)
+                     for s in steps if s.status in LIVE_STEP and s.key != rollback.KEY]  # fmt: skip
             change = Change(
                 tenant=tenant, id=id, now=now, expect_status=live, bump_generation=True,
-                steps=[started] if started is not None else [],
+                steps=[*ended, *([started] if started is not None else [])],
                 set={"status": Status.TERMINATED, "run_at": None, "lease_owner": None, "lease_until": None},
                 history=[HistoryEntry(kind="status", at=now, status=int(Status.TERMINATED), message="terminated")],
             )  # fmt: skip
@@ -536,7 +540,12 @@ class Kernel:
             raise NotFound(f"instance {id!r} not found in tenant {tenant!r}")
         self.engine.kill(tenant, id, "deleted")  # its next commit finds no instance and writes nothing
 
-    async def restart(self, tenant: str, id: str, from_step: str) -> InstanceRecord:
+    async def restart(
+        self, tenant: str, id: str, from_step: str, *, keep_events: bool = False
+    ) -> InstanceRecord:
+        """Run the instance again from the start or ``from_step``. The events the deleted steps
+        consumed stay spent (a rerun wait does not take the old approval again) unless
+        ``keep_events`` gives them back to the inbox."""
         if len(from_step) > MAX_NAME:  # step names may hold any character: only the length is checked
             raise InvalidArgument(
                 f"from_step is {len(from_step)} characters; step names have at most {MAX_NAME}"
@@ -557,8 +566,9 @@ class Kernel:
         now = self.clock()
         change = Change(
             tenant=tenant, id=id, now=now, bump_generation=True, delete_steps_from=delete_from,
+            release_events=keep_events,
             set={"status": Status.QUEUED, "run_at": now, "lease_owner": None, "lease_until": None,
-                 "output_json": "", "error_name": "", "error_message": ""},
+                 "output_json": "", "error_name": "", "error_message": "", "error_traceback": ""},
             history=[HistoryEntry(kind="status", at=now, status=int(Status.QUEUED), message=message)],
         )  # fmt: skip
         self.engine.kill(tenant, id, "restarted")

@@ -87,6 +87,10 @@ class Storage(Protocol):
         it returns ok=False, with the storage error as the reason, for every change not known to
         be applied, so that nothing is ever applied twice.
 
+        Journal: ``delete_steps_from`` deletes the entries from that seq on; the events they consumed
+        go back to the inbox with ``release_events``, else stay consumed, their ``consumed_by``
+        suffixed with ``SPENT``.
+
         Events: ``add_events`` get the next seqs. ``inbox_cap`` is checked in the transaction that
         stores them, against the unread events stored before the change, so concurrent senders
         cannot pass it together; a refused change writes nothing and reports ``unread``.

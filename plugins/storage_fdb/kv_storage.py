@@ -16,6 +16,7 @@ from typing import Any
 from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
 from tenantflow.kernel.model import (
     SKIPPED,
+    SPENT,
     ApplyResult,
     Artifact,
     ArtifactVersion,
@@ -503,7 +504,7 @@ class KVStorage:
 
     def _released(self, tr: Txn, ch: Change) -> set[int]:
         """Events a restart in ``ch`` gives back (consumed by the journal entries it deletes)."""
-        if ch.delete_steps_from is None:
+        if ch.delete_steps_from is None or not ch.release_events:
             return set()
         seqs: set[int] = set()
         for _, kp in self._steps_from(tr, ch):
@@ -522,6 +523,10 @@ class KVStorage:
             tr.clear(k.inst(t, i, "sq", seq, kp))
             for key, type in tr.get_range(*k.inst_range(t, i, "c", kp)):
                 event_seq = k.strip(key)[-1]
+                if not ch.release_events:  # spent: consumed still, by no step of the new journal
+                    owner = tr.get(k.inst(t, i, "vc", event_seq)) or b""
+                    tr.set(k.inst(t, i, "vc", event_seq), owner + SPENT.encode())
+                    continue
                 tr.clear(k.inst(t, i, "vc", event_seq))
                 event = loads(join_chunks(tr.get_range(*k.inst_range(t, i, "v", event_seq))))
                 released = EventRecord(event_seq, event["type"], event["payload_json"], event["created_at"])

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 from tenantflow.kernel.errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from tenantflow.kernel.model import (
     SKIPPED,
+    SPENT,
     TERMINAL,
     ApplyResult,
     Artifact,
@@ -434,8 +435,8 @@ class SQLiteStorage:
                 (ch.tenant, ch.id, ch.delete_steps_from),
             )
             conn.executemany(
-                "UPDATE events SET consumed_by = '' WHERE tenant = ? AND id = ? AND consumed_by = ?",
-                [(ch.tenant, ch.id, k) for k in keys],
+                "UPDATE events SET consumed_by = ? WHERE tenant = ? AND id = ? AND consumed_by = ?",
+                [("" if ch.release_events else k + SPENT, ch.tenant, ch.id, k) for k in keys],
             )
         self._steps(conn, ch)
         for seq, key in ch.consume_events:

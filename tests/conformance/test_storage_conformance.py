@@ -23,6 +23,7 @@ from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
 from tenantflow.kernel.model import (
     SKIPPED,
+    SPENT,
     ApplyResult,
     Artifact,
     Change,
@@ -249,7 +250,9 @@ def test_events_history_and_restart_deletion(storage: Storage) -> None:
     again = storage.apply([Change(tenant="t", id="a", now=6.0, consume_events=[(1, "w#1")])])[0]
     assert not again.ok and "already consumed" in again.reason
     assert [e.seq for e in storage.get_events("t", "a", unconsumed_only=True)] == [2]
-    restart = Change(tenant="t", id="a", now=7.0, delete_steps_from=1, bump_generation=True)
+    restart = Change(
+        tenant="t", id="a", now=7.0, delete_steps_from=1, bump_generation=True, release_events=True
+    )
     assert storage.apply([restart])[0].ok
     assert storage.get_steps("t", "a") == []
     assert [e.seq for e in storage.get_events("t", "a", unconsumed_only=True)] == [1, 2]  # released
@@ -257,6 +260,29 @@ def test_events_history_and_restart_deletion(storage: Storage) -> None:
     history = storage.get_history("t", "a", 0, 100)
     assert [h.message for h in history] == ["created", "e1", "e2"] and [h.seq for h in history] == [1, 2, 3]
     assert [h.seq for h in storage.get_history("t", "a", 2, 100)] == [3]
+
+
+def test_a_restart_leaves_consumed_events_spent_unless_it_releases_them(storage: Storage) -> None:
+    storage.create_instances([instance("t", "a")], [entry()])
+    add = Change(tenant="t", id="a", now=1.0, add_events=[EventRecord(0, "go", "1", 1.0)] * 2)
+    assert storage.apply([add])[0].ok
+    wait = StepRecord(key="w#0", seq=1, name="w", kind="wait", status="complete", event_type="go")
+    assert storage.apply([Change(tenant="t", id="a", now=2.0, steps=[wait], consume_events=[(1, "w#0")])])[
+        0
+    ].ok
+    assert storage.apply([Change(tenant="t", id="a", now=3.0, delete_steps_from=1, bump_generation=True)])[
+        0
+    ].ok
+    assert [e.seq for e in storage.get_events("t", "a", unconsumed_only=True, type="go", limit=1)] == [2]
+    every = {e.seq: e.consumed_by for e in storage.get_events("t", "a", unconsumed_only=False)}
+    assert every == {1: "w#0" + SPENT, 2: ""}
+    # The new run's w#0 takes event 2; a restart that keeps consumed events gives back only that one.
+    assert storage.apply([Change(tenant="t", id="a", now=4.0, steps=[wait], consume_events=[(2, "w#0")])])[
+        0
+    ].ok
+    keep = Change(tenant="t", id="a", now=5.0, delete_steps_from=1, bump_generation=True, release_events=True)
+    assert storage.apply([keep])[0].ok
+    assert [e.seq for e in storage.get_events("t", "a", unconsumed_only=True)] == [2]
 
 
 def test_wake_on_events_and_pause_awareness(storage: Storage) -> None:
@@ -340,9 +366,10 @@ def test_the_inbox_cap_counts_unread_events_and_their_bytes(storage: Storage) ->
     assert not by_bytes.ok and by_bytes.unread == (4, 18), by_bytes
     assert send("a", event("go", "x" * 10), cap=(0, 18 + 12)).ok
     # A restart gives back the events its deleted steps consumed: they count again.
-    assert storage.apply([Change(tenant="t", id="a", now=3.0, delete_steps_from=1, bump_generation=True)])[
-        0
-    ].ok
+    restart = Change(
+        tenant="t", id="a", now=3.0, delete_steps_from=1, bump_generation=True, release_events=True
+    )
+    assert storage.apply([restart])[0].ok
     released = send("a", event("go"), cap=(6, 0))
     assert not released.ok and released.unread == (6, 18 + 12 + 3), released
     # By bytes; a refused change in a batch refuses itself only.

@@ -137,7 +137,7 @@ def test_terminate_kills_a_running_step(client: Client, tenant: str, ref: str) -
     witness(client, tenant, ref, "Busy")  # its slow step would have finished by now
     after = client.get(tenant, inst.id)
     assert after.status == pb.STATUS_TERMINATED
-    assert after.steps[0].status == "running"  # stopped mid-attempt; nothing written after terminate
+    assert after.steps[0].status == "terminated"  # stopped mid-attempt, ended with it; nothing written after
 
 
 def test_restart_from_the_start_and_from_a_step(client: Client, tenant: str, ref: str) -> None:
