@@ -41,7 +41,7 @@ from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import InvalidArgument, ResourceExhausted
 from tenantflow.kernel.loader import CodeBundle, Loader
 from tenantflow.kernel.model import Artifact
-from tenantflow.kernel.sandbox import CodeError, Sandbox
+from tenantflow.kernel.sandbox import HAZARDS, CodeError, CodeWarning, Inspection, Sandbox
 from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.kernel.code")
@@ -131,13 +131,14 @@ class CodeCatalog:
             )
         return sandbox
 
-    def inspect_now(self, runtime: str, files: Mapping[str, bytes]) -> dict[str, str]:
+    def inspect_now(self, runtime: str, files: Mapping[str, bytes]) -> Inspection:
         """Check code with its sandbox on this thread (the sandbox does it in a limited child)."""
         self.checks += 1
         try:
-            return self.sandbox(runtime).inspect(files)
+            found = self.sandbox(runtime).inspect(files)
         except CodeError as exc:
             raise InvalidArgument(f"code rejected: {exc}") from None
+        return found if isinstance(found, Inspection) else Inspection(dict(found))
 
     async def inspect(
         self,
@@ -146,7 +147,7 @@ class CodeCatalog:
         files: Mapping[str, bytes],
         queue_seconds: float | None = None,
         publishing: bool = False,
-    ) -> dict[str, str]:
+    ) -> Inspection:
         """:meth:`inspect_now` on the catalog's own threads, once ``tenant`` has no other check
         running and one of the :data:`MAX_INSPECTIONS` slots is free (for large code, one of all
         but the last). With ``queue_seconds``, waiting longer than that for a slot fails fast;
@@ -217,23 +218,38 @@ class CodeCatalog:
         return artifact_ref(tenant, name, digest), sorted(workflows)
 
     async def publish_async(
-        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes], deadline: float | None = None
-    ) -> tuple[str, list[str]]:
-        """What ``Code.Publish`` does: check the code (queued per tenant), store it, return its ref.
-        ``deadline``: the caller's seconds left; the check waits for a slot at most half of them."""
+        self,
+        tenant: str,
+        name: str,
+        runtime: str,
+        files: Mapping[str, bytes],
+        deadline: float | None = None,
+        strict: bool = False,
+    ) -> tuple[str, list[str], tuple[CodeWarning, ...]]:
+        """What ``Code.Publish`` does: check the code (queued per tenant), store it, return its ref,
+        workflow classes and warnings. ``deadline``: the caller's seconds left; the check waits for a
+        slot at most half of them. ``strict``: refuse code with determinism hazards, storing nothing."""
         self._check_publish(name, files)
         queue = QUEUE_SECONDS if deadline is None else max(deadline / 2, 0.0)
-        workflows = await self.inspect(tenant, runtime, files, queue, publishing=True)
-        ref, names = await asyncio.to_thread(self._store, tenant, name, runtime, files, workflows)
-        self._remember(_check_key(ref.rpartition("@sha256:")[2], None), workflows)  # ref ends in the digest
-        return ref, names
+        found = await self.inspect(tenant, runtime, files, queue, publishing=True)
+        if strict and (hazards := [w for w in found.warnings if w.kind in HAZARDS]):
+            listed = "; ".join(f"{w.file}, line {w.line}: {w.message}" for w in hazards[:5])
+            more = f" (and {len(hazards) - 5} more)" if len(hazards) > 5 else ""
+            raise InvalidArgument(
+                f"code refused (strict): {len(hazards)} determinism hazard(s): {listed}{more}"
+            )
+        ref, names = await asyncio.to_thread(self._store, tenant, name, runtime, files, found.workflows)
+        self._remember(
+            _check_key(ref.rpartition("@sha256:")[2], None), found.workflows
+        )  # ref ends in the digest
+        return ref, names, found.warnings
 
     def publish(
         self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes]
     ) -> tuple[str, list[str]]:
         """:meth:`publish_async` on the calling thread, without the per-tenant queue (tools, tests)."""
         self._check_publish(name, files)
-        workflows = self.inspect_now(runtime, files)
+        workflows = self.inspect_now(runtime, files).workflows
         ref, names = self._store(tenant, name, runtime, files, workflows)
         self._remember(_check_key(ref.rpartition("@sha256:")[2], None), workflows)  # ref ends in the digest
         return ref, names
@@ -286,12 +302,12 @@ class CodeCatalog:
         bundle, key = await asyncio.to_thread(self._read, tenant, pinned)
         if (known := self._recall(key)) is not None:
             return LoadedCode(bundle, known)
-        workflows = await self.inspect(tenant, bundle.runtime, bundle.files)  # checks every file
+        workflows = (await self.inspect(tenant, bundle.runtime, bundle.files)).workflows  # checks every file
         if bundle.entry is not None:  # only the entry module's classes are workflows
             entry = {p: d for p, d in bundle.files.items() if _module(p) == bundle.entry}
             if not entry:
                 raise InvalidArgument(f"{pinned}: the bundle has no module {bundle.entry!r}")
-            workflows = await self.inspect(tenant, bundle.runtime, entry)
+            workflows = (await self.inspect(tenant, bundle.runtime, entry)).workflows
         self._remember(key, workflows)
         return LoadedCode(bundle, workflows)
 
@@ -401,7 +417,7 @@ class _Gate:
             self._tenants[tenant] = (lock, users - 1)
 
 
-def _finished(check: asyncio.Future[dict[str, str]], gate: _Gate, tenant: str, large: bool) -> None:
+def _finished(check: asyncio.Future[Inspection], gate: _Gate, tenant: str, large: bool) -> None:
     """Free the check's slot; mark its outcome as seen even if its caller is gone."""
     gate.release(tenant, large)
     if not check.cancelled():

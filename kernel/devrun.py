@@ -136,8 +136,7 @@ class LocalRun:
 
     async def publish(self, files: dict[str, bytes], runtime: str = "python", name: str = "dev") -> str:
         """Publish the workflow's files (checked as a kernel checks them); return the pinned ref."""
-        ref, _, _ = await self.kernel.publish(TENANT, name, runtime, files, None)
-        return ref
+        return (await self.kernel.publish(TENANT, name, runtime, files, None)).ref
 
     async def start(self, workflow: str, ref: str, params: object = None, id: str = "") -> InstanceRecord:
         spec = CreateSpec(workflow=workflow, code=ref, id=id, params_json=json.dumps(params))

@@ -17,6 +17,29 @@ class CodeError(Exception):
 
 
 @dataclass(frozen=True)
+class CodeWarning:
+    """Something in accepted tenant code a person should look at (see ``CodeWarning`` in the .proto)."""
+
+    file: str
+    line: int
+    kind: str  # clock | random | uuid | io | event_mutation | dynamic_step_name | ignored_class
+    message: str
+
+
+HAZARDS = frozenset(
+    {"clock", "random", "uuid", "io", "event_mutation", "dynamic_step_name"}
+)  # refused by strict
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What a sandbox's check found in tenant code: ``{workflow class: module}``, and warnings."""
+
+    workflows: dict[str, str]
+    warnings: tuple[CodeWarning, ...] = ()
+
+
+@dataclass(frozen=True)
 class Limits:
     """Resource limits every sandbox enforces as best it can.
 
@@ -68,8 +91,9 @@ class Sandbox(Protocol):
 
     runtime: str
 
-    def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
-        """Check tenant code without running it; return ``{workflow class: module}``.
+    def inspect(self, files: Mapping[str, bytes]) -> dict[str, str] | Inspection:
+        """Check tenant code without running it; return ``{workflow class: module}``, or an
+        :class:`Inspection` that also carries warnings (determinism hazards, ignored classes).
 
         Tenant code is hostile input: parse, compile or validate it in a limited child process
         (``tenantflow.plugins.sandboxing.isolated``), never in the kernel. Raise :class:`CodeError` naming file

@@ -434,14 +434,21 @@ class CodeServicer(pb_grpc.CodeServicer):
         self.k = kernel
 
     async def Publish(self, request: pb.PublishRequest, context: Any) -> pb.CodeVersion:
-        ref, runtime, workflows = await self.k.publish(
-            request.tenant, request.name, request.runtime, dict(request.files), context.time_remaining()
-        )
+        published = await self.k.publish(
+            request.tenant, request.name, request.runtime, dict(request.files), context.time_remaining(),
+            strict=request.strict,
+        )  # fmt: skip
+        ref = published.ref
         newest, _ = await codelist.list_code(self.k.storage, request.tenant, request.name, 1, "")
         at = newest[0].created_at if newest and ref.endswith(newest[0].digest) else None
+        warnings = [
+            pb.CodeWarning(file=w.file, line=w.line, kind=w.kind, message=w.message)
+            for w in published.warnings
+        ]
         return pb.CodeVersion(
-            ref=ref, runtime=runtime, workflows=workflows, name=request.name, published_at=_ts(at)
-        )
+            ref=ref, runtime=published.runtime, workflows=published.workflows, name=request.name,
+            published_at=_ts(at), warnings=warnings,
+        )  # fmt: skip
 
     async def List(self, request: pb.ListCodeRequest, context: Any) -> pb.ListCodeResponse:
         found, token = await codelist.list_code(

@@ -42,7 +42,7 @@ from tenantflow.kernel.model import (
 from tenantflow.kernel.plugins import Plugins
 from tenantflow.kernel.quotas import CreationRate
 from tenantflow.kernel.retention import purge_forever
-from tenantflow.kernel.sandbox import Sandbox
+from tenantflow.kernel.sandbox import CodeWarning, Sandbox
 from tenantflow.kernel.storage import Storage
 from tenantflow.kernel.validate import (
     CODE_NAME,
@@ -88,6 +88,16 @@ class InstanceView:
 
     record: InstanceRecord
     steps: list[StepRecord]
+
+
+@dataclass(frozen=True)
+class Published:
+    """What ``Code.Publish`` returns: the pinned ref, the runtime, the workflow classes, the warnings."""
+
+    ref: str
+    runtime: str
+    workflows: list[str]
+    warnings: tuple[CodeWarning, ...] = ()
 
 
 @dataclass
@@ -684,8 +694,15 @@ class Kernel:
 
     # -- code -------------------------------------------------------------------------------------
     async def publish(
-        self, tenant: str, name: str, runtime: str, files: Mapping[str, bytes], deadline: float | None = None
-    ) -> tuple[str, str, list[str]]:
+        self,
+        tenant: str,
+        name: str,
+        runtime: str,
+        files: Mapping[str, bytes],
+        deadline: float | None = None,
+        strict: bool = False,
+    ) -> Published:
+        """Check and store tenant code; ``strict``: refuse it if it has determinism hazards."""
         check_tenant(tenant)
         if not CODE_NAME.fullmatch(name):
             raise InvalidArgument(f"bad code name {excerpt(name)}: 1-100 of letters, digits, '_', '-', '.'")
@@ -696,8 +713,10 @@ class Kernel:
                 + self.plugins.unavailable(runtime)
             )
         check_files(files)
-        ref, workflows = await self.catalog.publish_async(tenant, name, runtime, files, deadline)
-        return ref, runtime, workflows
+        ref, workflows, warnings = await self.catalog.publish_async(
+            tenant, name, runtime, files, deadline, strict
+        )
+        return Published(ref, runtime, workflows, warnings)
 
 
 class AlreadyExistsInBatch(InvalidArgument):

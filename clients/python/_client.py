@@ -146,10 +146,17 @@ class Client:
 
     # -- code ---------------------------------------------------------------------------------------
     def publish(
-        self, tenant: str, name: str, files: Mapping[str, str | bytes], runtime: str = "python"
+        self,
+        tenant: str,
+        name: str,
+        files: Mapping[str, str | bytes],
+        runtime: str = "python",
+        strict: bool = False,
     ) -> pb.CodeVersion:
+        """Check and store tenant code; its ``warnings`` name determinism hazards and ignored
+        classes (``strict``: refuse code with hazards instead, INVALID_ARGUMENT)."""
         encoded = {k: v.encode() if isinstance(v, str) else v for k, v in files.items()}
-        request = pb.PublishRequest(tenant=tenant, name=name, runtime=runtime, files=encoded)
+        request = pb.PublishRequest(tenant=tenant, name=name, runtime=runtime, files=encoded, strict=strict)
         return self._call(self.code.Publish, request)  # type: ignore[no-any-return]
 
     def list_code(

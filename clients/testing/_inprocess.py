@@ -17,7 +17,7 @@ from typing import Any
 
 from tenantflow.kernel import hookimpl
 from tenantflow.kernel.config import KernelConfig
-from tenantflow.kernel.sandbox import Host, Limits, RunExit, Sandbox
+from tenantflow.kernel.sandbox import Host, Inspection, Limits, RunExit, Sandbox
 from tenantflow.plugins.sandboxing.pysource import decode_files, inspect_python
 from tenantflow.workflow._modules import module_name
 from tenantflow.workflow._runtime import run_job
@@ -45,7 +45,7 @@ class InProcessSandbox:
 
     runtime = RUNTIME
 
-    def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
+    def inspect(self, files: Mapping[str, bytes]) -> Inspection:
         return inspect_python(files)
 
     async def start(self) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tenantflow.kernel.sandbox import Host, Limits, RunExit
+from tenantflow.kernel.sandbox import Host, Inspection, Limits, RunExit
 from tenantflow.plugins.sandbox_subprocess import wire
 from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS, RunCgroup, RunCgroups
 from tenantflow.plugins.sandbox_subprocess.spares import Child, SparePool, close_child_ends
@@ -295,7 +295,7 @@ class SubprocessSandbox:
         self._releases: set[asyncio.Task[None]] = set()
         self._spares = SparePool(self._child, self._discard, self._usable)
 
-    def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
+    def inspect(self, files: Mapping[str, bytes]) -> Inspection:
         return inspect_python(files)
 
     async def start(self) -> None:

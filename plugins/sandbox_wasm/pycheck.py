@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Mapping, Set
+from typing import Any
 
-from tenantflow.kernel.sandbox import CodeError
+from tenantflow.kernel.sandbox import CodeError, Inspection
 from tenantflow.plugins.sandboxing import isolated
-from tenantflow.plugins.sandboxing.pysource import decode_files, python_entrypoints
+from tenantflow.plugins.sandboxing.pysource import (
+    decode_files,
+    inspection_json,
+    inspection_of,
+    python_inspection,
+)
 from tenantflow.workflow._modules import module_name
 
 _GUARDS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
@@ -59,17 +65,17 @@ def check_imports(sources: Mapping[str, str], available: Set[str]) -> None:
             )
 
 
-def inspect_python_wasm(files: Mapping[str, bytes], available: Set[str]) -> dict[str, str]:
-    """Workflow classes of python-wasm code, checked (syntax, imports) in a limited child process."""
-    found: dict[str, str] = isolated.call(
-        f"{__name__}:inspect_packed", [isolated.pack_files(files), sorted(available)]
+def inspect_python_wasm(files: Mapping[str, bytes], available: Set[str]) -> Inspection:
+    """Workflow classes of python-wasm code, checked (syntax, imports) in a limited child process,
+    with the warnings the python sandbox's check gives."""
+    return inspection_of(
+        isolated.call(f"{__name__}:inspect_packed", [isolated.pack_files(files), sorted(available)])
     )
-    return found
 
 
-def inspect_packed(packed: dict[str, str], available: list[str]) -> dict[str, str]:
-    """The child side of :func:`inspect_python_wasm`."""
+def inspect_packed(packed: dict[str, str], available: list[str]) -> dict[str, Any]:
+    """The child side of :func:`inspect_python_wasm` (JSON out)."""
     files = isolated.unpack_files(packed)
-    workflows = python_entrypoints(files)
+    inspection = python_inspection(files)
     check_imports(decode_files(files), frozenset(available))
-    return workflows
+    return inspection_json(inspection)

@@ -21,7 +21,7 @@ from typing import Any
 from wasmtime import Store, Trap, WasmtimeError
 from wasmtime.component import Component, Linker
 
-from tenantflow.kernel.sandbox import Host, Limits, RunExit
+from tenantflow.kernel.sandbox import Host, Inspection, Limits, RunExit
 from tenantflow.plugins.sandbox_wasm import build, cache, tenant_files, waits
 from tenantflow.plugins.sandbox_wasm.bridge import (
     Bridge,
@@ -131,7 +131,7 @@ class PythonWasmSandbox:
         """The prepared runner, waiting for it if needed (blocking)."""
         return self._prepare().result(timeout)
 
-    def inspect(self, files: Mapping[str, bytes]) -> dict[str, str]:
+    def inspect(self, files: Mapping[str, bytes]) -> Inspection:
         return inspect_python_wasm(files, self.runner().modules)
 
     async def start(self) -> None:
