@@ -10,22 +10,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tenantflow.kernel.cliargs import RUNTIMES, STATUSES, completion_script, json_arg
+from tenantflow.kernel.cliview import as_json, describe, print_instance, print_schedule, status, table
 from tenantflow.kernel.devcli import add_dev_parser
 from tenantflow.kernel.serve import COUNT_OR_ZERO, DEFAULT_ADDRESS, add_serve_parser
 
-
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """A plain-text table with aligned columns."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+__all__ = ["describe", "main", "parser", "table"]
 
 
-def _short(text: str, width: int = 60) -> str:
-    text = text.replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
+class CommandError(Exception):
+    """An ordinary mistake on the command line: printed as ``error: ...``, exit status 1."""
 
 
 def _cmd_token(args: argparse.Namespace) -> None:
@@ -48,157 +42,145 @@ def _client(args: argparse.Namespace) -> Any:
     return Client(args.address, token=args.token or None, tls=args.tls, tls_ca=ca)
 
 
-def _status(status: int) -> str:
-    from tenantflow.client._client import status_name
-
-    return status_name(status)
+_status = status
 
 
-def _print_instance(inst: Any) -> None:
-    print(table([
-        ["tenant", inst.tenant], ["id", inst.id], ["workflow", inst.workflow], ["code", inst.code],
-        ["status", _status(inst.status)], ["created", inst.created_at], ["updated", inst.updated_at],
-        ["output", _short(inst.output_json or "-", 100)],
-        ["error", f"{inst.error.name}: {_short(inst.error.message, 100)}" if inst.error.name else "-"],
-        *([["parent", inst.parent_id]] if inst.parent_id else []),
-        *([["concurrency", f"at most {inst.concurrency_limit} at once, key {inst.concurrency_key!r}"]]
-          if inst.concurrency_limit else []),
-        *([["children", _short(", ".join(inst.child_ids), 100)]] if inst.child_ids else []),
-        *([["rollback", f"{inst.rollback.status} ({inst.rollback.reason})" + (
-            f": {inst.rollback.error.name}: {_short(inst.rollback.error.message, 80)}" if inst.rollback.error.name else "")]]
-          if inst.HasField("rollback") else []),
-    ], ["field", "value"]))  # fmt: skip
-    if inst.steps:
-        print()
-        rows = [[s.name + (f" #{s.occurrence}" if s.occurrence else ""), s.kind, s.status, s.attempts,
-                 _short(s.output_json or (f"{s.error.name}: {s.error.message}" if s.error.name else "") or s.wake_at)]
-                for s in inst.steps]  # fmt: skip
-        print(table(rows, ["step", "kind", "status", "attempts", "output / error"]))
-
-
-def _cmd_publish(args: argparse.Namespace) -> None:
+def _files(names: Sequence[str]) -> dict[str, bytes]:
+    """The files to publish: each file by its name, each directory's .py files by their path in it."""
     files: dict[str, bytes] = {}
-    for name in args.files:
+    for name in names:
         path = Path(name)
+        if not path.exists():
+            raise CommandError(f"publish: no such file or directory: {name}")
         if path.is_dir():
-            for file in sorted(path.rglob("*.py")):
+            found = sorted(path.rglob("*.py"))
+            if not found:
+                raise CommandError(f"publish: {name} holds no .py file")
+            for file in found:
                 files[file.relative_to(path).as_posix()] = file.read_bytes()
         else:
             files[path.name] = path.read_bytes()
+    return files
+
+
+def _cmd_publish(args: argparse.Namespace) -> None:
+    files = _files(args.files)
     with _client(args) as client:
         version = client.publish(args.tenant, args.name, files, runtime=args.runtime)
+    if args.json:
+        print(as_json(version))
+        return
     print(
         table([[version.ref, version.runtime, ", ".join(version.workflows)]], ["ref", "runtime", "workflows"])
     )
 
 
 def _cmd_create(args: argparse.Namespace) -> None:
-    params = json.loads(args.params) if args.params else None
     with _client(args) as client:
-        inst = client.create(args.tenant, args.workflow, args.code, params=params, id=args.id or "",
+        inst = client.create(args.tenant, args.workflow, args.code, params=args.params, id=args.id or "",
                              concurrency_key=args.concurrency_key, concurrency_limit=args.concurrency_limit)  # fmt: skip
+    if args.json:
+        print(as_json(inst))
+        return
     print(table([[inst.id, _status(inst.status), inst.code]], ["id", "status", "pinned code"]))
-
-
-def _print_schedule(s: Any) -> None:
-    from tenantflow.v1 import tenantflow_pb2 as pb
-
-    print(table([
-        ["tenant", s.tenant], ["name", s.name], ["cron", s.cron], ["time zone", s.time_zone or "UTC"],
-        ["workflow", s.workflow], ["code", s.code], ["params", _short(s.params_json or "-", 100)],
-        ["overlap", pb.OverlapPolicy.Name(s.overlap).removeprefix("OVERLAP_POLICY_").lower()],
-        ["catch-up", pb.CatchupPolicy.Name(s.catchup).removeprefix("CATCHUP_POLICY_").lower()
-         + f" (window {s.catchup_window_seconds} s)"],
-        ["paused", "yes" if s.paused else "no"], ["next fire", s.next_fire or "-"],
-        ["last fire", s.last_fire or "-"], ["last instance", s.last_instance_id or "-"],
-        ["fires", s.fires], ["skipped", s.skipped_fires], ["last error", _short(s.last_error or "-", 100)],
-    ], ["field", "value"]))  # fmt: skip
 
 
 def _cmd_schedule(args: argparse.Namespace) -> None:
     with _client(args) as client:
         action = args.schedule_command
         if action == "create":
-            params = json.loads(args.params) if args.params else None
-            _print_schedule(client.create_schedule(
-                args.tenant, args.name, args.cron, args.workflow, args.code, params, time_zone=args.time_zone,
+            shown = client.create_schedule(
+                args.tenant, args.name, args.cron, args.workflow, args.code, args.params, time_zone=args.time_zone,
                 overlap=args.overlap, catchup=args.catchup, catchup_window=args.catchup_window, paused=args.paused,
-            ))  # fmt: skip
+            )  # fmt: skip
         elif action == "list":
+            found = list(client.iter_schedules(args.tenant))
+            if args.json:
+                print(as_json(found))
+                return
             rows = [[s.name, s.cron, s.time_zone or "UTC", s.workflow, "paused" if s.paused else s.next_fire,
-                     s.last_instance_id or "-", s.fires] for s in client.iter_schedules(args.tenant)]  # fmt: skip
+                     s.last_instance_id or "-", s.fires] for s in found]  # fmt: skip
             print(
                 table(rows, ["name", "cron", "time zone", "workflow", "next fire", "last instance", "fires"])
             )
+            return
         elif action == "delete":
             client.delete_schedule(args.tenant, args.name)
             print(table([[args.name, "deleted (its instances are kept)"]], ["schedule", "status"]))
+            return
         else:  # get | pause | resume
             method = {
                 "get": client.get_schedule,
                 "pause": client.pause_schedule,
                 "resume": client.resume_schedule,
             }
-            _print_schedule(method[action](args.tenant, args.name))
+            shown = method[action](args.tenant, args.name)
+    if getattr(args, "json", False):
+        print(as_json(shown))
+    else:
+        print_schedule(shown)
 
 
 def _cmd_status(args: argparse.Namespace) -> None:
     with _client(args) as client:
-        _print_instance(client.get(args.tenant, args.id))
+        inst = client.get(args.tenant, args.id)
+    if args.json:
+        print(as_json(inst))
+    else:
+        print_instance(inst, wide=args.wide)
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
-    from tenantflow.v1 import tenantflow_pb2 as pb
-
-    status = pb.Status.Value("STATUS_" + args.status.upper()) if args.status else 0
     with _client(args) as client:
-        page = client.list(args.tenant, status=status, page_size=args.limit, page_token=args.page_token or "")
+        page = client.list(args.tenant, status=args.status or 0, page_size=args.limit,
+                           page_token=args.page_token or "")  # fmt: skip
+    if args.json:
+        print(as_json(page))
+        return
     rows = [[i.id, i.workflow, _status(i.status), i.created_at, i.code] for i in page.instances]
     print(table(rows, ["id", "workflow", "status", "created", "code"]))
     if page.next_page_token:
         print(f"\nmore: --page-token {page.next_page_token}")
 
 
-def _cmd_send_event(args: argparse.Namespace) -> None:
-    payload = json.loads(args.payload) if args.payload else None
+def _cmd_code_list(args: argparse.Namespace) -> None:
     with _client(args) as client:
-        seq = client.send_event(args.tenant, args.id, args.type, payload)
+        page = client.list_code(args.tenant, args.name or "", page_size=args.limit,
+                                page_token=args.page_token or "")  # fmt: skip
+    if args.json:
+        print(as_json(page))
+        return
+    rows = [[v.name, v.ref.rpartition("@")[2][:19], v.published_at, v.runtime, ", ".join(v.workflows)]
+            for v in page.versions]  # fmt: skip
+    print(table(rows, ["name", "digest", "published", "runtime", "workflows"]))
+    if page.next_page_token:
+        print(f"\nmore: --page-token {page.next_page_token}")
+
+
+def _cmd_send_event(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        seq = client.send_event(args.tenant, args.id, args.type, args.payload)
     print(f"event {args.type!r} delivered to {args.id} (inbox position {seq})")
 
 
-def describe(event: Any) -> str:
-    """One line of a watched timeline."""
-    kind = event.kind
-    if kind == "status":
-        text = f"status → {_status(event.status)}" + (f" ({event.message})" if event.message else "")
-    elif kind == "step_started":
-        text = f"▶ {event.step}  attempt {event.attempt}"
-    elif kind == "step_completed":
-        text = f"✔ {event.step}" + (f"  {event.message}" if event.message else "")
-    elif kind == "step_failed":
-        text = (
-            f"✘ {event.step}" + (f"  attempt {event.attempt}" if event.attempt else "") + f": {event.message}"
-        )
-    elif kind == "step_retrying":
-        text = f"↻ {event.step}  {event.message}"
-    elif kind in ("sleeping", "waiting"):
-        text = f"⏸ {event.step}  {kind} {event.message}"
-    elif kind == "log":
-        text = f"│ {event.message}"
-    elif kind in ("child_created", "child_ended"):
-        text = f"⎇ {event.step + '  ' if event.step else ''}{event.message}"
-    elif kind.startswith("rollback_"):
-        text = f"↶ {kind.removeprefix('rollback_')}: {event.message}"
-    else:
-        text = f"{kind}: {event.message}"
-    return f"{event.at[11:23]}  {text}"
-
-
 def _cmd_watch(args: argparse.Namespace) -> None:
+    from tenantflow.client import Status
+
+    until = int(Status.of(args.until)) if args.until else None
     with _client(args) as client:
-        for event in client.watch(args.tenant, args.id):
-            print(describe(event), flush=True)
-        _print_instance(client.get(args.tenant, args.id))
+        if args.no_follow:
+            events = list(client.export_history(args.tenant, args.id).timeline)
+        else:
+            events = client.watch(args.tenant, args.id)
+        for event in events:
+            print(json.dumps(json.loads(as_json(event))) if args.json else describe(event), flush=True)
+            if until is not None and event.kind == "status" and event.status == until:
+                break
+        inst = client.get(args.tenant, args.id)
+    if args.json:
+        print(json.dumps(json.loads(as_json(inst))))
+    else:
+        print_instance(inst, wide=args.wide)
 
 
 def _cmd_upgrade(args: argparse.Namespace) -> None:
@@ -228,7 +210,8 @@ def _control(action: str) -> Any:
     def run(args: argparse.Namespace) -> None:
         with _client(args) as client:
             if action == "restart":
-                inst = client.restart(args.tenant, args.id, from_step=args.from_step or "")
+                inst = client.restart(args.tenant, args.id, from_step=args.from_step or "",
+                                      keep_consumed_events=args.keep_consumed_events)  # fmt: skip
             elif action == "terminate":
                 inst = client.terminate(
                     args.tenant, args.id, rollback=args.rollback, keep_children=args.keep_children
@@ -248,7 +231,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tenantflow", description="Durable execution of tenants' own workflow code."
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
     t = sub.add_parser("token", help="make a bearer token and its --auth-tokens entry")
     t.add_argument("--name", required=True, help="who holds it, e.g. 'platform-backend'")
@@ -256,10 +240,21 @@ def parser() -> argparse.ArgumentParser:
         "--tenants", required=True, help="comma-separated tenants or globs it may act for ('*': all)"
     )
     t.set_defaults(func=_cmd_token)
+    c = sub.add_parser(
+        "completion", help='print a shell completion script: eval "$(tenantflow completion bash)"'
+    )
+    c.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    c.set_defaults(func=lambda args: print(completion_script(p, args.shell)))
 
-    def client_parser(name: str, help: str, within: Any = None) -> argparse.ArgumentParser:
-        c = (within or sub).add_parser(name, help=help)
-        c.add_argument("--address", default=os.environ.get("TENANTFLOW_ADDRESS", DEFAULT_ADDRESS))
+    def client_parser(
+        name: str, help: str, within: Any = None, *, json_output: bool = False
+    ) -> argparse.ArgumentParser:
+        c = (within or sub).add_parser(name, help=help, description=help)
+        c.add_argument(
+            "--address",
+            default=os.environ.get("TENANTFLOW_ADDRESS", DEFAULT_ADDRESS),
+            help=f"HOST:PORT of the kernel (default $TENANTFLOW_ADDRESS or {DEFAULT_ADDRESS})",
+        )
         c.add_argument(
             "--token",
             default=os.environ.get("TENANTFLOW_TOKEN", ""),
@@ -271,19 +266,48 @@ def parser() -> argparse.ArgumentParser:
             default=os.environ.get("TENANTFLOW_TLS_CA", ""),
             help="connect with TLS, trusting this PEM CA file (default $TENANTFLOW_TLS_CA)",
         )
-        c.add_argument("--tenant", required=True)
+        c.add_argument("--tenant", required=True, help="the tenant to act for")
+        if json_output:
+            c.add_argument(
+                "--json", action="store_true", help="print the answer as JSON (the API's field names)"
+            )
         return c
 
-    c = client_parser("publish", "publish tenant code (files or directories of .py files)")
-    c.add_argument("--name", required=True)
-    c.add_argument("--runtime", default="python")
-    c.add_argument("files", nargs="+")
+    def instance_id(c: argparse.ArgumentParser) -> None:
+        c.add_argument("id", help="the instance's id")
+
+    c = client_parser("publish", "publish tenant code (files or directories of .py files)", json_output=True)
+    c.add_argument(
+        "--name", required=True, help="the code's name; its versions are artifact://TENANT/NAME@sha256:..."
+    )
+    c.add_argument(
+        "--runtime",
+        default="python",
+        metavar="RUNTIME",
+        help=f"the sandbox to run it in: {RUNTIMES} (default python)",
+    )
+    c.add_argument(
+        "files", nargs="+", help=".py files, or directories whose .py files are published by their path"
+    )
     c.set_defaults(func=_cmd_publish)
-    c = client_parser("create", "create an instance")
-    c.add_argument("--workflow", required=True)
-    c.add_argument("--code", required=True)
-    c.add_argument("--id")
-    c.add_argument("--params", help="JSON")
+    code = sub.add_parser("code", help="a tenant's published code")
+    codes = code.add_subparsers(dest="code_command", required=True, metavar="COMMAND")
+    c = client_parser("list", "list a tenant's published versions, newest first", codes, json_output=True)
+    c.add_argument("--name", help="only the versions of this name")
+    c.add_argument(
+        "--limit", type=COUNT_OR_ZERO, default=50, help="versions per page, at most 1000 (default 50)"
+    )
+    c.add_argument("--page-token", help="the page to show, as the previous page printed it")
+    c.set_defaults(func=_cmd_code_list)
+    c = client_parser("create", "create an instance", json_output=True)
+    c.add_argument("--workflow", required=True, help="the workflow class to run")
+    c.add_argument(
+        "--code", required=True, help="a code ref: artifact://TENANT/NAME[@sha256:...] or git+...; pinned now"
+    )
+    c.add_argument("--id", help="the instance's id (default: a generated one); creating it again is a no-op")
+    c.add_argument(
+        "--params", type=json_arg(), help='the event payload, as JSON, e.g. \'{"repo": "acme/web"}\''
+    )
     c.add_argument(
         "--concurrency-limit",
         type=COUNT_OR_ZERO,
@@ -293,16 +317,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--concurrency-key", default="", help="e.g. a customer id; needs --concurrency-limit")
     c.set_defaults(func=_cmd_create)
     schedule = sub.add_parser("schedule", help="cron schedules that create instances")
-    schedules = schedule.add_subparsers(dest="schedule_command", required=True)
-    c = client_parser("create", "create a schedule", schedules)
-    c.add_argument("name")
+    schedules = schedule.add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
+    c = client_parser("create", "create a schedule", schedules, json_output=True)
+    c.add_argument("name", help="the schedule's name; each fire creates the instance NAME@FIRE-TIME")
     c.add_argument(
-        "--cron", required=True, help="5 fields, or 6 with seconds last: '0 9 * * 1-5', '*/10 * * * * *'"
+        "--cron",
+        required=True,
+        help="5 fields (minute hour day month weekday), or 6 with seconds last: '0 9 * * 1-5' is 09:00 on "
+        "weekdays, '* * * * * */10' every 10 seconds; create prints the next three fires",
     )
     c.add_argument("--time-zone", default="", help="IANA name, e.g. Europe/Paris (default UTC)")
-    c.add_argument("--workflow", required=True)
-    c.add_argument("--code", required=True)
-    c.add_argument("--params", help="JSON")
+    c.add_argument("--workflow", required=True, help="the workflow class each fire runs")
+    c.add_argument("--code", required=True, help="a code ref; an unpinned one is pinned at each fire")
+    c.add_argument("--params", type=json_arg(), help="each fire's event payload, as JSON")
     c.add_argument(
         "--overlap",
         choices=["skip", "allow"],
@@ -323,34 +350,41 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--paused", action="store_true", help="create it paused")
     c.set_defaults(func=_cmd_schedule)
-    c = client_parser("list", "list a tenant's schedules", schedules)
+    c = client_parser("list", "list a tenant's schedules", schedules, json_output=True)
     c.set_defaults(func=_cmd_schedule)
     for action in ("get", "pause", "resume", "delete"):
-        c = client_parser(action, f"{action} a schedule", schedules)
-        c.add_argument("name")
+        c = client_parser(action, f"{action} a schedule", schedules, json_output=action != "delete")
+        c.add_argument("name", help="the schedule's name")
         c.set_defaults(func=_cmd_schedule)
-    c = client_parser("status", "show an instance and its steps")
-    c.add_argument("id")
+    c = client_parser("status", "show an instance, its steps and where it failed", json_output=True)
+    instance_id(c)
+    c.add_argument("--wide", action="store_true", help="do not cut long outputs to fit the table")
     c.set_defaults(func=_cmd_status)
-    c = client_parser("list", "list a tenant's instances")
-    c.add_argument("--status", help="queued, running, paused, errored, terminated, complete, waiting ...")
-    c.add_argument("--limit", type=int, default=50)
-    c.add_argument("--page-token")
+    c = client_parser("list", "list a tenant's instances, oldest first", json_output=True)
+    c.add_argument("--status", choices=STATUSES, help="only instances with this status")
+    c.add_argument(
+        "--limit", type=COUNT_OR_ZERO, default=50, help="instances per page, at most 1000 (default 50)"
+    )
+    c.add_argument("--page-token", help="the page to show, as the previous page printed it")
     c.set_defaults(func=_cmd_list)
     c = client_parser("send-event", "send an event to an instance")
-    c.add_argument("id")
-    c.add_argument("type")
-    c.add_argument("--payload", help="JSON")
+    instance_id(c)
+    c.add_argument("type", help="the event type a step waits for, e.g. deploy-approval")
+    c.add_argument("--payload", type=json_arg(), help="the event's payload, as JSON")
     c.set_defaults(func=_cmd_send_event)
-    c = client_parser("watch", "follow an instance's steps live until it ends")
-    c.add_argument("id")
+    c = client_parser("watch", "follow an instance's steps live until it ends", json_output=True)
+    instance_id(c)
+    c.add_argument("--until", choices=STATUSES, metavar="STATUS",
+                   help=f"stop following once it reaches this status: {', '.join(STATUSES)}")  # fmt: skip
+    c.add_argument("--no-follow", action="store_true", help="print the timeline so far and stop")
+    c.add_argument("--wide", action="store_true", help="do not cut long outputs in the closing table")
     c.set_defaults(func=_cmd_watch)
     history = sub.add_parser("history", help="an instance's history, for replay against new code")
     c = client_parser(
         "export", "write an instance's journal, inbox and timeline as JSON (for tenantflow dev replay)",
         history.add_subparsers(dest="history_command", required=True),
     )  # fmt: skip
-    c.add_argument("id")
+    instance_id(c)
     c.add_argument("--output", "-o", default="-", help="the file to write (default: standard output)")
     c.set_defaults(func=_cmd_history_export)
     c = client_parser("upgrade", "move live instances to new code, each only if its history replays on it")
@@ -366,9 +400,14 @@ def parser() -> argparse.ArgumentParser:
     add_dev_parser(sub, describe)
     for action in ("pause", "resume", "terminate", "restart", "delete"):
         c = client_parser(action, f"{action} an instance")
-        c.add_argument("id")
+        instance_id(c)
         if action == "restart":
             c.add_argument("--from-step", help="rerun from this step instead of from the start")
+            c.add_argument(
+                "--keep-consumed-events",
+                action="store_true",
+                help="give the events the rerun steps consumed back to its inbox (default: they are spent)",
+            )
         if action == "terminate":
             c.add_argument("--rollback", action="store_true", help="run the undos of completed steps first")
             c.add_argument(
@@ -378,6 +417,27 @@ def parser() -> argparse.ArgumentParser:
             )
         c.set_defaults(func=_control(action))
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tenantflow")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _rpc_error(args: argparse.Namespace, exc: Any) -> str:
+    """What to print for a failed call; an unreachable kernel says where it looked and what to do."""
+    import grpc
+
+    if exc.code == grpc.StatusCode.UNAVAILABLE and hasattr(args, "address"):
+        return (
+            f"error: no kernel answered at {args.address} ({exc.message.splitlines()[0] if exc.message else 'unavailable'}): "
+            "start one with `tenantflow serve`, or point --address (or $TENANTFLOW_ADDRESS) at yours"
+        )
+    return f"error: {exc}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -395,7 +455,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args.func(args)
     except TenantflowRpcError as exc:
+        print(_rpc_error(args, exc), file=sys.stderr)
+        raise SystemExit(1) from None
+    except (CommandError, ValueError) as exc:  # ValueError: the client refused an argument
         print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as exc:  # a file that cannot be read (--tls-ca, publish)
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

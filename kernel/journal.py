@@ -241,6 +241,10 @@ class Journal:
         )  # fmt: skip
 
     def history(self, kind: str, step: StepRecord | None = None, **kwargs: Any) -> HistoryEntry:
+        """A timeline entry; an undo's says so in its data (``"undo": true``): it bears the name of
+        the step it undoes."""
+        if step is not None and step.kind == "undo":
+            kwargs["data_json"] = json.dumps({**json.loads(kwargs.get("data_json") or "{}"), "undo": True})
         return HistoryEntry(kind=kind, at=self.now(), step=step.name if step else "", **kwargs)
 
     def status_entry(self, status: Status, message: str = "") -> HistoryEntry:

@@ -77,6 +77,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+def stdout_line(text: str, fmt: str, node: str = "") -> str:
+    """A line the kernel prints on stdout ("listening on ..."), as JSON too under ``--log-format
+    json``, so a log collector reading both streams sees one format."""
+    if fmt != "json":
+        return text
+    record = logging.LogRecord("tenantflow.kernel", logging.INFO, __file__, 0, text, None, None)
+    return JsonFormatter(node).format(record)
+
+
 def configure(fmt: str = "text", node: str = "", stream: TextIO | None = None) -> None:
     """Send the process's logs to ``stream`` (stderr) at INFO in ``fmt``; in JSON, warnings and
     uncaught exceptions become JSON lines too, so every stderr line parses."""

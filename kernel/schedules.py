@@ -122,6 +122,18 @@ def passed_over(cron: str, time_zone: str, first: float, before: float) -> int:
     return count + int((before - at) / max((at - first) / count, 1.0))
 
 
+def upcoming(cron: str, time_zone: str, after: float, count: int = 3) -> list[float]:
+    """The next ``count`` fires after ``after`` (fewer if the expression stops firing)."""
+    it = croniter(cron, dt.datetime.fromtimestamp(after, _zone(time_zone)))
+    fires: list[float] = []
+    try:
+        while len(fires) < count:
+            fires.append(it.get_next(dt.datetime).timestamp())
+    except CroniterBadDateError:
+        pass
+    return fires
+
+
 def closest_fires(cron: str, time_zone: str, after: float) -> float:
     """The shortest time between two consecutive fires among the next ``GAP_SAMPLES``."""
     it = croniter(cron, dt.datetime.fromtimestamp(after, _zone(time_zone)))
@@ -142,7 +154,7 @@ def check(s: ScheduleRecord) -> None:
     if len(s.cron) > MAX_CRON or len(fields) not in (5, 6) or not croniter.is_valid(s.cron):
         raise InvalidArgument(
             f"bad cron expression {excerpt(s.cron)}: 5 fields (minute hour day month weekday), or 6 with "
-            "seconds last, e.g. '0 9 * * 1-5' or '*/10 * * * * *'"
+            "seconds last, e.g. '0 9 * * 1-5' (09:00 on weekdays) or '* * * * * */10' (every 10 seconds)"
         )
     _zone(s.time_zone)
     if s.overlap not in OVERLAP:

@@ -10,6 +10,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from tenantflow.kernel.cliargs import DefaultsShown
+from tenantflow.kernel.logformat import stdout_line
+
 DEFAULT_ADDRESS = "127.0.0.1:7450"
 
 
@@ -125,20 +128,23 @@ async def serve(args: argparse.Namespace) -> None:
             await server.stop(None)
             await kernel.stop()
             raise SystemExit(f"error: {exc}") from None
-        print(f"tenantflow metrics on {endpoint.url}", flush=True)
+        print(
+            stdout_line(f"tenantflow metrics on {endpoint.url}", config.log_format, config.node_id),
+            flush=True,
+        )
     if traces:
         logging.getLogger("tenantflow.tracing").info("OpenTelemetry tracing on: %s", traces)
-    print(
+    listening = (
         f"tenantflow kernel listening on {host}:{port}{' (TLS)' if tls else ''} "
-        f"(storage {config.resolved_storage_url()})",
-        flush=True,
+        f"(storage {config.resolved_storage_url()})"
     )
+    print(stdout_line(listening, config.log_format, config.node_id), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    print("tenantflow kernel stopping", flush=True)
+    print(stdout_line("tenantflow kernel stopping", config.log_format, config.node_id), flush=True)
     await server.stop(grace=2)
     await kernel.stop()
     if endpoint is not None:
@@ -177,7 +183,7 @@ AMOUNT_OR_ZERO = number(float, 0, "use 0 or more")
 
 def add_serve_parser(sub: Any) -> None:
     """The ``serve`` sub-command and its flags."""
-    s = sub.add_parser("serve", help="run the kernel")
+    s = sub.add_parser("serve", help="run the kernel", formatter_class=DefaultsShown)
     s.add_argument("--listen", default=DEFAULT_ADDRESS, help="HOST:PORT (port 0 picks a free one)")
     s.add_argument("--storage", help="storage URL (default sqlite:///<data-dir>/tenantflow.sqlite3)")
     s.add_argument("--data-dir", help="default $TENANTFLOW_DATA_DIR or ~/.local/share/tenantflow")

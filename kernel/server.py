@@ -6,16 +6,17 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tenantflow.kernel import children, codelist, errors, metrics, rollback, upgrade
+from tenantflow.kernel import children, codelist, errors, metrics, rollback, schedules, upgrade
 from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFlight
 from tenantflow.kernel.auth import Tokens
 from tenantflow.kernel.code import artifact_ref
@@ -26,6 +27,7 @@ from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tenantflow.server")
+M = TypeVar("M", bound=Message)
 
 STATUS_CODES: dict[type[errors.TenantflowError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -300,19 +302,24 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
     def _instance(self, record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         """``instance_pb`` within the kernel's response budget and message limit, or ResourceExhausted."""
         size = sum(len(s.output_json) + len(s.error_message) + len(s.error_traceback) for s in steps)
-        if size <= LIGHT_RESPONSE_BYTES:
-            return self._fits(instance_pb(record, steps))
-        busy = (f"too many large instances are being read at once ({self.responses.used / MIB:.0f} MiB); "
-                "retry in a few seconds")  # fmt: skip
-        with self.responses.hold(size, busy):
-            return self._fits(instance_pb(record, steps))
+        return self._bounded(size, "instance", repr(record.id), lambda: instance_pb(record, steps),
+                             "; read its progress with Watch instead")  # fmt: skip
 
-    def _fits(self, message: pb.Instance) -> pb.Instance:
+    def _bounded(self, size: int, what: str, name: str, build: Callable[[], M], advice: str = "") -> M:
+        """``build()``, a response holding ``size`` bytes of outputs, counted in the kernel's response
+        budget while it is built when it is large, and refused past the response message limit."""
+        if size <= LIGHT_RESPONSE_BYTES:
+            message = build()
+        else:
+            busy = (f"too many large {what}s are being read at once ({self.responses.used / MIB:.0f} MiB); "
+                    "retry in a few seconds")  # fmt: skip
+            with self.responses.hold(size, busy):
+                message = build()
         limit = self.k.config.response_bytes_limit
-        if (size := message.ByteSize()) > limit:
+        if (total := message.ByteSize()) > limit:
             raise errors.ResourceExhausted(
-                f"instance {message.id!r} is {size / MIB:.1f} MiB as a message, over the kernel's "
-                f"{limit / MIB:g} MiB response limit; read its progress with Watch instead"
+                f"{what} {name} is {total / MIB:.1f} MiB as a message, over the kernel's "
+                f"{limit / MIB:g} MiB response limit{advice}"
             )
         return message
 
@@ -405,17 +412,7 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         size = sum(len(s.output_json) for s in exported.steps) + sum(
             len(e.payload_json) for e in exported.events
         )
-        busy = (f"too many large histories are being read at once ({self.responses.used / MIB:.0f} MiB); "
-                "retry in a few seconds")  # fmt: skip
-        with self.responses.hold(size, busy):
-            message = history_pb(exported)
-        limit = self.k.config.response_bytes_limit
-        if (total := message.ByteSize()) > limit:
-            raise errors.ResourceExhausted(
-                f"the history of {request.id!r} is {total / MIB:.1f} MiB as a message, over the kernel's "
-                f"{limit / MIB:g} MiB response limit"
-            )
-        return message
+        return self._bounded(size, "history", f"of {request.id!r}", lambda: history_pb(exported))
 
     async def Upgrade(self, request: pb.UpgradeRequest, context: Any) -> pb.UpgradeResponse:
         outcomes = await self.k.upgrade(
@@ -477,6 +474,7 @@ def schedule_pb(s: ScheduleRecord) -> pb.Schedule:
         catchup_window_seconds=round(s.catchup_window), paused=s.paused, next_fire=_ts(s.next_fire),
         last_fire=_ts(s.last_fire), last_instance_id=s.last_instance, fires=s.fires, skipped_fires=s.skipped,
         created_at=_ts(s.created_at), last_error=s.last_error,
+        upcoming_fires=[] if s.paused else [_ts(t) for t in schedules.upcoming(s.cron, s.time_zone, time.time())],
     )  # fmt: skip
 
 

@@ -867,4 +867,7 @@ def test_upgrade_re_pins_an_instance_under_its_lease(storage: Storage) -> None:
     assert storage.apply([pin])[0].ok
     after = storage.get_instance("t", "i")
     assert after is not None and after.code == new and after.lease_owner is None
-    assert (after.workflow, after.params_json) == (instance("t", "i").workflow, instance("t", "i").params_json)
+    assert (after.workflow, after.params_json) == (
+        instance("t", "i").workflow,
+        instance("t", "i").params_json,
+    )
