@@ -73,16 +73,26 @@ class Outcome:
         return json.loads(self.record.output_json) if self.record.output_json else None
 
 
+def _is_code(relative: Path) -> bool:
+    """Whether a file under a workflow's folder is its code: not hidden, cached, or a test of it
+    (``tests/``, ``test_*.py``, ``*_test.py``, ``conftest.py``), which stays on the author's machine."""
+    *folders, name = relative.parts
+    if name.startswith(".") or any(
+        p.startswith(".") or p in ("__pycache__", "tests", "test") for p in folders
+    ):
+        return False
+    return not (name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py")
+
+
 def files_of(path: Path) -> dict[str, bytes]:
-    """A workflow file, or every ``.py`` file under a directory, as Publish takes them."""
+    """A workflow file, or the ``.py`` files under a directory (its tests left out), as Publish takes them."""
     if path.is_file():
         return {path.name: path.read_bytes()}
     if path.is_dir():
         found = {
             p.relative_to(path).as_posix(): p.read_bytes()
             for p in sorted(path.rglob("*.py"))
-            if "__pycache__" not in p.parts
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            if _is_code(p.relative_to(path))
         }
         if found:
             return found

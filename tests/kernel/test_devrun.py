@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import json_format
 
 from tenantflow.client import Client
+from tenantflow.kernel.devrun import files_of
 from tenantflow.testing import Event, WorkflowTester
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import KernelProcess
@@ -139,3 +140,28 @@ def test_the_test_kit_replays_a_folder_of_histories(
     with WorkflowTester(tmp_path / "order.py") as tester:
         reports = tester.replay_folder(tmp_path / "histories")
     assert list(reports) == ["pen.json"] and reports["pen.json"].clean, reports
+
+
+def test_a_folder_is_published_without_its_tests(tmp_path: Path) -> None:
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "pkg").mkdir()
+    for name in (
+        "flow.py",
+        "pkg/util.py",
+        "tests/test_flow.py",
+        "test_other.py",
+        "flow_test.py",
+        "conftest.py",
+        ".hidden.py",
+    ):
+        (tmp_path / name).write_text("x = 1\n")
+    assert sorted(files_of(tmp_path)) == ["flow.py", "pkg/util.py"]
+
+
+def test_dev_run_runs_in_python_wasm_too() -> None:
+    done = tenantflow(
+        "dev", "run", str(PIPELINE), "--workflow", "Pipeline", "--params", '{"repo": "acme/app"}', "--runtime",
+        "python-wasm", "--event", 'deploy-approval={"approved": true, "by": "ana"}',
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"approved_by": "ana"' in done.stdout
