@@ -66,13 +66,23 @@ def _files(names: Sequence[str]) -> dict[str, bytes]:
 def _cmd_publish(args: argparse.Namespace) -> None:
     files = _files(args.files)
     with _client(args) as client:
-        version = client.publish(args.tenant, args.name, files, runtime=args.runtime)
+        version = client.publish(args.tenant, args.name, files, runtime=args.runtime, strict=args.strict)
     if args.json:
         print(as_json(version))
         return
     print(
         table([[version.ref, version.runtime, ", ".join(version.workflows)]], ["ref", "runtime", "workflows"])
     )
+    if version.warnings:
+        print(
+            f"\n{len(version.warnings)} warning(s): see README, 'Determinism hazards'; --strict refuses hazards"
+        )
+        print(
+            table(
+                [[f"{w.file}:{w.line}", w.kind, w.message] for w in version.warnings],
+                ["where", "kind", "warning"],
+            )
+        )
 
 
 def _cmd_create(args: argparse.Namespace) -> None:
@@ -288,6 +298,9 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "files", nargs="+", help=".py files, or directories whose .py files are published by their path"
+    )
+    c.add_argument(
+        "--strict", action="store_true", help="refuse code with determinism hazards instead of warning"
     )
     c.set_defaults(func=_cmd_publish)
     code = sub.add_parser("code", help="a tenant's published code")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 
 from tenantflow.client import Client, TenantflowRpcError
+from tests.conftest import KernelProcess
 from tests.helpers import source
+from tests.kernel.test_cli import tf
 
 HAZARDOUS = """
 import time
@@ -42,3 +46,15 @@ def test_strict_publish_refuses_hazards_and_stores_nothing(client: Client, tenan
     clean = source(HAZARDOUS).replace("started = time.time()", "started = 0")
     version = client.publish(tenant, "wf", {"wf.py": clean}, strict=True)
     assert [w.kind for w in version.warnings] == ["ignored_class"]
+
+
+def test_the_cli_shows_the_warnings_and_strict_refuses(
+    kernel: KernelProcess, tenant: str, tmp_path: Path
+) -> None:
+    (tmp_path / "wf.py").write_text(source(HAZARDOUS))
+    published = tf(kernel, "publish", "--tenant", tenant, "--name", "wf", str(tmp_path / "wf.py"))
+    assert "2 warning(s)" in published and "wf.py:6" in published and "clock" in published
+    refused = tf(
+        kernel, "publish", "--tenant", tenant, "--name", "wf", "--strict", str(tmp_path / "wf.py"), ok=False
+    )
+    assert "determinism hazard" in refused and "Traceback" not in refused
