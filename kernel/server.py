@@ -7,8 +7,8 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -127,7 +127,7 @@ def _wire_problem(descriptor: Descriptor, data: bytes, where: str = "") -> str |
     return None
 
 
-def _message(exc: errors.TenantflowError) -> str:
+def status_message(exc: errors.TenantflowError) -> str:
     """The status message, cut to :data:`MAX_MESSAGE_BYTES` of UTF-8."""
     text = str(exc)
     if len(text.encode()) <= MAX_MESSAGE_BYTES:
@@ -142,10 +142,55 @@ def _tenants(request: Any) -> list[str]:
     return [request.tenant]
 
 
+class Caller(Protocol):
+    """What admission reads of one call, whatever its transport (gRPC, or HTTP in
+    :mod:`tenantflow.kernel.httpapi`)."""
+
+    def metadata(self) -> Sequence[tuple[str, str | bytes]]: ...
+
+    def peer(self) -> str: ...
+
+    def declared_size(self) -> int | None:
+        """The body's size in bytes if the transport says it before the body is read."""
+        ...
+
+    async def read(self) -> bytes: ...
+
+    def decode(self, data: bytes) -> Any: ...
+
+
+class _GrpcCaller:
+    """A gRPC call as :class:`Caller`: its size is known only once read (gRPC itself refuses a
+    message over the server's largest limit from its length, unread)."""
+
+    def __init__(self, message: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.message = message
+        self.context = context
+
+    def metadata(self) -> Sequence[tuple[str, str | bytes]]:
+        return self.context.invocation_metadata() or ()
+
+    def peer(self) -> str:
+        return str(self.context.peer())
+
+    def declared_size(self) -> int | None:
+        return None
+
+    async def read(self) -> bytes:
+        data = await self.context.read()
+        if not isinstance(data, bytes):
+            raise errors.InvalidArgument("the call ended before it sent its request message")
+        return data
+
+    def decode(self, data: bytes) -> Any:
+        return _decode(self.message, data)
+
+
 class Gate:
     """Admits every tenantflow call before its body is read or decoded (see
     :mod:`tenantflow.kernel.admission`) and turns kernel errors into gRPC statuses with their
-    message; anything else is INTERNAL. The one place that does either."""
+    message; anything else is INTERNAL. The one place that does either; the HTTP API admits its
+    calls through :meth:`admit` too."""
 
     def __init__(
         self, budgets: Budgets, tokens: Tokens | None, busy: dict[str, Callable[[int], str]]
@@ -163,35 +208,33 @@ class Gate:
         with metrics.rpc(f"tenantflow.v1.{service}", name, context) as rpc:
             try:
                 with contextlib.ExitStack() as held:
-                    await self._admit(method, message, context, held, rpc)
+                    await self.admit(method, _GrpcCaller(message, context), held, rpc)
                     yield rpc
             except errors.TenantflowError as exc:
-                await context.abort(status_code(exc), _message(exc))
+                await context.abort(status_code(exc), status_message(exc))
             except Exception:
                 log.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kernel log")
 
-    async def _admit(
-        self,
-        method: str,
-        message: Any,
-        context: grpc.aio.ServicerContext[Any, Any],
-        held: contextlib.ExitStack,
-        rpc: metrics.RpcCall,
+    async def admit(
+        self, method: str, caller: Caller, held: contextlib.ExitStack, rpc: metrics.RpcCall
     ) -> None:
+        """Admit ``caller``'s call of ``method`` (``Service/Method``), holding its budgets in
+        ``held`` and its decoded request in ``rpc.request``; a TenantflowError if refused. A body
+        whose size the transport declares is measured before it is read."""
         budgets, grant = self.budgets, None
         if self.tokens is not None:  # from metadata: a stranger's body is never read
-            key, grant = self.tokens.authenticate(context.invocation_metadata() or ())
+            key, grant = self.tokens.authenticate(caller.metadata())
             held.enter_context(budgets.per_token.hold(key, repr(grant.name or "(unnamed)")))
-        peer = context.peer()
+        peer = caller.peer()
         held.enter_context(budgets.per_peer.hold(peer, peer))
-        data = await context.read()
-        if not isinstance(data, bytes):
-            raise errors.InvalidArgument("the call ended before it sent its request message")
-        held.enter_context(budgets.body(method, len(data)))
-        if (busy := self.busy.get(method)) and (reason := busy(len(data))):
+        declared = caller.declared_size()
+        data = await caller.read() if declared is None else b""
+        size = len(data) if declared is None else declared
+        held.enter_context(budgets.body(method, size))
+        if (busy := self.busy.get(method)) and (reason := busy(size)):
             raise errors.ResourceExhausted(reason)
-        rpc.request = _decode(message, data)
+        rpc.request = caller.decode(data if declared is None else await caller.read())
         del data  # served from the decoded copy
         tenants = _tenants(rpc.request)
         if grant is not None:
@@ -561,17 +604,30 @@ def _add_service(server: grpc.aio.Server, name: str, servicer: Any, gate: Gate) 
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+def servicers(kernel: Kernel) -> dict[str, Any]:
+    """The tenantflow.v1 servicers by service name; one set per kernel serves both transports, so
+    they share its response budget."""
+    return {"Workflows": WorkflowsServicer(kernel), "Code": CodeServicer(kernel),
+            "Schedules": SchedulesServicer(kernel)}  # fmt: skip
+
+
+def new_gate(kernel: Kernel, budgets: Budgets, tokens: Tokens | None) -> Gate:
+    return Gate(budgets, tokens, {"Code/Publish": kernel.catalog.publish_busy})
+
+
 async def create_server(
     kernel: Kernel,
     address: str = "127.0.0.1:0",
     tokens: Tokens | None = None,
     tls: tuple[bytes, bytes] | None = None,
     budgets: Budgets | None = None,
+    services: dict[str, Any] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started-to-be server bound to ``address``; returns it and the bound port (bind port 0 in tests).
     With ``tokens``, every tenantflow call is authorized (health and reflection stay open); with
     ``tls`` (PEM private key, PEM certificate chain) the port speaks TLS only; ``budgets``: what one
-    caller may hold at once (default: ``tenantflow serve``'s defaults)."""
+    caller may hold at once (default: ``tenantflow serve``'s defaults); ``services``: the
+    :func:`servicers` to serve (default: a set of this server's own)."""
     config = kernel.config
     budgets = budgets or Budgets.of(config)
     # Calls past max_concurrent_rpcs fail fast with RESOURCE_EXHAUSTED instead of queuing memory;
@@ -579,10 +635,9 @@ async def create_server(
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", budgets.largest),
                                       ("grpc.max_send_message_length", config.response_bytes_limit)],
                              maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)  # fmt: skip
-    gate = Gate(budgets, tokens, {"Code/Publish": kernel.catalog.publish_busy})
-    _add_service(server, "Workflows", WorkflowsServicer(kernel), gate)
-    _add_service(server, "Code", CodeServicer(kernel), gate)
-    _add_service(server, "Schedules", SchedulesServicer(kernel), gate)
+    gate = new_gate(kernel, budgets, tokens)
+    for name, servicer in (services or servicers(kernel)).items():
+        _add_service(server, name, servicer, gate)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code", "Schedules")]
