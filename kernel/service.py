@@ -406,7 +406,8 @@ class Kernel:
             record = await self._record(tenant, id)
             if record.status in TERMINAL:
                 raise FailedPrecondition(
-                    f"instance {id!r} is {record.status.name.lower()}; only live instances pause"
+                    f"instance {id!r} is {record.status.name.lower()}; only live instances pause "
+                    "(restart it to run it again)"
                 )
             if record.status in (Status.PAUSED, Status.WAITING_FOR_PAUSE):
                 return record
@@ -443,7 +444,7 @@ class Kernel:
                             history=[HistoryEntry(kind="status", at=now, status=int(Status.QUEUED),
                                                   message="resumed")])  # fmt: skip
         else:
-            raise FailedPrecondition(f"instance {id!r} is {record.status.name.lower()}, not paused")
+            raise FailedPrecondition(_not_paused(id, record.status))
         try:
             await self._apply(change)
         except Conflict as exc:
@@ -460,7 +461,10 @@ class Kernel:
         would await or clean up after an orphan."""
         record = await self._record(tenant, id)
         if record.status in TERMINAL:
-            raise FailedPrecondition(f"instance {id!r} is already {record.status.name.lower()}")
+            raise FailedPrecondition(
+                f"instance {id!r} is already {record.status.name.lower()}: nothing to terminate "
+                "(delete it to remove it, or restart it to run it again)"
+            )
         steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)
         await self._terminate_one(record, steps, rollback)
         if not keep_children:
@@ -634,7 +638,8 @@ class Kernel:
         record = await self._record(tenant, id)
         if record.status in TERMINAL:
             raise FailedPrecondition(
-                f"instance {id!r} is {record.status.name.lower()}; it takes no more events"
+                f"instance {id!r} is {record.status.name.lower()}; it takes no more events "
+                "(restart it to run it again, then send the event)"
             )
         now = self.clock()
         config = self.engine.config
@@ -721,3 +726,11 @@ class Kernel:
 
 class AlreadyExistsInBatch(InvalidArgument):
     """Two requests in one batch use the same id."""
+
+
+def _not_paused(id: str, status: Status) -> str:
+    """Why Resume refuses, and what to do instead."""
+    name = status.name.lower()
+    if status in TERMINAL:
+        return f"instance {id!r} is {name}, nothing to resume: restart it to run it again"
+    return f"instance {id!r} is {name}, not paused: it goes on by itself (pause it first to hold it)"

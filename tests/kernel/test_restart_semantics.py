@@ -47,3 +47,32 @@ def test_a_terminated_instance_ends_its_waiting_step(client: Client, tenant: str
     ended = client.terminate(tenant, "t")
     assert ended.status == pb.STATUS_TERMINATED
     assert [(s.name, s.status, s.wake_at) for s in ended.steps] == [("approval", "terminated", "")]
+
+
+def test_refusals_of_an_ended_instance_say_what_to_do(client: Client, tenant: str) -> None:
+    import grpc
+    import pytest
+
+    from tenantflow.client import TenantflowRpcError
+
+    code = publish(client, tenant, PIPELINE)
+    client.create(tenant, "Deploy", code, id="e")
+    client.send_event(tenant, "e", "approve", "ok")
+    client.wait(tenant, "e")
+    expected = {
+        client.resume: "is complete, nothing to resume: restart it to run it again",
+        client.pause: "only live instances pause (restart it to run it again)",
+        client.terminate: "nothing to terminate (delete it to remove it, or restart it to run it again)",
+    }
+    for action, needle in expected.items():
+        with pytest.raises(TenantflowRpcError) as err:
+            action(tenant, "e")
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and needle in err.value.message
+    with pytest.raises(TenantflowRpcError) as err:
+        client.send_event(tenant, "e", "approve", "again")
+    assert "restart it to run it again, then send the event" in err.value.message
+    client.restart(tenant, "e")
+    client.wait(tenant, "e", statuses=["waiting"])
+    with pytest.raises(TenantflowRpcError) as err:
+        client.resume(tenant, "e")
+    assert "is waiting, not paused: it goes on by itself" in err.value.message
