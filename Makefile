@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP) lint typecheck proto-check runtimes node-deps unit
+test: $(STAMP) lint typecheck proto-check runtimes node-deps unit docs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -54,6 +54,10 @@ UID_TESTS := tests/security tests/plugins/sandbox_subprocess tests/conformance/t
 	tests/kernel/test_durability.py tests/kernel/test_multinode.py tests/plugins/storage_fdb/test_kernel_on_lmdb.py
 test-stock:
 	$(MAKE) PYTHON=$(STOCK_PYTHON) VENV=$(STOCK_VENV) runtimes unit TESTS="$(UID_TESTS)"
+
+# The API reference of the client and the tenant SDK, from their docstrings (fails on a missing one).
+docs: $(STAMP)
+	$(PY) scripts/docs.py build/docs
 
 bench: $(STAMP)
 	$(PY) loadtests/bench_steps.py

@@ -132,6 +132,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the channel (``with Client(...)`` does it on exit)."""
         self._channel.close()
 
     def _call(self, method: Any, request: Any) -> Any:
@@ -240,15 +241,18 @@ class Client:
         return self._call(self.schedules.Create, request)  # type: ignore[no-any-return]
 
     def get_schedule(self, tenant: str, name: str) -> pb.Schedule:
+        """The schedule, with its next fires and last outcome; ``NOT_FOUND`` if there is none."""
         return self._call(self.schedules.Get, pb.ScheduleRef(tenant=tenant, name=name))  # type: ignore[no-any-return]
 
     def list_schedules(
         self, tenant: str, page_size: int = 0, page_token: str = ""
     ) -> pb.ListSchedulesResponse:
+        """A page of the tenant's schedules, by name."""
         request = pb.ListSchedulesRequest(tenant=tenant, page_size=page_size, page_token=page_token)
         return self._call(self.schedules.List, request)  # type: ignore[no-any-return]
 
     def iter_schedules(self, tenant: str, page_size: int = 100) -> Iterator[pb.Schedule]:
+        """Every schedule of the tenant, by name, page by page."""
         token = ""
         while True:
             page = self.list_schedules(tenant, page_size, token)
@@ -258,9 +262,11 @@ class Client:
                 return
 
     def pause_schedule(self, tenant: str, name: str) -> pb.Schedule:
+        """Stop firing until resumed (fires meanwhile are not made up)."""
         return self._call(self.schedules.Pause, pb.ScheduleRef(tenant=tenant, name=name))  # type: ignore[no-any-return]
 
     def resume_schedule(self, tenant: str, name: str) -> pb.Schedule:
+        """Fire again from the next tick on."""
         return self._call(self.schedules.Resume, pb.ScheduleRef(tenant=tenant, name=name))  # type: ignore[no-any-return]
 
     def delete_schedule(self, tenant: str, name: str) -> None:
@@ -269,6 +275,7 @@ class Client:
 
     # -- instances, read ------------------------------------------------------------------------------
     def get(self, tenant: str, id: str) -> pb.Instance:
+        """The instance with its steps; an error tenant code raised carries its ``traceback``."""
         return self._call(self.workflows.Get, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
 
     def children(self, tenant: str, id: str) -> list[pb.Instance]:
@@ -300,9 +307,11 @@ class Client:
                 return
 
     def pause(self, tenant: str, id: str) -> pb.Instance:
+        """Pause a live instance at its next step boundary (a hibernating one at once)."""
         return self._call(self.workflows.Pause, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
 
     def resume(self, tenant: str, id: str) -> pb.Instance:
+        """Resume a paused instance (or cancel a pause not yet reached)."""
         return self._call(self.workflows.Resume, pb.InstanceRef(tenant=tenant, id=id))  # type: ignore[no-any-return]
 
     def terminate(
@@ -329,6 +338,8 @@ class Client:
         return self._call(self.workflows.Restart, request)  # type: ignore[no-any-return]
 
     def send_event(self, tenant: str, id: str, type: str, payload: Any = None) -> int:
+        """Put an event in the instance's inbox (kept until a wait for ``type`` takes it); return its
+        position in the inbox."""
         request = pb.SendEventRequest(tenant=tenant, id=id, type=type, payload_json=_json(payload))
         return int(self._call(self.workflows.SendEvent, request).sequence)
 

@@ -202,21 +202,25 @@ class WorkflowStep(Protocol):
         timeout: Duration | None = None,
         rollback: Callable[..., Any] | None = None,
         rollback_config: RollbackConfig | None = None,
-    ) -> Any: ...
+    ) -> Any:
+        """Awaitable form of :meth:`Step.do`."""
 
-    async def sleep(self, name: str, duration: Duration) -> None: ...
+    async def sleep(self, name: str, duration: Duration) -> None:
+        """Awaitable form of :meth:`Step.sleep`."""
 
-    async def sleep_until(self, name: str, when: _dt.datetime | float) -> None: ...
+    async def sleep_until(self, name: str, when: _dt.datetime | float) -> None:
+        """Awaitable form of :meth:`Step.sleep_until`."""
 
-    async def wait_for_event(
-        self, name: str, *, type: str, timeout: Duration | None = None
-    ) -> WorkflowEvent: ...
+    async def wait_for_event(self, name: str, *, type: str, timeout: Duration | None = None) -> WorkflowEvent:
+        """Awaitable form of :meth:`Step.wait_for_event`."""
 
     async def create(
         self, name: str, workflow: str, *, code: str | None = None, params: Any = None, id: str | None = None
-    ) -> str: ...
+    ) -> str:
+        """Awaitable form of :meth:`Step.create`."""
 
-    async def wait_for_instance(self, name: str, id: str, *, timeout: Duration | None = None) -> Any: ...
+    async def wait_for_instance(self, name: str, id: str, *, timeout: Duration | None = None) -> Any:
+        """Awaitable form of :meth:`Step.wait_for_instance`."""
 
 
 class BlockingStep(Protocol):
@@ -231,19 +235,25 @@ class BlockingStep(Protocol):
         timeout: Duration | None = None,
         rollback: Callable[..., Any] | None = None,
         rollback_config: RollbackConfig | None = None,
-    ) -> Any: ...
+    ) -> Any:
+        """Blocking form of :meth:`Step.do`."""
 
-    def sleep(self, name: str, duration: Duration) -> None: ...
+    def sleep(self, name: str, duration: Duration) -> None:
+        """Blocking form of :meth:`Step.sleep`."""
 
-    def sleep_until(self, name: str, when: _dt.datetime | float) -> None: ...
+    def sleep_until(self, name: str, when: _dt.datetime | float) -> None:
+        """Blocking form of :meth:`Step.sleep_until`."""
 
-    def wait_for_event(self, name: str, *, type: str, timeout: Duration | None = None) -> WorkflowEvent: ...
+    def wait_for_event(self, name: str, *, type: str, timeout: Duration | None = None) -> WorkflowEvent:
+        """Blocking form of :meth:`Step.wait_for_event`."""
 
     def create(
         self, name: str, workflow: str, *, code: str | None = None, params: Any = None, id: str | None = None
-    ) -> str: ...
+    ) -> str:
+        """Blocking form of :meth:`Step.create`."""
 
-    def wait_for_instance(self, name: str, id: str, *, timeout: Duration | None = None) -> Any: ...
+    def wait_for_instance(self, name: str, id: str, *, timeout: Duration | None = None) -> Any:
+        """Blocking form of :meth:`Step.wait_for_instance`."""
 
 
 class WorkflowEntrypoint:
@@ -251,4 +261,6 @@ class WorkflowEntrypoint:
 
     # ``step: Any`` so subclasses may annotate it as WorkflowStep (async) or BlockingStep (def).
     def run(self, event: WorkflowEvent, step: Any) -> Any:
+        """The workflow: re-executed from the top on every wake-up, with ``step`` a
+        :class:`WorkflowStep` (``async def run``) or a :class:`BlockingStep` (``def run``)."""
         raise NotImplementedError("a workflow must implement run(self, event, step)")
