@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,7 @@ def watch(client: Client, tenant: str, id: str) -> None:
 def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="tenantflow-demo-"))
     proc, address = start_kernel(data_dir)
+    done = False
     try:
         with Client(address) as client:
             ci = client.publish(
@@ -120,10 +122,15 @@ def main() -> None:
             failed = [r for r in rows if r[2] != "complete"]
             if failed:
                 raise SystemExit(f"demo failed: {failed}")
-            say(f"\nboth tenants' workflows completed; storage was {data_dir / 'tenantflow.sqlite3'}")
+            say("\nboth tenants' workflows completed")
+            done = True
     finally:
         proc.terminate()
         proc.wait(15)
+        if done:  # the kernel's storage was only for the demo
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            say(f"the demo kernel's data is left in {data_dir} (its storage: tenantflow.sqlite3)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--users", "-u", type=int, default=50, help="locust users (each one a tenant)")
     p.add_argument("--spawn-rate", "-r", type=float, default=10.0, help="users started per second")
-    p.add_argument("--duration", "-t", default="60s", help="run time, e.g. 20s, 5m, 1h")
+    p.add_argument(
+        "--duration", "-t", "--run-time", default="60s", help="run time, e.g. 20s, 5m, 1h (locust's -t)"
+    )
     p.add_argument("--host", default="", help="HOST:PORT of a running kernel (default: start one)")
     p.add_argument("--kernel-pid", type=int, default=0, help="with --host: sample this process's /proc")
     p.add_argument("--metrics-url", default="", help="with --host: its http://.../metrics endpoint")
@@ -82,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         samples = sampler.stop()
         if kernel is not None:
             kernel.stop()
+            if code == 0:  # its data and log are of no use once the report is written
+                shutil.rmtree(kernel.data_dir, ignore_errors=True)
+            else:
+                print(f"the kernel's data and log are left in {kernel.data_dir}", flush=True)
     write_csv(samples, out / "kernel_samples.csv")
     skip = {"rss.png", "cpu.png", "fds.png", "processes.png"} if pid is None else set()
     skip |= {"storage.png"} if storage is None else set()

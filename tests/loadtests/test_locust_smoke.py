@@ -52,3 +52,16 @@ def test_every_scenario_runs_20_s_without_a_failure(smoke_kernel: KernelProcess,
     noisy = [n for n in stats if n.startswith("noisy CreateBatch")]
     assert noisy, f"the noisy tenant never sent a batch\n{report}"
     assert int(stats["Aggregated"]["Failure Count"]) == 0, report
+
+
+def test_make_loadtest_takes_locusts_run_time_flag_too() -> None:
+    spec = importlib.util.spec_from_file_location("loadtest_cli", ROOT / "loadtests" / "loadtest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "loadtests"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "loadtests"))
+    assert module.parse_args(["--run-time", "5s"]).duration == "5s"
+    assert module.parse_args(["-t", "2m"]).duration == "2m"
