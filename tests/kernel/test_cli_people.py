@@ -197,3 +197,28 @@ def test_rollbacks_read_as_undos(kernel: KernelProcess, tenant: str) -> None:
     status = on(kernel, tenant, "status", "o")
     assert "rollback failed (after run() raised): NonRetryableError: undo of step 'charge'" in status
     assert "undo charge" in status
+
+
+def test_the_readme_serve_table_and_serve_help_agree() -> None:
+    import re
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {o: a for a in sub.choices["serve"]._actions for o in a.option_strings if o.startswith("--")}
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    rows = readme[
+        readme.index("| flag | default | meaning |") : readme.index("Health checking")
+    ].splitlines()[2:]
+    listed: set[str] = set()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if len(cells) < 3:
+            continue
+        flags = re.findall(r"`(--[a-z0-9-]+)", cells[0])
+        listed.update(flags)
+        shown = [d.strip().strip("`") for d in cells[1].split(",")]
+        for flag, text in zip(flags, shown, strict=False) if len(flags) == len(shown) else ():
+            default, number = actions[flag].default, re.match(r"-?[0-9.]+", text)
+            derived = default == 0 and "(0: " in (actions[flag].help or "")  # 0 stands for a computed value
+            if isinstance(default, int | float) and not isinstance(default, bool) and number and not derived:
+                assert float(number.group()) == float(default), (flag, text, default)
+    assert set(actions) - {"--help"} <= listed, sorted(set(actions) - listed - {"--help"})
