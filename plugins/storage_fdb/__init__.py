@@ -1,8 +1,11 @@
 """FoundationDB storage plugin, over a small transaction layer that also runs on LMDB.
 
 URLs: ``fdb://`` (the default cluster file), ``fdb:///etc/foundationdb/fdb.cluster``, with
-``?api_version=730`` (730 and up) and ``?root=tenantflow`` (the subspace, so clusters can be shared);
-``kv+lmdb:///path/to/dir`` (one machine, any number of kernels on it) with ``?map_size_mb=8192``.
+``?api_version=730`` (730 and up; by default the newest the binding and the installed libfdb_c both
+speak) and ``?root=tenantflow`` (the subspace, so clusters can be shared);
+``kv+lmdb:///path/to/dir`` (one machine, any number of kernels on it) with ``?map_size_mb=8192``,
+held to FoundationDB's rules (see :mod:`.lmdb_layer`), and for tests ``?read_latency_ms=1``,
+``?fault_rate=0.01`` and ``?fault_seed=7`` (faults FoundationDB may return, injected at random).
 
 Needs the ``[fdb]`` extra (the FoundationDB binding and lmdb), imported at load (lmdb here, fdb
 through :mod:`.keys`): without it the plugin does not load, and the kernel names the extra when
@@ -20,9 +23,12 @@ from tenantflow.kernel.errors import InvalidArgument
 from tenantflow.kernel.storage import Storage
 from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.layer import Layer
-from tenantflow.plugins.storage_fdb.lmdb_layer import LmdbLayer
+from tenantflow.plugins.storage_fdb.lmdb_layer import LmdbLayer, Rules
 
-_OPTIONS = {"fdb": {"api_version", "root"}, "kv+lmdb": {"map_size_mb", "root"}}
+_OPTIONS = {
+    "fdb": {"api_version", "root"},
+    "kv+lmdb": {"map_size_mb", "root", "read_latency_ms", "fault_rate", "fault_seed"},
+}
 
 
 def _int(url: str, options: dict[str, str], name: str, default: int, low: int) -> int:
@@ -32,6 +38,16 @@ def _int(url: str, options: dict[str, str], name: str, default: int, low: int) -
         value = low - 1
     if value < low:
         raise InvalidArgument(f"storage URL {url!r}: {name} must be an integer of at least {low}")
+    return value
+
+
+def _fraction(url: str, options: dict[str, str], name: str, high: float) -> float:
+    try:
+        value = float(options.get(name, 0))
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= high:
+        raise InvalidArgument(f"storage URL {url!r}: {name} must be a number from 0 to {high:g}")
     return value
 
 
@@ -51,12 +67,17 @@ def open_url(url: str) -> KVStorage:
         if parts.netloc or not parts.path:
             raise InvalidArgument(f"storage URL {url!r} names no directory: use kv+lmdb:///path/to/dir")
         map_size = _int(url, options, "map_size_mb", 8192, 1) << 20
-        layer = LmdbLayer(Path(parts.path), map_size=map_size)
+        rules = Rules(
+            read_latency=_fraction(url, options, "read_latency_ms", 1000) / 1000,
+            fault_rate=_fraction(url, options, "fault_rate", 0.5),
+            seed=_int(url, options, "fault_seed", 0, 0) if "fault_seed" in options else None,
+        )
+        layer = LmdbLayer(Path(parts.path), map_size=map_size, rules=rules)
     else:
-        from tenantflow.plugins.storage_fdb.fdb_layer import DEFAULT_API_VERSION, FdbLayer
+        from tenantflow.plugins.storage_fdb.fdb_layer import MIN_API_VERSION, FdbLayer
 
-        api_version = _int(url, options, "api_version", DEFAULT_API_VERSION, 730)
-        layer = FdbLayer(parts.path or None, api_version=api_version)
+        wanted = _int(url, options, "api_version", 0, MIN_API_VERSION) if "api_version" in options else None
+        layer = FdbLayer(parts.path or None, api_version=wanted)
     return KVStorage(layer, root=root)
 
 

@@ -28,7 +28,6 @@ from tenantflow.kernel.model import (
 from tenantflow.plugins.storage_fdb import kv_storage, open_url
 from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.layer import Txn
-from tenantflow.plugins.storage_fdb.lmdb_layer import RETRY_LIMIT
 from tests.plugins.storage_fdb.checked import CheckedLayer
 
 MIB = 1024 * 1024
@@ -61,9 +60,10 @@ def entry(message: str = "") -> HistoryEntry:
 
 
 def test_a_commit_with_unknown_result_records_nothing_twice(storage: KVStorage, layer: CheckedLayer) -> None:
-    layer.unknown_results = 1
+    layer.inject("commit_unknown_result")
     storage.create_instances([instance("t", "a"), instance("t", "b")], [entry("created")] * 2)
-    assert layer.commits == 2  # committed, reported unknown, retried: and the retry did not fail
+    # committed, reported unknown, retried: the retry found its own commit and wrote nothing more
+    assert layer.commits == 1 and layer.counters.attempts == 2
     now = time.time()
     step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="complete", attempts=1, output_json="1")
     batch = [
@@ -73,10 +73,11 @@ def test_a_commit_with_unknown_result_records_nothing_twice(storage: KVStorage, 
         Change(tenant="t", id="b", generation=0, bump_generation=True, now=now, set={"status": Status.RUNNING}),
         Change(tenant="t", id="ghost", now=now),
     ]  # fmt: skip
-    layer.unknown_results = 1
-    commits = layer.commits
+    layer.inject("commit_unknown_result")
+    commits, attempts = layer.commits, layer.counters.attempts
     results = storage.apply(batch)
-    assert layer.commits == commits + 2  # the batch ran twice; its first commit counts, once
+    # the batch ran twice; its first commit counts, once
+    assert layer.commits == commits + 1 and layer.counters.attempts == attempts + 2
     assert [(r.ok, r.event_seqs) for r in results] == [(True, [1]), (True, [2]), (True, []), (False, [])]
     assert [s.key for s in storage.get_steps("t", "a")] == ["s#0"]
     assert [e.payload_json for e in storage.get_events("t", "a", unconsumed_only=False)] == ["1", "2"]
@@ -84,12 +85,12 @@ def test_a_commit_with_unknown_result_records_nothing_twice(storage: KVStorage, 
     assert storage.get_instance("t", "b").generation == 1  # type: ignore[union-attr]  # bumped once
     # a claim whose commit applied keeps its leases on the retry instead of stranding them
     storage.create_instances([instance("t", "due", run_at=now - 1)], [entry()])
-    layer.unknown_results = 1
+    layer.inject("commit_unknown_result")
     (claimed,) = storage.claim("node", time.time(), 30, 10)
     assert claimed.id == "due" and claimed.lease_owner == "node"
     assert storage.claim("node", time.time(), 30, 10) == []
     # without the batch id a retry would have applied a second time: show the retry did run
-    layer.unknown_results = 1
+    layer.inject("commit_unknown_result")
     (again,) = storage.apply([Change(tenant="t", id="b", generation=1, bump_generation=True, now=now)])
     assert again.ok and storage.get_instance("t", "b").generation == 2  # type: ignore[union-attr]
 
@@ -106,7 +107,7 @@ def test_group_commit_is_one_transaction_per_batch(storage: KVStorage, layer: Ch
     )
     results = storage.apply([Change(tenant="t", id=f"i{n}", now=2.0, steps=[big]) for n in range(20)])
     assert all(r.ok for r in results) and layer.commits == commits + 1 + 3  # 7 MiB per transaction
-    assert layer.stats["max_written"] <= 10_000_000
+    assert layer.counters.max_size <= 10_000_000
 
 
 def test_large_values_are_chunked_under_the_value_limit(storage: KVStorage, layer: CheckedLayer) -> None:
@@ -126,7 +127,7 @@ def test_large_values_are_chunked_under_the_value_limit(storage: KVStorage, laye
     files = {f"m{n}.py": bytes([n]) * MIB for n in range(10)}  # 10 MiB of code: several transactions
     storage.put_artifact(Artifact("t", "code", "d" * 64, "python", files, {"W": "m0"}, 1.0))
     assert storage.get_artifact("t", "code", None).files == files  # type: ignore[union-attr]
-    assert layer.stats["max_value"] <= 100_000 and layer.stats["max_written"] <= 10_000_000
+    assert layer.counters.max_value <= 100_000 and layer.counters.max_size <= 10_000_000
 
 
 @pytest.mark.timeout(600)  # ~15 s alone; several times that on a machine shared with other test runs
@@ -146,9 +147,9 @@ def test_a_tenant_with_100000_instances_pages_through(storage: KVStorage, layer:
     assert storage.next_run_at() is not None
     assert storage.purge_ended(time.time() + 1, total) == total // 2
     assert storage.count_by_status()[Status.COMPLETE] == 0
-    assert layer.stats["max_written"] <= 10_000_000 and layer.stats["max_value"] <= 100_000
+    assert layer.counters.max_size <= 10_000_000 and layer.counters.max_value <= 100_000
     print(
-        f"\nslowest transaction {layer.stats['max_seconds']:.3f} s, largest {layer.stats['max_written']:.0f} bytes"
+        f"\nslowest transaction {layer.counters.max_seconds:.3f} s, largest {layer.counters.max_size} bytes"
     )
 
 
@@ -281,11 +282,11 @@ def test_a_commit_that_may_have_applied_is_reported_not_raised(
     storage = KVStorage(layer)
     try:
         batch = split_batch(storage, monkeypatch)
-        layer.unknown_results = RETRY_LIMIT + 1  # the first transaction commits, then stays unknown
+        layer.inject("transaction_timed_out")  # the first transaction commits, then reports timing out
         results = storage.apply(batch)
         assert [r.ok for r in results] == [False] * 5
         assert all("could not tell whether the change committed" in r.reason for r in results)
-        assert stored_once(storage)["a"] == (1, 1)  # it did apply, once, in spite of 101 retries
+        assert stored_once(storage)["a"] == (1, 1)  # it did apply, once
     finally:
         layer.close()
 
