@@ -21,7 +21,7 @@ async def serve(args: argparse.Namespace) -> None:
     from tenantflow.kernel.auth import Tokens
     from tenantflow.kernel.config import KernelConfig, default_data_dir, hold_data_dir, lease_problem
     from tenantflow.kernel.sandbox import Limits
-    from tenantflow.kernel.server import create_server
+    from tenantflow.kernel.server import create_server, servicers
     from tenantflow.kernel.service import Kernel
 
     if problem := lease_problem(args.lease_seconds, args.lease_renew_seconds):
@@ -90,10 +90,12 @@ async def serve(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise SystemExit(f"error: --auth-tokens {exc}") from None
     host = args.listen.rsplit(":", 1)[0]
-    if tokens is None and host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
-        logging.getLogger("tenantflow.server").warning(
-            "listening on %s without --auth-tokens: any client that reaches it may act for any tenant", host
-        )
+    for where in {host, *([args.http_listen.rsplit(":", 1)[0]] if args.http_listen else [])}:
+        if tokens is None and where not in ("127.0.0.1", "localhost", "[::1]", "::1"):
+            logging.getLogger("tenantflow.server").warning(
+                "listening on %s without --auth-tokens: any client that reaches it may act for any tenant",
+                where,
+            )
     tls = None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("error: --tls-cert and --tls-key go together")
@@ -118,8 +120,23 @@ async def serve(args: argparse.Namespace) -> None:
         per_tenant=args.max_rpcs_per_tenant,
         request_bytes=int(args.max_request_mb_in_flight * 1024 * 1024),
     )
-    server, port = await create_server(kernel, args.listen, tokens, tls, budgets)
+    services = servicers(kernel)  # one set for both transports
+    server, port = await create_server(kernel, args.listen, tokens, tls, budgets, services)
     await server.start()
+    http = None
+    if args.http_listen:
+        from tenantflow.kernel.httpapi import create_http_server
+
+        try:
+            tls_files = (args.tls_cert, args.tls_key) if tls else None
+            http = await create_http_server(kernel, args.http_listen, tokens, tls_files, budgets, services)
+        except Exception as exc:
+            await server.stop(None)
+            await kernel.stop()
+            raise SystemExit(f"error: --http-listen: {exc}") from None
+        print(
+            stdout_line(f"tenantflow http api on {http.url}", config.log_format, config.node_id), flush=True
+        )
     endpoint = None
     if config.metrics_listen:
         try:
@@ -146,6 +163,8 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     print(stdout_line("tenantflow kernel stopping", config.log_format, config.node_id), flush=True)
     await server.stop(grace=2)
+    if http is not None:
+        await http.stop()
     await kernel.stop()
     if endpoint is not None:
         endpoint.close()
@@ -185,6 +204,13 @@ def add_serve_parser(sub: Any) -> None:
     """The ``serve`` sub-command and its flags."""
     s = sub.add_parser("serve", help="run the kernel", formatter_class=DefaultsShown)
     s.add_argument("--listen", default=DEFAULT_ADDRESS, help="HOST:PORT (port 0 picks a free one)")
+    s.add_argument(
+        "--http-listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="also serve the API over HTTP/1.1 and JSON (the Connect protocol) with the same tokens, TLS "
+        "and limits (port 0 picks a free one; default: off)",
+    )
     s.add_argument("--storage", help="storage URL (default sqlite:///<data-dir>/tenantflow.sqlite3)")
     s.add_argument("--data-dir", help="default $TENANTFLOW_DATA_DIR or ~/.local/share/tenantflow")
     s.add_argument(

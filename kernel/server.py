@@ -58,7 +58,7 @@ LIST_PAGE_BYTES = 16 * 1024 * 1024  # of params, outputs and errors in one List 
 MAX_PAGE = 1000  # instances in one List page
 
 
-def _decode(message: Any, data: bytes) -> Any:
+def decode_request(message: Any, data: bytes) -> Any:
     """``message.FromString``, except that bytes which do not decode are InvalidArgument naming the
     field to blame (grpc.aio would answer UNKNOWN "DecodeError" and log a traceback)."""
     try:
@@ -183,7 +183,7 @@ class _GrpcCaller:
         return data
 
     def decode(self, data: bytes) -> Any:
-        return _decode(self.message, data)
+        return decode_request(self.message, data)
 
 
 class Gate:
