@@ -82,6 +82,7 @@ class KVStorage:
     def __init__(self, layer: Layer, *, root: str = "tenantflow") -> None:
         self.layer = layer
         self.k = Keys(root)
+        self._cursor = claims.Cursor()  # where this node's next claim starts reading ready tenants
 
     # -- artifacts ------------------------------------------------------------------------------
     def put_artifact(self, artifact: Artifact) -> None:
@@ -207,13 +208,23 @@ class KVStorage:
             self._history(tr, r.tenant, r.id, [entry])
 
     def _load(self, tr: Txn, tenant: str, id: str) -> InstanceRecord | None:
-        raw = tr.get(self.k.inst(tenant, id, "h"))
-        if raw is None:
-            return None
-        envelope = loads(join_chunks(tr.get_range(*self.k.inst_range(tenant, id, "e"))))
-        result_rows = tr.get_range(*self.k.inst_range(tenant, id, "o"))
-        result = loads(join_chunks(result_rows)) if result_rows else {}
-        return record(tenant, id, Head.decode(raw), envelope, result)
+        return self._load_many(tr, [(tenant, id)])[0]
+
+    def _load_many(self, tr: Txn, keys: Sequence[tuple[str, str]]) -> list[InstanceRecord | None]:
+        """Instances, their reads sent at once."""
+        k = self.k
+        heads = tr.get_many([k.inst(tenant, id, "h") for tenant, id in keys])
+        blobs = tr.get_ranges(
+            [(*k.inst_range(tenant, id, part), 0) for tenant, id in keys for part in ("e", "o")]
+        )
+        found: list[InstanceRecord | None] = []
+        for n, ((tenant, id), raw) in enumerate(zip(keys, heads, strict=True)):
+            if raw is None or not blobs[2 * n]:
+                found.append(None)
+                continue
+            result = loads(join_chunks(blobs[2 * n + 1])) if blobs[2 * n + 1] else {}
+            found.append(record(tenant, id, Head.decode(raw), loads(join_chunks(blobs[2 * n])), result))
+        return found
 
     def get_instance(self, tenant: str, id: str) -> InstanceRecord | None:
         return self.layer.read(lambda tr: self._load(tr, tenant, id))
@@ -231,7 +242,7 @@ class KVStorage:
         found: list[InstanceRecord] = []
         for start in range(0, len(page), 20):  # large params: a few instances per read transaction
             group = page[start : start + 20]
-            loaded = self.layer.read(lambda tr, g=group: [self._load(tr, tenant, id) for _, id in g])  # type: ignore[misc]
+            loaded = self.layer.read(lambda tr, g=group: self._load_many(tr, [(tenant, id) for _, id in g]))  # type: ignore[misc]
             found += [r for r in loaded if r is not None]
         return found, (str(page[-1][0]) if more and page else None)
 
@@ -544,11 +555,13 @@ class KVStorage:
         if limit <= 0:
             return []
         claim_id = uuid.uuid4().hex  # outside the retry loop: a retry recognises its own leases
-        return self.layer.transact(
+        claimed, self._cursor.after = self.layer.transact(
             lambda tr: claims.claim(
-                tr, self.k, self._load, claim_id, owner, now, lease_seconds, limit, per_tenant
+                tr, self.k, self._load_many, claim_id, owner, now, lease_seconds, limit, per_tenant,
+                self._cursor,
             )
-        )
+        )  # fmt: skip
+        return claimed
 
     def renew_leases(
         self, owner: str, keys: Sequence[tuple[str, str]], until: float
@@ -615,7 +628,7 @@ class KVStorage:
         return total
 
     def next_run_at(self) -> float | None:
-        return self.layer.read(lambda tr: claims.next_run_at(tr, self.k))
+        return self.layer.read(lambda tr: claims.next_run_at(tr, self.k, self._cursor))
 
     def count_by_status(self) -> dict[Status, int]:
         counts: Counter[Status] = Counter()
