@@ -24,6 +24,7 @@ from tenantflow.kernel.model import InstanceRecord
 from tenantflow.plugins.storage_fdb.indexes import reindex
 from tenantflow.plugins.storage_fdb.keys import Keys, pack, unpack
 from tenantflow.plugins.storage_fdb.layer import Txn
+from tenantflow.plugins.storage_fdb.leases import until_of
 from tenantflow.plugins.storage_fdb.records import Head
 
 PROMOTE = 500  # due timers moved per claim transaction (the rest on the next claim, moments later)
@@ -116,14 +117,22 @@ def claim(
     # the ones after it, passed over only because this claim was full, come first next time.
     served = {c[3] for c in chosen}
     stop = next((key for t, key in reversed(order.items()) if t in served), cursor.after)
-    heads = tr.get_many([k.inst(tenant, id, "h") for _, _, _, tenant, id, _ in chosen])  # read for real
+    # Read for real, with the leases' current ends: a claimer or a renewal racing for one of them
+    # makes one of us retry.
+    found = tr.get_many(
+        [k.inst(tenant, id, "h") for _, _, _, tenant, id, _ in chosen]
+        + [k.tenant(tenant, "k", id) for _, _, _, tenant, id, _ in chosen]
+    )
     taken: list[tuple[str, str]] = []
-    for (_, _, run_at, tenant, id, conc), raw in zip(chosen, heads, strict=True):
+    for (_, _, run_at, tenant, id, conc), raw, lease in zip(
+        chosen, found, found[len(chosen) :], strict=False
+    ):
         head = Head.decode(raw) if raw is not None else None
         if head is None or head.run_at != run_at:
             tr.clear(k.tenant(tenant, "q", run_at, id))  # stale: the instance moved or is gone
             continue
-        if head.lease_until is not None and head.lease_until >= now:
+        held_until = until_of(lease) if head.lease_owner is not None else None
+        if held_until is not None and held_until >= now:
             continue
         # Read for real: a claimer on another node filling the same group makes one of us retry.
         if conc is not None and _group_running(tr, k, tenant, conc[0], now, False) >= conc[1]:

@@ -11,8 +11,12 @@ from tenantflow.plugins.storage_fdb.layer import Txn
 from tenantflow.plugins.storage_fdb.records import Head
 
 
-def reindex(tr: Txn, k: Keys, tenant: str, id: str, old: Head | None, new: Head | None) -> None:
-    """Bring every index of instance ``tenant/id`` from ``old`` to ``new`` (None: absent)."""
+def reindex(
+    tr: Txn, k: Keys, tenant: str, id: str, old: Head | None, new: Head | None, *, lease: bool = False
+) -> None:
+    """Bring every index of instance ``tenant/id`` from ``old`` to ``new`` (None: absent); with
+    ``lease``, write the lease keys even if the heads agree (a head's ``lease_until`` is the
+    claim's: renewals move only the lease keys, see :mod:`.leases`)."""
     if old is None and new is not None:
         tr.set(k.tenant(tenant, "l", new.cseq), id.encode())
     if new is None and old is not None:
@@ -39,7 +43,7 @@ def reindex(tr: Txn, k: Keys, tenant: str, id: str, old: Head | None, new: Head 
             schedule(tr, k, tenant, id, new_run, new.tag if new is not None else b"")
     old_lease = (old.lease_owner, old.lease_until) if old is not None else (None, None)
     new_lease = (new.lease_owner, new.lease_until) if new is not None else (None, None)
-    if old_lease != new_lease:
+    if old_lease != new_lease or lease:
         if old_lease[0] is not None:
             tr.clear(k.tenant(tenant, "k", id))
             tr.clear(k.glob("o", old_lease[0], tenant, id))

@@ -29,7 +29,7 @@ from tenantflow.kernel.model import (
     StepRecord,
     inbox_refusal,
 )
-from tenantflow.plugins.storage_fdb import artifacts, claims, schedules
+from tenantflow.plugins.storage_fdb import artifacts, claims, leases, schedules
 from tenantflow.plugins.storage_fdb.indexes import delete, reindex
 from tenantflow.plugins.storage_fdb.keys import Keys, pack, part, unpack
 from tenantflow.plugins.storage_fdb.layer import (
@@ -213,7 +213,10 @@ class KVStorage:
     def _load_many(self, tr: Txn, keys: Sequence[tuple[str, str]]) -> list[InstanceRecord | None]:
         """Instances, their reads sent at once."""
         k = self.k
-        heads = tr.get_many([k.inst(tenant, id, "h") for tenant, id in keys])
+        found_keys = [k.inst(tenant, id, "h") for tenant, id in keys]
+        found_keys += [k.tenant(tenant, "k", id) for tenant, id in keys]  # the lease's current end
+        heads_and_leases = tr.get_many(found_keys)
+        heads, ends = heads_and_leases[: len(keys)], heads_and_leases[len(keys) :]
         blobs = tr.get_ranges(
             [(*k.inst_range(tenant, id, part), 0) for tenant, id in keys for part in ("e", "o")]
         )
@@ -223,7 +226,10 @@ class KVStorage:
                 found.append(None)
                 continue
             result = loads(join_chunks(blobs[2 * n + 1])) if blobs[2 * n + 1] else {}
-            found.append(record(tenant, id, Head.decode(raw), loads(join_chunks(blobs[2 * n])), result))
+            head = Head.decode(raw)
+            if head.lease_owner is not None:
+                head = head.replace(lease_until=leases.until_of(ends[n]))
+            found.append(record(tenant, id, head, loads(join_chunks(blobs[2 * n])), result))
         return found
 
     def get_instance(self, tenant: str, id: str) -> InstanceRecord | None:
@@ -487,7 +493,7 @@ class KVStorage:
             result.update({f: values[f] for f in RESULT if f in values})
             put_blob(tr, k.inst(t, i, "o"), dumps(result))
         tr.set(k.inst(t, i, "h"), new.encode())
-        reindex(tr, k, t, i, old, new)
+        reindex(tr, k, t, i, old, new, lease="lease_owner" in values or "lease_until" in values)
         self._history(tr, t, i, history)
         return ApplyResult(True, event_seqs=event_seqs, status=final)
 
@@ -566,20 +572,7 @@ class KVStorage:
     def renew_leases(
         self, owner: str, keys: Sequence[tuple[str, str]], until: float
     ) -> list[tuple[str, str]]:
-        def renew(tr: Txn) -> list[tuple[str, str]]:
-            lost = []
-            for tenant, id in keys:
-                raw = tr.get(self.k.inst(tenant, id, "h"))
-                head = Head.decode(raw) if raw is not None else None
-                if head is None or head.lease_owner != owner:
-                    lost.append((tenant, id))
-                    continue
-                new = head.replace(lease_until=until)
-                tr.set(self.k.inst(tenant, id, "h"), new.encode())
-                reindex(tr, self.k, tenant, id, head, new)
-            return lost
-
-        return self.layer.transact(renew)
+        return self.layer.transact(lambda tr: leases.renew(tr, self.k, owner, keys, until))
 
     def release_leases(self, owner: str) -> int:
         def release(tr: Txn) -> tuple[int, bool]:

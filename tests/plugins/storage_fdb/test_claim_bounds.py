@@ -56,9 +56,9 @@ def test_a_claim_reads_as_many_tenants_as_it_needs_not_every_ready_one(layer: Ch
     layer.counters.reset()
     claimed = storage.claim("node", time.time(), 30, 64, 32)
     assert len(claimed) == 64
-    # each tenant's leases and queue, a page of 64 at a time, then 64 heads and 64 loads: the
+    # each tenant's leases and queue, a page of 64 at a time, then 64 heads and leases, 64 loads: the
     # unbounded claim read both of all 1,500 tenants one after another (3,259 reads)
-    assert layer.counters.reads < 500 and layer.counters.round_trips <= 8
+    assert layer.counters.reads < 600 and layer.counters.round_trips <= 8
     layer.counters.reset()
     assert storage.next_run_at() is not None
     assert layer.counters.reads < 200 and layer.counters.round_trips <= 5
