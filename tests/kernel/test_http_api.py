@@ -323,3 +323,41 @@ def test_the_readme_curl_examples_run(open_kernel: KernelProcess, tmp_path: Path
     assert published["workflows"] == ["Hello"] and created["status"] == "STATUS_QUEUED"
     assert got["id"] == created["id"] == "hello-1"
     assert events[-1]["status"] == "STATUS_COMPLETE" and any(e.get("step") == "greet" for e in events)
+
+
+def test_a_watch_whose_client_goes_gives_its_budget_back(tmp_path: Path) -> None:
+    args = [*TEST_LIMITS, "--http-listen", "127.0.0.1:0", "--max-rpcs-per-tenant", "1"]
+    kernel = KernelProcess(tmp_path / "kernel", args)
+    kernel.start()
+    try:
+        url, ref = http_url(kernel), {"tenant": "acme", "id": "w"}
+        status, published = post(url, "Code/Publish", {"tenant": "acme", "name": "wf", "files": files(WAITS)})
+        assert status == 200
+        create = {**ref, "workflow": "Waits", "code": published["ref"]}
+        assert post(url, "Workflows/Create", create)[0] == 200
+        data = json.dumps(ref).encode()
+        stream = connection(url)
+        stream.request("POST", "/tenantflow.v1.Workflows/Watch", struct.pack(">BI", 0, len(data)) + data,
+                       {"Content-Type": "application/connect+json"})  # fmt: skip
+        response = stream.getresponse()
+        assert response.status == 200 and response.read1(5)[:1] == b"\x00"  # the first event: it is live
+        status, answer = post(url, "Workflows/Get", ref)  # the Watch holds the tenant's one call
+        assert (status, answer["code"]) == (429, "resource_exhausted") and "'acme'" in answer["message"]
+        response.close()  # the instance still waits: only the client's going can end this Watch
+        stream.close()
+        wait_for(lambda: post(url, "Workflows/Get", ref)[0] == 200, timeout=10)
+    finally:
+        kernel.stop()
+
+
+def test_chunked_bodies_are_read_up_to_their_limit(open_kernel: KernelProcess) -> None:
+    url = http_url(open_kernel)
+    for parts, status, code in (([b'{"tenant": "acme",', b' "id": "nobody"}'], 404, "not_found"),
+                                ([b" " * 60_000] * 2, 400, "invalid_argument")):  # fmt: skip
+        conn = connection(url)
+        conn.request("POST", "/tenantflow.v1.Workflows/Get", iter(parts), {"Content-Type": "application/json",
+                     "Transfer-Encoding": "chunked"}, encode_chunked=True)  # fmt: skip
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        assert (response.status, answer["code"]) == (status, code), answer
+        conn.close()
