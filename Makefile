@@ -59,8 +59,11 @@ test-stock:
 docs: $(STAMP)
 	$(PY) scripts/docs.py build/docs
 
+# P1-P5 of issue 23, each as a ratio to its goal or to raw SQLite in the same run (~4 min on 2 cores).
+# The million-sleeper P5: nice -n 19 $(PY) loadtests/bench_wakeups.py --skip P4 claim --sleepers 1000000
 bench: $(STAMP)
-	$(PY) loadtests/bench_steps.py
+	$(PY) loadtests/bench_steps.py --sync FULL
+	$(PY) loadtests/bench_wakeups.py
 
 # A locust scenario against a kernel of its own (or ARGS='--host HOST:PORT'); writes a report folder
 # with locust's HTML/CSV and PNG plots of the kernel. E.g. make loadtest ARGS='--scenario noisy -t 2m'
