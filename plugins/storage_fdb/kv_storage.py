@@ -35,11 +35,11 @@ from tenantflow.plugins.storage_fdb.keys import Keys, pack, part, unpack
 from tenantflow.plugins.storage_fdb.layer import (
     CHUNK_BYTES,
     MAX_TXN_BYTES,
-    CommitUnknownResult,
     Layer,
     Txn,
     decode_int,
     encode_int,
+    maybe_committed,
 )
 from tenantflow.plugins.storage_fdb.records import (
     ENVELOPE,
@@ -60,20 +60,38 @@ _SETTABLE = frozenset(
      "lease_until", "code"}  # code: Upgrade re-pins an instance
 )  # fmt: skip
 PAGE = 100  # instances deleted or released per transaction
-_INSTANCE_OVERHEAD = 2_000  # bytes of keys and index entries an instance write adds
-# FoundationDB errors after which a commit may have applied: commit_unknown_result (past the retry
-# limit), transaction_timed_out, cluster_version_changed
-_MAYBE_COMMITTED = frozenset({1021, 1031, 1039})
+# What a transaction costs is counted as FoundationDB counts it: mutations (key and value) plus
+# read and write conflict ranges (both ends of each). Every key of an instance holds its tenant and
+# id, so a key is counted about four times: its mutation, its write conflict range's two ends, and
+# (for about one key in two) a read conflict range's two ends. Keys an instance change writes, at
+# most: head, marker, status index and counters, run queue; per step, event and history entry below.
+# Measured at the longest ids the validators allow, a 512-change batch costs 12,300 bytes a change
+# with empty results; estimated 14,000 (tests/plugins/storage_fdb/test_size_budget.py).
+_KEY_EXTRA = 60  # root framing, tuple codes and the other elements (a long name: a 33-byte digest)
+_KEYS_PER_CHANGE, _KEYS_PER_STEP, _KEYS_PER_EVENT, _KEYS_PER_HISTORY = 5, 3, 3, 2
+_KEYS_PER_INSTANCE = 16  # a create: head, envelope, marker, indexes, counters, queue, lease, history
 
 
-def _change_bytes(ch: Change) -> int:
-    total = _INSTANCE_OVERHEAD + sum(size(str(v)) for v in ch.set.values())
+def _key_cost(root: str, tenant: str, id: str) -> int:
+    return 4 * (_KEY_EXTRA + size(root) + size(tenant) + size(id))
+
+
+def _change_bytes(ch: Change, root: str = "tenantflow") -> int:
+    """At least what ``ch`` costs in a transaction, as FoundationDB counts (see above)."""
+    keys = _KEYS_PER_CHANGE + _KEYS_PER_STEP * len(ch.steps) + _KEYS_PER_EVENT * len(ch.add_events)
+    keys += _KEYS_PER_HISTORY * len(ch.history) + 2 * len(ch.consume_events)
+    total = keys * _key_cost(root, ch.tenant, ch.id) + sum(size(str(v)) for v in ch.set.values())
     total += sum(
-        size(s.output_json) + size(s.error_message) + size(s.error_traceback) + size(s.key) + 300
+        size(s.output_json) + size(s.error_message) + size(s.error_traceback) + 2 * size(s.key) + 300
         for s in ch.steps
     )
     total += sum(size(e.payload_json) + size(e.type) + 200 for e in ch.add_events)
     return total + sum(size(h.message) + size(h.data_json) + 200 for h in ch.history)
+
+
+def _create_bytes(r: InstanceRecord, root: str) -> int:
+    values = size(r.params_json) + size(r.output_json) + size(r.code) + size(r.workflow) + size(r.module)
+    return _KEYS_PER_INSTANCE * _key_cost(root, r.tenant, r.id) + values + 500
 
 
 class KVStorage:
@@ -147,9 +165,7 @@ class KVStorage:
     def create_instances(
         self, records: Sequence[InstanceRecord], history: Sequence[HistoryEntry], max_live: int = 0
     ) -> None:
-        needed = sum(
-            _INSTANCE_OVERHEAD + size(r.params_json) + size(r.output_json) + size(r.code) for r in records
-        )
+        needed = sum(_create_bytes(r, self.k.root[0]) for r in records)
         if needed > MAX_TXN_BYTES:
             raise ResourceExhausted(
                 f"these {len(records)} instances need {needed} bytes in one transaction and the limit is "
@@ -327,7 +343,7 @@ class KVStorage:
         groups: list[list[Change]] = []
         used = 0
         for unit in units:
-            grown = sum(map(_change_bytes, unit))
+            grown = sum(_change_bytes(ch, self.k.root[0]) for ch in unit)
             if not groups or used + grown > MAX_TXN_BYTES:
                 groups.append([])
                 used = 0
@@ -339,7 +355,7 @@ class KVStorage:
             try:
                 results += self.layer.transact(lambda tr, g=group, b=batch_id: self._apply_batch(tr, g, b))  # type: ignore[misc]
             except Exception as exc:
-                maybe = isinstance(exc, CommitUnknownResult) or getattr(exc, "code", None) in _MAYBE_COMMITTED
+                maybe = maybe_committed(exc)
                 if not results and not maybe:
                     raise  # nothing applied: the caller may retry the changes
                 # Part of the batch committed, or this part may have: raising would have the caller
