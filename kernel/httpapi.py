@@ -250,6 +250,7 @@ class HttpApi:
         self.routes = routes(services)
         self.max_calls = max_calls  # in progress at once, streams included (0: no cap), like gRPC's
         self.calls = 0
+        self.stopping = False
         self.connections: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.url = ""
@@ -268,7 +269,8 @@ class HttpApi:
         return bound
 
     async def stop(self) -> None:
-        """Stop listening and end every connection (open Watch streams included)."""
+        """Stop listening and end every connection (open Watch streams with ``unavailable``)."""
+        self.stopping = True
         if self.server is not None:
             self.server.close()
         for task in list(self.connections):
@@ -289,8 +291,8 @@ class HttpApi:
                 writer.write(httpwire.whole(503, "application/json", body, True))
                 return
             await self._serve(conn)
-        except (ConnectionError, Gone, asyncio.IncompleteReadError, TimeoutError):
-            pass
+        except (ConnectionError, Gone, asyncio.IncompleteReadError, TimeoutError, asyncio.CancelledError):
+            pass  # a connection task ends quietly, also when stop() cancels it
         finally:
             self.connections.discard(task)
             with contextlib.suppress(Exception):
@@ -361,6 +363,14 @@ class HttpApi:
                 await reply.error(call.status, "the call's Connect-Timeout-Ms passed")
             except (Gone, ConnectionError):
                 call.status = grpc.StatusCode.CANCELLED
+                return False
+            except asyncio.CancelledError:
+                if not self.stopping:
+                    raise
+                call.status = grpc.StatusCode.UNAVAILABLE  # a Watch open at shutdown: tell it why
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1):
+                        await reply.error(call.status, "the kernel is stopping; call again in a moment")
                 return False
             except Exception:
                 log.exception("%s failed", route.key)

@@ -81,6 +81,11 @@ def watch(url: str, body: dict[str, str], token: str = "") -> list[tuple[int, di
         raw = response.read()
     finally:
         conn.close()
+    return envelopes(raw)
+
+
+def envelopes(raw: bytes) -> list[tuple[int, dict[str, Any]]]:
+    """A Connect stream's (flags, JSON) envelopes, checked to end with one end-stream envelope."""
     frames, pos = [], 0
     while pos < len(raw):
         flags, size = struct.unpack(">BI", raw[pos : pos + 5])
@@ -361,3 +366,31 @@ def test_chunked_bodies_are_read_up_to_their_limit(open_kernel: KernelProcess) -
         answer = json.loads(response.read())
         assert (response.status, answer["code"]) == (status, code), answer
         conn.close()
+
+
+def test_a_watch_open_at_shutdown_ends_with_unavailable(tmp_path: Path) -> None:
+    kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--http-listen", "127.0.0.1:0"])
+    kernel.start()
+    try:
+        url, ref = http_url(kernel), {"tenant": "acme", "id": "w"}
+        status, published = post(url, "Code/Publish", {"tenant": "acme", "name": "wf", "files": files(WAITS)})
+        assert (
+            status == 200
+            and post(url, "Workflows/Create", {**ref, "workflow": "Waits", "code": published["ref"]})[0]
+            == 200
+        )
+        data = json.dumps(ref).encode()
+        stream = connection(url)
+        stream.request("POST", "/tenantflow.v1.Workflows/Watch", struct.pack(">BI", 0, len(data)) + data,
+                       {"Content-Type": "application/connect+json"})  # fmt: skip
+        response = stream.getresponse()
+        raw = response.read1(5)
+        assert kernel.proc is not None
+        kernel.proc.terminate()
+        raw += response.read()
+        stream.close()
+        end = envelopes(raw)[-1][1]
+        assert end["error"]["code"] == "unavailable" and "stopping" in end["error"]["message"]
+        assert kernel.proc.wait(15) == 0
+    finally:
+        kernel.stop()
