@@ -21,8 +21,8 @@ class Helper:
 
 def test_workflow_classes_are_found_by_their_run_method() -> None:
     files = {"pkg/flows.py": WORKFLOW, "pkg/__init__.py": b"", "notes.txt": b"not python"}
-    assert inspect_python(files) == {"Pipeline": "pkg.flows"}
-    assert inspect_python(files, entry="pkg/__init__.py") == {}
+    assert inspect_python(files).workflows == {"Pipeline": "pkg.flows"}
+    assert inspect_python(files, entry="pkg/__init__.py").workflows == {}
 
 
 def test_a_syntax_error_names_its_file_and_line() -> None:
