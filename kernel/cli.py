@@ -143,12 +143,16 @@ def _cmd_status(args: argparse.Namespace) -> None:
 def _cmd_list(args: argparse.Namespace) -> None:
     with _client(args) as client:
         page = client.list(args.tenant, status=args.status or 0, page_size=args.limit,
-                           page_token=args.page_token or "")  # fmt: skip
+                           page_token=args.page_token or "", workflow=args.workflow or "",
+                           created_after=args.created_after or "", created_before=args.created_before or "",
+                           include_count=args.count)  # fmt: skip
     if args.json:
         print(as_json(page))
         return
     rows = [[i.id, i.workflow, _status(i.status), i.created_at, i.code] for i in page.instances]
     print(table(rows, ["id", "workflow", "status", "created", "code"]))
+    if args.count:
+        print(f"\n{page.total_count} instance(s) match")
     if page.next_page_token:
         print(f"\nmore: --page-token {page.next_page_token}")
 
@@ -375,6 +379,14 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_status)
     c = client_parser("list", "list a tenant's instances, oldest first", json_output=True)
     c.add_argument("--status", choices=STATUSES, help="only instances with this status")
+    c.add_argument("--workflow", help="only instances of this workflow class")
+    c.add_argument(
+        "--created-after", metavar="TIME", help="only instances created at or after this RFC 3339 time"
+    )
+    c.add_argument(
+        "--created-before", metavar="TIME", help="only instances created before this RFC 3339 time"
+    )
+    c.add_argument("--count", action="store_true", help="also count every instance the filters match")
     c.add_argument(
         "--limit", type=COUNT_OR_ZERO, default=50, help="instances per page, at most 1000 (default 50)"
     )

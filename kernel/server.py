@@ -21,8 +21,8 @@ from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFli
 from tenantflow.kernel.auth import Tokens
 from tenantflow.kernel.code import artifact_ref
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
-from tenantflow.kernel.service import CreateSpec, ExportedHistory, Kernel
-from tenantflow.kernel.validate import check_tenant
+from tenantflow.kernel.service import CreateSpec, ExportedHistory, Kernel, ListFilters
+from tenantflow.kernel.validate import check_tenant, check_workflow
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
 
@@ -243,6 +243,21 @@ class Gate:
             held.enter_context(budgets.per_tenant.hold(tenant, repr(tenant)))
 
 
+def _when(text: str, field: str) -> float | None:
+    """An RFC 3339 time of a request (None if empty); INVALID_ARGUMENT naming ``field`` if malformed."""
+    if not text:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.InvalidArgument(
+            f"{field} {text[:64]!r} is not an RFC 3339 time, e.g. 2026-12-07T09:30:00Z"
+        ) from None
+    if when.tzinfo is None:
+        raise errors.InvalidArgument(f"{field} {text[:64]!r} has no time zone: end it with Z or +HH:MM")
+    return when.timestamp()
+
+
 def _ts(value: float | None) -> str:
     if not value:
         return ""
@@ -393,11 +408,10 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
                 f"unknown status {request.status}: a tenantflow.v1.Status value, 0 for every status"
             )
         status = Status(request.status) if request.status else None
-        if request.workflow or request.created_after or request.created_before or request.include_count:
-            raise errors.Unimplemented(
-                "List filters by workflow and creation time, and counts, are not available in this kernel "
-                "yet: filter by status, or list every instance and filter on your side"
-            )
+        if request.workflow:
+            check_workflow(request.workflow)
+        filters = ListFilters(request.workflow, _when(request.created_after, "created_after"),
+                              _when(request.created_before, "created_before"))  # fmt: skip
         # A page is read in chunks that fit LIST_PAGE_BYTES even if every instance carries the
         # largest params and output, and ends early once it holds that much: a page of 1,000
         # instances of 2 MiB each would be 2 GiB in memory, and past any client's message limit.
@@ -411,13 +425,16 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         while True:
             room = max(1, (LIST_PAGE_BYTES - used) // worst)
             chunk, token = await self.k.list_instances(
-                request.tenant, status, min(want - len(records), room), token
+                request.tenant, status, min(want - len(records), room), token, filters
             )
             records += chunk
             used += sum(len(r.params_json) + len(r.output_json) + len(r.error_message) for r in chunk)
             if not token or len(records) >= want or used >= LIST_PAGE_BYTES - worst:
                 break
-        return pb.ListResponse(instances=[instance_pb(r) for r in records], next_page_token=token)
+        total = await self.k.count_instances(request.tenant, status, filters) if request.include_count else 0
+        return pb.ListResponse(
+            instances=[instance_pb(r) for r in records], next_page_token=token, total_count=total
+        )
 
     async def Pause(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
         return instance_pb(await self.k.pause(request.tenant, request.id))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -88,6 +89,15 @@ class InstanceView:
 
     record: InstanceRecord
     steps: list[StepRecord]
+
+
+@dataclass(frozen=True)
+class ListFilters:
+    """What List narrows a tenant's instances to, beyond their status."""
+
+    workflow: str = ""
+    created_after: float | None = None  # inclusive
+    created_before: float | None = None  # exclusive
 
 
 @dataclass(frozen=True)
@@ -372,17 +382,33 @@ class Kernel:
         return InstanceView(record, steps)
 
     async def list_instances(
-        self, tenant: str, status: Status | None, page_size: int, page_token: str
+        self,
+        tenant: str,
+        status: Status | None,
+        page_size: int,
+        page_token: str,
+        filters: ListFilters | None = None,
     ) -> tuple[list[InstanceRecord], str]:
         check_tenant(tenant)
         if page_size < 0 or page_size > 1000:
             raise InvalidArgument(f"page_size must be 0..1000 (0 means 50), got {page_size}")
         if page_token and not (page_token.isascii() and page_token.isdecimal() and len(page_token) <= 18):
             raise InvalidArgument("page_token is not one this kernel handed out; pass next_page_token as is")
+        f = filters or ListFilters()
         records, cursor = await asyncio.to_thread(
-            self.storage.list_instances, tenant, status, page_token or None, page_size or 50
-        )
+            functools.partial(self.storage.list_instances, tenant, status, page_token or None, page_size or 50,
+                              workflow=f.workflow, created_after=f.created_after, created_before=f.created_before)
+        )  # fmt: skip
         return records, cursor or ""
+
+    async def count_instances(self, tenant: str, status: Status | None, filters: ListFilters) -> int:
+        """How many instances the filters match (List's ``include_count``)."""
+        check_tenant(tenant)
+        f = filters
+        return await asyncio.to_thread(
+            functools.partial(self.storage.count_instances, tenant, status, workflow=f.workflow,
+                              created_after=f.created_after, created_before=f.created_before)
+        )  # fmt: skip
 
     async def history(self, tenant: str, id: str, after: int, limit: int = 500) -> list[HistoryEntry]:
         return await asyncio.to_thread(self.storage.get_history, tenant, id, after, limit)

@@ -55,9 +55,33 @@ class Storage(Protocol):
     def get_instance(self, tenant: str, id: str) -> InstanceRecord | None: ...
 
     def list_instances(
-        self, tenant: str, status: Status | None, cursor: str | None, limit: int
+        self,
+        tenant: str,
+        status: Status | None,
+        cursor: str | None,
+        limit: int,
+        *,
+        workflow: str = "",
+        created_after: float | None = None,
+        created_before: float | None = None,
     ) -> tuple[list[InstanceRecord], str | None]:
-        """Oldest first; returns the page and the cursor of the next page (None on the last)."""
+        """Oldest first; returns the page and the cursor of the next page (None on the last).
+        ``workflow`` (a class name), ``created_after`` (inclusive) and ``created_before``
+        (exclusive) narrow the list; an engine that has to skip many instances to apply them may
+        return a short (even empty) page with a cursor, so callers page until the cursor is None."""
+        ...
+
+    def count_instances(
+        self,
+        tenant: str,
+        status: Status | None,
+        *,
+        workflow: str = "",
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> int:
+        """How many instances of ``tenant`` :meth:`list_instances` with these filters would list
+        over all its pages (exact; may scan the tenant's instances)."""
         ...
 
     def get_steps(self, tenant: str, id: str) -> list[StepRecord]:

@@ -283,24 +283,36 @@ class Client:
         return [self.get(tenant, child) for child in self.get(tenant, id).child_ids]
 
     def list(
-        self, tenant: str, status: Status | str | int = 0, page_size: int = 0, page_token: str = ""
+        self,
+        tenant: str,
+        status: Status | str | int = 0,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        workflow: str = "",
+        created_after: str = "",
+        created_before: str = "",
+        include_count: bool = False,
     ) -> pb.ListResponse:
         """A page of the tenant's instances, oldest first; ``status`` (a name such as ``"waiting"``,
-        or a :class:`Status`) lists only those."""
+        or a :class:`Status`), ``workflow`` and the RFC 3339 times ``created_after`` (inclusive) and
+        ``created_before`` narrow it; ``include_count`` also counts every match (``total_count``).
+        A filtered page may hold fewer than ``page_size``: page on while ``next_page_token`` is set."""
         wanted = Status.of(status) if status else Status.UNSPECIFIED
         status_value = pb.Status.ValueType(int(wanted))
         request = pb.ListRequest(
-            tenant=tenant, status=status_value, page_size=page_size, page_token=page_token
-        )
+            tenant=tenant, status=status_value, page_size=page_size, page_token=page_token, workflow=workflow,
+            created_after=created_after, created_before=created_before, include_count=include_count,
+        )  # fmt: skip
         return self._call(self.workflows.List, request)  # type: ignore[no-any-return]
 
     def iter_instances(
-        self, tenant: str, status: Status | str | int = 0, page_size: int = 100
+        self, tenant: str, status: Status | str | int = 0, page_size: int = 100, *, workflow: str = ""
     ) -> Iterator[pb.Instance]:
-        """Every instance of ``tenant`` (optionally with ``status``), page by page."""
+        """Every instance of ``tenant`` (optionally with ``status``, of ``workflow``), page by page."""
         token = ""
         while True:
-            page = self.list(tenant, status, page_size, token)
+            page = self.list(tenant, status, page_size, token, workflow=workflow)
             yield from page.instances
             token = page.next_page_token
             if not token:

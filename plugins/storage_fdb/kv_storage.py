@@ -60,6 +60,22 @@ _SETTABLE = frozenset(
      "lease_until", "code"}  # code: Upgrade re-pins an instance
 )  # fmt: skip
 PAGE = 100  # instances deleted or released per transaction
+FILTER_SCAN = 2000  # index entries a filtered List reads per call before it returns a short page
+
+
+def _matcher(
+    workflow: str, created_after: float | None, created_before: float | None
+) -> Callable[[InstanceRecord], bool] | None:
+    """The test of List's filters beyond status (None: none given)."""
+    if not workflow and created_after is None and created_before is None:
+        return None
+    return lambda r: (
+        (not workflow or r.workflow == workflow)
+        and (created_after is None or r.created_at >= created_after)
+        and (created_before is None or r.created_at < created_before)
+    )
+
+
 MAYBE_AGAIN = 3  # runs of idempotent work after an error that may have committed
 T = TypeVar("T")
 # What a transaction costs is counted as FoundationDB counts it: mutations (key and value) plus
@@ -275,21 +291,74 @@ class KVStorage:
         return self.layer.read(lambda tr: self._load(tr, tenant, id))
 
     def list_instances(
-        self, tenant: str, status: Status | None, cursor: str | None, limit: int
+        self,
+        tenant: str,
+        status: Status | None,
+        cursor: str | None,
+        limit: int,
+        *,
+        workflow: str = "",
+        created_after: float | None = None,
+        created_before: float | None = None,
     ) -> tuple[list[InstanceRecord], str | None]:
         after = int(cursor) if cursor else 0
+        keep = _matcher(workflow, created_after, created_before)
+        if keep is None:  # the index alone says which instances: read exactly a page
+            page = self._indexed(tenant, status, after, limit + 1)
+            more = len(page) > limit
+            page = page[:limit]
+            found = [r for _, r in self._loaded(tenant, page)]
+            return found, (str(page[-1][0]) if more and page else None)
+        # Filtered: read the index in chunks and keep what matches, up to FILTER_SCAN entries a call
+        # (then a short page, with the cursor where the scan stopped).
+        taken: list[InstanceRecord] = []
+        scanned = 0
+        while scanned < FILTER_SCAN:
+            chunk = self._indexed(tenant, status, after, 200)
+            if not chunk:
+                return taken, None
+            for seq, inst in self._loaded(tenant, chunk):
+                after = seq
+                if keep(inst):
+                    taken.append(inst)
+                    if len(taken) == limit:
+                        return taken, str(seq)
+            after = chunk[-1][0]
+            scanned += len(chunk)
+        return taken, str(after)
+
+    def count_instances(
+        self,
+        tenant: str,
+        status: Status | None,
+        *,
+        workflow: str = "",
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> int:
+        keep = _matcher(workflow, created_after, created_before)
+        count, after = 0, 0
+        while chunk := self._indexed(tenant, status, after, 1000):  # one read transaction a chunk
+            after = chunk[-1][0]
+            count += len(chunk) if keep is None else sum(1 for _, r in self._loaded(tenant, chunk) if keep(r))
+        return count
+
+    def _indexed(self, tenant: str, status: Status | None, after: int, limit: int) -> list[tuple[int, str]]:
+        """(creation seq, id) of the tenant's instances (of ``status``) after ``after``, in order."""
         index: tuple[Any, ...] = ("l",) if status is None else ("s", int(status))
         begin = self.k.tenant(tenant, *index, after + 1)
         end = self.k.tenant_range(tenant, *index)[1]
-        rows = self.layer.read(lambda tr: tr.get_range(begin, end, limit=limit + 1))
-        more = len(rows) > limit
-        page = [(self.k.strip(key)[-1], value.decode()) for key, value in rows[:limit]]
-        found: list[InstanceRecord] = []
+        rows = self.layer.read(lambda tr: tr.get_range(begin, end, limit=limit))
+        return [(int(self.k.strip(key)[-1]), value.decode()) for key, value in rows]
+
+    def _loaded(self, tenant: str, page: list[tuple[int, str]]) -> list[tuple[int, InstanceRecord]]:
+        """The instances of ``page`` that still exist, with their seq."""
+        found: list[tuple[int, InstanceRecord]] = []
         for start in range(0, len(page), 20):  # large params: a few instances per read transaction
             group = page[start : start + 20]
             loaded = self.layer.read(lambda tr, g=group: self._load_many(tr, [(tenant, id) for _, id in g]))  # type: ignore[misc]
-            found += [r for r in loaded if r is not None]
-        return found, (str(page[-1][0]) if more and page else None)
+            found += [(seq, r) for (seq, _), r in zip(group, loaded, strict=True) if r is not None]
+        return found
 
     def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
         rows = self.layer.read(lambda tr: tr.get_range(*self.k.inst_range(tenant, id, "s")))

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_due ON instances (run_at) WHERE run_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS instances_by_status ON instances (tenant, status, rowid);
+CREATE INDEX IF NOT EXISTS instances_by_workflow ON instances (tenant, workflow, rowid);
 CREATE INDEX IF NOT EXISTS instances_leased ON instances (tenant) WHERE lease_owner IS NOT NULL;
 -- retention: terminal statuses (ERRORED 4, TERMINATED 5, COMPLETE 6) by age
 CREATE INDEX IF NOT EXISTS instances_ended ON instances (updated_at) WHERE status IN (4, 5, 6);

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs
 
 from tenantflow.kernel.errors import AlreadyExists, InvalidArgument, ResourceExhausted
@@ -68,6 +68,28 @@ def parse_url(url: str) -> tuple[Path, str]:
     if synchronous not in ("FULL", "NORMAL", "EXTRA"):
         raise InvalidArgument(f"storage URL {url!r}: synchronous must be FULL, EXTRA or NORMAL")
     return Path(rest), synchronous
+
+
+def _filters(
+    tenant: str,
+    status: Status | None,
+    workflow: str,
+    created_after: float | None,
+    created_before: float | None,
+) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause (and its arguments) of a tenant's instances narrowed by List's filters."""
+    where, args = "tenant = ?", [cast(Any, tenant)]
+    filters: list[tuple[str, Any]] = [
+        ("status = ?", None if status is None else int(status)),
+        ("workflow = ?", workflow or None),
+        ("created_at >= ?", created_after),
+        ("created_at < ?", created_before),
+    ]
+    for clause, value in filters:
+        if value is not None:
+            where += f" AND {clause}"
+            args.append(value)
+    return where, tuple(args)
 
 
 def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
@@ -278,18 +300,37 @@ class SQLiteStorage:
         return _instance(row) if row else None
 
     def list_instances(
-        self, tenant: str, status: Status | None, cursor: str | None, limit: int
+        self,
+        tenant: str,
+        status: Status | None,
+        cursor: str | None,
+        limit: int,
+        *,
+        workflow: str = "",
+        created_after: float | None = None,
+        created_before: float | None = None,
     ) -> tuple[list[InstanceRecord], str | None]:
         after = int(cursor) if cursor else 0
-        sql = f"SELECT {_INSTANCE_COLUMNS}, rowid FROM instances WHERE tenant = ? AND rowid > ?"
-        args: tuple[Any, ...] = (tenant, after)
-        if status is not None:
-            sql += " AND status = ?"
-            args += (int(status),)
-        rows = self._reader().execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
+        where, args = _filters(tenant, status, workflow, created_after, created_before)
+        sql = f"SELECT {_INSTANCE_COLUMNS}, rowid FROM instances WHERE {where} AND rowid > ?"
+        rows = self._reader().execute(sql + " ORDER BY rowid LIMIT ?", (*args, after, limit + 1)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
         return [_instance(r) for r in rows], (str(rows[-1][21]) if more and rows else None)
+
+    def count_instances(
+        self,
+        tenant: str,
+        status: Status | None,
+        *,
+        workflow: str = "",
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> int:
+        where, args = _filters(tenant, status, workflow, created_after, created_before)
+        return int(
+            self._reader().execute(f"SELECT COUNT(*) FROM instances WHERE {where}", args).fetchone()[0]
+        )
 
     def get_steps(self, tenant: str, id: str) -> list[StepRecord]:
         rows = (

@@ -871,3 +871,36 @@ def test_upgrade_re_pins_an_instance_under_its_lease(storage: Storage) -> None:
         instance("t", "i").workflow,
         instance("t", "i").params_json,
     )
+
+
+def test_list_narrows_by_workflow_and_creation_time_and_counts_exactly(storage: Storage) -> None:
+    """List's filters beyond status; a filtered page may come back short with a cursor, so the
+    instances are gathered by paging to the end, as a client does."""
+    base = 1_800_000_000.0
+    made = [
+        dataclasses.replace(instance("t", f"i{n:02}"), workflow="A" if n % 3 else "B", created_at=base + n)
+        for n in range(30)
+    ]
+    storage.create_instances(made, [entry() for _ in made])
+    storage.create_instances([instance("other", "x")], [entry()])
+
+    def gather(**filters: Any) -> list[str]:
+        ids: list[str] = []
+        cursor: str | None = None
+        while True:
+            page, cursor = storage.list_instances("t", None, cursor, 4, **filters)
+            assert len(page) <= 4
+            ids += [r.id for r in page]
+            if cursor is None:
+                return ids
+
+    b = [f"i{n:02}" for n in range(0, 30, 3)]
+    assert gather(workflow="B") == b
+    window = {"created_after": base + 10, "created_before": base + 20}
+    assert gather(**window) == [f"i{n}" for n in range(10, 20)]
+    assert gather(workflow="B", **window) == ["i12", "i15", "i18"]
+    assert gather(workflow="nope") == []
+    assert storage.count_instances("t", None) == 30
+    assert storage.count_instances("t", None, workflow="B") == 10
+    assert storage.count_instances("t", None, workflow="A", **window) == 7
+    assert storage.count_instances("t", Status.WAITING) == 0

@@ -60,7 +60,7 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "Workflows.Create": LOOKUP | {Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED},
     "Workflows.CreateBatch": LOOKUP | {Code.ALREADY_EXISTS, Code.RESOURCE_EXHAUSTED},
     "Workflows.Get": LOOKUP,
-    "Workflows.List": {Code.OK, Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED},  # filters not implemented yet
+    "Workflows.List": {Code.OK, Code.INVALID_ARGUMENT},
     "Workflows.Pause": CONTROL,
     "Workflows.Resume": CONTROL,
     "Workflows.Terminate": CONTROL,
@@ -217,11 +217,15 @@ def strategies(ref: str, ids: list[str], steps: list[str]) -> dict[str, st.Searc
                 "page_token": st.sampled_from(["", "1"]),
                 "workflow": st.just(""),
                 "include_count": st.just(False),
+                "created_after": st.just(""),
+                "created_before": st.sampled_from(["", "2099-01-01T00:00:00Z"]),
             },
             {
                 "tenant": tenants,
                 "workflow": texts(["W"]),
                 "include_count": st.booleans(),
+                "created_after": texts(["2026-12-07T09:30:00Z", "2026-12-07T09:30:00+01:00", "2026-12-07"]),
+                "created_before": texts(["2026-12-07T09:30:00.5Z"]),
                 "status": int32,
                 "page_size": int32,
                 "page_token": st.one_of(
