@@ -5,7 +5,8 @@ URLs: ``fdb://`` (the default cluster file), ``fdb:///etc/foundationdb/fdb.clust
 speak) and ``?root=tenantflow`` (the subspace, so clusters can be shared);
 ``kv+lmdb:///path/to/dir`` (one machine, any number of kernels on it) with ``?map_size_mb=8192``,
 held to FoundationDB's rules (see :mod:`.lmdb_layer`), and for tests ``?read_latency_ms=1``,
-``?fault_rate=0.01`` and ``?fault_seed=7`` (faults FoundationDB may return, injected at random).
+``?fault_rate=0.01``, ``?fault_seed=7`` and ``?faults=not_committed,commit_unknown_result``
+(faults FoundationDB may return, injected at random; all four kinds unless named).
 
 Needs the ``[fdb]`` extra (the FoundationDB binding and lmdb), imported at load (lmdb here, fdb
 through :mod:`.keys`): without it the plugin does not load, and the kernel names the extra when
@@ -23,11 +24,11 @@ from tenantflow.kernel.errors import InvalidArgument
 from tenantflow.kernel.storage import Storage
 from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.layer import Layer
-from tenantflow.plugins.storage_fdb.lmdb_layer import LmdbLayer, Rules
+from tenantflow.plugins.storage_fdb.lmdb_layer import FAULTS, LmdbLayer, Rules
 
 _OPTIONS = {
     "fdb": {"api_version", "root"},
-    "kv+lmdb": {"map_size_mb", "root", "read_latency_ms", "fault_rate", "fault_seed"},
+    "kv+lmdb": {"map_size_mb", "root", "read_latency_ms", "fault_rate", "fault_seed", "faults"},
 }
 
 
@@ -51,6 +52,16 @@ def _fraction(url: str, options: dict[str, str], name: str, high: float) -> floa
     return value
 
 
+def _faults(url: str, options: dict[str, str]) -> tuple[str, ...]:
+    kinds = tuple(options["faults"].split(",")) if options.get("faults") else FAULTS
+    unknown = set(kinds) - set(FAULTS)
+    if unknown:
+        raise InvalidArgument(
+            f"storage URL {url!r}: unknown fault {sorted(unknown)[0]!r} (known: {', '.join(FAULTS)})"
+        )
+    return kinds
+
+
 def open_url(url: str) -> KVStorage:
     """Open the storage a ``fdb://`` or ``kv+lmdb://`` URL names."""
     parts = urlsplit(url)
@@ -70,6 +81,7 @@ def open_url(url: str) -> KVStorage:
         rules = Rules(
             read_latency=_fraction(url, options, "read_latency_ms", 1000) / 1000,
             fault_rate=_fraction(url, options, "fault_rate", 0.5),
+            faults=_faults(url, options),
             seed=_int(url, options, "fault_seed", 0, 0) if "fault_seed" in options else None,
         )
         layer = LmdbLayer(Path(parts.path), map_size=map_size, rules=rules)

@@ -683,7 +683,7 @@ class KVStorage:
         return self._idempotent(lambda tr: leases.renew(tr, self.k, owner, keys, until))
 
     def release_leases(self, owner: str) -> int:
-        def release(tr: Txn) -> tuple[int, bool]:
+        def release(tr: Txn) -> list[Any]:
             rows = tr.get_range(*self.k.glob_range("o", owner), limit=PAGE)
             count = 0
             for key, _ in rows:
@@ -697,34 +697,53 @@ class KVStorage:
                 tr.set(self.k.inst(tenant, id, "h"), new.encode())
                 reindex(tr, self.k, tenant, id, head, new)
                 count += 1
-            return count, len(rows) == PAGE
+            return [count, len(rows) == PAGE]
 
         total, more = 0, True
         while more:
-            count, more = self.layer.transact(release)
+            count, more = self._once(release)
             total += count
         return total
 
+    def _once(self, fn: Callable[[Txn], T]) -> T:
+        """``transact`` for work whose answer a retry could not recompute (what it deleted): the
+        answer is kept under ``R "w" id`` in the same transaction, so a retry after a commit that
+        applied returns it, and cleared afterwards."""
+        marker = self.k.glob("w", uuid.uuid4().hex)
+
+        def once(tr: Txn) -> T:
+            kept = tr.get(marker)
+            if kept is not None:
+                found: T = loads(kept)
+                return found
+            answer = fn(tr)
+            tr.set(marker, dumps(answer))
+            return answer
+
+        answer = self._idempotent(once)
+        self.layer.transact(lambda tr: tr.clear(marker))
+        return answer
+
     def delete_instance(self, tenant: str, id: str) -> bool:
-        return self.layer.transact(lambda tr: delete(tr, self.k, tenant, id))
+        return self._once(lambda tr: delete(tr, self.k, tenant, id))
 
     def purge_ended(self, before: float, limit: int) -> int:
         begin = self.k.glob_range("e")[0]
         end = self.k.glob("e", before)
 
-        def purge(tr: Txn, page: int) -> tuple[int, bool]:
+        def purge(tr: Txn, page: int) -> list[Any]:
             rows = tr.get_range(begin, end, limit=page)
             count = 0
             for key, _ in rows:
                 _, _, tenant, id = self.k.strip(key)
                 count += delete(tr, self.k, tenant, id)
                 tr.clear(key)
-            return count, len(rows) == page
+            return [count, len(rows) == page]
 
         total, more = 0, True
         while more and total < limit:
             page = min(PAGE, limit - total)
-            count, more = self.layer.transact(lambda tr, p=page: purge(tr, p))  # type: ignore[misc]
+            count, more = self._once(lambda tr, p=page: purge(tr, p))  # type: ignore[misc]
             total += count
         return total
 
@@ -753,7 +772,7 @@ class KVStorage:
         return self._idempotent(lambda tr: schedules.update(tr, self.k, schedule))
 
     def delete_schedule(self, tenant: str, name: str) -> bool:
-        return self.layer.transact(lambda tr: schedules.delete(tr, self.k, tenant, name))
+        return self._once(lambda tr: schedules.delete(tr, self.k, tenant, name))
 
     def claim_schedules(
         self,

@@ -66,6 +66,7 @@ class Rules:
     retry_limit: int = RETRY_LIMIT
     read_latency: float = 0.0  # seconds per round trip
     fault_rate: float = 0.0  # chance that a commit fails with an injected fault
+    faults: tuple[str, ...] = FAULTS  # the kinds injected at random
     seed: int | None = None
 
 
@@ -170,7 +171,7 @@ class LmdbLayer:
         if self._injected:
             return self._injected.pop(0)
         if self.rules.fault_rate and self._random.random() < self.rules.fault_rate:
-            return self._random.choice(FAULTS)
+            return self._random.choice(self.rules.faults)
         return None
 
     def _commit(self, txn: SimTxn, read_version: int) -> None:

@@ -873,6 +873,43 @@ def test_upgrade_re_pins_an_instance_under_its_lease(storage: Storage) -> None:
     )
 
 
+# -- kv+lmdb under faults FoundationDB retries (issue 27) -------------------------------------------
+# The stand-in fails a fifth of all commits with not_committed, transaction_too_old or
+# commit_unknown_result (after the commit applied): the binding's retry loop runs the transaction
+# again, so every write must find its own earlier commit, and the contract must hold unchanged.
+RETRIED_FAULTS = "not_committed,transaction_too_old,commit_unknown_result"
+UNDER_FAULTS = [
+    test_create_is_all_or_nothing_per_tenant,
+    test_apply_guards_roll_back_only_the_failing_change,
+    test_events_history_and_restart_deletion,
+    test_claim_leases_due_instances_round_robin_across_tenants,
+    test_claim_caps_each_tenant_and_sees_past_a_burst,
+    test_a_concurrency_limit_holds_claims_keeps_order_and_frees_slots,
+    test_schedules_create_get_list_update_delete,
+    test_purge_deletes_only_long_ended_instances_and_all_their_rows,
+    test_delete_removes_an_instance_and_all_its_rows,
+    test_count_by_status_counts_every_tenant,
+]
+
+
+@pytest.mark.parametrize("check", UNDER_FAULTS, ids=lambda check: check.__name__.removeprefix("test_"))
+def test_the_contract_holds_on_kv_lmdb_with_injected_faults(
+    check: Callable[[Storage], None], tmp_path: Path
+) -> None:
+    url = f"kv+lmdb://{tmp_path / 'faulty.lmdb'}?map_size_mb=1024&fault_rate=0.2&fault_seed=27&faults={RETRIED_FAULTS}"
+    storage = open_storage(url, tmp_path)
+    from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
+    from tenantflow.plugins.storage_fdb.lmdb_layer import LmdbLayer
+
+    assert isinstance(storage, KVStorage) and isinstance(storage.layer, LmdbLayer)
+    try:
+        storage.layer.inject("commit_unknown_result")  # the first commit for certain, then at random
+        check(storage)
+        assert sum(storage.layer.counters.faults.values()) > 0  # faults were injected, and survived
+    finally:
+        storage.close()
+
+
 def test_list_narrows_by_workflow_and_creation_time_and_counts_exactly(storage: Storage) -> None:
     """List's filters beyond status; a filtered page may come back short with a cursor, so the
     instances are gathered by paging to the end, as a client does."""
