@@ -16,7 +16,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -103,26 +103,18 @@ def files_of(path: Path) -> dict[str, bytes]:
 class LocalRun:
     """A kernel of one's own over a throwaway SQLite store, driven by :meth:`drive`.
 
-    ``real_time``: sleeps and time-outs take their real time instead of being skipped.
-    ``config``: settings to change from the defaults (as :class:`KernelConfig` fields)."""
+    ``real_time``: sleeps and time-outs take their real time instead of being skipped."""
 
-    def __init__(
-        self,
-        *,
-        real_time: bool = False,
-        plugins: Plugins | None = None,
-        config: Mapping[str, object] | None = None,
-    ) -> None:
+    def __init__(self, *, real_time: bool = False, plugins: Plugins | None = None) -> None:
         self.real_time = real_time
         self.clock = SkippingClock()
         self._plugins = plugins
-        self._config = dict(config or {})
         self._dir: Path | None = None
         self.kernel: Kernel
 
     async def __aenter__(self) -> LocalRun:
         self._dir = Path(tempfile.mkdtemp(prefix="tenantflow-dev-"))
-        config = replace(KernelConfig(data_dir=self._dir, node_id=NODE, retention_seconds=0), **self._config)  # type: ignore[arg-type]
+        config = KernelConfig(data_dir=self._dir, node_id=NODE, retention_seconds=0)
         self.kernel = Kernel(config, self._plugins, clock=self.clock)
         try:
             await self.kernel.start(dispatch=False)
