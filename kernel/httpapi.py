@@ -34,7 +34,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from tenantflow.kernel import errors, httpwire, metrics
+from tenantflow.kernel import console, errors, httpwire, metrics
 from tenantflow.kernel.admission import Budgets
 from tenantflow.kernel.auth import Tokens
 from tenantflow.kernel.server import Gate, decode_request, new_gate, servicers, status_code, status_message
@@ -245,8 +245,15 @@ class Connection:
 class HttpApi:
     """The HTTP server: connections, requests, and each call through :class:`Gate`."""
 
-    def __init__(self, gate: Gate, services: dict[str, Any], max_calls: int) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        services: dict[str, Any],
+        max_calls: int,
+        assets: dict[str, console.Asset] | None = None,
+    ) -> None:
         self.gate = gate
+        self.assets = assets  # the console's files (--ui), or None
         self.routes = routes(services)
         self.max_calls = max_calls  # in progress at once, streams included (0: no cap), like gRPC's
         self.calls = 0
@@ -325,6 +332,8 @@ class HttpApi:
     async def _request(self, conn: Connection, request: httpwire.Request) -> bool:
         """Serve one request; whether the connection may carry another."""
         path = request.path.partition("?")[0]
+        if self.assets is not None and request.method in ("GET", "HEAD") and path in self.assets:
+            return await self._asset(conn, request, self.assets[path])
         route = self.routes.get(path)
         if route is None:
             return await self._refuse(
@@ -377,6 +386,14 @@ class HttpApi:
                 call.status = grpc.StatusCode.INTERNAL
                 await reply.error(call.status, "internal error; see the kernel log")
         return not route.streaming and request.keep_alive and call.consumed
+
+    async def _asset(self, conn: Connection, request: httpwire.Request, asset: console.Asset) -> bool:
+        """Send one of the console's files (``HEAD``: its head only)."""
+        keep = request.keep_alive and request.content_length == 0
+        data = httpwire.whole(200, asset.content_type, asset.body, not keep, console.HEADERS)
+        conn.writer.write(data if request.method == "GET" else data[: len(data) - len(asset.body)])
+        await conn.writer.drain()
+        return keep
 
     async def _call(self, call: Call, reply: Reply, rpc: metrics.RpcCall) -> None:
         request, route = call.request, call.route
@@ -437,9 +454,11 @@ async def create_http_server(
     tls_files: tuple[str, str] | None = None,
     budgets: Budgets | None = None,
     services: dict[str, Any] | None = None,
+    ui: bool = False,
 ) -> HttpApi:
     """The HTTP API listening on ``address``; ``tls_files``: (PEM certificate chain, PEM key) to
-    speak HTTPS only; ``budgets`` and ``services``: shared with the gRPC server."""
+    speak HTTPS only; ``budgets`` and ``services``: shared with the gRPC server; ``ui``: also serve
+    the console's files at ``/`` and ``/ui/...``."""
     budgets = budgets or Budgets.of(kernel.config)
     context = None
     if tls_files is not None:
@@ -447,7 +466,10 @@ async def create_http_server(
         context.load_cert_chain(*tls_files)
         context.set_alpn_protocols(["http/1.1"])
     api = HttpApi(
-        new_gate(kernel, budgets, tokens), services or servicers(kernel), kernel.config.max_concurrent_rpcs
+        new_gate(kernel, budgets, tokens),
+        services or servicers(kernel),
+        kernel.config.max_concurrent_rpcs,
+        console.load() if ui else None,
     )
     await api.start(address, context)
     return api

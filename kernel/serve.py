@@ -97,6 +97,8 @@ async def serve(args: argparse.Namespace) -> None:
                 "listening on %s without --auth-tokens: any client that reaches it may act for any tenant",
                 where,
             )
+    if args.ui and not args.http_listen:
+        raise SystemExit("error: --ui serves the console on the HTTP port: give --http-listen HOST:PORT too")
     tls = None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("error: --tls-cert and --tls-key go together")
@@ -130,7 +132,9 @@ async def serve(args: argparse.Namespace) -> None:
 
         try:
             tls_files = (args.tls_cert, args.tls_key) if tls else None
-            http = await create_http_server(kernel, args.http_listen, tokens, tls_files, budgets, services)
+            http = await create_http_server(
+                kernel, args.http_listen, tokens, tls_files, budgets, services, ui=args.ui
+            )
         except Exception as exc:
             await server.stop(None)
             await kernel.stop()
@@ -224,6 +228,11 @@ def add_serve_parser(sub: Any) -> None:
         metavar="HOST:PORT",
         help="also serve the API over HTTP/1.1 and JSON (the Connect protocol) with the same tokens, TLS "
         "and limits (port 0 picks a free one; default: off)",
+    )
+    s.add_argument(
+        "--ui",
+        action="store_true",
+        help="also serve the browser console at / on the --http-listen port (a client of the HTTP API)",
     )
     s.add_argument("--storage", help="storage URL (default sqlite:///<data-dir>/tenantflow.sqlite3)")
     s.add_argument("--data-dir", help="default $TENANTFLOW_DATA_DIR or ~/.local/share/tenantflow")
