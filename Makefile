@@ -33,13 +33,19 @@ runtimes: $(STAMP)
 	@echo "preparing the python-wasm runner (once per machine; ~20 s the first time)"
 	$(PY) -c "from tenantflow.plugins.sandbox_wasm.python_wasm import PythonWasmSandbox as S; print('python-wasm runner ready: CPython', S(1).runner().python)"
 
-# The Node.js client test's packages (skipped, with that reason, where Node.js is not installed).
+# The Node.js client test's packages and the console browser test's Playwright (both skipped, with
+# that reason, where Node.js is not installed; the browser test also where Chromium is not).
 NODE_DIR := tests/clients/node
+CONSOLE_DIR := tests/console
 node-deps:
 	@if command -v npm >/dev/null; then \
 		[ $(NODE_DIR)/node_modules/.package-lock.json -nt $(NODE_DIR)/package-lock.json ] || \
 		(cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error); \
 	else echo "npm not found: the Node.js client test will be skipped"; fi
+	@if command -v npm >/dev/null; then \
+		[ $(CONSOLE_DIR)/node_modules/.package-lock.json -nt $(CONSOLE_DIR)/package-lock.json ] || \
+		(cd $(CONSOLE_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error); \
+	else echo "npm not found: the console's browser test will be skipped"; fi
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q $(TESTS)
@@ -77,4 +83,4 @@ figures: $(STAMP)
 	nice -n 19 $(PY) loadtests/loadtest.py --scenario all --users 30 --duration 60s --quiet
 
 clean:
-	rm -rf $(VENV) $(STOCK_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules
+	rm -rf $(VENV) $(STOCK_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules $(CONSOLE_DIR)/node_modules

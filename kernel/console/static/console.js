@@ -25,7 +25,7 @@ function h(tag, attrs = {}, ...children) {
     else if (key === "value") el.value = value;
     else el.setAttribute(key, value === true ? "" : value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child !== undefined && child !== null && child !== false) el.append(child instanceof Node ? child : String(child));
   }
   return el;
@@ -333,7 +333,7 @@ function stepsTable(steps) {
       h("td", {}, s.name, s.occurrence ? ` #${s.occurrence + 1}` : ""), h("td", {}, s.kind || ""), h("td", {}, pill(s.status)),
       h("td", {}, s.attempts || 0),
       h("td", {}, s.outputJson ? h("pre", {}, pretty(s.outputJson)) : null, errorView(s.error)),
-      h("td", {}, when(s.wakeAt))))));
+      h("td", {}, ["sleeping", "waiting", "retrying"].includes(s.status) ? when(s.wakeAt) : "")))));
 }
 
 function renderInstance(id, signal) {
@@ -372,7 +372,7 @@ function renderInstance(id, signal) {
     buttons.resume.disabled = !["PAUSED", "WAITING_FOR_PAUSE"].includes(status);
     buttons.terminate.disabled = buttons.rollback.disabled = ENDED.has(status);
     buttons.restart.disabled = !ENDED.has(status);
-    sender.classList.toggle("hidden", ENDED.has(status));
+    sender.parentElement?.classList.toggle("hidden", ENDED.has(status));
     const waiting = (instance.steps || []).find((s) => s.status === "waiting" && s.kind === "wait_for_event");
     const rows = [
       ["Workflow", instance.workflow], ["Pinned code", h("code", {}, instance.code)], ["Runtime", instance.runtime || "python"],
@@ -452,7 +452,7 @@ function renderPlayground(signal) {
     sender.classList.add("hidden");
     card.replaceChildren(h("div", { class: "card" },
       h("h2", {}, "Run ", link(id), " ", status, " ", live),
-      h("div", { class: "muted" }, instance.code), list, sender, result,
+      h("div", { class: "muted ref" }, instance.code), list, sender, result,
       h("h2", {}, "Log and events"), timeline));
     follow(id, signal, {
       timeline, live,
