@@ -255,7 +255,9 @@ def _when(text: str, field: str) -> float | None:
         ) from None
     if when.tzinfo is None:
         raise errors.InvalidArgument(f"{field} {text[:64]!r} has no time zone: end it with Z or +HH:MM")
-    return when.timestamp()
+    # Times are shown to the microsecond, rounded: a bound given as an instance's shown created_at
+    # must include it (after) or exclude it (before), whichever way its stored time was rounded.
+    return when.timestamp() - 0.5e-6
 
 
 def _ts(value: float | None) -> str:
