@@ -22,6 +22,9 @@ class Status(enum.IntEnum):
 
 
 TERMINAL = frozenset({Status.ERRORED, Status.TERMINATED, Status.COMPLETE})
+LIVE_STEP = frozenset(
+    {"running", "retrying", "sleeping", "waiting"}
+)  # steps that end with a terminated instance
 
 
 @dataclass

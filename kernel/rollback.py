@@ -16,12 +16,13 @@ Guest protocol (see ``tenantflow.workflow._compose``)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from tenantflow.kernel import guestdata, metrics, stepkinds
 from tenantflow.kernel.journal import Journal, guest_entry
-from tenantflow.kernel.model import Status, StepRecord
+from tenantflow.kernel.model import LIVE_STEP, Status, StepRecord
 
 KEY = "#rollback"
 UNDO = "#undo"
@@ -130,11 +131,15 @@ async def end(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
     ]  # fmt: skip
     error = {"error_name": "", "error_message": ""} if terminated else {
         "error_name": rb.error_name, "error_message": rb.error_message}  # fmt: skip
+    # Terminated: forward steps still waiting, sleeping or retrying end with the instance (as Terminate
+    # without rollback ends them), not left "waiting" forever.
+    ended = [dataclasses.replace(s, status="terminated", wake_at=None, updated_at=now)
+             for s in journal.steps.values() if terminated and s.status in LIVE_STEP and s.kind not in APART]  # fmt: skip
     metrics.outcome(journal, status.name.lower())
     journal.ended = True
     journal.notify_parent(status)
     await journal.commit(journal.change(
-        steps=[rb], history=history,
+        steps=[rb, *ended], history=history,
         set={"status": status, **error, "run_at": None, "lease_owner": None, "lease_until": None},
     ))  # fmt: skip
     return {"do": "ack"}

@@ -31,6 +31,7 @@ from tenantflow.kernel.firebudget import ScheduleLimits
 from tenantflow.kernel.journal import RESERVED_EVENT_PREFIX, parent_notice
 from tenantflow.kernel.jsonsafe import check_json
 from tenantflow.kernel.model import (
+    LIVE_STEP,
     TERMINAL,
     Change,
     EventRecord,
@@ -63,7 +64,6 @@ log = logging.getLogger("tenantflow.kernel")
 WATCH_POLL_SECONDS = (0.1, 1.0)
 WATCH_POLLS_PER_SECOND = 200.0
 MIB = 1024 * 1024
-LIVE_STEP = frozenset({"running", "retrying", "sleeping", "waiting"})  # ended with a terminated instance
 
 
 @dataclass(frozen=True)

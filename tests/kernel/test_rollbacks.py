@@ -107,6 +107,8 @@ def test_terminate_with_rollback_undoes_completed_steps_then_terminates(
     assert done.status == pb.STATUS_TERMINATED and not done.error.name
     assert done.rollback.status == "complete" and done.rollback.reason == "terminated"
     assert _undos(done) == [("reserve", 0, "complete")]  # "never" never ran: nothing to undo
+    # the wait it was terminated in ends with it, as without rollback
+    assert [s.status for s in done.steps if s.name == "approval"] == ["terminated"]
     out = json.loads(next(s.output_json for s in done.steps if s.kind == "rollback"))
     assert out["output"] == "seat-9" and out["error"][0] == "Terminated"
 
