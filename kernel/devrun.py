@@ -162,14 +162,13 @@ class LocalRun:
         (it waits for an event nobody will send, or is paused), or ``timeout`` seconds of real time."""
         kernel, storage = self.kernel, self.kernel.storage
         pending = list(events)
-        seen = 0
+        timeline: list[HistoryEntry] = []  # read as it grows, each entry once
         stuck = ""
         give_up = time.monotonic() + timeout
 
         async def emit() -> None:
-            nonlocal seen
-            while entries := await kernel.history(TENANT, id, seen):
-                seen = entries[-1].seq
+            while entries := await kernel.history(TENANT, id, timeline[-1].seq if timeline else 0):
+                timeline.extend(entries)
                 if on_entry is not None:
                     for entry in entries:
                         on_entry(entry)
@@ -211,12 +210,7 @@ class LocalRun:
                 await asyncio.sleep(min(max(next_at - self.clock(), 0.0), 0.5))
             else:
                 self.clock.skip_to(next_at)
-        view = await kernel.get(TENANT, id)
-        timeline: list[HistoryEntry] = []
-        after = 0
-        while page := await kernel.history(TENANT, id, after, 1000):
-            timeline.extend(page)
-            after = page[-1].seq
+        view = await kernel.get(TENANT, id)  # every way out of the loop passed emit(): the timeline is whole
         return Outcome(view.record, view.steps, timeline, self.clock.skipped, stuck, pending)
 
     async def _waits(self) -> dict[str, set[str]]:
