@@ -1020,3 +1020,439 @@ class Code:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class KVStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Get = channel.unary_unary(
+                '/tenantflow.v1.KV/Get',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVKeyRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVEntry.FromString,
+                _registered_method=True)
+        self.Put = channel.unary_unary(
+                '/tenantflow.v1.KV/Put',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVPutRequest.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVEntry.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/tenantflow.v1.KV/Delete',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVKeyRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/tenantflow.v1.KV/List',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVListRequest.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVListResponse.FromString,
+                _registered_method=True)
+
+
+class KVServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Get(self, request, context):
+        """NOT_FOUND when the key is absent
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Put(self, request, context):
+        """RESOURCE_EXHAUSTED past the tenant's quota
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """NOT_FOUND when the key is absent
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVKeyRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVEntry.SerializeToString,
+            ),
+            'Put': grpc.unary_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVPutRequest.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVEntry.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVKeyRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVListRequest.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.KVListResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tenantflow.v1.KV', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tenantflow.v1.KV', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KV:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.KV/Get',
+            tenantflow_dot_v1_dot_tenantflow__pb2.KVKeyRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.KVEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Put(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.KV/Put',
+            tenantflow_dot_v1_dot_tenantflow__pb2.KVPutRequest.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.KVEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.KV/Delete',
+            tenantflow_dot_v1_dot_tenantflow__pb2.KVKeyRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.KV/List',
+            tenantflow_dot_v1_dot_tenantflow__pb2.KVListRequest.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.KVListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SecretsStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Put = channel.unary_unary(
+                '/tenantflow.v1.Secrets/Put',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.Secret.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.Secret.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/tenantflow.v1.Secrets/Delete',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.SecretRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/tenantflow.v1.Secrets/List',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
+
+
+class SecretsServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Put(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """NOT_FOUND when absent
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SecretsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Put': grpc.unary_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.Secret.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.Secret.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.SecretRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListSecretsRequest.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListSecretsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tenantflow.v1.Secrets', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tenantflow.v1.Secrets', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Secrets:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Put(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Secrets/Put',
+            tenantflow_dot_v1_dot_tenantflow__pb2.Secret.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.Secret.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Secrets/Delete',
+            tenantflow_dot_v1_dot_tenantflow__pb2.SecretRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Secrets/List',
+            tenantflow_dot_v1_dot_tenantflow__pb2.ListSecretsRequest.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class TenantsStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.List = channel.unary_unary(
+                '/tenantflow.v1.Tenants/List',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+
+
+class TenantsServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def List(self, request, context):
+        """FAILED_PRECONDITION unless the kernel runs with --list-tenants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TenantsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListTenantsRequest.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.ListTenantsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tenantflow.v1.Tenants', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tenantflow.v1.Tenants', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Tenants:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Tenants/List',
+            tenantflow_dot_v1_dot_tenantflow__pb2.ListTenantsRequest.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

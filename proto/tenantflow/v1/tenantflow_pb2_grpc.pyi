@@ -276,3 +276,129 @@ class CodeServicer(metaclass=_abc_1.ABCMeta):
         """A tenant's published versions, newest first."""
 
 def add_CodeServicer_to_server(servicer: CodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class KVStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> KVAsyncStub: ...
+    Get: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.KVKeyRef, _tenantflow_pb2.KVEntry]
+    """NOT_FOUND when the key is absent"""
+    Put: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.KVPutRequest, _tenantflow_pb2.KVEntry]
+    """RESOURCE_EXHAUSTED past the tenant's quota"""
+    Delete: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.KVKeyRef, _tenantflow_pb2.DeleteResponse]
+    """NOT_FOUND when the key is absent"""
+    List: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.KVListRequest, _tenantflow_pb2.KVListResponse]
+
+@_typing.type_check_only
+class KVAsyncStub(KVStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Get: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.KVKeyRef, _tenantflow_pb2.KVEntry]  # type: ignore[assignment]
+    """NOT_FOUND when the key is absent"""
+    Put: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.KVPutRequest, _tenantflow_pb2.KVEntry]  # type: ignore[assignment]
+    """RESOURCE_EXHAUSTED past the tenant's quota"""
+    Delete: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.KVKeyRef, _tenantflow_pb2.DeleteResponse]  # type: ignore[assignment]
+    """NOT_FOUND when the key is absent"""
+    List: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.KVListRequest, _tenantflow_pb2.KVListResponse]  # type: ignore[assignment]
+
+class KVServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Get(
+        self,
+        request: _tenantflow_pb2.KVKeyRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.KVEntry, _abc.Awaitable[_tenantflow_pb2.KVEntry]]:
+        """NOT_FOUND when the key is absent"""
+
+    @_abc_1.abstractmethod
+    def Put(
+        self,
+        request: _tenantflow_pb2.KVPutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.KVEntry, _abc.Awaitable[_tenantflow_pb2.KVEntry]]:
+        """RESOURCE_EXHAUSTED past the tenant's quota"""
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _tenantflow_pb2.KVKeyRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.DeleteResponse, _abc.Awaitable[_tenantflow_pb2.DeleteResponse]]:
+        """NOT_FOUND when the key is absent"""
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _tenantflow_pb2.KVListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.KVListResponse, _abc.Awaitable[_tenantflow_pb2.KVListResponse]]: ...
+
+def add_KVServicer_to_server(servicer: KVServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SecretsStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SecretsAsyncStub: ...
+    Put: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.Secret, _tenantflow_pb2.Secret]
+    Delete: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.SecretRef, _tenantflow_pb2.DeleteResponse]
+    """NOT_FOUND when absent"""
+    List: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.ListSecretsRequest, _tenantflow_pb2.ListSecretsResponse]
+
+@_typing.type_check_only
+class SecretsAsyncStub(SecretsStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Put: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.Secret, _tenantflow_pb2.Secret]  # type: ignore[assignment]
+    Delete: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.SecretRef, _tenantflow_pb2.DeleteResponse]  # type: ignore[assignment]
+    """NOT_FOUND when absent"""
+    List: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.ListSecretsRequest, _tenantflow_pb2.ListSecretsResponse]  # type: ignore[assignment]
+
+class SecretsServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Put(
+        self,
+        request: _tenantflow_pb2.Secret,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.Secret, _abc.Awaitable[_tenantflow_pb2.Secret]]: ...
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _tenantflow_pb2.SecretRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.DeleteResponse, _abc.Awaitable[_tenantflow_pb2.DeleteResponse]]:
+        """NOT_FOUND when absent"""
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _tenantflow_pb2.ListSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.ListSecretsResponse, _abc.Awaitable[_tenantflow_pb2.ListSecretsResponse]]: ...
+
+def add_SecretsServicer_to_server(servicer: SecretsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class TenantsStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> TenantsAsyncStub: ...
+    List: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.ListTenantsRequest, _tenantflow_pb2.ListTenantsResponse]
+    """FAILED_PRECONDITION unless the kernel runs with --list-tenants."""
+
+@_typing.type_check_only
+class TenantsAsyncStub(TenantsStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    List: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.ListTenantsRequest, _tenantflow_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """FAILED_PRECONDITION unless the kernel runs with --list-tenants."""
+
+class TenantsServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _tenantflow_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.ListTenantsResponse, _abc.Awaitable[_tenantflow_pb2.ListTenantsResponse]]:
+        """FAILED_PRECONDITION unless the kernel runs with --list-tenants."""
+
+def add_TenantsServicer_to_server(servicer: TenantsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
