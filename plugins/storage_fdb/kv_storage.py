@@ -41,6 +41,7 @@ from tenantflow.plugins.storage_fdb.layer import (
     encode_int,
     maybe_committed,
 )
+from tenantflow.plugins.storage_fdb.prefetch import Prefetched
 from tenantflow.plugins.storage_fdb.records import (
     ENVELOPE,
     RESULT,
@@ -255,7 +256,7 @@ class KVStorage:
             if r.output_json or r.error_name or r.error_message or r.error_traceback:
                 put_blob(tr, k.inst(r.tenant, r.id, "o"), dumps({f: getattr(r, f) for f in RESULT}))
             reindex(tr, k, r.tenant, r.id, None, head)
-            tr.set(k.inst(r.tenant, r.id, "wi"), b"")  # its waiting steps are indexed (see _waits_for)
+            tr.set(k.inst(r.tenant, r.id, "wi"), b"")  # its waiting steps are indexed (see _waited_for)
             tr.set(k.inst(r.tenant, r.id, "x"), dumps({"batch": batch_id, "results": []}))
         for tenant, last in seqs.items():
             tr.set(k.tenant(tenant, "c"), encode_int(last))
@@ -461,7 +462,26 @@ class KVStorage:
                 return results + [ApplyResult(False, reason)] * (len(changes) - len(results))
         return results
 
+    def _first_reads(self, changes: Sequence[Change]) -> list[bytes]:
+        """The keys ``_apply_one`` reads of ``changes`` before writing them, so all are sent at once
+        (one round trip instead of one per read: 1,536 for a 512-change batch)."""
+        k, keys = self.k, []
+        for ch in changes:
+            t, i = ch.tenant, ch.id
+            keys += [k.inst(t, i, "x"), k.inst(t, i, "h")]
+            keys += [k.inst(t, i, "sk", part(step.key)) for step in ch.steps]
+            if ch.history or ch.pause_aware:
+                keys.append(k.inst(t, i, "yn"))
+            if ch.add_events:
+                keys.append(k.inst(t, i, "vn"))
+            if ch.wake_waiting:
+                keys.append(k.inst(t, i, "wi"))
+            for seq, _ in ch.consume_events:
+                keys += [k.inst(t, i, "v", seq, 0), k.inst(t, i, "vc", seq)]
+        return keys
+
     def _apply_batch(self, tr: Txn, changes: list[Change], batch_id: str) -> list[ApplyResult]:
+        tr = Prefetched(tr, self._first_reads(changes))
         done: dict[tuple[str, str], dict[int, ApplyResult] | None] = {}
         mine: dict[tuple[str, str], list[tuple[int, ApplyResult]]] = {}
         results: list[ApplyResult] = []
@@ -558,8 +578,9 @@ class KVStorage:
                     tr.set(waiting, b"")
                 else:
                     tr.clear(waiting)
-        for seq, step_key in ch.consume_events:
-            event = loads(join_chunks(tr.get_range(*k.inst_range(t, i, "v", seq))))
+        consumed = tr.get_ranges([(*k.inst_range(t, i, "v", seq), 0) for seq, _ in ch.consume_events])
+        for (seq, step_key), rows in zip(ch.consume_events, consumed, strict=True):
+            event = loads(join_chunks(rows))
             tr.set(k.inst(t, i, "vc", seq), step_key.encode())
             tr.clear(k.inst(t, i, "w", part(event["type"]), seq))
             tr.set(k.inst(t, i, "c", part(step_key), seq), event["type"].encode())
@@ -581,8 +602,8 @@ class KVStorage:
         if (ch.wake_on_events or ch.wake_waiting) and final not in (
             Status.PAUSED, Status.WAITING_FOR_PAUSE, Status.COMPLETE, Status.ERRORED, Status.TERMINATED
         ):  # fmt: skip
-            wake = [*ch.wake_on_events, *(type for type in ch.wake_waiting if self._waits_for(tr, ch, type))]
-            if any(tr.get_range(*k.inst_range(t, i, "w", part(type)), limit=1) for type in wake):
+            wake = [*ch.wake_on_events, *self._waited_for(tr, ch, ch.wake_waiting)]
+            if any(tr.get_ranges([(*k.inst_range(t, i, "w", part(type)), 1) for type in wake])):
                 values["run_at"] = ch.now
         new = old.replace(
             status=final,
@@ -614,13 +635,14 @@ class KVStorage:
         rows = tr.get_range(*self.k.inst_range(ch.tenant, ch.id, "w"), limit=max_events)
         return inbox_refusal(ch, len(rows), sum(decode_int(value) for _, value in rows))
 
-    def _waits_for(self, tr: Txn, ch: Change, type: str) -> bool:
-        """Whether a step of the instance is waiting for an event of ``type``. An instance created
-        before waiting steps were indexed (no ``wi`` mark) may wait for any type."""
+    def _waited_for(self, tr: Txn, ch: Change, types: Sequence[str]) -> list[str]:
+        """Those of ``types`` a step of the instance is waiting for (read at once). An instance
+        created before waiting steps were indexed (no ``wi`` mark) may wait for any type."""
         k = self.k
-        if tr.get(k.inst(ch.tenant, ch.id, "wi")) is None:
-            return True
-        return bool(tr.get_range(*k.inst_range(ch.tenant, ch.id, "wt", part(type)), limit=1))
+        if not types or tr.get(k.inst(ch.tenant, ch.id, "wi")) is None:
+            return list(types)
+        found = tr.get_ranges([(*k.inst_range(ch.tenant, ch.id, "wt", part(type)), 1) for type in types])
+        return [type for type, rows in zip(types, found, strict=True) if rows]
 
     def _steps_from(self, tr: Txn, ch: Change) -> list[tuple[int, str | bytes]]:
         begin = self.k.inst(ch.tenant, ch.id, "sq", ch.delete_steps_from)
