@@ -8,6 +8,15 @@ stopped (so every tenant's turn comes), each page's leases and queues sent at on
 it has as many candidates as it may lease (or after ``TENANT_SCAN`` tenants): its reads do not grow
 with the number of ready tenants, and a transaction stays far inside FoundationDB's 5 seconds.
 
+The per-tenant cap: a tenant's running leases are counted from a snapshot read of its lease keys,
+which every renewal rewrites (reading them for real would make each claim conflict with each renewal
+in the tenant, every few seconds per lease). Instead every lease taken adds to the tenant's ``"kn"``
+counter (an atomic add: takers never conflict with each other through it), and a capped claim adds
+a read conflict on it for each tenant it leases in: two claims leasing in one tenant at once
+conflict, and the retry counts the other's leases, so the cap holds across nodes. They would mostly
+conflict anyway (both take the tenant's oldest due instances); renewals, releases and step commits
+never write it.
+
 Concurrency limits: a queue entry's value names the instance's group and limit; the group's leases
 (``"g"``) are counted while choosing, and again for real before a lease is taken, so two claimers
 filling one group conflict and the limit holds across nodes. Held-back entries are passed over, up
@@ -142,6 +151,9 @@ def claim(
         reindex(tr, k, tenant, id, head, new)
         tr.set(k.glob("o", owner, tenant, id), pack((until, claim_id)))
         taken.append((tenant, id))
+    if per_tenant > 0:  # the running counts were snapshot reads (see above)
+        for tenant in dict.fromkeys(tenant for tenant, _ in taken):
+            tr.add_read_conflict_key(k.tenant(tenant, "kn"))
     claimed += [r for r in load(tr, taken) if r is not None]
     claimed.sort(key=lambda r: r.run_at or 0.0)
     return claimed, stop

@@ -26,13 +26,16 @@ def reindex(
         if old is not None:
             tr.clear(k.tenant(tenant, "s", int(old.status), old.cseq))
             tr.add(k.glob("n", int(old.status), shard), -1)
-            if not old.ended:
-                tr.add(k.tenant(tenant, "live"), -1)
         if new is not None:
             tr.set(k.tenant(tenant, "s", int(new.status), new.cseq), id.encode())
             tr.add(k.glob("n", int(new.status), shard), 1)
-            if not new.ended:
-                tr.add(k.tenant(tenant, "live"), 1)
+        # Only a change between ended and not touches the live count (a create's limit check):
+        # the steps between running, sleeping and waiting write nothing a create reads.
+        was_live, is_live = old is not None and not old.ended, new is not None and not new.ended
+        if was_live != is_live:
+            tr.add(k.tenant(tenant, "live"), 1 if is_live else -1)
+            if is_live and old is not None:  # an ended instance runs again: a create under a limit retries
+                tr.add(k.tenant(tenant, "lr"), 1)
     old_run = old.run_at if old is not None else None
     new_run = new.run_at if new is not None else None
     if old_run != new_run or old is None or new is None:
@@ -50,6 +53,8 @@ def reindex(
         if new_lease[0] is not None:
             tr.set(k.tenant(tenant, "k", id), pack((new_lease[1],)))
             tr.set(k.glob("o", new_lease[0], tenant, id), pack((new_lease[1],)))
+            if new_lease != old_lease:  # a lease taken: a capped claim of the tenant meanwhile retries
+                tr.add(k.tenant(tenant, "kn"), 1)
         # The leases of a concurrency group, which the claim counts.
         head = new if new is not None else old
         group = head.group if head is not None else None

@@ -10,7 +10,9 @@ Tenant first, so a tenant's data is one key range. Under the root subspace ``R``
                              a type (``"wi"``: present when the instance's are all indexed there),
                              ``"y" seq n`` history, ``"vn"``/``"yn"`` last seqs, ``"x"`` last batch
 ``R "T" tenant "l" cseq``     creation order (list); ``"s" status cseq`` the same by status
-``R "T" tenant "c"``          last cseq; ``"live"`` instances not ended (atomic counter)
+``R "T" tenant "c"``          last cseq; ``"live"`` instances not ended (atomic counter); ``"lr"``
+                             ended instances run again; ``"kn"`` leases taken (atomic counters
+                             whose writes a create under a limit or a capped claim conflicts with)
 ``R "T" tenant "q" run_at id`` runnable queue (due); ``"k" id`` leases (value: lease_until)
 ``R "T" tenant "a" name ...`` artifacts: ``"m" digest`` meta, ``"f" digest n`` files, ``"latest"``
 ``R "t" run_at tenant id``    timers not yet due, ordered by due time (moved to ``q`` when due)

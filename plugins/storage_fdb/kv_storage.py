@@ -227,25 +227,24 @@ class KVStorage:
             marker = tr.get(k.inst(records[0].tenant, records[0].id, "x"))
             if marker is not None and loads(marker)["batch"] == batch_id:
                 return  # this very create committed on an earlier try
+        adding = Counter(r.tenant for r in records)
+        tenants = list(adding)
+        # Read for real: the tenants' creation counters (so creates in one tenant conflict), and
+        # whether the instances exist; all at once.
+        found = tr.get_many(
+            [k.tenant(t, "c") for t in tenants] + [k.inst(r.tenant, r.id, "h") for r in records]
+        )
+        seqs = {t: decode_int(raw) for t, raw in zip(tenants, found, strict=False)}
         if max_live:
-            for tenant, adding in Counter(r.tenant for r in records).items():
-                live = decode_int(tr.get(k.tenant(tenant, "live")))
-                if live + adding > max_live:
-                    raise ResourceExhausted(
-                        f"tenant {tenant!r} has {live} live instances and the limit is {max_live}: wait for "
-                        "some to complete, or terminate them, then create again"
-                    )
-        seqs: dict[str, int] = {}
+            self._check_live(tr, adding, max_live)
         seen: set[tuple[str, str]] = set()
-        for r in records:
-            if (r.tenant, r.id) in seen or tr.get(k.inst(r.tenant, r.id, "h")) is not None:
+        for r, head_before in zip(records, found[len(tenants) :], strict=True):
+            if (r.tenant, r.id) in seen or head_before is not None:
                 raise AlreadyExists(
                     f"instance {r.id!r} already exists in tenant {r.tenant!r}; "
                     "pick another id or leave it empty to get a generated one"
                 )
             seen.add((r.tenant, r.id))
-            if r.tenant not in seqs:
-                seqs[r.tenant] = decode_int(tr.get(k.tenant(r.tenant, "c")))
             seqs[r.tenant] += 1
             conc = (r.workflow, r.concurrency_key, r.concurrency_limit)
             head = Head(Status(r.status), r.run_at, r.generation, r.lease_owner, r.lease_until,
@@ -262,6 +261,24 @@ class KVStorage:
             tr.set(k.tenant(tenant, "c"), encode_int(last))
         for r, entry in zip(records, history, strict=False):
             self._history(tr, r.tenant, r.id, [entry])
+
+    def _check_live(self, tr: Txn, adding: Counter[str], max_live: int) -> None:
+        """Refuse a create that would take a tenant past ``max_live`` instances not ended. The live
+        counter is kept by atomic adds and read here with a snapshot read, so the status changes
+        that end instances (and add to it) never conflict with a create; what could take the count
+        up meanwhile does: other creates (through the creation counter they all read and write) and
+        an ended instance run again (it adds to ``"lr"``, which a create reads for real here). A
+        count a concurrent end made stale only errs towards refusing."""
+        k = self.k
+        counts = tr.get_many([k.tenant(t, "live") for t in adding], snapshot=True)
+        for (tenant, more), raw in zip(adding.items(), counts, strict=True):
+            tr.add_read_conflict_key(k.tenant(tenant, "lr"))
+            live = decode_int(raw)
+            if live + more > max_live:
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} has {live} live instances and the limit is {max_live}: wait for "
+                    "some to complete, or terminate them, then create again"
+                )
 
     def _load(self, tr: Txn, tenant: str, id: str) -> InstanceRecord | None:
         return self._load_many(tr, [(tenant, id)])[0]
