@@ -24,6 +24,7 @@ from tenantflow.kernel.model import (
     StepRecord,
 )
 
+from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
 
 class Storage(Protocol):
     """A storage engine. Methods are blocking; the kernel calls them off its event loop."""
@@ -207,3 +208,42 @@ class Storage(Protocol):
         ...
 
     def close(self) -> None: ...
+    # -- a tenant's own key-value store (kernel/tenantkv.py) -----------------------------------------
+    # Usage (keys, bytes) is a counter every write maintains; a quota is checked against it in the
+    # writing transaction. ``Change.kv`` carries a step attempt's writes into ``apply``.
+    def kv_get(self, tenant: str, key: str) -> KVEntry | None: ...
+
+    def kv_list(
+        self, tenant: str, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[KVEntry], str | None]:
+        """The tenant's keys starting with ``prefix``, after the key ``after`` (None: from the
+        first), in key order (keys over 300 bytes sharing their first 300 may come in an order of the
+        engine's own, the same on every call); the page and the cursor of the next (None: last)."""
+        ...
+
+    def kv_usage(self, tenant: str) -> KVUsage: ...
+
+    def kv_write(
+        self, tenant: str, writes: Sequence[KVWrite], now: float, quota: KVQuota = NO_QUOTA
+    ) -> list[bool]:
+        """Apply ``writes`` (a None value deletes) in one transaction; whether each key existed
+        before its write. ``ResourceExhausted`` (naming the quota and its flag), writing nothing, if
+        the tenant's usage would grow past ``quota``."""
+        ...
+
+    # -- secrets: sealed (encrypted) by the kernel; storage never sees a value ---------------------
+    def put_secret(self, tenant: str, name: str, sealed: bytes, now: float) -> None: ...
+
+    def get_secret(self, tenant: str, name: str) -> tuple[bytes, float] | None:
+        """The sealed value and when it was set."""
+        ...
+
+    def delete_secret(self, tenant: str, name: str) -> bool: ...
+
+    def list_secrets(
+        self, tenant: str | None, after: tuple[str, str] | None = None, limit: int = 1000
+    ) -> list[tuple[str, str, bytes, float]]:
+        """(tenant, name, sealed, updated_at) of ``tenant``'s secrets (None: every tenant's, for
+        re-encryption), by tenant then name, after ``after``; at most ``limit``."""
+        ...
+

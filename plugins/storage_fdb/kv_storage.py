@@ -29,7 +29,8 @@ from tenantflow.kernel.model import (
     StepRecord,
     inbox_refusal,
 )
-from tenantflow.plugins.storage_fdb import artifacts, claims, leases, schedules
+from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
+from tenantflow.plugins.storage_fdb import artifacts, claims, leases, schedules, tenantkv
 from tenantflow.plugins.storage_fdb.indexes import delete, reindex
 from tenantflow.plugins.storage_fdb.keys import Keys, pack, part, unpack
 from tenantflow.plugins.storage_fdb.layer import (
@@ -107,6 +108,7 @@ def _change_bytes(ch: Change, root: str = "tenantflow") -> int:
     total += sum(size(e.payload_json) + size(e.type) + 200 for e in ch.add_events)
     return total + sum(size(h.message) + size(h.data_json) + 200 for h in ch.history)
 
+    total += sum(4 * (_KEY_EXTRA + size(ch.tenant) + size(key)) + size(v or "") + 100 for key, v in ch.kv)
 
 def _create_bytes(r: InstanceRecord, root: str) -> int:
     """At least what creating ``r`` costs: its keys are written (mutation and write conflict range)
@@ -521,6 +523,7 @@ class KVStorage:
                             (unread[0][0], unread[0][1]) if unread and unread[0] else None,
                         )
                         for p, ok, reason, seqs, s, *unread in marker["results"]  # unread: newer markers
+                            unread[1] if len(unread) > 1 else "",  # kv_refused: newer markers
                     }  # fmt: skip
                     if marker is not None and marker["batch"] == batch_id
                     else None
@@ -538,8 +541,8 @@ class KVStorage:
             if result.ok or result.reason != f"instance {ch.id!r} does not exist":
                 mine.setdefault(key, []).append((pos, result))
         for (tenant, id), applied in mine.items():
-            rows = [[p, r.ok, r.reason, r.event_seqs, int(r.status) if r.status is not None else None, r.unread]
-                    for p, r in applied]  # fmt: skip
+            rows = [[p, r.ok, r.reason, r.event_seqs, int(r.status) if r.status is not None else None, r.unread,
+                     r.kv_refused] for p, r in applied]  # fmt: skip
             tr.set(self.k.inst(tenant, id, "x"), dumps({"batch": batch_id, "results": rows}))
         return results
 
@@ -573,6 +576,9 @@ class KVStorage:
             return full
         released = self._released(tr, ch)
         consumed_now: set[int] = set()
+        kv_plan = tenantkv.plan(tr, k, t, ch.kv, ch.now, KVQuota(*ch.kv_quota)) if ch.kv else None
+        if isinstance(kv_plan, str):
+            return ApplyResult(False, kv_plan, kv_refused=kv_plan)
         for seq, _ in ch.consume_events:
             exists = tr.get(k.inst(t, i, "v", seq, 0)) is not None
             taken = tr.get(k.inst(t, i, "vc", seq)) is not None and seq not in released
@@ -641,6 +647,8 @@ class KVStorage:
         tr.set(k.inst(t, i, "h"), new.encode())
         reindex(tr, k, t, i, old, new, lease="lease_owner" in values or "lease_until" in values)
         self._history(tr, t, i, history)
+        if kv_plan is not None:
+            tenantkv.apply(tr, k, kv_plan)
         return ApplyResult(True, event_seqs=event_seqs, status=final)
 
     def _inbox_full(self, tr: Txn, ch: Change) -> ApplyResult | None:
@@ -828,3 +836,49 @@ class KVStorage:
 
     def close(self) -> None:
         self.layer.close()
+    # -- a tenant's key-value store and secrets (plugins/storage_fdb/tenantkv.py) ----------------
+    def kv_get(self, tenant: str, key: str) -> KVEntry | None:
+        return self.layer.read(lambda tr: tenantkv.get(tr, self.k, tenant, key))
+
+    def kv_list(
+        self, tenant: str, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[KVEntry], str | None]:
+        return self.layer.read(lambda tr: tenantkv.page(tr, self.k, tenant, prefix, after, limit))
+
+    def kv_usage(self, tenant: str) -> KVUsage:
+        return self.layer.read(lambda tr: tenantkv.usage(tr, self.k, tenant))
+
+    def kv_write(
+        self, tenant: str, writes: Sequence[KVWrite], now: float, quota: KVQuota = NO_QUOTA
+    ) -> list[bool]:
+        def write(tr: Txn) -> list[bool]:
+            plan = tenantkv.plan(tr, self.k, tenant, writes, now, quota)
+            if isinstance(plan, str):
+                raise ResourceExhausted(plan)
+            tenantkv.apply(tr, self.k, plan)
+            return plan.existed
+
+        return self.layer.transact(write)
+
+    def put_secret(self, tenant: str, name: str, sealed: bytes, now: float) -> None:
+        self.layer.transact(lambda tr: tenantkv.put_secret(tr, self.k, tenant, name, sealed, now))
+
+    def get_secret(self, tenant: str, name: str) -> tuple[bytes, float] | None:
+        raw = self.layer.read(lambda tr: tr.get(self.k.glob("S", tenant, name)))
+        return tenantkv.loads_secret(raw) if raw is not None else None
+
+    def delete_secret(self, tenant: str, name: str) -> bool:
+        def delete(tr: Txn) -> bool:
+            key = self.k.glob("S", tenant, name)
+            if tr.get(key) is None:
+                return False
+            tr.clear(key)
+            return True
+
+        return self.layer.transact(delete)
+
+    def list_secrets(
+        self, tenant: str | None, after: tuple[str, str] | None = None, limit: int = 1000
+    ) -> list[tuple[str, str, bytes, float]]:
+        return self.layer.read(lambda tr: tenantkv.list_secrets(tr, self.k, tenant, after, limit))
+

@@ -64,3 +64,19 @@ CREATE TABLE IF NOT EXISTS schedules (
     PRIMARY KEY (tenant, name)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS schedules_due ON schedules (next_fire) WHERE next_fire IS NOT NULL;
+
+-- A tenant's own key-value store (ctx.kv, the KV service) and its usage, kept by the writes.
+CREATE TABLE IF NOT EXISTS kv (
+    tenant TEXT NOT NULL, key TEXT NOT NULL, value_json TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS kv_usage (
+    tenant TEXT NOT NULL PRIMARY KEY, keys INTEGER NOT NULL, bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Tenants' secrets, sealed by the kernel (AES-256-GCM): storage never holds a value in clear.
+CREATE TABLE IF NOT EXISTS secrets (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
+) WITHOUT ROWID;

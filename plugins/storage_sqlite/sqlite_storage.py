@@ -36,7 +36,8 @@ from tenantflow.kernel.model import (
     StepRecord,
     inbox_refusal,
 )
-from tenantflow.plugins.storage_sqlite import schedules
+from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
+from tenantflow.plugins.storage_sqlite import schedules, tenantkv
 
 _INSTANCE_COLUMNS = (
     "tenant, id, workflow, code, runtime, module, params_json, status, output_json, error_name, "
@@ -375,13 +376,19 @@ class SQLiteStorage:
                 if change.after_previous and not main_ok:
                     results.append(ApplyResult(False, SKIPPED))
                     continue
-                # Only a change consuming events can fail after it wrote something (its guards are
-                # checked before any write): only such a change needs a savepoint to roll back to.
-                if not change.consume_events:
+                # Only a change consuming events or writing the tenant's key-value store can fail
+                # after it wrote something (its guards are checked before any write): only such a
+                # change needs a savepoint to roll back to.
+                if not change.consume_events and not change.kv:
                     result = self._apply_plain(conn, change) or self._apply_one(conn, change)
                 else:
                     conn.execute("SAVEPOINT change")
                     result = self._apply_one(conn, change)
+                    if result.ok and change.kv:
+                        _, refused = tenantkv.write(conn, change.tenant, change.kv, change.now,
+                                                    KVQuota(*change.kv_quota))  # fmt: skip
+                        if refused:
+                            result = ApplyResult(False, refused, kv_refused=refused)
                     if not result.ok:
                         conn.execute("ROLLBACK TO change")
                     conn.execute("RELEASE change")
@@ -677,6 +684,52 @@ class SQLiteStorage:
     ) -> list[ScheduleRecord]:
         with self._write() as conn:
             return schedules.claim(conn, owner, now, lease_seconds, limit, per_tenant, skip)
+
+    # -- a tenant's key-value store and secrets (plugins/storage_sqlite/tenantkv.py) -------------
+    def kv_get(self, tenant: str, key: str) -> KVEntry | None:
+        return tenantkv.get(self._reader(), tenant, key)
+
+    def kv_list(
+        self, tenant: str, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[KVEntry], str | None]:
+        return tenantkv.page(self._reader(), tenant, prefix, after, limit)
+
+    def kv_usage(self, tenant: str) -> KVUsage:
+        return tenantkv.usage(self._reader(), tenant)
+
+    def kv_write(
+        self, tenant: str, writes: Sequence[KVWrite], now: float, quota: KVQuota = NO_QUOTA
+    ) -> list[bool]:
+        with self._write() as conn:
+            existed, refused = tenantkv.write(conn, tenant, writes, now, quota)
+            if refused:
+                raise ResourceExhausted(refused)
+        return existed
+
+    def put_secret(self, tenant: str, name: str, sealed: bytes, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO secrets (tenant, name, sealed, updated_at) VALUES (?, ?, ?, ?)",
+                (tenant, name, sealed, now),
+            )
+
+    def get_secret(self, tenant: str, name: str) -> tuple[bytes, float] | None:
+        row = (
+            self._reader()
+            .execute("SELECT sealed, updated_at FROM secrets WHERE tenant = ? AND name = ?", (tenant, name))
+            .fetchone()
+        )
+        return (bytes(row[0]), row[1]) if row else None
+
+    def delete_secret(self, tenant: str, name: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM secrets WHERE tenant = ? AND name = ?", (tenant, name))
+            return cur.rowcount > 0
+
+    def list_secrets(
+        self, tenant: str | None, after: tuple[str, str] | None = None, limit: int = 1000
+    ) -> list[tuple[str, str, bytes, float]]:
+        return tenantkv.list_secrets(self._reader(), tenant, after, limit)
 
     def close(self) -> None:
         with self._lock:
