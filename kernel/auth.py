@@ -19,6 +19,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,11 @@ class Grant:
                 raise PermissionDenied(
                     f"token {self.name or '(unnamed)'!r} may not act for tenant {tenant!r}"
                 )
+
+
+# The grant of the call being served (None on a kernel without --auth-tokens), set by the server's
+# Gate as it admits each call: what an RPC naming no tenant (Tenants.List) filters by.
+CALLER: ContextVar[Grant | None] = ContextVar("tenantflow_caller", default=None)
 
 
 class Tokens:

@@ -171,6 +171,18 @@ def _cmd_code_list(args: argparse.Namespace) -> None:
         print(f"\nmore: --page-token {page.next_page_token}")
 
 
+def _cmd_tenants(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        page = client.list_tenants(args.prefix or "", page_size=args.limit, page_token=args.page_token or "")
+    if args.json:
+        print(as_json(page))
+        return
+    rows = [[t.tenant, t.instances, t.live, t.schedules, t.code_versions] for t in page.tenants]
+    print(table(rows, ["tenant", "instances", "live", "schedules", "code versions"]))
+    if page.next_page_token:
+        print(f"\nmore: --page-token {page.next_page_token}")
+
+
 def _cmd_send_event(args: argparse.Namespace) -> None:
     with _client(args) as client:
         seq = client.send_event(args.tenant, args.id, args.type, args.payload)
@@ -261,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=lambda args: print(completion_script(p, args.shell)))
 
     def client_parser(
-        name: str, help: str, within: Any = None, *, json_output: bool = False
+        name: str, help: str, within: Any = None, *, json_output: bool = False, tenant: bool = True
     ) -> argparse.ArgumentParser:
         c = (within or sub).add_parser(name, help=help, description=help)
         c.add_argument(
@@ -280,7 +292,8 @@ def parser() -> argparse.ArgumentParser:
             default=os.environ.get("TENANTFLOW_TLS_CA", ""),
             help="connect with TLS, trusting this PEM CA file (default $TENANTFLOW_TLS_CA)",
         )
-        c.add_argument("--tenant", required=True, help="the tenant to act for")
+        if tenant:
+            c.add_argument("--tenant", required=True, help="the tenant to act for")
         if json_output:
             c.add_argument(
                 "--json", action="store_true", help="print the answer as JSON (the API's field names)"
@@ -392,6 +405,16 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--page-token", help="the page to show, as the previous page printed it")
     c.set_defaults(func=_cmd_list)
+    c = client_parser(
+        "tenants", "list the tenants this token may see (the kernel runs with --list-tenants)", json_output=True,
+        tenant=False,
+    )  # fmt: skip
+    c.add_argument("--prefix", help="only tenants whose name starts with it")
+    c.add_argument(
+        "--limit", type=COUNT_OR_ZERO, default=50, help="tenants per page, at most 1000 (default 50)"
+    )
+    c.add_argument("--page-token", help="the page to show, as the previous page printed it")
+    c.set_defaults(func=_cmd_tenants)
     c = client_parser("send-event", "send an event to an instance")
     instance_id(c)
     c.add_argument("type", help="the event type a step waits for, e.g. deploy-approval")

@@ -118,6 +118,8 @@ class KernelConfig:
     metrics_tenant_labels: int = 0  # tenants with a metrics label of their own, the most active (0: none)
     log_format: str = "text"  # or "json": one object per line
     otel: bool = False  # OpenTelemetry traces (also on when OTEL_* variables configure an exporter)
+    # Tenants.List answers (else FAILED_PRECONDITION): a tenant's name is itself information
+    list_tenants: bool = False
 
     def __post_init__(self) -> None:
         # A guest message must have room for the largest output it may carry.

@@ -162,6 +162,17 @@ class ArtifactVersion:
 
 
 @dataclass
+class TenantSummary:
+    """A tenant as the operator's listing shows it (``Tenants.List``)."""
+
+    tenant: str
+    instances: int = 0  # every instance it has, ended ones included
+    live: int = 0  # not yet complete, errored or terminated
+    schedules: int = 0
+    code_versions: int = 0  # published (name, digest) pairs
+
+
+@dataclass
 class Change:
     """An atomic, guarded update of one instance. Storage applies a batch of these in one commit.
 

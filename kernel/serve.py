@@ -83,6 +83,7 @@ async def serve(args: argparse.Namespace) -> None:
         metrics_tenant_labels=args.metrics_tenant_labels,
         log_format=args.log_format,
         otel=args.otel,
+        list_tenants=args.list_tenants,
     )
     tokens = None
     if args.auth_tokens:
@@ -233,6 +234,11 @@ def add_serve_parser(sub: Any) -> None:
         "--ui",
         action="store_true",
         help="also serve the browser console at / on the --http-listen port (a client of the HTTP API)",
+    )
+    s.add_argument(
+        "--list-tenants",
+        action="store_true",
+        help="answer Tenants.List (the console's tenant picker): each token sees the tenants it may act for",
     )
     s.add_argument("--storage", help="storage URL (default sqlite:///<data-dir>/tenantflow.sqlite3)")
     s.add_argument("--data-dir", help="default $TENANTFLOW_DATA_DIR or ~/.local/share/tenantflow")

@@ -18,10 +18,11 @@ from grpc_reflection.v1alpha import reflection
 
 from tenantflow.kernel import children, codelist, errors, metrics, rollback, schedules, upgrade
 from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFlight
-from tenantflow.kernel.auth import Tokens
+from tenantflow.kernel.auth import CALLER, Tokens
 from tenantflow.kernel.code import artifact_ref
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, ExportedHistory, Kernel, ListFilters
+from tenantflow.kernel.tenantlist import list_tenants
 from tenantflow.kernel.validate import check_tenant, check_workflow
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tenantflow.v1 import tenantflow_pb2_grpc as pb_grpc
@@ -137,6 +138,8 @@ def status_message(exc: errors.TenantflowError) -> str:
 
 def _tenants(request: Any) -> list[str]:
     """The tenants a decoded request acts for."""
+    if isinstance(request, pb.ListTenantsRequest):  # names none: filtered by the caller's grant
+        return []
     if isinstance(request, pb.CreateBatchRequest):
         return sorted({r.tenant for r in request.requests})
     return [request.tenant]
@@ -226,6 +229,7 @@ class Gate:
         if self.tokens is not None:  # from metadata: a stranger's body is never read
             key, grant = self.tokens.authenticate(caller.metadata())
             held.enter_context(budgets.per_token.hold(key, repr(grant.name or "(unnamed)")))
+        CALLER.set(grant)
         peer = caller.peer()
         held.enter_context(budgets.per_peer.hold(peer, peer))
         declared = caller.declared_size()
@@ -585,6 +589,24 @@ class SchedulesServicer(pb_grpc.SchedulesServicer):
         return pb.DeleteResponse()
 
 
+class TenantsServicer(pb_grpc.TenantsServicer):
+    """``tenantflow.v1.Tenants``."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+
+    async def List(self, request: pb.ListTenantsRequest, context: Any) -> pb.ListTenantsResponse:
+        found, token = await list_tenants(
+            self.k.storage, self.k.config.list_tenants, CALLER.get(), request.prefix, request.page_size,
+            request.page_token,
+        )  # fmt: skip
+        return pb.ListTenantsResponse(
+            tenants=[pb.TenantSummary(tenant=t.tenant, instances=t.instances, live=t.live, schedules=t.schedules,
+                                      code_versions=t.code_versions) for t in found],
+            next_page_token=token,
+        )  # fmt: skip
+
+
 def _unary(gate: Gate, method: str, message: Any, behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async with gate.call(method, message, context) as rpc:
@@ -627,7 +649,7 @@ def servicers(kernel: Kernel) -> dict[str, Any]:
     """The tenantflow.v1 servicers by service name; one set per kernel serves both transports, so
     they share its response budget."""
     return {"Workflows": WorkflowsServicer(kernel), "Code": CodeServicer(kernel),
-            "Schedules": SchedulesServicer(kernel)}  # fmt: skip
+            "Schedules": SchedulesServicer(kernel), "Tenants": TenantsServicer(kernel)}  # fmt: skip
 
 
 def new_gate(kernel: Kernel, budgets: Budgets, tokens: Tokens | None) -> Gate:
@@ -659,7 +681,9 @@ async def create_server(
         _add_service(server, name, servicer, gate)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code", "Schedules")]
+    names = [
+        pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code", "Schedules", "Tenants")
+    ]
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

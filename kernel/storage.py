@@ -8,7 +8,7 @@ instance, and it commits a whole batch atomically (the kernel's group commit).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from tenantflow.kernel.model import (
@@ -22,6 +22,7 @@ from tenantflow.kernel.model import (
     ScheduleRecord,
     Status,
     StepRecord,
+    TenantSummary,
 )
 
 from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
@@ -163,6 +164,17 @@ class Storage(Protocol):
     def count_by_status(self) -> dict[Status, int]:
         """How many instances have each status, across tenants (for metrics; may scan, so the
         kernel calls it at most every few seconds). Statuses with none may be left out."""
+        ...
+
+    def list_tenants(
+        self, prefix: str, cursor: str | None, limit: int, keep: Callable[[str], bool] | None = None
+    ) -> tuple[list[TenantSummary], str | None]:
+        """Tenants with at least one instance, schedule or published code version, in name order:
+        those whose name starts with ``prefix``, after ``cursor`` (a tenant name), that ``keep``
+        accepts (asked before any of a tenant's counts is read), with their counts. Returns the
+        page and the cursor of the next page (None on the last); an engine that skips many tenants
+        may return a short (even empty) page with a cursor, so callers page until it is None.
+        Each engine's docstring says what a page costs (an operator's listing, not a hot path)."""
         ...
 
     # -- schedules: every write but create and delete is a compare-and-set on ``version`` ----------

@@ -124,6 +124,7 @@ class Client:
         self.workflows = pb_grpc.WorkflowsStub(channel)
         self.code = pb_grpc.CodeStub(channel)
         self.schedules = pb_grpc.SchedulesStub(channel)
+        self.tenants = pb_grpc.TenantsStub(channel)
 
     def __enter__(self) -> Client:
         return self
@@ -176,6 +177,15 @@ class Client:
             token = page.next_page_token
             if not token:
                 return
+
+    # -- tenants (an operator's listing: the kernel must run with --list-tenants) --------------------
+    def list_tenants(
+        self, prefix: str = "", page_size: int = 0, page_token: str = ""
+    ) -> pb.ListTenantsResponse:
+        """A page of the tenants this token may see (names starting with ``prefix``), by name, with
+        their counts; FAILED_PRECONDITION unless the kernel runs with ``--list-tenants``."""
+        request = pb.ListTenantsRequest(prefix=prefix, page_size=page_size, page_token=page_token)
+        return self._call(self.tenants.List, request)  # type: ignore[no-any-return]
 
     # -- instances ------------------------------------------------------------------------------------
     def create(

@@ -41,7 +41,7 @@ def list_versions(
     layer: Layer, k: Keys, tenant: str, name: str | None, cursor: str | None, limit: int
 ) -> tuple[list[ArtifactVersion], str | None]:
     if layer.read(lambda tr: tr.get(k.tenant(tenant, "avi"))) is None:
-        _index_older(layer, k, tenant)
+        index_older(layer, k, tenant)
     index: tuple[Any, ...] = ("av",) if name is None else ("an", name)
     begin = k.tenant_range(tenant, *index)[0]
     end = k.tenant(tenant, *index, int(cursor)) if cursor else k.tenant_range(tenant, *index)[1]
@@ -63,7 +63,7 @@ def list_versions(
     return [v for _, v in page], (str(page[-1][0]) if len(rows) > limit else None)
 
 
-def _index_older(layer: Layer, k: Keys, tenant: str) -> None:
+def index_older(layer: Layer, k: Keys, tenant: str) -> None:
     """Index the versions published before the index, oldest lowest, below every pseq given."""
     older: list[tuple[float, str, str]] = []  # (first published, name, digest) without a pointer
     after = k.tenant_range(tenant, "a")[0]

@@ -19,8 +19,12 @@ def reindex(
     claim's: renewals move only the lease keys, see :mod:`.leases`)."""
     if old is None and new is not None:
         tr.set(k.tenant(tenant, "l", new.cseq), id.encode())
+        tr.add(k.tenant(tenant, "ni"), 1)  # the tenant's instances (plugins/storage_fdb/tenants.py)
+        if new.cseq == 1:  # its first instance: "ni" counts them all
+            tr.set(k.tenant(tenant, "nc"), b"")
     if new is None and old is not None:
         tr.clear(k.tenant(tenant, "l", old.cseq))
+        tr.add(k.tenant(tenant, "ni"), -1)
     shard = k.shard(tenant, id)
     if old is None or new is None or old.status != new.status:
         if old is not None:

@@ -13,6 +13,7 @@ Tenant first, so a tenant's data is one key range. Under the root subspace ``R``
 ``R "T" tenant "c"``          last cseq; ``"live"`` instances not ended (atomic counter); ``"lr"``
                              ended instances run again; ``"kn"`` leases taken (atomic counters
                              whose writes a create under a limit or a capped claim conflicts with)
+``R "T" tenant "ni"``         instances (atomic counter; ``"nc"``: it counts them all, see tenants.py)
 ``R "T" tenant "q" run_at id`` runnable queue (due); ``"k" id`` leases (value: lease_until)
 ``R "T" tenant "a" name ...`` artifacts: ``"m" digest`` meta, ``"f" digest n`` files, ``"latest"``
 ``R "t" run_at tenant id``    timers not yet due, ordered by due time (moved to ``q`` when due)

@@ -27,6 +27,7 @@ from tenantflow.kernel.model import (
     ScheduleRecord,
     Status,
     StepRecord,
+    TenantSummary,
     inbox_refusal,
 )
 from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
@@ -56,6 +57,7 @@ from tenantflow.plugins.storage_fdb.records import (
     size,
     step_json,
 )
+from tenantflow.plugins.storage_fdb.tenants import list_page as list_tenant_page
 
 _SETTABLE = frozenset(
     {"status", "output_json", "error_name", "error_message", "error_traceback", "run_at", "lease_owner",
@@ -793,6 +795,11 @@ class KVStorage:
             count, more = self._once(lambda tr, p=page: purge(tr, p))  # type: ignore[misc]
             total += count
         return total
+
+    def list_tenants(
+        self, prefix: str, cursor: str | None, limit: int, keep: Callable[[str], bool] | None = None
+    ) -> tuple[list[TenantSummary], str | None]:
+        return list_tenant_page(self.layer, self.k, prefix, cursor, limit, keep)
 
     def next_run_at(self) -> float | None:
         return self.layer.read(lambda tr: claims.next_run_at(tr, self.k, self._cursor))

@@ -34,10 +34,12 @@ from tenantflow.kernel.model import (
     ScheduleRecord,
     Status,
     StepRecord,
+    TenantSummary,
     inbox_refusal,
 )
 from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
 from tenantflow.plugins.storage_sqlite import schedules, tenantkv
+from tenantflow.plugins.storage_sqlite.tenants import list_page as list_tenant_page
 
 _INSTANCE_COLUMNS = (
     "tenant, id, workflow, code, runtime, module, params_json, status, output_json, error_name, "
@@ -639,6 +641,11 @@ class SQLiteStorage:
                 (before, limit),
             ).fetchall()
             return _delete(conn, keys)
+
+    def list_tenants(
+        self, prefix: str, cursor: str | None, limit: int, keep: Callable[[str], bool] | None = None
+    ) -> tuple[list[TenantSummary], str | None]:
+        return list_tenant_page(self._reader(), prefix, cursor, limit, keep)
 
     def next_run_at(self) -> float | None:
         row = (

@@ -171,6 +171,8 @@ def test_every_rpc_of_the_proto_answers_over_http(open_kernel: KernelProcess) ->
     assert ok("Schedules/Pause", ref)["paused"] is True
     assert "paused" not in ok("Schedules/Resume", ref)  # false is left out in protobuf JSON
     assert ok("Schedules/Delete", ref) == {}
+    assert post(url, "Tenants/List", {})[1]["code"] == "failed_precondition"  # no --list-tenants
+    called.add("Tenants/List")
 
     every = {f"{s.name}/{m.name}" for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
     assert called == every  # a new RPC in the proto must be driven here too

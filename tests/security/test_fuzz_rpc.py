@@ -81,10 +81,12 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "Schedules.Pause": LOOKUP,
     "Schedules.Resume": LOOKUP,
     "Schedules.Delete": LOOKUP,
+    # off unless --list-tenants (the fuzz kernel runs with it); any prefix or token is only a position
+    "Tenants.List": {Code.OK, Code.INVALID_ARGUMENT},
 }
 REQUEST: dict[str, type[Message]] = {
     f"{service}.{m.name}": getattr(pb, m.input_type.name)
-    for service in ("Workflows", "Code", "Schedules")
+    for service in ("Workflows", "Code", "Schedules", "Tenants")
     for m in pb.DESCRIPTOR.services_by_name[service].methods
 }
 
@@ -285,6 +287,15 @@ def strategies(ref: str, ids: list[str], steps: list[str]) -> dict[str, st.Searc
                 "page_size": int32,
                 "page_token": st.text(max_size=30),
             },
+        ),
+        "Tenants.List": requests(
+            pb.ListTenantsRequest,
+            {
+                "prefix": st.sampled_from(["", TENANT[:3], "zz"]),
+                "page_size": st.integers(0, 1000),
+                "page_token": st.sampled_from(["", TENANT]),
+            },
+            {"prefix": texts([TENANT[:3]]), "page_size": int32, "page_token": texts([TENANT])},
         ),
         "Code.Publish": requests(
             pb.PublishRequest,
@@ -524,7 +535,7 @@ def fuzz_settings(examples: int) -> settings:
 
 @pytest.fixture(scope="module")
 def fuzz_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
-    k = KernelProcess(tmp_path_factory.mktemp("fuzz-kernel"), TEST_LIMITS)
+    k = KernelProcess(tmp_path_factory.mktemp("fuzz-kernel"), [*TEST_LIMITS, "--list-tenants"])
     k.start()
     yield k
     k.stop()
