@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-stock lint typecheck unit proto-check runtimes node-deps bench loadtest figures clean
+.PHONY: demo test test-stock lint typecheck unit conformance proto-check runtimes node-deps bench loadtest figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP) lint typecheck proto-check runtimes node-deps unit docs
+test: $(STAMP) lint typecheck proto-check runtimes node-deps unit conformance docs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -50,16 +50,25 @@ node-deps:
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q $(TESTS)
 
+# The plugin contracts' suites as they ship (tenantflow.conformance), run on the built-in plugins
+# exactly as a plugin author runs them on theirs.
+SUITES ?= --tenantflow-storage sqlite --tenantflow-storage kv+lmdb --tenantflow-storage fdb \
+	--tenantflow-runtime python --tenantflow-runtime python-wasm --tenantflow-runtime wasm \
+	--tenantflow-loader artifact --tenantflow-loader git+file
+conformance: $(STAMP)
+	$(PY) -m pytest -q -p tenantflow.conformance.plugin --pyargs tenantflow.conformance $(SUITES)
+
 # The configuration a stock machine has, tested too: a venv of a world-readable system Python (e.g.
 # Debian's /usr/bin/python3), running every test whose outcome depends on the uid tenant code runs
 # as and on what that uid may reach (the attacks, the sandbox's own tests, the sandbox conformance
 # suite and each test that grants tenant code a directory).
 STOCK_PYTHON ?= /usr/bin/python3
 STOCK_VENV ?= build/venv-stock
-UID_TESTS := tests/security tests/plugins/sandbox_subprocess tests/conformance/test_sandbox_conformance.py \
+UID_TESTS := tests/security tests/plugins/sandbox_subprocess \
 	tests/kernel/test_durability.py tests/kernel/test_multinode.py tests/plugins/storage_fdb/test_kernel_on_lmdb.py
+UID_SUITES := --tenantflow-runtime python --tenantflow-runtime python-wasm --tenantflow-runtime wasm
 test-stock:
-	$(MAKE) PYTHON=$(STOCK_PYTHON) VENV=$(STOCK_VENV) runtimes unit TESTS="$(UID_TESTS)"
+	$(MAKE) PYTHON=$(STOCK_PYTHON) VENV=$(STOCK_VENV) runtimes unit conformance TESTS="$(UID_TESTS)" SUITES="$(UID_SUITES)"
 
 # The API reference of the client and the tenant SDK, from their docstrings (fails on a missing one).
 docs: $(STAMP)

@@ -13,6 +13,7 @@ cp -rs "$PWD/plugins" "$view/plugins"
 cp -rs "$PWD/clients/python" "$view/client"
 cp -rs "$PWD/clients/workflow" "$view/workflow"
 cp -rs "$PWD/clients/testing" "$view/testing"
+cp -rs "$PWD/clients/conformance" "$view/conformance"
 find "$view" -name __pycache__ -prune -exec rm -rf {} +
 MYPYPATH=build/typecheck "${MYPY:-.venv/bin/mypy}" -p tenantflow.kernel -p tenantflow.plugins \
-  -p tenantflow.client -p tenantflow.workflow -p tenantflow.testing "$@"
+  -p tenantflow.client -p tenantflow.workflow -p tenantflow.testing -p tenantflow.conformance "$@"

@@ -1,5 +1,5 @@
 /* The conformance workflows in C: the same behaviour as the Python ones in
- * tests/conformance/test_sandbox_conformance.py, for the raw `wasm` runtime.
+ * clients/conformance/test_sandbox.py, for the raw `wasm` runtime.
  *
  * Build (offline, with the ziglang package from PyPI):
  *   python -m ziglang cc -target wasm32-freestanding -O2 -nostdlib -Wl,--no-entry \

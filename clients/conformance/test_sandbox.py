@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,13 @@ from typing import Any
 import pytest
 
 from tenantflow.client import Client, TenantflowRpcError
+from tenantflow.conformance.kernel import TEST_LIMITS, KernelProcess
 from tenantflow.v1 import tenantflow_pb2 as pb
-from tests.conftest import TEST_LIMITS, KernelProcess
-from tests.helpers import source
 
-RUNTIMES = ["python", "python-wasm", "wasm"]
 ROOT = Path(__file__).resolve().parents[2]
 C_EXAMPLE = ROOT / "examples" / "wasm" / "c" / "workflows.c"
 
-WORKFLOWS = source("""
+WORKFLOWS = textwrap.dedent("""
     import asyncio
     import json
     import os
@@ -164,7 +163,7 @@ WORKFLOWS = source("""
     class ReadGlobal(WorkflowEntrypoint):
         def run(self, event, step):
             return getattr(json, "tenantflow_secret", None)
-""")
+""").lstrip()
 
 NETWORK_WAT = """
 (module
@@ -182,11 +181,6 @@ def c_module(tmp_path_factory: pytest.TempPathFactory) -> bytes:
            "-Wl,--no-entry", "-o", str(out), str(C_EXAMPLE)]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=C_EXAMPLE.parent, timeout=300)
     return out.read_bytes()
-
-
-@pytest.fixture(params=RUNTIMES)
-def runtime(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from tenantflow.client import Client, TenantflowRpcError
+from tenantflow.conformance.kernel import TEST_LIMITS, KernelProcess
 from tenantflow.v1 import tenantflow_pb2 as pb
-from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.plugins.loader_git.gitrepo import GitRepo, workflow
 
 NOT_FOUND, INVALID = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
@@ -68,9 +68,9 @@ def lclient(loader_kernel: KernelProcess) -> Iterator[Client]:
         yield c
 
 
-@pytest.fixture(params=["artifact", "git"])
-def src(request: pytest.FixtureRequest, tenant: str, git_root: Path) -> Source:
-    if request.param == "artifact":
+@pytest.fixture
+def src(loader_scheme: str, tenant: str, git_root: Path) -> Source:
+    if loader_scheme == "artifact":
         return Source("artifact", tenant, git_root, bad=[
             (f"artifact://{tenant}/nope", NOT_FOUND, "'nope' was never published"),
             (f"artifact://{tenant}/wf@sha256:{'0' * 64}", NOT_FOUND, f"sha256:{'0' * 64}"),
