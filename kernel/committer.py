@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from tenantflow.kernel import metrics
-from tenantflow.kernel.errors import Conflict, Unavailable
+from tenantflow.kernel.errors import Conflict, ResourceExhausted, Unavailable
 from tenantflow.kernel.model import ApplyResult, Change
 from tenantflow.kernel.storage import Storage
 
@@ -126,6 +126,8 @@ class Committer:
         if its guard failed."""
         result = await self.submit(change, riders)
         if not result.ok:
+            if result.kv_refused:  # not a lost race: the tenant's key-value quota
+                raise ResourceExhausted(result.kv_refused)
             raise Conflict(result.reason)
         return result
 

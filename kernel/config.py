@@ -118,6 +118,14 @@ class KernelConfig:
     metrics_tenant_labels: int = 0  # tenants with a metrics label of their own, the most active (0: none)
     log_format: str = "text"  # or "json": one object per line
     otel: bool = False  # OpenTelemetry traces (also on when OTEL_* variables configure an exporter)
+    # A tenant's own key-value store (ctx.kv, the KV service): per-tenant quotas (0: none), the largest
+    # value, and what one step attempt may write (sent with its result) and read (round trips).
+    kv_max_keys: int = 100_000
+    kv_max_bytes: int = 256 * 1024 * 1024
+    kv_max_value_bytes: int = 64 * 1024
+    kv_max_writes_per_step: int = 1000
+    kv_max_reads_per_step: int = 10_000
+    secrets_key_file: str = ""  # AES-256-GCM keys sealing tenants' secrets ("": Secrets.Put refused)
     # Tenants.List answers (else FAILED_PRECONDITION): a tenant's name is itself information
     list_tenants: bool = False
 

@@ -28,7 +28,7 @@ from typing import Any
 from tenantflow.kernel import metrics
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
-from tenantflow.kernel.errors import Conflict
+from tenantflow.kernel.errors import Conflict, ResourceExhausted
 from tenantflow.kernel.model import (
     TERMINAL,
     Change,
@@ -63,6 +63,7 @@ class Flight:
     policy: dict[str, Any]
     timeout: float  # the policy's, or the kernel's ceiling if that is lower
     started: float
+    reads: int = 0  # ctx.kv and ctx.secrets reads answered (kernel/stepreach.py)
 
 
 def foldable(change: Change, into: Change | None = None) -> bool:
@@ -71,7 +72,7 @@ def foldable(change: Change, into: Change | None = None) -> bool:
     would have committed on its own in the same transaction."""
     if change.expect_status or change.consume_events or change.add_events or change.bump_generation:
         return False
-    if change.delete_steps_from is not None:
+    if change.delete_steps_from is not None or change.kv:  # kv: may be refused by the tenant's quota
         return False
     if into is None:
         return True
@@ -147,6 +148,31 @@ class Journal:
         self._pending: list[Change] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._claimed: set[int] = set()  # inbox events a step of this run has taken to consume
+        self._secrets: set[str] = set()  # secret values given to this run's attempts (redacted)
+
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
+    def remember_secret(self, value: str) -> None:
+        """A secret value given to an attempt: from now on redacted from what the guest sends."""
+        if value:
+            self._secrets.add(value)
+
+    def redact(self, value: Any) -> Any:
+        """``value`` (text, or JSON-like data) with every secret value given to this run replaced
+        by ``***``, longest first (so a secret holding another is hidden whole)."""
+        if not self._secrets:
+            return value
+        if isinstance(value, str):
+            for secret in sorted(self._secrets, key=len, reverse=True):
+                value = value.replace(secret, "***")
+            return value
+        if isinstance(value, list):
+            return [self.redact(v) for v in value]
+        if isinstance(value, dict):
+            return {self.redact(k): self.redact(v) for k, v in value.items()}
+        return value
 
     # -- reading ------------------------------------------------------------------------------------
     async def load(self, fresh: bool = False) -> None:
@@ -266,6 +292,8 @@ class Journal:
         riders, self.riders = self.riders, []
         try:
             result = await self._committer.commit(change, riders)
+        except ResourceExhausted:
+            raise  # the tenant's key-value quota refused the change: the step kind decides
         except Conflict as exc:
             self.aborted = self.aborted or str(exc)
             raise Stop(str(exc)) from None

@@ -78,6 +78,12 @@ async def serve(args: argparse.Namespace) -> None:
         tenant_log_lines_per_second=args.tenant_log_lines_rate,
         tenant_log_bytes_per_second=args.tenant_log_kib_rate * 1024,
         log_flood_factor=args.log_flood_factor,
+        kv_max_keys=args.kv_max_keys,
+        kv_max_bytes=int(args.kv_max_mb * 1024 * 1024),
+        kv_max_value_bytes=int(args.kv_max_value_kb * 1024),
+        kv_max_writes_per_step=args.kv_max_writes_per_step,
+        kv_max_reads_per_step=args.kv_max_reads_per_step,
+        secrets_key_file=str(Path(args.secrets_key).resolve()) if args.secrets_key else "",
         unsafe_allow_weak_sandbox=args.unsafe_allow_weak_sandbox,
         metrics_listen=args.metrics_listen or "",
         metrics_tenant_labels=args.metrics_tenant_labels,
@@ -85,6 +91,13 @@ async def serve(args: argparse.Namespace) -> None:
         otel=args.otel,
         list_tenants=args.list_tenants,
     )
+    if config.secrets_key_file:
+        from tenantflow.kernel.secretbox import SecretKeyError, load
+
+        try:
+            load(config.secrets_key_file)
+        except SecretKeyError as exc:
+            raise SystemExit(f"error: --secrets-key: {exc}") from None
     tokens = None
     if args.auth_tokens:
         try:
@@ -420,6 +433,39 @@ def add_serve_parser(sub: Any) -> None:
         type=POSITIVE,
         default=10.0,
         help="stop a wake-up that sends this many times its per-wake-up log budget (lines or bytes)",
+    )
+    s.add_argument(
+        "--kv-max-keys",
+        type=COUNT_OR_ZERO,
+        default=100_000,
+        help="keys one tenant may keep in its key-value store (ctx.kv, the KV service; 0: no limit)",
+    )
+    s.add_argument(
+        "--kv-max-mb",
+        type=AMOUNT_OR_ZERO,
+        default=256.0,
+        help="MiB (keys and values) one tenant may keep in its key-value store (0: no limit)",
+    )
+    s.add_argument(
+        "--kv-max-value-kb", type=POSITIVE, default=64.0, help="the largest key-value value, in KiB of JSON"
+    )
+    s.add_argument(
+        "--kv-max-writes-per-step",
+        type=COUNT,
+        default=1000,
+        help="keys one step attempt may write (sent and committed with its result)",
+    )
+    s.add_argument(
+        "--kv-max-reads-per-step",
+        type=COUNT,
+        default=10_000,
+        help="ctx.kv and ctx.secrets reads one step attempt may make (each a round trip to the kernel)",
+    )
+    s.add_argument(
+        "--secrets-key",
+        metavar="FILE",
+        help="seal tenants' secrets with the AES-256-GCM keys in FILE (base64, one a line: the first seals, "
+        "all open; see `tenantflow secrets new-key`). Without it Secrets.Put is refused",
     )
     s.add_argument(
         "--retention-days",

@@ -15,10 +15,12 @@ import json
 import math
 from typing import Any
 
-from tenantflow.kernel import metrics
+from tenantflow.kernel import metrics, stepreach
+from tenantflow.kernel.errors import ResourceExhausted
 from tenantflow.kernel.guestdata import _error, _not_json, _strict_json, _valid_text, iso, retry_delay
 from tenantflow.kernel.journal import RESERVED_EVENT_PREFIX, Flight, Journal
 from tenantflow.kernel.model import HistoryEntry, Status, StepRecord
+from tenantflow.kernel.tenantkv import KVWrite
 
 WALL_GRACE_SECONDS = 5.0  # after a step that outlasted the wake-up's wall-clock limit
 MIB = 1024 * 1024
@@ -126,13 +128,12 @@ async def result(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
         elif state_error := state_full(journal, len(output)):
             error = state_error
         else:
-            step.status, step.output_json, step.updated_at = "complete", output, journal.now()
-            step.error_name = step.error_message = step.error_traceback = ""
-            entry = journal.history("step_completed", step, attempt=step.attempts)
-            journal.state_bytes += len(output)  # before the commit: parallel steps count each other
-            await journal.commit(journal.change(steps=[step], history=[entry]))
-            metrics.attempt_succeeded(journal, step)
-            return {"do": "return", "value": m.get("value")}
+            kv, refused = stepreach.writes(journal, m.get("kv"))
+            refused = refused or await _complete(journal, step, output, kv)
+            if refused is None:
+                metrics.attempt_succeeded(journal, step)
+                return {"do": "return", "value": m.get("value")}
+            error = refused
         retryable = False
     elif m["ok"] is True:
         error, retryable = _not_json("the step returned"), False
@@ -151,6 +152,28 @@ async def result(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
         return start_attempt(journal, step, flight.policy)
     journal.wakes.append(step.wake_at)
     return suspend_for_pause(journal) if journal.pause_requested else {"do": "suspend"}
+
+
+async def _complete(
+    journal: Journal, step: StepRecord, output: str, kv: list[KVWrite]
+) -> dict[str, str] | None:
+    """Record ``step`` complete with ``output``, its key-value writes in the same transaction; the
+    KVQuotaExceeded error (nothing recorded) if the tenant's quota refused them."""
+    done = dataclasses.replace(step, status="complete", output_json=output, updated_at=journal.now(),
+                               error_name="", error_message="", error_traceback="")  # fmt: skip
+    entry = journal.history("step_completed", done, attempt=done.attempts)
+    config = journal.config
+    change = journal.change(steps=[done], history=[entry], kv=kv,
+                            kv_quota=(config.kv_max_keys, config.kv_max_bytes))  # fmt: skip
+    journal.state_bytes += len(output)  # before the commit: parallel steps count each other
+    try:
+        await journal.commit(change)
+    except ResourceExhausted as exc:
+        journal.state_bytes -= len(output)
+        return {"name": "KVQuotaExceeded", "message": str(exc)}
+    step.status, step.output_json, step.updated_at = done.status, output, done.updated_at
+    step.error_name = step.error_message = step.error_traceback = ""
+    return None
 
 
 def state_full(journal: Journal, adding: int) -> dict[str, str] | None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tenantflow.kernel import children, metrics, rollback, stepkinds
+from tenantflow.kernel import children, metrics, rollback, stepkinds, stepreach
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -133,6 +133,8 @@ class WakeUp:
                       "timestamp": iso(rec.created_at)},
             "journal": journal.guest_journal(),
             "ahead": not journal.pause_requested and not self.replay,  # new steps may run ahead of their grant (see the runtime)
+            "kv_limits": {"max_value_bytes": self.config.kv_max_value_bytes,
+                          "max_writes": self.config.kv_max_writes_per_step, "max_list": stepreach.MAX_LIST},
         }  # fmt: skip
         rollback.prepare(journal, job)
         self.sandbox_task = asyncio.create_task(sandbox.run(job, self, self.config.limits))
@@ -221,7 +223,8 @@ class WakeUp:
         journal = self.journal
         if message.get("op") != "log" or journal.aborted:
             return
-        journal.submit(journal.change(history=[journal.history("log", message=_text(message.get("line", ""), 8192),
+        line = journal.redact(_text(message.get("line", ""), 8192))  # a secret a step printed
+        journal.submit(journal.change(history=[journal.history("log", message=line,
             data_json=json.dumps({"stream": _text(message.get("stream", "stdout"), 16)}))]))  # fmt: skip
 
     def _flooded(self, reason: str) -> None:
@@ -238,7 +241,13 @@ class WakeUp:
         if journal.aborted:
             raise Stop(journal.aborted)
         op = message.get("op")
+        if op in ("result", "finish", "rolled_back"):  # no secret value given to a step goes back out
+            message = journal.redact(message)
         try:
+            if op == "kv":
+                return await stepreach.kv(journal, message)
+            if op == "secret":
+                return await stepreach.secret(journal, message)
             if op == "step":
                 return await self._step(message)
             if op == "result":

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypedDict
+
+from tenantflow.workflow import _tools
 
 Duration = int | float | str | _dt.timedelta
 
@@ -73,11 +75,15 @@ class RollbackConfig(TypedDict, total=False):
 class StepContext:
     """Passed to a step callback that takes one argument: the step's ``name`` (also ``step``),
     ``attempt`` (1 for the first try) and ``count`` (1 for the first step of this name, 2 for the
-    second...)."""
+    second...); ``kv``, the tenant's own key-value store (writes commit with the step's result), and
+    ``secrets``, the tenant's secrets by name (``ctx.secrets["API_TOKEN"]``). Both work only while
+    the callback runs."""
 
     step: str
     attempt: int
     count: int = 1
+    kv: Any = field(default_factory=lambda: _tools.Unavailable("kv"), compare=False, repr=False)
+    secrets: Any = field(default_factory=lambda: _tools.Unavailable("secrets"), compare=False, repr=False)
 
     @property
     def name(self) -> str:

@@ -8,6 +8,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from tenantflow.workflow import _tools
 from tenantflow.workflow._api import StepContext
 from tenantflow.workflow._loop import GuestLoop
 
@@ -17,7 +18,8 @@ def invoke(fn: Callable[..., Any], key: str, attempt: int) -> Any:
     name, count = (name, int(occurrence) + 1) if occurrence.isdecimal() else (key, 1)
     if not callable(fn):
         raise TypeError(f"step {name!r}: expected a callable, got {type(fn).__name__}")
-    return fn(StepContext(name, attempt, count)) if wants_context(fn) else fn()
+    kv, secrets = _tools.begin(key, attempt)  # closed by the attempt's outcome (Core.outcome)
+    return fn(StepContext(name, attempt, count, kv, secrets)) if wants_context(fn) else fn()
 
 
 def wants_context(fn: Callable[..., Any]) -> bool:

@@ -37,7 +37,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Protocol, TypeGuard
 
-from tenantflow.workflow import _compose
+from tenantflow.workflow import _compose, _tools
 from tenantflow.workflow._api import EventTimeoutError, NonRetryableError, StepError
 from tenantflow.workflow._durations import parse_duration
 from tenantflow.workflow._loop import GuestLoop
@@ -109,6 +109,19 @@ class Core:
         self.no_ahead = job.get("ahead") is not True
         self.rollback: dict[str, Any] | None = job.get("rollback")  # rolling back: no new forward step
         self.undos: dict[str, _compose.Undo] = {}
+        self.grant_pending = False  # running ahead: the kernel's grant of the attempt is unread
+        self.grant: dict[str, Any] | None = None  # ... read early by a ctx.kv or ctx.secrets read
+        _tools.bind(_tools.Tools(self.ask, job.get("kv_limits")))
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A read of ``ctx.kv`` or ``ctx.secrets``. Replies come in order: while an attempt runs
+        ahead, the grant of its step comes first, and is kept for :meth:`ahead`."""
+        if self.grant_pending:
+            self.grant_pending = False
+            self.transport.send(message)  # type: ignore[attr-defined]
+            self.grant = self.transport.receive()  # type: ignore[attr-defined]
+            return self.transport.receive()  # type: ignore[attr-defined,no-any-return]
+        return self.transport.call(message)
 
     def call(self, message: dict[str, Any]) -> dict[str, Any]:
         if self.suspended and self.loop is None:
@@ -138,12 +151,16 @@ class Core:
         send({"op": "step", "kind": "do", "key": key, "name": name, "policy": policy, "ahead": True})
         value: Any = None
         failure: BaseException | None = None
+        self.grant_pending, self.grant = True, None
         try:
             value = call(fn, key, 1)
         except Exception as exc:
             failure = exc
+        finally:
+            self.grant_pending = False
         send(self.outcome(key, name, 1, value, failure))
-        granted = receive()
+        granted = self.grant if self.grant is not None else receive()
+        self.grant = None
         if granted.get("do") != "run" or granted.get("attempt") != 1:
             raise RuntimeError(f"the kernel did not grant a step run ahead: {granted!r}")
         return self._heed(receive())
@@ -212,6 +229,7 @@ class Core:
     ) -> dict[str, Any]:
         """Describe how one attempt of a step callback ended, for the kernel."""
         message: dict[str, Any] = {"op": "result", "key": key, "name": name, "attempt": attempt}
+        writes = _tools.end(key, attempt)  # an attempt that failed writes nothing
         if exc is not None:
             retryable = not isinstance(exc, NonRetryableError)
             message.update(ok=False, error={**error_dict(exc), "retryable": retryable})
@@ -233,6 +251,8 @@ class Core:
             message.update(ok=False, error={**error_dict(problem, with_traceback=False), "retryable": False})
             return message
         message.update(ok=True, value=value)
+        if writes:
+            message["kv"] = writes
         return message
 
 
