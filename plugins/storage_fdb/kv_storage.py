@@ -8,6 +8,7 @@ that finds it returns the results recorded then instead of applying the batch tw
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -37,6 +38,7 @@ from tenantflow.plugins.storage_fdb.keys import Keys, pack, part, unpack
 from tenantflow.plugins.storage_fdb.layer import (
     CHUNK_BYTES,
     MAX_TXN_BYTES,
+    RETRYABLE,
     Layer,
     Txn,
     decode_int,
@@ -59,6 +61,7 @@ from tenantflow.plugins.storage_fdb.records import (
 )
 from tenantflow.plugins.storage_fdb.tenants import list_page as list_tenant_page
 
+log = logging.getLogger(__name__)
 _SETTABLE = frozenset(
     {"status", "output_json", "error_name", "error_message", "error_traceback", "run_at", "lease_owner",
      "lease_until", "code"}  # code: Upgrade re-pins an instance
@@ -138,11 +141,17 @@ class KVStorage:
                 return self.layer.transact(fn)
             except Exception as exc:
                 if not maybe_committed(exc):
+                    if getattr(exc, "code", None) in RETRYABLE:  # the layer retried it to its limit
+                        raise Unavailable(
+                            f"the storage did not commit the write ({exc}) after retrying it to its limit: "
+                            "the cluster is overloaded or the data contended; retry: the operation is "
+                            "idempotent"
+                        ) from None
                     raise
                 if attempt == MAYBE_AGAIN:
                     raise Unavailable(
-                        f"storage could not tell whether the write committed ({exc}), {MAYBE_AGAIN + 1} "
-                        "times: the cluster is slow or unreachable; the same request may be retried"
+                        f"the storage did not confirm whether the write committed ({exc}), {MAYBE_AGAIN + 1} "
+                        "times: the cluster is slow or unreachable; retry: the operation is idempotent"
                     ) from None
         raise AssertionError("unreachable")
 
@@ -165,7 +174,7 @@ class KVStorage:
                     for n in range(first, min(first + per_txn, len(chunks))):
                         tr.set(base + pack((n,)), chunks[n])
 
-                self.layer.transact(write)
+                self._idempotent(write)
         meta = dumps({"runtime": a.runtime, "workflows": a.workflows, "created_at": a.created_at})
 
         def publish(tr: Txn) -> None:
@@ -174,7 +183,7 @@ class KVStorage:
             tr.set(k.tenant(a.tenant, "a", a.name, "latest"), a.digest.encode())  # latest again
             artifacts.index_version(tr, k, a.tenant, a.name, a.digest)
 
-        self.layer.transact(publish)
+        self._idempotent(publish)  # sets of the same values: idempotent
 
     def get_artifact(self, tenant: str, name: str, digest: str | None) -> Artifact | None:
         k = self.k
@@ -467,9 +476,11 @@ class KVStorage:
         for group in groups:
             batch_id = uuid.uuid4().hex  # outside the retry loop: a retry recognises its own commit
             try:
-                results += self.layer.transact(lambda tr, g=group, b=batch_id: self._apply_batch(tr, g, b))  # type: ignore[misc]
+                # Run again after a time-out too, as after an unknown result: a try finds the
+                # batch's own earlier commit by its id and returns what it recorded then.
+                results += self._idempotent(lambda tr, g=group, b=batch_id: self._apply_batch(tr, g, b))  # type: ignore[misc]
             except Exception as exc:
-                maybe = maybe_committed(exc)
+                maybe = maybe_committed(exc) or isinstance(exc, Unavailable)  # retried: unknown still
                 if not results and not maybe:
                     raise  # nothing applied: the caller may retry the changes
                 # Part of the batch committed, or this part may have: raising would have the caller
@@ -770,7 +781,10 @@ class KVStorage:
             return answer
 
         answer = self._idempotent(once)
-        self.layer.transact(lambda tr: tr.clear(marker))
+        try:
+            self._idempotent(lambda tr: tr.clear(marker))
+        except Unavailable:  # the work is done and its answer known: only a few bytes stay behind
+            log.warning("storage: could not clear the answer marker %r; it stays (harmless)", marker)
         return answer
 
     def delete_instance(self, tenant: str, id: str) -> bool:

@@ -27,7 +27,7 @@ from tenantflow.kernel.model import (
 )
 from tenantflow.plugins.storage_fdb import kv_storage, open_url
 from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
-from tenantflow.plugins.storage_fdb.layer import Txn
+from tenantflow.plugins.storage_fdb.layer import FdbError, Txn
 from tests.plugins.storage_fdb.checked import CheckedLayer
 
 MIB = 1024 * 1024
@@ -282,11 +282,33 @@ def test_a_commit_that_may_have_applied_is_reported_not_raised(
     storage = KVStorage(layer)
     try:
         batch = split_batch(storage, monkeypatch)
-        layer.inject("transaction_timed_out")  # the first transaction commits, then reports timing out
+        transact = layer.transact
+
+        def timing_out(fn: Callable[[Txn], T]) -> T:
+            transact(fn)
+            raise FdbError(1031, "after a commit that applied")
+
+        monkeypatch.setattr(layer, "transact", timing_out)  # every try commits, then times out
         results = storage.apply(batch)
         assert [r.ok for r in results] == [False] * 5
         assert all("could not tell whether the change committed" in r.reason for r in results)
         assert stored_once(storage)["a"] == (1, 1)  # it did apply, once
+    finally:
+        layer.close()
+
+
+def test_a_commit_that_timed_out_is_run_again_to_a_confirmed_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = FailingLayer(tmp_path / "kv")
+    storage = KVStorage(layer)
+    try:
+        batch = split_batch(storage, monkeypatch)
+        layer.inject("transaction_timed_out")  # the retry finds the commit and confirms it
+        results = storage.apply(batch)
+        assert all(r.ok for r in results) and results[0].event_seqs == [1]  # as recorded at the commit
+        once = {"a": (1, 1), "b": (1, 1), "child": (0, 1), "parent": (1, 1), "c": (1, 1)}
+        assert stored_once(storage) == once  # applied once: the retry found it
     finally:
         layer.close()
 

@@ -70,7 +70,7 @@ def test_an_outcome_that_stays_unknown_is_an_error_that_says_so(tmp_path: Path) 
     storage = KVStorage(layer)
     try:
         with pytest.raises(
-            Unavailable, match=f"could not tell whether the write committed.*{MAYBE_AGAIN + 1} times"
+            Unavailable, match=f"did not confirm whether the write committed.*{MAYBE_AGAIN + 1} times"
         ):
             storage.create_instances([instance("a")], [HistoryEntry(kind="status", at=1.0, status=1)])
         assert storage.get_instance("t", "a") is not None and layer.counters.commits == 1  # applied, once
