@@ -38,7 +38,7 @@ from tenantflow.kernel.model import (
     inbox_refusal,
 )
 from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
-from tenantflow.plugins.storage_sqlite import schedules, tenantkv
+from tenantflow.plugins.storage_sqlite import claims, schedules, tenantkv
 from tenantflow.plugins.storage_sqlite.tenants import list_page as list_tenant_page
 
 _INSTANCE_COLUMNS = (
@@ -149,6 +149,16 @@ class SQLiteStorage:
 
     def _migrate_locked(self) -> None:
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(instances)")}
+        self._migrate_columns(columns)
+        # The claim's per-tenant queues (claims.py), filled once for a database made before them.
+        fresh = not self._writer.execute("SELECT 1 FROM sqlite_master WHERE name = 'due_queues'").fetchone()
+        for statement in claims.DDL:
+            self._writer.execute(statement)
+        if fresh:
+            for statement in claims.BACKFILL:
+                self._writer.execute(statement)
+
+    def _migrate_columns(self, columns: set[str]) -> None:
         if "parent" not in columns:
             self._writer.execute("ALTER TABLE instances ADD COLUMN parent TEXT NOT NULL DEFAULT ''")
         if "conc_key" not in columns:
@@ -548,36 +558,9 @@ class SQLiteStorage:
         if limit <= 0:
             return []
         cap = per_tenant if per_tenant > 0 else 1 << 62
-        # Round-robin across tenants: each tenant's oldest due instance first, and among those,
-        # tenants with the fewest instances running right now; no tenant above its cap. Every due
-        # row takes part, so a burst cannot push a quiet tenant out of view. The choice is made on a
-        # read connection (off the writer, which running instances need for their commits); the
-        # lease is then taken only where nobody took it meanwhile. Instances of a concurrency group
-        # (tenant, workflow, conc_key) take part only as far as the group has slots free, oldest
-        # first, so the held-back ones neither run nor count against their tenant's round.
-        rows = (
-            self._reader()
-            .execute(
-                "WITH due AS (SELECT rowid, tenant, run_at, 0 AS limited FROM instances "
-                "WHERE run_at <= :now AND (lease_until IS NULL OR lease_until < :now) AND conc_limit = 0 "
-                "UNION ALL SELECT q.rowid, q.tenant, q.run_at, 1 FROM (SELECT rowid, tenant, workflow, "
-                "conc_key, conc_limit, run_at, ROW_NUMBER() OVER (PARTITION BY tenant, workflow, conc_key "
-                "ORDER BY run_at, rowid) AS place FROM instances WHERE conc_limit > 0 AND run_at <= :now "
-                "AND (lease_until IS NULL OR lease_until < :now)) AS q "
-                "LEFT JOIN (SELECT tenant, workflow, conc_key, COUNT(*) AS running FROM instances "
-                "WHERE conc_limit > 0 AND lease_owner IS NOT NULL AND lease_until >= :now "
-                "GROUP BY tenant, workflow, conc_key) AS r USING (tenant, workflow, conc_key) "
-                "WHERE COALESCE(r.running, 0) + q.place <= q.conc_limit) "
-                "SELECT due.rowid, due.limited FROM (SELECT rowid, tenant, run_at, limited, "
-                "ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY run_at) AS rn FROM due) AS due "
-                "LEFT JOIN (SELECT tenant, COUNT(*) AS running FROM instances "
-                "WHERE lease_owner IS NOT NULL AND lease_until >= :now GROUP BY tenant) AS busy USING (tenant) "
-                "WHERE COALESCE(busy.running, 0) + due.rn <= :cap "
-                "ORDER BY due.rn, COALESCE(busy.running, 0), due.run_at LIMIT :limit",
-                {"now": now, "cap": cap, "limit": limit},
-            )
-            .fetchall()
-        )
+        # Chosen on a read connection (off the writer, which running instances need for their
+        # commits); the lease is then taken only where nobody took it meanwhile. See claims.py.
+        rows, served = claims.pick(self._reader(), now, limit, cap)
         ids = [r[0] for r in rows]
         if not ids:
             return []
@@ -602,6 +585,11 @@ class SQLiteStorage:
                     "AND o.lease_owner IS NOT NULL AND o.lease_until >= ?)",
                     (owner, until, rowid, now, now, now),
                 )
+            # Served tenants go to the back of the round (a turn comes at max(next due, served)).
+            conn.executemany(
+                "UPDATE due_tenants SET served_at = max(served_at, ?) WHERE tenant = ?",
+                [(now, t) for t in served],
+            )
             claimed = conn.execute(
                 f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE rowid IN ({marks}) "
                 "AND lease_owner = ? AND lease_until = ? ORDER BY run_at",
