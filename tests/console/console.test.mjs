@@ -30,14 +30,34 @@ try {
   await page.fill("#open-token", "tf_not-a-token");
   await page.click("#open-form button");
   await page.waitForSelector("#open-form ~ .error:has-text('unauthenticated')");
-  problems.length = 0; // the browser logs the 401 itself: expected here
-  await page.fill("#open-tenant", TENANT);
+
+  console.log("open: the kernel lists the tenants this token may see (--list-tenants); pick one");
   await page.fill("#open-token", TOKEN);
+  await page.waitForSelector("#tenant-pick:not(.hidden)");
+  const offered = await page.locator("#tenant-picker option").evaluateAll((os) => os.map((o) => o.value).filter(Boolean));
+  assert.deepEqual(offered, [TENANT, `${TENANT}-eu`], "only the tenants the token's patterns allow");
+  assert.match(await text("#tenant-picker"), /acme · \d+ instances, \d+ live, 2 schedules/);
+  await page.fill("#open-tenant", "");
+  await page.selectOption("#tenant-picker", TENANT);
+  assert.equal(await page.inputValue("#open-tenant"), TENANT);
   await page.click("#open-form button");
   await page.waitForSelector("#instances");
+  problems.length = 0; // the browser logs the 401s of the wrong token and of listing without one: expected
+
+  console.log("playground: the editor highlights Python as it is typed");
+  await page.goto(`${CONSOLE_URL}#/playground`);
+  await page.waitForSelector(".editor pre.highlighted .tk-kw");
+  await page.fill("#editor", "@dataclass\nclass Late(Base):  # note\n    x = '''many\nlines''' + 0x1F\n");
+  await page.waitForSelector(".editor .tk-def:has-text('Late')");
+  const tokens = await page.locator(".editor pre.highlighted span").evaluateAll((ss) => ss.map((s) => [s.className, s.textContent]));
+  assert.deepEqual(tokens, [["tk-dec", "@dataclass"], ["tk-kw", "class"], ["tk-def", "Late"], ["tk-com", "# note"],
+    ["tk-str", "'''many\nlines'''"], ["tk-num", "0x1F"]]);
+  await page.focus("#editor");
+  await page.keyboard.press("Control+End");
+  await page.keyboard.press("Tab");
+  assert.match(await page.inputValue("#editor"), / {4}$/, "Tab inserts four spaces");
 
   console.log("playground: write a workflow that waits, Run, see it wait");
-  await page.goto(`${CONSOLE_URL}#/playground`);
   await page.fill("#editor", [
     "from tenantflow.workflow import WorkflowEntrypoint",
     "",
@@ -76,6 +96,17 @@ try {
   assert.equal(await page.locator("#steps tr[data-step]").count(), 3);
   await page.waitForSelector("#timeline li[data-kind='event']");
   await page.waitForSelector("#live:has-text('ended')");
+  await page.waitForSelector("#output .tk-key", { state: "attached" }); // outputs are highlighted JSON
+  console.log("instance page: each step's times and duration, the inbox and who read it");
+  for (const [step, attempts] of [["draft", "1"], ["approval", "0"], ["ship", "1"]]) { // a wait makes no attempt
+    const row = `#steps tr[data-step='${step}']`;
+    await page.waitForSelector(`${row} td.duration:not(:empty)`);
+    assert.match(await text(`${row} td.duration`), /^\d+(\.\d)? (ms|s)$/, step);
+    assert.match(await text(`${row} td.started`), /\d/, step);
+    assert.equal(await text(`${row} td.attempts`), attempts, step);
+  }
+  await page.waitForSelector("#events tr[data-event='approved'] .read-by:has-text('step approval')");
+  assert.deepEqual(JSON.parse(await text("#events tr[data-event='approved'] pre")), { by: "ada" });
   await shot("instance");
 
   console.log("instances: filter by status, see the count, page forward and back");
@@ -119,6 +150,28 @@ try {
   await status("#instance-status", "TERMINATED");
   await page.waitForSelector("#timeline li[data-kind='status']:has-text('terminated')");
   await shot("instance-terminated");
+
+  console.log("schedules: next and last fires, the last instance, pause and resume; delete asks");
+  await page.click("nav a[data-page='schedules']");
+  const hourly = "#schedules tr[data-schedule='hourly-report']";
+  const ticking = "#schedules tr[data-schedule='every-second']";
+  await page.waitForSelector(`${hourly}[data-paused='false']`);
+  assert.match(await text(`${hourly} td.next-fire`), /\d/);
+  assert.match(await text(`${hourly} .upcoming`), /then /);
+  assert.match(await text(`${hourly}`), /Europe\/Paris/);
+  assert.match(await text(`${ticking} td.fires`), /[1-9]\d* fired/);
+  await page.waitForSelector(`${ticking}[data-paused='true'] .last-instance a`);
+  await page.click(`${hourly} [data-action='pause']`);
+  await page.waitForSelector(`${hourly}[data-paused='true'] [data-status='PAUSED']`);
+  await page.click(`${hourly} [data-action='resume']`);
+  await page.waitForSelector(`${hourly}[data-paused='false'] [data-status='ACTIVE']`);
+  page.once("dialog", (dialog) => { asked = dialog.message(); dialog.dismiss(); });
+  await page.click(`${hourly} [data-action='delete']`);
+  assert.match(asked, /Delete schedule hourly-report/);
+  await page.waitForSelector(hourly); // dismissed: still there
+  await shot("schedules");
+  await page.click(`${ticking} .last-instance a`);
+  await status("#instance-status", "ERRORED");
 
   assert.deepEqual(problems, [], "no script errors on any page");
   console.log("console browser test: ok");

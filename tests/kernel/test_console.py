@@ -18,6 +18,7 @@ FILES = {
     "/": "text/html",
     "/ui/index.html": "text/html",
     "/ui/console.js": "text/javascript",
+    "/ui/highlight.js": "text/javascript",  # imported by console.js
     "/ui/console.css": "text/css",
 }
 

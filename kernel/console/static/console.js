@@ -1,6 +1,7 @@
 // The tenantflow console: a client of the kernel's HTTP/JSON API (the Connect protocol) like any
-// other, with no private routes. Pages: #/instances, #/instance/<id>, #/playground.
+// other, with no private routes. Pages: #/instances, #/instance/<id>, #/schedules, #/playground.
 // Every value from the API reaches the page as text (textContent), never as HTML.
+import { codeEditor, json as jsonSpans } from "./highlight.js";
 
 const STATUSES = ["QUEUED", "RUNNING", "PAUSED", "WAITING_FOR_PAUSE", "WAITING", "COMPLETE", "ERRORED", "TERMINATED"];
 const ENDED = new Set(["COMPLETE", "ERRORED", "TERMINATED"]);
@@ -39,6 +40,17 @@ const pretty = (json) => {
   try { return JSON.stringify(JSON.parse(json), null, 2); } catch { return json; }
 };
 const link = (id) => h("a", { href: `#/instance/${encodeURIComponent(id)}` }, id);
+const jsonPre = (json, attrs = {}) => h("pre", { class: "json", ...attrs }, jsonSpans(pretty(json)));
+const time = (at) => (at ? new Date(at).toLocaleTimeString() : "");
+
+/** 850 ms, 4.2 s, 3 min 5 s, 2 h 10 min. */
+function duration(ms) {
+  if (!(ms >= 0)) return "";
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(1)} s`;
+  const min = Math.floor(ms / 60_000);
+  return min < 60 ? `${min} min ${Math.round((ms % 60_000) / 1000)} s` : `${Math.floor(min / 60)} h ${min % 60} min`;
+}
 
 function errorBox(error) {
   const box = h("div", { class: "error", role: "alert" });
@@ -68,9 +80,9 @@ class ApiError extends Error {
   constructor(code, message) { super(message); this.code = code; }
 }
 
-function headers(contentType) {
+function headers(contentType, token = session.token) {
   const out = { "Content-Type": contentType, "Connect-Protocol-Version": "1" };
-  if (session.token) out.Authorization = `Bearer ${session.token}`;
+  if (token) out.Authorization = `Bearer ${token}`;
   return out;
 }
 
@@ -84,10 +96,10 @@ async function refusal(response) {
   }
 }
 
-/** One unary RPC, e.g. call("Workflows/Get", {tenant, id}). */
-async function call(rpc, body) {
+/** One unary RPC, e.g. call("Workflows/Get", {tenant, id}); the session's token unless given. */
+async function call(rpc, body, token = session.token) {
   const response = await fetch(`/tenantflow.v1.${rpc}`, {
-    method: "POST", headers: headers("application/json"), body: JSON.stringify(body),
+    method: "POST", headers: headers("application/json", token), body: JSON.stringify(body),
   });
   if (!response.ok) throw await refusal(response);
   return response.json();
@@ -161,6 +173,7 @@ function route() {
   if (!session.tenant) return renderOpen();
   if (page === "instance") return renderInstance(decodeURIComponent(rest.join("/")), leaving.signal);
   if (page === "playground") return renderPlayground(leaving.signal);
+  if (page === "schedules") return renderSchedules();
   return renderInstances(new URLSearchParams(query || ""));
 }
 
@@ -178,16 +191,35 @@ function renderWho() {
 function renderOpen(problem) {
   const tenant = h("input", { name: "tenant", id: "open-tenant", required: true, autocomplete: "off" });
   const token = h("input", { name: "token", id: "open-token", type: "password", autocomplete: "off" });
+  // With --list-tenants the kernel lists the tenants a token may see: offer them; else type one.
+  const picker = h("select", { id: "tenant-picker", onchange: () => { tenant.value = picker.value; } });
+  const pick = h("label", { class: "hidden", id: "tenant-pick" }, "Tenants this token may open", picker);
+  let asked = 0;
+  async function offer() {
+    const mine = ++asked;
+    try {
+      const answer = await call("Tenants/List", { pageSize: 200 }, token.value.trim());
+      if (mine !== asked) return;
+      const found = answer.tenants || [];
+      picker.replaceChildren(h("option", { value: "" }, `${found.length} tenant${found.length === 1 ? "" : "s"}…`),
+        ...found.map((t) => h("option", { value: t.tenant },
+          `${t.tenant} · ${Number(t.instances || 0)} instances, ${Number(t.live || 0)} live, ${Number(t.schedules || 0)} schedules`)));
+      pick.classList.toggle("hidden", !found.length);
+    } catch { if (mine === asked) pick.classList.add("hidden"); } // listing off, or not this token's to see
+  }
+  let typing = null;
+  token.addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(offer, 250); });
   main.replaceChildren(h("div", { class: "card" },
     h("h1", {}, "Open a tenant"),
     h("p", { class: "muted" }, "The console acts for one tenant. With --auth-tokens, give a token that may act for it."),
     h("form", {
       class: "row", id: "open-form",
       onsubmit: (e) => { e.preventDefault(); session.open(tenant.value.trim(), token.value.trim()); route(); },
-    }, h("label", {}, "Tenant", tenant), h("label", {}, "Token (bearer)", token),
+    }, h("label", {}, "Token (bearer)", token), pick, h("label", {}, "Tenant", tenant),
     h("button", { class: "primary" }, "Open")),
     problem ? errorBox(problem) : null));
-  tenant.focus();
+  token.focus();
+  offer();
 }
 
 function unauthorized(exc) {
@@ -283,21 +315,23 @@ function timelineItem(event) {
     h("span", { class: "kind" }, event.kind), text);
 }
 
-/** Follows an instance: Get now and after each Watch event, the timeline as events come. */
-function follow(id, signal, { onInstance, timeline, live }) {
+/** Follows an instance: Get at once and after each Watch event (at most every 100 ms), the timeline
+ * as events come (each also to ``onEvent``). */
+function follow(id, signal, { onInstance, timeline, live, onEvent }) {
   let pending = null;
-  const refresh = () => {
+  const refresh = (delay = 100) => {
     if (pending) return;
     pending = setTimeout(async () => {
       pending = null;
       try { onInstance(await call("Workflows/Get", { tenant: session.tenant, id })); } catch (exc) { if (!signal.aborted) live.textContent = `${exc.code}: ${exc.message}`; }
-    }, 100);
+    }, delay);
   };
-  refresh();
+  refresh(0);
   live.textContent = "following live…";
   watch({ tenant: session.tenant, id }, (event) => {
     timeline.append(timelineItem(event));
     timeline.scrollTop = timeline.scrollHeight;
+    onEvent?.(event);
     refresh();
   }, signal).then(() => { live.textContent = "ended"; refresh(); }, (exc) => {
     if (!signal.aborted) live.textContent = `stream ended: ${exc.code}: ${exc.message}`;
@@ -327,13 +361,56 @@ function sendEventForm(id, onSent) {
   return form;
 }
 
-function stepsTable(steps) {
-  return h("table", { class: "steps" }, h("thead", {}, h("tr", {}, ["Step", "Kind", "Status", "Attempts", "Output / error", "Wakes"].map((t) => h("th", {}, t)))),
+/** When each step ran, from the timeline: a step's span opens at its first step_started, sleeping
+ * or waiting and closes at step_completed or step_failed (a retry reopens it); a step named again
+ * (occurrence n) is its name's n-th span. */
+class StepTimes {
+  constructor() { this.spans = new Map(); }
+
+  add(event) {
+    if (!event.step) return;
+    const spans = this.spans.get(event.step) || [];
+    this.spans.set(event.step, spans);
+    let last = spans[spans.length - 1];
+    const open = () => { last = { start: event.at, end: "" }; spans.push(last); };
+    if (["step_started", "sleeping", "waiting"].includes(event.kind)) { if (!last || last.end) open(); }
+    else if (event.kind === "step_retrying") { if (last) last.end = ""; }
+    else if (["step_completed", "step_failed"].includes(event.kind)) { if (!last || last.end) open(); last.end = event.at; }
+  }
+
+  of(step) { return (this.spans.get(step.name) || [])[step.occurrence || 0]; }
+}
+
+function stepsTable(steps, times) {
+  const cells = (s) => {
+    const span = times.of(s);
+    if (!span) return [h("td"), h("td"), h("td")];
+    const took = (span.end ? new Date(span.end) : Date.now()) - new Date(span.start);
+    return [h("td", { class: "started", title: when(span.start) }, time(span.start)),
+      h("td", { class: "ended", title: when(span.end) }, time(span.end)),
+      h("td", { class: "duration" }, span.end ? duration(took) : `${duration(took)} so far`)];
+  };
+  return h("table", { class: "steps" }, h("thead", {}, h("tr", {}, ["Step", "Kind", "Status", "Attempts", "Started", "Ended", "Took", "Output / error", "Wakes"].map((t) => h("th", {}, t)))),
     h("tbody", {}, (steps || []).map((s) => h("tr", { "data-step": s.name },
       h("td", {}, s.name, s.occurrence ? ` #${s.occurrence + 1}` : ""), h("td", {}, s.kind || ""), h("td", {}, pill(s.status)),
-      h("td", {}, s.attempts || 0),
-      h("td", {}, s.outputJson ? h("pre", {}, pretty(s.outputJson)) : null, errorView(s.error)),
+      h("td", { class: "attempts" }, s.attempts || 0), cells(s),
+      h("td", {}, s.outputJson ? jsonPre(s.outputJson) : null, errorView(s.error)),
       h("td", {}, ["sleeping", "waiting", "retrying"].includes(s.status) ? when(s.wakeAt) : "")))));
+}
+
+/** The inbox: each event, when it came, and the wait step that read it (or unread). */
+function eventsTable(events) {
+  if (!events.length) return h("p", { class: "muted" }, "No events sent.");
+  const reader = (key) => {
+    if (!key) return h("span", { class: "pill waiting", "data-status": "UNREAD" }, "unread");
+    const [name, occurrence] = key.split(" (")[0].split("#");
+    const spent = key.includes(" (") ? " (before a restart)" : "";
+    return h("span", { "data-status": "CONSUMED" }, `step ${name}${Number(occurrence) ? ` #${Number(occurrence) + 1}` : ""}${spent}`);
+  };
+  return h("table", { class: "events" }, h("thead", {}, h("tr", {}, ["#", "Type", "Sent", "Read by", "Payload"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, events.map((e) => h("tr", { "data-event": e.type, "data-seq": e.sequence },
+      h("td", {}, e.sequence), h("td", {}, h("code", {}, e.type)), h("td", { title: when(e.at) }, time(e.at)),
+      h("td", { class: "read-by" }, reader(e.consumedBy)), h("td", {}, jsonPre(e.payloadJson))))));
 }
 
 function renderInstance(id, signal) {
@@ -341,6 +418,8 @@ function renderInstance(id, signal) {
   const head = h("h1", {}, h("span", { id: "instance-id" }, id), h("span", { id: "instance-status" }));
   const details = h("div", { class: "card", id: "details" }, h("p", { class: "muted" }, "Loading…"));
   const steps = h("div", { id: "steps" });
+  const events = h("div", { id: "events" }, h("p", { class: "muted" }, "Loading…"));
+  const times = new StepTimes();
   const timeline = h("ol", { class: "timeline", id: "timeline" });
   const live = h("span", { class: "muted", id: "live" });
   const sender = sendEventForm(id, () => { sender.querySelector(".error").textContent = "sent"; });
@@ -380,22 +459,103 @@ function renderInstance(id, signal) {
       instance.parentId ? ["Parent", link(instance.parentId)] : null,
       (instance.childIds || []).length ? ["Children", h("span", {}, instance.childIds.map((c) => [link(c), " "]))] : null,
       instance.rollback ? ["Rollback", h("span", {}, pill(instance.rollback.status), ` ${instance.rollback.reason || ""}`, errorView(instance.rollback.error))] : null,
-      ["Params", h("pre", { id: "params" }, pretty(instance.paramsJson))],
-      status === "COMPLETE" ? ["Output", h("pre", { id: "output" }, pretty(instance.outputJson))] : null,
+      ["Params", jsonPre(instance.paramsJson, { id: "params" })],
+      status === "COMPLETE" ? ["Output", jsonPre(instance.outputJson, { id: "output" })] : null,
       instance.error ? ["Error", h("div", { id: "error" }, errorView(instance.error))] : null,
       waiting ? ["Waiting for", h("span", { id: "waiting-for" }, `an event in step ${waiting.name}`)] : null,
     ].filter(Boolean);
     details.replaceChildren(h("dl", {}, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
-    steps.replaceChildren((instance.steps || []).length ? stepsTable(instance.steps) : h("p", { class: "muted" }, "No steps yet."));
+    steps.replaceChildren((instance.steps || []).length ? stepsTable(instance.steps, times) : h("p", { class: "muted" }, "No steps yet."));
   }
+
+  let reading = null; // the inbox is read from ExportHistory: at once, then after events come or are read
+  const readEvents = (delay) => {
+    if (reading) return;
+    reading = setTimeout(async () => {
+      reading = null;
+      try {
+        events.replaceChildren(eventsTable((await call("Workflows/ExportHistory", { tenant: session.tenant, id })).events || []));
+      } catch (exc) { if (!signal.aborted) events.replaceChildren(errorBox(exc)); }
+    }, delay);
+  };
 
   main.append(h("p", {}, h("a", { href: "#/instances" }, "← Instances")), head,
     h("div", { class: "row card", id: "actions" }, Object.values(buttons)), problem,
     h("div", { class: "grid2" },
-      h("div", {}, details, h("h2", {}, "Steps"), steps),
+      details,
       h("div", {}, h("div", { class: "card" }, h("h2", {}, "Send an event"), sender),
-        h("div", { class: "card" }, h("h2", {}, "Timeline ", live), timeline))));
-  follow(id, signal, { onInstance: show, timeline, live });
+        h("div", { class: "card" }, h("h2", {}, "Timeline ", live), timeline))),
+    h("h2", {}, "Steps"), steps, h("h2", {}, "Events"), events);
+  follow(id, signal, {
+    onInstance: show, timeline, live,
+    onEvent: (event) => {
+      times.add(event);
+      if (event.kind === "event" || event.kind === "step_completed") readEvents(200);
+    },
+  });
+  readEvents(0);
+}
+
+// -- schedules ----------------------------------------------------------------------------------
+function renderSchedules() {
+  const rows = h("tbody");
+  const problem = errorBox();
+  const tokens = [""];
+  const prev = h("button", { type: "button", id: "schedules-prev", disabled: true }, "← Previous");
+  const next = h("button", { type: "button", id: "schedules-next", disabled: true }, "Next →");
+
+  function row(s) {
+    const ref = { tenant: session.tenant, name: s.name };
+    const act = (label, rpc, question) => h("button", {
+      type: "button", class: label === "Delete" ? "danger" : "", "data-action": label.toLowerCase(),
+      onclick: async () => {
+        if (question && !window.confirm(question)) return;
+        problem.textContent = "";
+        try {
+          const answer = await call(rpc, ref);
+          if (label === "Delete") tr.remove(); else tr.replaceWith(row(answer));
+        } catch (exc) { if (!unauthorized(exc)) problem.textContent = `${exc.code}: ${exc.message}`; }
+      },
+    }, label);
+    const upcoming = (s.upcomingFires || []).slice(1, 4);
+    const tr = h("tr", { "data-schedule": s.name, "data-paused": s.paused ? "true" : "false" },
+      h("td", {}, h("strong", {}, s.name), s.lastError ? h("div", { class: "error last-error" }, s.lastError) : null),
+      h("td", {}, h("code", {}, s.cron), h("div", { class: "muted" }, s.timeZone || "UTC")),
+      h("td", {}, s.workflow),
+      h("td", { class: "next-fire" }, s.paused ? h("span", { class: "muted" }, "none while paused") : when(s.nextFire),
+        upcoming.length ? h("div", { class: "muted upcoming" }, "then ", upcoming.map(when).join(", ")) : null),
+      h("td", {}, when(s.lastFire) || h("span", { class: "muted" }, "never"),
+        s.lastInstanceId ? h("div", { class: "last-instance" }, link(s.lastInstanceId)) : null),
+      h("td", { class: "fires" }, `${Number(s.fires || 0)} fired`, h("div", { class: "muted" }, `${Number(s.skippedFires || 0)} skipped`)),
+      h("td", {}, h("span", { class: `pill ${s.paused ? "paused" : "running"}`, "data-status": s.paused ? "PAUSED" : "ACTIVE" }, s.paused ? "paused" : "active")),
+      h("td", { class: "actions" }, s.paused ? act("Resume", "Schedules/Resume") : act("Pause", "Schedules/Pause"),
+        act("Delete", "Schedules/Delete", `Delete schedule ${s.name}? It stops firing for good; the instances it started stay.`)));
+    return tr;
+  }
+
+  async function load(page) {
+    problem.textContent = "";
+    try {
+      const answer = await call("Schedules/List", { tenant: session.tenant, pageSize: 50, pageToken: tokens[page] });
+      const found = answer.schedules || [];
+      rows.replaceChildren(...found.map(row));
+      if (!found.length) rows.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No schedules: create them with Schedules.Create (tenantflow schedule create).")));
+      tokens.length = page + 1;
+      if (answer.nextPageToken) tokens.push(answer.nextPageToken);
+      prev.disabled = page === 0;
+      next.disabled = !answer.nextPageToken;
+      prev.onclick = () => load(page - 1);
+      next.onclick = () => load(page + 1);
+    } catch (exc) {
+      if (!unauthorized(exc)) problem.textContent = `${exc.code}: ${exc.message}`;
+    }
+  }
+
+  main.append(h("h1", {}, "Schedules"), problem,
+    h("table", { id: "schedules" }, h("thead", {}, h("tr", {},
+      ["Name", "Cron", "Workflow", "Next fire", "Last fire", "Fires", "State", ""].map((t) => h("th", {}, t)))), rows),
+    h("div", { class: "row pager" }, prev, next));
+  load(0);
 }
 
 // -- playground -----------------------------------------------------------------------------------
@@ -405,16 +565,12 @@ function renderPlayground(signal) {
   const cls = h("input", { name: "workflow", id: "workflow-class", value: saved("workflow", ""), placeholder: "the only class" });
   const runtime = h("select", { name: "runtime", id: "runtime" },
     ["python", "python-wasm"].map((r) => h("option", { value: r, selected: r === saved("runtime", "python") }, r)));
-  const editor = h("textarea", { class: "code", id: "editor", spellcheck: "false", value: saved("code", SAMPLE) });
+  const editorBox = codeEditor({ class: "code", id: "editor", name: "code", value: saved("code", SAMPLE) });
+  const editor = editorBox.querySelector("textarea");
   const params = h("textarea", { class: "json", id: "params-json", value: saved("params", '{"version": "1.0"}') });
   const problem = errorBox();
   const warnings = h("ul", { id: "warnings" });
   const card = h("div", { id: "run-card" });
-  editor.addEventListener("keydown", (e) => {
-    if (e.key !== "Tab" || e.shiftKey) return;
-    e.preventDefault();
-    editor.setRangeText("    ", editor.selectionStart, editor.selectionEnd, "end");
-  });
   const run = h("button", { class: "primary", id: "run" }, "Run");
 
   async function start(e) {
@@ -468,7 +624,7 @@ function renderPlayground(signal) {
           sender.setType(ev ? (ev.textContent.match(/type '([^']+)'/) || [])[1] : "");
         }
         result.replaceChildren(
-          short(now.status) === "COMPLETE" ? h("div", {}, h("h2", {}, "Output"), h("pre", { id: "run-output" }, pretty(now.outputJson))) : "",
+          short(now.status) === "COMPLETE" ? h("div", {}, h("h2", {}, "Output"), jsonPre(now.outputJson, { id: "run-output" })) : "",
           errorView(now.error) || "");
       },
     });
@@ -479,7 +635,7 @@ function renderPlayground(signal) {
       h("div", { class: "row card" }, h("label", {}, "Code name", name), h("label", {}, "Workflow class", cls),
         h("label", {}, "Runtime", runtime), run),
       h("div", { class: "grid2" },
-        h("label", {}, "workflow.py", editor),
+        h("label", {}, "workflow.py", editorBox),
         h("div", {}, h("label", {}, "Params (JSON, the event's payload)", params), problem, warnings, card))));
 }
 
