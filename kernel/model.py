@@ -211,6 +211,11 @@ class Change:
     bump_generation: bool = False
     now: float = 0.0
     after_previous: bool = False  # a rider: applied only if the unit's main change applied
+    # The tenant's key-value writes (key, JSON or None to delete) a step attempt made, applied in this
+    # change's transaction if it applies; past ``kv_quota`` (max keys, max bytes; 0: none) the whole
+    # change is refused and ApplyResult.kv_refused says why.
+    kv: list[tuple[str, str | None]] = field(default_factory=list)
+    kv_quota: tuple[int, int] = (0, 0)
 
 
 SKIPPED = "not applied: the change it rides on was refused"
@@ -222,15 +227,11 @@ class ApplyResult:
     """How one ``Change`` went: ``ok``, or the guard that failed; sequences of added events."""
 
     ok: bool
-    # The tenant's key-value writes (key, JSON or None to delete) a step attempt made, applied in this
-    # change's transaction if it applies; past ``kv_quota`` (max keys, max bytes; 0: none) the whole
-    # change is refused and ApplyResult.kv_refused says why.
-    kv: list[tuple[str, str | None]] = field(default_factory=list)
-    kv_quota: tuple[int, int] = (0, 0)
     reason: str = ""
     event_seqs: list[int] = field(default_factory=list)
     status: Status | None = None  # the status after the change
     unread: tuple[int, int] | None = None  # refused by inbox_cap: (events, bytes) already unread
+    kv_refused: str = ""  # refused by kv_quota: which quota, and the flag that raises it
 
 
 def inbox_refusal(change: Change, count: int, size: int) -> ApplyResult | None:
@@ -242,5 +243,4 @@ def inbox_refusal(change: Change, count: int, size: int) -> ApplyResult | None:
         max_bytes and size + adding > max_bytes
     ):
         return ApplyResult(False, f"the inbox of instance {change.id!r} is full", unread=(count, size))
-    kv_refused: str = ""  # refused by kv_quota: which quota, and the flag that raises it
     return None

@@ -24,8 +24,8 @@ from tenantflow.kernel.model import (
     StepRecord,
     TenantSummary,
 )
-
 from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
+
 
 class Storage(Protocol):
     """A storage engine. Methods are blocking; the kernel calls them off its event loop."""
@@ -219,7 +219,6 @@ class Storage(Protocol):
         found by the same claim."""
         ...
 
-    def close(self) -> None: ...
     # -- a tenant's own key-value store (kernel/tenantkv.py) -----------------------------------------
     # Usage (keys, bytes) is a counter every write maintains; a quota is checked against it in the
     # writing transaction. ``Change.kv`` carries a step attempt's writes into ``apply``.
@@ -259,3 +258,4 @@ class Storage(Protocol):
         re-encryption), by tenant then name, after ``after``; at most ``limit``."""
         ...
 
+    def close(self) -> None: ...

@@ -111,9 +111,9 @@ def _change_bytes(ch: Change, root: str = "tenantflow") -> int:
         for s in ch.steps
     )
     total += sum(size(e.payload_json) + size(e.type) + 200 for e in ch.add_events)
+    total += sum(4 * (_KEY_EXTRA + size(ch.tenant) + size(key)) + size(v or "") + 100 for key, v in ch.kv)
     return total + sum(size(h.message) + size(h.data_json) + 200 for h in ch.history)
 
-    total += sum(4 * (_KEY_EXTRA + size(ch.tenant) + size(key)) + size(v or "") + 100 for key, v in ch.kv)
 
 def _create_bytes(r: InstanceRecord, root: str) -> int:
     """At least what creating ``r`` costs: its keys are written (mutation and write conflict range)
@@ -534,9 +534,9 @@ class KVStorage:
                             seqs,
                             Status(s) if s is not None else None,
                             (unread[0][0], unread[0][1]) if unread and unread[0] else None,
+                            unread[1] if len(unread) > 1 else "",  # kv_refused: newer markers
                         )
                         for p, ok, reason, seqs, s, *unread in marker["results"]  # unread: newer markers
-                            unread[1] if len(unread) > 1 else "",  # kv_refused: newer markers
                     }  # fmt: skip
                     if marker is not None and marker["batch"] == batch_id
                     else None
@@ -587,11 +587,11 @@ class KVStorage:
         # Everything that can fail is checked before the first write (no savepoints here).
         if ch.add_events and (full := self._inbox_full(tr, ch)):
             return full
-        released = self._released(tr, ch)
-        consumed_now: set[int] = set()
         kv_plan = tenantkv.plan(tr, k, t, ch.kv, ch.now, KVQuota(*ch.kv_quota)) if ch.kv else None
         if isinstance(kv_plan, str):
             return ApplyResult(False, kv_plan, kv_refused=kv_plan)
+        released = self._released(tr, ch)
+        consumed_now: set[int] = set()
         for seq, _ in ch.consume_events:
             exists = tr.get(k.inst(t, i, "v", seq, 0)) is not None
             taken = tr.get(k.inst(t, i, "vc", seq)) is not None and seq not in released
@@ -658,10 +658,10 @@ class KVStorage:
             result.update({f: values[f] for f in RESULT if f in values})
             put_blob(tr, k.inst(t, i, "o"), dumps(result))
         tr.set(k.inst(t, i, "h"), new.encode())
-        reindex(tr, k, t, i, old, new, lease="lease_owner" in values or "lease_until" in values)
-        self._history(tr, t, i, history)
         if kv_plan is not None:
             tenantkv.apply(tr, k, kv_plan)
+        reindex(tr, k, t, i, old, new, lease="lease_owner" in values or "lease_until" in values)
+        self._history(tr, t, i, history)
         return ApplyResult(True, event_seqs=event_seqs, status=final)
 
     def _inbox_full(self, tr: Txn, ch: Change) -> ApplyResult | None:
@@ -855,8 +855,6 @@ class KVStorage:
             lambda tr: schedules.claim(tr, self.k, owner, now, lease_seconds, limit, per_tenant, skip)
         )
 
-    def close(self) -> None:
-        self.layer.close()
     # -- a tenant's key-value store and secrets (plugins/storage_fdb/tenantkv.py) ----------------
     def kv_get(self, tenant: str, key: str) -> KVEntry | None:
         return self.layer.read(lambda tr: tenantkv.get(tr, self.k, tenant, key))
@@ -903,3 +901,5 @@ class KVStorage:
     ) -> list[tuple[str, str, bytes, float]]:
         return self.layer.read(lambda tr: tenantkv.list_secrets(tr, self.k, tenant, after, limit))
 
+    def close(self) -> None:
+        self.layer.close()
