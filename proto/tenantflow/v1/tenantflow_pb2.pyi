@@ -1635,3 +1635,87 @@ class ListTenantsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTenantsResponse: _TypeAlias = ListTenantsResponse  # noqa: Y015
+
+@_typing.final
+class EgressRule(_message.Message):
+    """Where a tenant's steps may connect (issue 25). Without a policy (or with no rules) a step
+    reaches nothing; each connection goes through the kernel, which checks the host and port
+    against these rules, resolves names itself and refuses answers in loopback, private,
+    link-local and other non-public ranges unless the matching rule names that address literally.
+    A kernel started with --sandbox-network ignores the list: tenant code reaches the network directly.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """"api.example.com" (that name exactly), "*.example.com" (any name ending in ".example.com",
+    not "example.com" itself), or an IP address or CIDR block ("203.0.113.7", "10.0.0.0/8",
+    "::1"), which only connections to that literal address (or a name resolving inside it) match.
+    """
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """1-65535, at least one, at most 32"""
+
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        ports: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "ports", b"ports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressRule: _TypeAlias = EgressRule  # noqa: Y015
+
+@_typing.final
+class EgressPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    updated_at: _builtins.str
+    """RFC 3339 UTC; set by the kernel, empty when never set"""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressRule]:
+        """at most 256; Set replaces the whole list, empty clears it"""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        rules: _abc.Iterable[Global___EgressRule] | None = ...,
+        updated_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules", "tenant", b"tenant", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressPolicy: _TypeAlias = EgressPolicy  # noqa: Y015
+
+@_typing.final
+class EgressRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressRef: _TypeAlias = EgressRef  # noqa: Y015

@@ -1456,3 +1456,120 @@ class Tenants:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class EgressStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Set = channel.unary_unary(
+                '/tenantflow.v1.Egress/Set',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.EgressPolicy.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.EgressPolicy.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/tenantflow.v1.Egress/Get',
+                request_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.EgressRef.SerializeToString,
+                response_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.EgressPolicy.FromString,
+                _registered_method=True)
+
+
+class EgressServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Set(self, request, context):
+        """INVALID_ARGUMENT names the bad rule
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """a tenant never set has no rules
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EgressServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Set': grpc.unary_unary_rpc_method_handler(
+                    servicer.Set,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.EgressPolicy.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.EgressPolicy.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=tenantflow_dot_v1_dot_tenantflow__pb2.EgressRef.FromString,
+                    response_serializer=tenantflow_dot_v1_dot_tenantflow__pb2.EgressPolicy.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tenantflow.v1.Egress', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tenantflow.v1.Egress', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Egress:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Set(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Egress/Set',
+            tenantflow_dot_v1_dot_tenantflow__pb2.EgressPolicy.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.EgressPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantflow.v1.Egress/Get',
+            tenantflow_dot_v1_dot_tenantflow__pb2.EgressRef.SerializeToString,
+            tenantflow_dot_v1_dot_tenantflow__pb2.EgressPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -402,3 +402,40 @@ class TenantsServicer(metaclass=_abc_1.ABCMeta):
         """FAILED_PRECONDITION unless the kernel runs with --list-tenants."""
 
 def add_TenantsServicer_to_server(servicer: TenantsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class EgressStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> EgressAsyncStub: ...
+    Set: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.EgressPolicy, _tenantflow_pb2.EgressPolicy]
+    """INVALID_ARGUMENT names the bad rule"""
+    Get: _grpc.UnaryUnaryMultiCallable[_tenantflow_pb2.EgressRef, _tenantflow_pb2.EgressPolicy]
+    """a tenant never set has no rules"""
+
+@_typing.type_check_only
+class EgressAsyncStub(EgressStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Set: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.EgressPolicy, _tenantflow_pb2.EgressPolicy]  # type: ignore[assignment]
+    """INVALID_ARGUMENT names the bad rule"""
+    Get: _aio.UnaryUnaryMultiCallable[_tenantflow_pb2.EgressRef, _tenantflow_pb2.EgressPolicy]  # type: ignore[assignment]
+    """a tenant never set has no rules"""
+
+class EgressServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Set(
+        self,
+        request: _tenantflow_pb2.EgressPolicy,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.EgressPolicy, _abc.Awaitable[_tenantflow_pb2.EgressPolicy]]:
+        """INVALID_ARGUMENT names the bad rule"""
+
+    @_abc_1.abstractmethod
+    def Get(
+        self,
+        request: _tenantflow_pb2.EgressRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenantflow_pb2.EgressPolicy, _abc.Awaitable[_tenantflow_pb2.EgressPolicy]]:
+        """a tenant never set has no rules"""
+
+def add_EgressServicer_to_server(servicer: EgressServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
