@@ -109,6 +109,8 @@ def request_limits(config: KernelConfig) -> dict[str, int]:
         "Workflows/SendEvent": one,
         "Schedules/Create": one,
         "Code/Publish": config.max_code_bytes + MIB,
+        "KV/Put": config.kv_max_value_bytes + ENVELOPE_BYTES,
+        "Secrets/Put": 2 * ENVELOPE_BYTES,  # a value of up to 64 KiB
     }
 
 

@@ -16,12 +16,13 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tenantflow.kernel import children, codelist, errors, metrics, rollback, schedules, upgrade
+from tenantflow.kernel import children, codelist, errors, metrics, rollback, schedules, tenantdata, upgrade
 from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFlight
 from tenantflow.kernel.auth import CALLER, Tokens
 from tenantflow.kernel.code import artifact_ref
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
 from tenantflow.kernel.service import CreateSpec, ExportedHistory, Kernel, ListFilters
+from tenantflow.kernel.tenantkv import KVEntry
 from tenantflow.kernel.tenantlist import list_tenants
 from tenantflow.kernel.validate import check_tenant, check_workflow
 from tenantflow.v1 import tenantflow_pb2 as pb
@@ -607,6 +608,63 @@ class TenantsServicer(pb_grpc.TenantsServicer):
         )  # fmt: skip
 
 
+def kv_entry_pb(e: KVEntry) -> pb.KVEntry:
+    return pb.KVEntry(key=e.key, value_json=e.value_json, updated_at=_ts(e.updated_at))
+
+
+class KVServicer(pb_grpc.KVServicer):
+    """``tenantflow.v1.KV``: a tenant's own key-value store (kernel/tenantdata.py)."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+
+    async def Get(self, request: pb.KVKeyRef, context: Any) -> pb.KVEntry:
+        return kv_entry_pb(await tenantdata.kv_get(self.k.storage, request.tenant, request.key))
+
+    async def Put(self, request: pb.KVPutRequest, context: Any) -> pb.KVEntry:
+        entry = await tenantdata.kv_put(
+            self.k.storage, self.k.config, request.tenant, request.key, request.value_json
+        )
+        return kv_entry_pb(entry)
+
+    async def Delete(self, request: pb.KVKeyRef, context: Any) -> pb.DeleteResponse:
+        await tenantdata.kv_delete(self.k.storage, request.tenant, request.key)
+        return pb.DeleteResponse()
+
+    async def List(self, request: pb.KVListRequest, context: Any) -> pb.KVListResponse:
+        entries, token, usage = await tenantdata.kv_list(
+            self.k.storage, request.tenant, request.prefix, request.page_size, request.page_token
+        )
+        config = self.k.config
+        return pb.KVListResponse(
+            entries=[kv_entry_pb(e) for e in entries], next_page_token=token,
+            usage=pb.KVUsage(keys=usage.keys, bytes=usage.bytes, max_keys=config.kv_max_keys,
+                             max_bytes=config.kv_max_bytes),
+        )  # fmt: skip
+
+
+class SecretsServicer(pb_grpc.SecretsServicer):
+    """``tenantflow.v1.Secrets``: values go in sealed; names and times come out, never a value."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+
+    async def Put(self, request: pb.Secret, context: Any) -> pb.Secret:
+        at = await tenantdata.secret_put(
+            self.k.storage, self.k.config, request.tenant, request.name, request.value
+        )
+        return pb.Secret(tenant=request.tenant, name=request.name, updated_at=_ts(at))
+
+    async def Delete(self, request: pb.SecretRef, context: Any) -> pb.DeleteResponse:
+        await tenantdata.secret_delete(self.k.storage, request.tenant, request.name)
+        return pb.DeleteResponse()
+
+    async def List(self, request: pb.ListSecretsRequest, context: Any) -> pb.ListSecretsResponse:
+        found = await tenantdata.secret_list(self.k.storage, request.tenant)
+        secrets = [pb.Secret(tenant=request.tenant, name=name, updated_at=_ts(at)) for name, at in found]
+        return pb.ListSecretsResponse(secrets=secrets)
+
+
 def _unary(gate: Gate, method: str, message: Any, behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async with gate.call(method, message, context) as rpc:
@@ -649,7 +707,8 @@ def servicers(kernel: Kernel) -> dict[str, Any]:
     """The tenantflow.v1 servicers by service name; one set per kernel serves both transports, so
     they share its response budget."""
     return {"Workflows": WorkflowsServicer(kernel), "Code": CodeServicer(kernel),
-            "Schedules": SchedulesServicer(kernel), "Tenants": TenantsServicer(kernel)}  # fmt: skip
+            "Schedules": SchedulesServicer(kernel), "Tenants": TenantsServicer(kernel),
+            "KV": KVServicer(kernel), "Secrets": SecretsServicer(kernel)}  # fmt: skip
 
 
 def new_gate(kernel: Kernel, budgets: Budgets, tokens: Tokens | None) -> Gate:
@@ -682,7 +741,8 @@ async def create_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
-        pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Workflows", "Code", "Schedules", "Tenants")
+        pb.DESCRIPTOR.services_by_name[n].full_name
+        for n in ("Workflows", "Code", "Schedules", "Tenants", "KV", "Secrets")
     ]
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

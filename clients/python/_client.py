@@ -125,6 +125,8 @@ class Client:
         self.code = pb_grpc.CodeStub(channel)
         self.schedules = pb_grpc.SchedulesStub(channel)
         self.tenants = pb_grpc.TenantsStub(channel)
+        self.kv = pb_grpc.KVStub(channel)
+        self.secrets = pb_grpc.SecretsStub(channel)
 
     def __enter__(self) -> Client:
         return self
@@ -186,6 +188,39 @@ class Client:
         their counts; FAILED_PRECONDITION unless the kernel runs with ``--list-tenants``."""
         request = pb.ListTenantsRequest(prefix=prefix, page_size=page_size, page_token=page_token)
         return self._call(self.tenants.List, request)  # type: ignore[no-any-return]
+
+    # -- a tenant's key-value store (what its steps keep with ctx.kv) and its secrets ---------------
+    def kv_get(self, tenant: str, key: str) -> pb.KVEntry:
+        """The entry stored under ``key`` (``json.loads(entry.value_json)``); NOT_FOUND when absent."""
+        return self._call(self.kv.Get, pb.KVKeyRef(tenant=tenant, key=key))  # type: ignore[no-any-return]
+
+    def kv_put(self, tenant: str, key: str, value: Any) -> pb.KVEntry:
+        """Store ``value`` (anything JSON holds); RESOURCE_EXHAUSTED past the tenant's quota."""
+        request = pb.KVPutRequest(tenant=tenant, key=key, value_json=json.dumps(value, allow_nan=False))
+        return self._call(self.kv.Put, request)  # type: ignore[no-any-return]
+
+    def kv_delete(self, tenant: str, key: str) -> None:
+        """Delete ``key``; NOT_FOUND when absent."""
+        self._call(self.kv.Delete, pb.KVKeyRef(tenant=tenant, key=key))
+
+    def kv_list(
+        self, tenant: str, prefix: str = "", page_size: int = 0, page_token: str = ""
+    ) -> pb.KVListResponse:
+        """A page of the tenant's keys under ``prefix``, in key order, with the tenant's usage."""
+        request = pb.KVListRequest(tenant=tenant, prefix=prefix, page_size=page_size, page_token=page_token)
+        return self._call(self.kv.List, request)  # type: ignore[no-any-return]
+
+    def put_secret(self, tenant: str, name: str, value: str) -> pb.Secret:
+        """Set secret ``name`` (the answer never holds the value); FAILED_PRECONDITION on a kernel
+        without ``--secrets-key``."""
+        return self._call(self.secrets.Put, pb.Secret(tenant=tenant, name=name, value=value))  # type: ignore[no-any-return]
+
+    def delete_secret(self, tenant: str, name: str) -> None:
+        self._call(self.secrets.Delete, pb.SecretRef(tenant=tenant, name=name))
+
+    def list_secrets(self, tenant: str) -> list[pb.Secret]:
+        """The tenant's secrets' names and times, by name; never their values."""
+        return list(self._call(self.secrets.List, pb.ListSecretsRequest(tenant=tenant)).secrets)
 
     # -- instances ------------------------------------------------------------------------------------
     def create(

@@ -173,6 +173,17 @@ def test_every_rpc_of_the_proto_answers_over_http(open_kernel: KernelProcess) ->
     assert ok("Schedules/Delete", ref) == {}
     assert post(url, "Tenants/List", {})[1]["code"] == "failed_precondition"  # no --list-tenants
     called.add("Tenants/List")
+    assert ok("KV/Put", {"tenant": tenant, "key": "k/1", "valueJson": '{"n": 1}'})["key"] == "k/1"
+    assert ok("KV/Get", {"tenant": tenant, "key": "k/1"})["valueJson"] == '{"n": 1}'
+    kv = ok("KV/List", {"tenant": tenant, "prefix": "k/"})
+    assert [e["key"] for e in kv["entries"]] == ["k/1"] and kv["usage"]["keys"] == "1"
+    assert ok("KV/Delete", {"tenant": tenant, "key": "k/1"}) == {}
+    assert post(url, "KV/Get", {"tenant": tenant, "key": "k/1"})[0] == 404
+    secret = {"tenant": tenant, "name": "API_TOKEN", "value": "v"}
+    assert post(url, "Secrets/Put", secret)[1]["code"] == "failed_precondition"  # no --secrets-key
+    assert ok("Secrets/List", {"tenant": tenant}) == {}
+    assert post(url, "Secrets/Delete", {"tenant": tenant, "name": "API_TOKEN"})[0] == 404
+    called.update({"KV/Put", "KV/Get", "KV/List", "KV/Delete", "Secrets/Put", "Secrets/List", "Secrets/Delete"})
 
     every = {f"{s.name}/{m.name}" for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
     assert called == every  # a new RPC in the proto must be driven here too

@@ -83,10 +83,19 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "Schedules.Delete": LOOKUP,
     # off unless --list-tenants (the fuzz kernel runs with it); any prefix or token is only a position
     "Tenants.List": {Code.OK, Code.INVALID_ARGUMENT},
+    # a tenant's key-value store: quotas are RESOURCE_EXHAUSTED; the fuzz kernel has no --secrets-key,
+    # so a well-formed Secrets.Put is FAILED_PRECONDITION naming it
+    "KV.Get": LOOKUP,
+    "KV.Put": {Code.OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED},
+    "KV.Delete": LOOKUP,
+    "KV.List": {Code.OK, Code.INVALID_ARGUMENT},
+    "Secrets.Put": {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED},
+    "Secrets.Delete": LOOKUP,
+    "Secrets.List": {Code.OK, Code.INVALID_ARGUMENT},
 }
 REQUEST: dict[str, type[Message]] = {
     f"{service}.{m.name}": getattr(pb, m.input_type.name)
-    for service in ("Workflows", "Code", "Schedules", "Tenants")
+    for service in ("Workflows", "Code", "Schedules", "Tenants", "KV", "Secrets")
     for m in pb.DESCRIPTOR.services_by_name[service].methods
 }
 
@@ -313,6 +322,47 @@ def strategies(ref: str, ids: list[str], steps: list[str]) -> dict[str, st.Searc
             },
         ),  # fmt: skip
         **schedule_strategies(tenant, tenants, refs, wild_refs, good_json),
+        **tenant_data_strategies(tenant, tenants, good_json),
+    }
+
+
+def tenant_data_strategies(
+    tenant: st.SearchStrategy[str], tenants: st.SearchStrategy[str], good_json: st.SearchStrategy[str]
+) -> dict[str, st.SearchStrategy[Message]]:
+    """KV and Secrets: a few keys and names, odd ones, and values at and past their limits."""
+    key, keys = st.sampled_from(["a", "user/1", "é" * 256]), texts(["a", "user/1", "x" * 512, "x" * 513])
+    key_ref = requests(pb.KVKeyRef, {"tenant": tenant, "key": key}, {"tenant": tenants, "key": keys})
+    name, names = st.sampled_from(["API_TOKEN", "B"]), texts(["API_TOKEN", "a", "A" * 64, "A" * 65])
+    values = st.one_of(
+        json_texts, st.sampled_from([64 * 1024, 64 * 1024 + 1]).map(lambda n: '"' + "x" * (n - 2) + '"')
+    )
+    return {
+        "KV.Get": key_ref,
+        "KV.Delete": key_ref,
+        "KV.Put": requests(
+            pb.KVPutRequest,
+            {"tenant": tenant, "key": key, "value_json": good_json},
+            {"tenant": tenants, "key": keys, "value_json": values},
+        ),
+        "KV.List": requests(
+            pb.KVListRequest,
+            {
+                "tenant": tenant,
+                "prefix": st.sampled_from(["", "user/"]),
+                "page_size": st.integers(0, 1000),
+                "page_token": st.sampled_from(["", "user/1"]),
+            },
+            {"tenant": tenants, "prefix": keys, "page_size": int32, "page_token": keys},
+        ),  # fmt: skip
+        "Secrets.Put": requests(
+            pb.Secret,
+            {"tenant": tenant, "name": name, "value": st.text(min_size=1, max_size=20)},
+            {"tenant": tenants, "name": names, "value": texts(["v"])},
+        ),
+        "Secrets.Delete": requests(
+            pb.SecretRef, {"tenant": tenant, "name": name}, {"tenant": tenants, "name": names}
+        ),
+        "Secrets.List": requests(pb.ListSecretsRequest, {"tenant": tenant}, {"tenant": tenants}),
     }
 
 
