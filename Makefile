@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,load,fdb,git,wasm]'
+	$(PY) -m pip install --quiet -e '.[dev,load,fdb,git,wasm,secrets]'
 	touch $(STAMP)
 
 demo: $(STAMP)
