@@ -51,6 +51,7 @@ _FAULT_CODES = {"commit_unknown_result": 1021, "transaction_timed_out": 1031, "n
 _SYSTEM = b"\xff\x02sim/"  # the stand-in's own keys; the engine's all start with a tuple code < 0xff
 _VERSION = _SYSTEM + b"v"
 _LOG = _SYSTEM + b"log/"
+_FAULTS = _SYSTEM + b"faults/"  # faults injected, by kind, by every process over the store
 _KEEP_LOG = 30.0  # seconds of commits kept for conflict checks (past max_age, so none is missed)
 
 _envs: dict[str, tuple[Any, threading.Lock, int]] = {}  # realpath -> (environment, write lock, users)
@@ -181,6 +182,7 @@ class LmdbLayer:
         fault = self._fault()
         if fault is not None:
             self.counters.faults[fault] = self.counters.faults.get(fault, 0) + 1
+            self._tally(fault)
             if fault in ("not_committed", "transaction_too_old"):
                 raise FdbError(_FAULT_CODES[fault], "injected")
         reads = merge(txn.read_ranges)
@@ -211,6 +213,21 @@ class LmdbLayer:
             raise CommitUnknownResult("injected, after a commit that applied")
         if fault == "transaction_timed_out":
             raise FdbError(1031, "injected, after a commit that applied")
+
+    def _tally(self, fault: str) -> None:
+        with self._write_lock, self._env.begin(write=True) as w:
+            key = _FAULTS + fault.encode()
+            w.put(key, encode_int(decode_int(w.get(key)) + 1))
+
+    def injected(self) -> dict[str, int]:
+        """Faults injected so far into this store, by kind, by every process that opened it (the
+        counters count this layer's only)."""
+        with self._env.begin() as r, r.cursor() as cur:
+            found, ok = {}, cur.set_range(_FAULTS)
+            while ok and bytes(cur.key()).startswith(_FAULTS):
+                found[bytes(cur.key())[len(_FAULTS) :].decode()] = decode_int(bytes(cur.value()))
+                ok = cur.next()
+        return found
 
     def _check_conflicts(self, w: Any, read_version: int, reads: list[Range], begins: list[bytes]) -> None:
         with w.cursor() as cur:
