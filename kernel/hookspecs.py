@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from tenantflow.conformance.harness import Harness
     from tenantflow.kernel.config import KernelConfig
     from tenantflow.kernel.loader import Loader
     from tenantflow.kernel.sandbox import Sandbox
@@ -34,3 +35,10 @@ def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:  # type: ignore
 @hookspec
 def tenantflow_loaders(storage: Storage, config: KernelConfig) -> list[Loader]:  # type: ignore[empty-body]
     """The code loaders this plugin provides, each for its ref schemes."""
+
+
+@hookspec(firstresult=True)
+def tenantflow_conformance(kind: str, name: str) -> Harness | None:
+    """The conformance suites' harness for what you provide of ``kind`` (``storage``, ``sandbox``,
+    ``loader``) under ``name`` (URL scheme, runtime, ref scheme), else None. Import it lazily: only
+    ``pytest -p tenantflow.conformance.plugin`` asks (see ``tenantflow.conformance.harness``)."""

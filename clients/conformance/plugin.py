@@ -3,7 +3,9 @@
 ``pytest -p tenantflow.conformance.plugin --pyargs tenantflow.conformance --tenantflow-storage
 sqlite --tenantflow-runtime python --tenantflow-loader artifact`` runs each suite against what its
 option names (each option may be given more than once); a suite whose option is not given is
-skipped, saying so.
+skipped, saying so. Each name is looked up with the ``tenantflow_conformance`` hook among the
+installed plugins, whose harness (:mod:`tenantflow.conformance.harness`) makes what the suite needs
+and declares what the engine, runtime or loader lacks.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from tenantflow.client import Client
+from tenantflow.conformance.harness import Harness, LoaderHarness, SandboxHarness, StorageHarness
 from tenantflow.conformance.kernel import TEST_LIMITS, KernelProcess
+from tenantflow.kernel.plugins import Plugins
 
 OPTIONS = {
     "storage_name": ("--tenantflow-storage", "NAME", "a storage URL scheme: sqlite, kv+lmdb, fdb ..."),
@@ -64,3 +68,47 @@ def tenant(request: pytest.FixtureRequest) -> str:
     """A tenant name unique to this test."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)
     return f"t{next(_counter)}-{name}"[:60].rstrip("-.")
+
+
+def harness(kind: str, name: str) -> Harness:
+    """The harness the installed plugins give for ``kind`` ``name``; fails the test naming them if none."""
+    plugins = Plugins()
+    found: Harness | None = plugins.pm.hook.tenantflow_conformance(kind=kind, name=name)
+    if found is None:
+        pytest.fail(
+            f"no installed plugin gives a conformance harness for {kind} {name!r} "
+            f"(installed: {', '.join(plugins.names())}){plugins.unavailable(name)}",
+            pytrace=False,
+        )
+    return found
+
+
+def require(harness: Harness, capability: str) -> None:
+    """Skip the calling test, giving the harness's reason, when it declares it lacks ``capability``."""
+    if capability in harness.lacks:
+        pytest.skip(f"{harness.name} lacks {capability}: {harness.lacks[capability]}")
+
+
+@pytest.fixture(scope="session")
+def storage_harness(storage_name: str) -> StorageHarness:
+    """The harness of the engine under test."""
+    found = harness("storage", storage_name)
+    assert isinstance(found, StorageHarness), found
+    return found
+
+
+@pytest.fixture(scope="session")
+def sandbox_harness(runtime: str) -> SandboxHarness:
+    """The harness of the runtime under test."""
+    found = harness("sandbox", runtime)
+    assert isinstance(found, SandboxHarness), found
+    return found
+
+
+@pytest.fixture(scope="session")
+def loader_harness(loader_scheme: str) -> Iterator[LoaderHarness]:
+    """The harness of the loader under test (closed at the end of the session)."""
+    found = harness("loader", loader_scheme)
+    assert isinstance(found, LoaderHarness), found
+    yield found
+    found.close()

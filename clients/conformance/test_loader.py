@@ -3,61 +3,39 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 
 from tenantflow.client import Client, TenantflowRpcError
+from tenantflow.conformance.harness import LoaderHarness, LoaderSource
 from tenantflow.conformance.kernel import TEST_LIMITS, KernelProcess
+from tenantflow.conformance.workflows import versioned as workflow
 from tenantflow.v1 import tenantflow_pb2 as pb
-from tests.plugins.loader_git.gitrepo import GitRepo, workflow
 
-NOT_FOUND, INVALID = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 WAITING = frozenset({pb.STATUS_WAITING})
 
 
-@dataclass
-class Source:
-    """Where one loader's code comes from; :meth:`release` makes a new version under the same name."""
-
-    kind: str
-    tenant: str
-    root: Path
-    repo: GitRepo | None = None
-    bad: list[tuple[str, grpc.StatusCode, str]] = field(default_factory=list)
-
-    def release(self, client: Client, code: str) -> str:
-        """Publish ``code`` as the newest version; return the *unpinned* ref to it."""
-        if self.repo is not None:
-            self.repo.commit({"wf.py": code})
-            return self.repo.ref("main")
-        client.publish(self.tenant, "wf", {"wf.py": code})
-        return f"artifact://{self.tenant}/wf"
-
-    def pinned(self) -> re.Pattern[str]:
-        if self.repo is not None:
-            return re.compile(rf"^git\+file://{re.escape(str(self.repo.path))}@[0-9a-f]{{40}}#wf\.py$")
-        return re.compile(rf"^artifact://{re.escape(self.tenant)}/wf@sha256:[0-9a-f]{{64}}$")
-
-
 @pytest.fixture(scope="module")
-def git_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("git-root")
+def loader_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory the loader's harness keeps its code in (shared by the kernels of the module)."""
+    return tmp_path_factory.mktemp("loader-root")
 
 
-def serve(data_dir: Path, git_root: Path) -> KernelProcess:
-    k = KernelProcess(data_dir, [*TEST_LIMITS, "--git-root", str(git_root)])
+def serve(data_dir: Path, harness: LoaderHarness, root: Path) -> KernelProcess:
+    k = KernelProcess(data_dir, [*TEST_LIMITS, *harness.kernel_args(root)])
     k.start()
     return k
 
 
 @pytest.fixture(scope="module")
-def loader_kernel(tmp_path_factory: pytest.TempPathFactory, git_root: Path) -> Iterator[KernelProcess]:
-    k = serve(tmp_path_factory.mktemp("kernel"), git_root)
+def loader_kernel(
+    tmp_path_factory: pytest.TempPathFactory, loader_harness: LoaderHarness, loader_root: Path
+) -> Iterator[KernelProcess]:
+    k = serve(tmp_path_factory.mktemp("kernel"), loader_harness, loader_root)
     yield k
     k.stop()
 
@@ -69,26 +47,8 @@ def lclient(loader_kernel: KernelProcess) -> Iterator[Client]:
 
 
 @pytest.fixture
-def src(loader_scheme: str, tenant: str, git_root: Path) -> Source:
-    if loader_scheme == "artifact":
-        return Source("artifact", tenant, git_root, bad=[
-            (f"artifact://{tenant}/nope", NOT_FOUND, "'nope' was never published"),
-            (f"artifact://{tenant}/wf@sha256:{'0' * 64}", NOT_FOUND, f"sha256:{'0' * 64}"),
-            ("artifact://someone-else/wf", NOT_FOUND, "not found in tenant"),
-            (f"artifact://{tenant}", INVALID, "expected artifact://"),
-        ])  # fmt: skip
-    repo = GitRepo(git_root / f"{tenant}.git")
-    repo.commit({"wf.py": "def broken(:\n"}, branch="broken")
-    return Source("git", tenant, git_root, repo, bad=[
-        (f"git+file://{git_root}/missing.git@main#wf.py", NOT_FOUND, "no git repository"),
-        (repo.ref("nope"), NOT_FOUND, "no branch, tag or commit 'nope'"),
-        (repo.ref("f" * 40), NOT_FOUND, f"commit {'f' * 40!r}"),
-        (repo.ref("main", "missing.py"), NOT_FOUND, "no file 'missing.py'"),
-        (repo.ref("broken"), INVALID, "wf.py, line 1"),
-        ("git+file:///etc/repo.git@main#wf.py", INVALID, "not under a git root"),
-        (f"git+file://{repo.path}#wf.py", INVALID, "no '@<branch|tag|commit>'"),
-        (f"git+file://{repo.path}@main", INVALID, "no module path"),
-    ])  # fmt: skip
+def src(loader_harness: LoaderHarness, tenant: str, loader_root: Path) -> LoaderSource:
+    return loader_harness.source(tenant, loader_root)
 
 
 def run(client: Client, tenant: str, ref: str, workflow: str = "Flow") -> pb.Instance:
@@ -101,7 +61,7 @@ def output(client: Client, tenant: str, id: str) -> object:
     return Client.output(inst)
 
 
-def test_unpinned_ref_is_pinned_at_create(src: Source, lclient: Client) -> None:
+def test_unpinned_ref_is_pinned_at_create(src: LoaderSource, lclient: Client) -> None:
     ref = src.release(lclient, workflow("v1"))
     inst = run(lclient, src.tenant, ref)
     assert src.pinned().match(inst.code), inst.code
@@ -111,7 +71,7 @@ def test_unpinned_ref_is_pinned_at_create(src: Source, lclient: Client) -> None:
     assert output(lclient, src.tenant, again.id) == "v1"
 
 
-def test_bad_refs_fail_create_naming_what_is_missing(src: Source, lclient: Client) -> None:
+def test_bad_refs_fail_create_naming_what_is_missing(src: LoaderSource, lclient: Client) -> None:
     src.release(lclient, workflow("v1"))
     for ref, code, fragment in src.bad:
         with pytest.raises(TenantflowRpcError) as err:
@@ -119,7 +79,7 @@ def test_bad_refs_fail_create_naming_what_is_missing(src: Source, lclient: Clien
         assert err.value.code == code and fragment in err.value.message, (ref, err.value)
 
 
-def test_no_such_class_fails_create(src: Source, lclient: Client) -> None:
+def test_no_such_class_fails_create(src: LoaderSource, lclient: Client) -> None:
     ref = src.release(lclient, workflow("v1"))
     with pytest.raises(TenantflowRpcError) as err:
         run(lclient, src.tenant, ref, workflow="Missing")
@@ -127,7 +87,7 @@ def test_no_such_class_fails_create(src: Source, lclient: Client) -> None:
     assert "Flow" in err.value.message
 
 
-def test_instance_keeps_its_version_for_life(src: Source, lclient: Client) -> None:
+def test_instance_keeps_its_version_for_life(src: LoaderSource, lclient: Client) -> None:
     ref = src.release(lclient, workflow("v1", sleep=1.0))
     old = run(lclient, src.tenant, ref)
     lclient.wait(src.tenant, old.id, WAITING)
@@ -140,8 +100,10 @@ def test_instance_keeps_its_version_for_life(src: Source, lclient: Client) -> No
     assert output(lclient, src.tenant, old.id) == "v1"  # Restart reruns the pinned code too
 
 
-def test_version_for_life_across_kernel_kill(src: Source, tmp_path: Path) -> None:
-    k = serve(tmp_path / "kernel", src.root)
+def test_version_for_life_across_kernel_kill(
+    src: LoaderSource, tmp_path: Path, loader_harness: LoaderHarness, loader_root: Path
+) -> None:
+    k = serve(tmp_path / "kernel", loader_harness, loader_root)
     try:
         with k.client() as c:
             ref = src.release(c, workflow("v1", sleep=1.5))

@@ -1,17 +1,18 @@
-"""The storage contract (kernel/storage.py), checked directly against every installed engine.
+"""The storage contract (kernel/storage.py), checked directly against each engine named by
+``--tenantflow-storage``.
 
-Engines are found through the plugins, exactly as the kernel finds them. SQLite and kv+lmdb (the
-FoundationDB plugin's logic over LMDB) run everywhere; fdb runs against a real FoundationDB cluster
-when ``TENANTFLOW_FDB_CLUSTER_FILE`` names one, and is skipped with that reason otherwise.
+Engines are opened through the plugins, exactly as the kernel opens them, at URLs their plugin's
+harness makes (:class:`tenantflow.conformance.harness.StorageHarness`). Of the built-in ones, SQLite
+and kv+lmdb (the FoundationDB plugin's logic over LMDB) run everywhere; fdb runs against a real
+FoundationDB cluster when ``TENANTFLOW_FDB_CLUSTER_FILE`` names one, and is skipped with that reason
+otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tenantflow.conformance.harness import HarnessUnavailable, StorageHarness
+from tenantflow.conformance.plugin import require
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import AlreadyExists, ResourceExhausted
 from tenantflow.kernel.model import (
@@ -37,45 +40,25 @@ from tenantflow.kernel.model import (
 from tenantflow.kernel.plugins import Plugins
 from tenantflow.kernel.storage import Storage
 
-FDB_CLUSTER_FILE = os.environ.get("TENANTFLOW_FDB_CLUSTER_FILE", "")
-
-
-def engine_url(engine: str, tmp_path: Path) -> str:
-    """The URL of a fresh, empty store of ``engine`` (skips fdb when no cluster is configured)."""
-    if engine == "sqlite":
-        return f"sqlite:///{tmp_path / 'conformance.sqlite3'}"
-    if engine == "kv+lmdb":
-        return f"kv+lmdb://{tmp_path / 'conformance.lmdb'}?map_size_mb=1024"
-    if not FDB_CLUSTER_FILE:
-        pytest.skip("no FoundationDB cluster: set TENANTFLOW_FDB_CLUSTER_FILE to a cluster file to run fdb")
-    # a subspace of its own per test, so tests never see each other's keys on a shared cluster
-    return f"fdb://{FDB_CLUSTER_FILE}?root=conformance-{uuid.uuid4().hex}"
-
 
 def open_storage(url: str, tmp_path: Path) -> Storage:
     return Plugins().storage(url, KernelConfig(data_dir=tmp_path))
 
 
 @pytest.fixture
-def storage_url(storage_name: str, tmp_path: Path) -> str:
-    return engine_url(storage_name, tmp_path)
-
-
-def close(storage: Storage, url: str) -> None:
-    """Close; on a shared FoundationDB cluster, first remove the test's subspace."""
-    if url.startswith("fdb:"):
-        from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
-
-        assert isinstance(storage, KVStorage)
-        storage.layer.transact(lambda tr: tr.clear_range(*storage.k.glob_range()))
-    storage.close()
+def storage_url(storage_harness: StorageHarness, tmp_path: Path) -> str:
+    """The URL of a fresh, empty store of the engine under test."""
+    try:
+        return storage_harness.url(tmp_path)
+    except HarnessUnavailable as exc:
+        pytest.skip(f"{storage_harness.name}: {exc}")
 
 
 @pytest.fixture
-def storage(storage_url: str, tmp_path: Path) -> Iterator[Storage]:
+def storage(storage_url: str, storage_harness: StorageHarness, tmp_path: Path) -> Iterator[Storage]:
     engine = open_storage(storage_url, tmp_path)
     yield engine
-    close(engine, storage_url)
+    storage_harness.discard(engine)
 
 
 def instance(
@@ -644,7 +627,7 @@ def test_count_by_status_counts_every_tenant(storage: Storage) -> None:
 # -- concurrency: threads on one storage object, and on two objects over one store ------------------
 @pytest.fixture(params=["one object", "two objects"])
 def pair(
-    request: pytest.FixtureRequest, storage_url: str, tmp_path: Path
+    request: pytest.FixtureRequest, storage_url: str, storage_harness: StorageHarness, tmp_path: Path
 ) -> Iterator[tuple[Storage, Storage]]:
     """Two handles on one store: the same object twice, or two objects (as two kernel nodes have)."""
     first = open_storage(storage_url, tmp_path)
@@ -652,7 +635,7 @@ def pair(
     yield first, second
     if second is not first:
         second.close()
-    close(first, storage_url)
+    storage_harness.discard(first)
 
 
 def race(*calls: Callable[[], Any]) -> list[Any]:
@@ -871,11 +854,11 @@ def test_upgrade_re_pins_an_instance_under_its_lease(storage: Storage) -> None:
     )
 
 
-# -- kv+lmdb under faults FoundationDB retries (issue 27) -------------------------------------------
-# The stand-in fails a fifth of all commits with not_committed, transaction_too_old or
-# commit_unknown_result (after the commit applied): the binding's retry loop runs the transaction
-# again, so every write must find its own earlier commit, and the contract must hold unchanged.
-RETRIED_FAULTS = "not_committed,transaction_too_old,commit_unknown_result"
+# -- under injected faults (issue 27) ---------------------------------------------------------------
+# An engine whose harness injects faults (kv+lmdb: a fifth of all commits fail with not_committed,
+# transaction_too_old or commit_unknown_result after the commit applied) runs these checks on such a
+# store: its retry loop runs the transaction again, so every write must find its own earlier commit,
+# and the contract must hold unchanged.
 UNDER_FAULTS = [
     test_create_is_all_or_nothing_per_tenant,
     test_apply_guards_roll_back_only_the_failing_change,
@@ -891,23 +874,17 @@ UNDER_FAULTS = [
 
 
 @pytest.mark.parametrize("check", UNDER_FAULTS, ids=lambda check: check.__name__.removeprefix("test_"))
-def test_the_contract_holds_on_kv_lmdb_with_injected_faults(
-    check: Callable[[Storage], None], tmp_path: Path, request: pytest.FixtureRequest
+def test_the_contract_holds_under_injected_faults(
+    check: Callable[[Storage], None], storage_harness: StorageHarness, tmp_path: Path
 ) -> None:
-    if "kv+lmdb" not in request.config.getoption("--tenantflow-storage"):
-        pytest.skip("kv+lmdb is not among the --tenantflow-storage engines")
-    url = f"kv+lmdb://{tmp_path / 'faulty.lmdb'}?map_size_mb=1024&fault_rate=0.2&fault_seed=27&faults={RETRIED_FAULTS}"
-    storage = open_storage(url, tmp_path)
-    from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
-    from tenantflow.plugins.storage_fdb.lmdb_layer import LmdbLayer
-
-    assert isinstance(storage, KVStorage) and isinstance(storage.layer, LmdbLayer)
+    require(storage_harness, "faults")
+    storage = open_storage(storage_harness.faulty_url(tmp_path), tmp_path)
     try:
-        storage.layer.inject("commit_unknown_result")  # the first commit for certain, then at random
+        storage_harness.prepare_faulty(storage)
         check(storage)
-        assert sum(storage.layer.counters.faults.values()) > 0  # faults were injected, and survived
+        assert storage_harness.faults_injected(storage) > 0  # faults were injected, and survived
     finally:
-        storage.close()
+        storage_harness.discard(storage)
 
 
 def test_list_narrows_by_workflow_and_creation_time_and_counts_exactly(storage: Storage) -> None:

@@ -7,6 +7,7 @@ latest published, pinned at create). The files live in the kernel's storage.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from tenantflow.kernel import hookimpl
 from tenantflow.kernel.code import artifact_ref
@@ -14,6 +15,9 @@ from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import InvalidArgument, NotFound
 from tenantflow.kernel.loader import CodeBundle, Loader
 from tenantflow.kernel.storage import Storage
+
+if TYPE_CHECKING:
+    from tenantflow.conformance.harness import Harness
 
 _REF = re.compile(r"^artifact://(?P<tenant>[^/@]+)/(?P<name>[^/@]+)(?:@sha256:(?P<digest>[0-9a-f]{64}))?$")
 
@@ -59,3 +63,12 @@ class ArtifactLoader:
 @hookimpl
 def tenantflow_loaders(storage: Storage, config: KernelConfig) -> list[Loader]:
     return [ArtifactLoader(storage)]
+
+
+@hookimpl
+def tenantflow_conformance(kind: str, name: str) -> Harness | None:
+    if (kind, name) != ("loader", "artifact"):
+        return None
+    from tenantflow.plugins.loader_artifact.conformance import ArtifactHarness
+
+    return ArtifactHarness()

@@ -24,13 +24,27 @@ branch or tag is pinned (or a pinned commit is missing).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tenantflow.kernel import hookimpl
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.loader import Loader
 from tenantflow.kernel.storage import Storage
 from tenantflow.plugins.loader_git.loader import GitLoader
 
+if TYPE_CHECKING:
+    from tenantflow.conformance.harness import Harness
+
 
 @hookimpl
 def tenantflow_loaders(storage: Storage, config: KernelConfig) -> list[Loader]:
     return [GitLoader(config)]
+
+
+@hookimpl
+def tenantflow_conformance(kind: str, name: str) -> Harness | None:
+    if (kind, name) != ("loader", "git+file"):
+        return None
+    from tenantflow.plugins.loader_git.conformance import GitHarness
+
+    return GitHarness()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tenantflow.kernel import hookimpl
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.sandbox import Sandbox
 from tenantflow.plugins.sandbox_subprocess.sandbox import SubprocessSandbox
+
+if TYPE_CHECKING:
+    from tenantflow.conformance.harness import Harness
 
 
 @hookimpl
@@ -17,3 +22,12 @@ def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
             unsafe_allow_weak=config.unsafe_allow_weak_sandbox,
         )
     ]
+
+
+@hookimpl
+def tenantflow_conformance(kind: str, name: str) -> Harness | None:
+    if (kind, name) != ("sandbox", "python"):
+        return None
+    from tenantflow.plugins.sandbox_subprocess.conformance import PythonHarness
+
+    return PythonHarness()

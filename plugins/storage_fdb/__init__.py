@@ -16,6 +16,7 @@ asked for ``fdb://`` or ``kv+lmdb://``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from tenantflow.kernel import hookimpl
@@ -25,6 +26,9 @@ from tenantflow.kernel.storage import Storage
 from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.layer import Layer
 from tenantflow.plugins.storage_fdb.lmdb_layer import FAULTS, LmdbLayer, Rules
+
+if TYPE_CHECKING:
+    from tenantflow.conformance.harness import Harness
 
 _OPTIONS = {
     "fdb": {"api_version", "root"},
@@ -98,3 +102,12 @@ def tenantflow_storage(url: str, config: KernelConfig) -> Storage | None:
     if not url.startswith(("fdb:", "kv+lmdb:")):
         return None
     return open_url(url)
+
+
+@hookimpl
+def tenantflow_conformance(kind: str, name: str) -> Harness | None:
+    if kind != "storage" or name not in ("kv+lmdb", "fdb"):
+        return None
+    from tenantflow.plugins.storage_fdb.conformance import FdbHarness, LmdbHarness
+
+    return LmdbHarness() if name == "kv+lmdb" else FdbHarness()

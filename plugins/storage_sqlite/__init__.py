@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tenantflow.kernel import hookimpl
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.storage import Storage
 from tenantflow.plugins.storage_sqlite.sqlite_storage import SQLiteStorage, parse_url
+
+if TYPE_CHECKING:
+    from tenantflow.conformance.harness import Harness
 
 
 @hookimpl
@@ -15,3 +20,12 @@ def tenantflow_storage(url: str, config: KernelConfig) -> Storage | None:
         return None
     path, synchronous = parse_url(url)
     return SQLiteStorage(path, synchronous=synchronous)
+
+
+@hookimpl
+def tenantflow_conformance(kind: str, name: str) -> Harness | None:
+    if (kind, name) != ("storage", "sqlite"):
+        return None
+    from tenantflow.plugins.storage_sqlite.conformance import SQLiteHarness
+
+    return SQLiteHarness()
