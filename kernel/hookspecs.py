@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from tenantflow.kernel.storage import Storage
 
 PROJECT = "tenantflow"
+CONTRACT_VERSION = 1  # of the hooks below; bumped when a change breaks plugins (kernel/contracts.py)
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+CONTRACT_VERSION = 1  # bumped when a change breaks loaders written against it (kernel/contracts.py)
+
 
 @dataclass(frozen=True)
 class CodeBundle:

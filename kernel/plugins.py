@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pluggy
 
-from tenantflow.kernel import hookspecs
+from tenantflow.kernel import contracts, hookspecs
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.errors import InvalidArgument
 from tenantflow.kernel.loader import Loader
@@ -87,6 +87,7 @@ class Plugins:
                 self.pm.register(plugin, name=ep.name)
         for plugin in extra or []:
             self.pm.register(plugin)
+        contracts.check(self.pm)  # refuse, at start, plugins made for other contract versions
 
     def names(self) -> list[str]:
         return sorted(name for name, _ in self.pm.list_name_plugin())

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+CONTRACT_VERSION = 1  # bumped when a change breaks sandboxes written against it (kernel/contracts.py)
+
 
 class CodeError(Exception):
     """Tenant code that cannot be accepted (syntax error, unsupported feature); names file and line."""

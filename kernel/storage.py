@@ -26,6 +26,8 @@ from tenantflow.kernel.model import (
 )
 from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
 
+CONTRACT_VERSION = 1  # bumped when a change breaks engines written against it (kernel/contracts.py)
+
 
 class Storage(Protocol):
     """A storage engine. Methods are blocking; the kernel calls them off its event loop."""

@@ -81,6 +81,8 @@ def _isolated_run(job: dict[str, Any], transport: _Transport) -> None:
 class InProcessPlugin:
     """Registers :class:`InProcessSandbox` for the ``python`` runtime, ahead of the built-in one."""
 
+    TENANTFLOW_CONTRACTS = {"hookspecs": [1], "sandbox": [1]}
+
     @hookimpl
     def tenantflow_sandboxes(self, config: KernelConfig) -> list[Sandbox]:
         return [InProcessSandbox()]

@@ -60,6 +60,9 @@ class ArtifactLoader:
         return CodeBundle(ref=pinned, runtime=artifact.runtime, files=artifact.files)
 
 
+TENANTFLOW_CONTRACTS = {"hookspecs": [1], "loader": [1]}  # the versions this plugin supports
+
+
 @hookimpl
 def tenantflow_loaders(storage: Storage, config: KernelConfig) -> list[Loader]:
     return [ArtifactLoader(storage)]

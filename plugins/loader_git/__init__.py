@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from tenantflow.conformance.harness import Harness
 
 
+TENANTFLOW_CONTRACTS = {"hookspecs": [1], "loader": [1]}  # the versions this plugin supports
+
+
 @hookimpl
 def tenantflow_loaders(storage: Storage, config: KernelConfig) -> list[Loader]:
     return [GitLoader(config)]

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from tenantflow.conformance.harness import Harness
 
 
+TENANTFLOW_CONTRACTS = {"hookspecs": [1], "sandbox": [1]}  # the versions this plugin supports
+
+
 @hookimpl
 def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
     return [

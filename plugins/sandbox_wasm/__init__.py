@@ -23,6 +23,9 @@ if importlib.util.find_spec("componentize_py") is None:
     raise ModuleNotFoundError("No module named 'componentize_py'", name="componentize_py")
 
 
+TENANTFLOW_CONTRACTS = {"hookspecs": [1], "sandbox": [1]}  # the versions this plugin supports
+
+
 @hookimpl
 def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
     from tenantflow.plugins.sandbox_wasm.python_wasm import PythonWasmSandbox

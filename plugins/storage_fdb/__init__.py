@@ -97,6 +97,9 @@ def open_url(url: str) -> KVStorage:
     return KVStorage(layer, root=root)
 
 
+TENANTFLOW_CONTRACTS = {"hookspecs": [1], "storage": [1]}  # the versions this plugin supports
+
+
 @hookimpl
 def tenantflow_storage(url: str, config: KernelConfig) -> Storage | None:
     if not url.startswith(("fdb:", "kv+lmdb:")):

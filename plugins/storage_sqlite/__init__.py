@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from tenantflow.conformance.harness import Harness
 
 
+TENANTFLOW_CONTRACTS = {"hookspecs": [1], "storage": [1]}  # the versions this plugin supports
+
+
 @hookimpl
 def tenantflow_storage(url: str, config: KernelConfig) -> Storage | None:
     if not url.startswith("sqlite:"):
