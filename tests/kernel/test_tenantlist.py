@@ -1,13 +1,12 @@
-"""Tenants.List: the operator's tenant listing, in every storage engine, over gRPC, HTTP and the
-CLI; off unless --list-tenants, and a token sees only the tenants its patterns allow."""
+"""Tenants.List: the operator's tenant listing over gRPC, HTTP and the CLI; off unless
+--list-tenants, and a token sees only the tenants its patterns allow. The storage side is in the
+conformance suite (clients/conformance/test_storage_tenants.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -15,118 +14,10 @@ import pytest
 
 from tenantflow.client import Client, TenantflowRpcError
 from tenantflow.kernel.auth import new_token
-from tenantflow.kernel.config import KernelConfig
-from tenantflow.kernel.model import (
-    Artifact,
-    HistoryEntry,
-    InstanceRecord,
-    ScheduleRecord,
-    Status,
-    TenantSummary,
-)
-from tenantflow.kernel.plugins import Plugins
-from tenantflow.kernel.storage import Storage
 from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.kernel.test_http_api import WAITS, files, http_url, post
 
-ENGINES = {"sqlite": "sqlite:///{dir}/t.sqlite3", "kv+lmdb": "kv+lmdb://{dir}/t.lmdb?map_size_mb=256"}
 
-
-def _instance(tenant: str, id: str, status: Status = Status.QUEUED) -> InstanceRecord:
-    now = time.time()
-    return InstanceRecord(
-        tenant=tenant, id=id, workflow="W", code="c", runtime="python", module="wf", params_json="null",
-        status=status, created_at=now, updated_at=now, run_at=None,
-    )  # fmt: skip
-
-
-def _create(storage: Storage, records: list[InstanceRecord]) -> None:
-    storage.create_instances(
-        records, [HistoryEntry(at=r.created_at, kind="created", status=int(r.status)) for r in records]
-    )
-
-
-@pytest.fixture(params=sorted(ENGINES))
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    engine = Plugins().storage(ENGINES[request.param].format(dir=tmp_path), KernelConfig(data_dir=tmp_path))
-    _create(
-        engine, [_instance("acme", f"i{n}") for n in range(3)] + [_instance("acme", "done", Status.COMPLETE)]
-    )
-    _create(engine, [_instance("acme-eu", "x", Status.ERRORED), _instance("beta", "y")])
-    engine.create_schedule(ScheduleRecord(tenant="zeta", name="nightly", cron="0 3 * * *", time_zone="UTC",
-                                          workflow="W", code="c", params_json="null"))  # fmt: skip
-    engine.put_artifact(
-        Artifact("gamma", "wf", "sha256:" + "1" * 64, "python", {"a.py": b"x"}, {"W": "a"}, 1.0)
-    )
-    yield engine
-    engine.close()
-
-
-def _all(
-    storage: Storage, prefix: str = "", limit: int = 50, keep: Callable[[str], bool] | None = None
-) -> tuple[list[TenantSummary], int]:
-    """Every tenant, paging until the cursor is None; and how many pages that took."""
-    found: list[TenantSummary] = []
-    cursor, pages = None, 0
-    while True:
-        page, cursor = storage.list_tenants(prefix, cursor, limit, keep)
-        found, pages = found + page, pages + 1
-        if cursor is None:
-            return found, pages
-
-
-def test_every_engine_lists_tenants_by_name_with_their_counts(storage: Storage) -> None:
-    found, _ = _all(storage)
-    assert found == [
-        TenantSummary("acme", instances=4, live=3),
-        TenantSummary("acme-eu", instances=1, live=0),
-        TenantSummary("beta", instances=1, live=1),
-        TenantSummary("gamma", code_versions=1),
-        TenantSummary("zeta", schedules=1),
-    ]
-    storage.delete_instance("acme", "i0")
-    storage.delete_instance("beta", "y")  # beta holds nothing now: not listed
-    assert [(t.tenant, t.instances, t.live) for t in _all(storage, "a")[0]] == [
-        ("acme", 3, 2),
-        ("acme-eu", 1, 0),
-    ]
-    assert "beta" not in [t.tenant for t in _all(storage)[0]]
-
-
-def test_pages_prefixes_and_the_callers_filter(storage: Storage) -> None:
-    names = [t.tenant for t in _all(storage)[0]]
-    paged, pages = _all(storage, limit=2)
-    assert [t.tenant for t in paged] == names and pages >= 3
-    assert [t.tenant for t in _all(storage, "acme")[0]] == ["acme", "acme-eu"]
-    assert [t.tenant for t in _all(storage, "acme-")[0]] == ["acme-eu"]
-    assert _all(storage, "nobody")[0] == []
-    asked: list[str] = []
-
-    def keep(tenant: str) -> bool:
-        asked.append(tenant)
-        return tenant.startswith(("acme-", "z"))
-
-    assert [t.tenant for t in _all(storage, keep=keep)[0]] == ["acme-eu", "zeta"]
-    assert sorted(set(asked)) == names  # asked by name only: refused tenants' counts are never read
-
-
-def test_lmdb_counts_a_tenant_made_before_its_counter_once(tmp_path: Path) -> None:
-    from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
-
-    engine = Plugins().storage(ENGINES["kv+lmdb"].format(dir=tmp_path), KernelConfig(data_dir=tmp_path))
-    assert isinstance(engine, KVStorage)
-    _create(engine, [_instance("old", f"i{n}") for n in range(5)])
-    k = engine.k
-    engine.layer.transact(lambda tr: (tr.clear(k.tenant("old", "nc")), tr.clear(k.tenant("old", "ni"))))
-    _create(engine, [_instance("old", "after")])  # counted by the counter, which starts from nothing
-    assert engine.list_tenants("", None, 10) == ([TenantSummary("old", instances=6, live=6)], None)
-    assert engine.layer.read(lambda tr: tr.get(k.tenant("old", "nc"))) is not None  # once
-    engine.delete_instance("old", "i0")
-    assert engine.list_tenants("", None, 10)[0][0].instances == 5
-    engine.close()
-
-
-# -- the RPC ---------------------------------------------------------------------------------------
 def test_listing_is_off_unless_the_kernel_runs_with_list_tenants(client: Client) -> None:
     with pytest.raises(TenantflowRpcError) as caught:
         client.list_tenants()
