@@ -12,6 +12,7 @@ from typing import Any
 
 from tenantflow.kernel.cliargs import RUNTIMES, STATUSES, completion_script, json_arg
 from tenantflow.kernel.clidata import add_parsers as add_data_parsers
+from tenantflow.kernel.cliegress import add_egress_parser
 from tenantflow.kernel.cliview import as_json, describe, print_instance, print_schedule, status, table
 from tenantflow.kernel.devcli import add_dev_parser
 from tenantflow.kernel.serve import COUNT_OR_ZERO, DEFAULT_ADDRESS, add_serve_parser
@@ -417,6 +418,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--page-token", help="the page to show, as the previous page printed it")
     c.set_defaults(func=_cmd_tenants)
     add_data_parsers(sub, client_parser, _client)
+    add_egress_parser(sub, client_parser, _client)
     c = client_parser("send-event", "send an event to an instance")
     instance_id(c)
     c.add_argument("type", help="the event type a step waits for, e.g. deploy-approval")

@@ -16,7 +16,17 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tenantflow.kernel import children, codelist, errors, metrics, rollback, schedules, tenantdata, upgrade
+from tenantflow.kernel import (
+    children,
+    codelist,
+    egress,
+    errors,
+    metrics,
+    rollback,
+    schedules,
+    tenantdata,
+    upgrade,
+)
 from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFlight
 from tenantflow.kernel.auth import CALLER, Tokens
 from tenantflow.kernel.code import artifact_ref
@@ -665,6 +675,27 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         return pb.ListSecretsResponse(secrets=secrets)
 
 
+class EgressServicer(pb_grpc.EgressServicer):
+    """``tenantflow.v1.Egress``: where a tenant's steps may connect (kernel/egress.py)."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+
+    async def Set(self, request: pb.EgressPolicy, context: Any) -> pb.EgressPolicy:
+        raw = [(r.host, list(r.ports)) for r in request.rules]
+        rules, at = await egress.put(self.k.storage, request.tenant, raw)
+        return _egress_pb(request.tenant, rules, at)
+
+    async def Get(self, request: pb.EgressRef, context: Any) -> pb.EgressPolicy:
+        rules, at = await egress.get(self.k.storage, request.tenant)
+        return _egress_pb(request.tenant, rules, at)
+
+
+def _egress_pb(tenant: str, rules: list[egress.Rule], at: float | None) -> pb.EgressPolicy:
+    return pb.EgressPolicy(tenant=tenant, rules=[pb.EgressRule(host=r.host, ports=r.ports) for r in rules],
+                           updated_at=_ts(at))  # fmt: skip
+
+
 def _unary(gate: Gate, method: str, message: Any, behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async with gate.call(method, message, context) as rpc:
@@ -708,7 +739,8 @@ def servicers(kernel: Kernel) -> dict[str, Any]:
     they share its response budget."""
     return {"Workflows": WorkflowsServicer(kernel), "Code": CodeServicer(kernel),
             "Schedules": SchedulesServicer(kernel), "Tenants": TenantsServicer(kernel),
-            "KV": KVServicer(kernel), "Secrets": SecretsServicer(kernel)}  # fmt: skip
+            "KV": KVServicer(kernel), "Secrets": SecretsServicer(kernel),
+            "Egress": EgressServicer(kernel)}  # fmt: skip
 
 
 def new_gate(kernel: Kernel, budgets: Budgets, tokens: Tokens | None) -> Gate:
@@ -742,7 +774,7 @@ async def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
         pb.DESCRIPTOR.services_by_name[n].full_name
-        for n in ("Workflows", "Code", "Schedules", "Tenants", "KV", "Secrets")
+        for n in ("Workflows", "Code", "Schedules", "Tenants", "KV", "Secrets", "Egress")
     ]
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

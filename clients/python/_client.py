@@ -127,6 +127,7 @@ class Client:
         self.tenants = pb_grpc.TenantsStub(channel)
         self.kv = pb_grpc.KVStub(channel)
         self.secrets = pb_grpc.SecretsStub(channel)
+        self.egress = pb_grpc.EgressStub(channel)
 
     def __enter__(self) -> Client:
         return self
@@ -221,6 +222,16 @@ class Client:
     def list_secrets(self, tenant: str) -> list[pb.Secret]:
         """The tenant's secrets' names and times, by name; never their values."""
         return list(self._call(self.secrets.List, pb.ListSecretsRequest(tenant=tenant)).secrets)
+
+    # -- egress ----------------------------------------------------------------------------------------
+    def set_egress(self, tenant: str, rules: Sequence[tuple[str, Sequence[int]]]) -> pb.EgressPolicy:
+        """Replace where ``tenant``'s steps may connect: ``(host, ports)`` pairs, a host being a name,
+        ``*.suffix``, or an IP address or CIDR block; no rules: nowhere."""
+        policy = pb.EgressPolicy(tenant=tenant, rules=[pb.EgressRule(host=h, ports=list(p)) for h, p in rules])
+        return self._call(self.egress.Set, policy)  # type: ignore[no-any-return]
+
+    def get_egress(self, tenant: str) -> pb.EgressPolicy:
+        return self._call(self.egress.Get, pb.EgressRef(tenant=tenant))  # type: ignore[no-any-return]
 
     # -- instances ------------------------------------------------------------------------------------
     def create(

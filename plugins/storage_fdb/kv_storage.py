@@ -901,5 +901,16 @@ class KVStorage:
     ) -> list[tuple[str, str, bytes, float]]:
         return self.layer.read(lambda tr: tenantkv.list_secrets(tr, self.k, tenant, after, limit))
 
+    # ``R "E" tenant``: a tenant's egress allow-list (its rules as JSON, and when they were set)
+    def put_egress(self, tenant: str, rules_json: str, now: float) -> None:
+        self.layer.transact(lambda tr: tr.set(self.k.glob("E", tenant), pack((rules_json, now))))
+
+    def get_egress(self, tenant: str) -> tuple[str, float] | None:
+        raw = self.layer.read(lambda tr: tr.get(self.k.glob("E", tenant)))
+        if raw is None:
+            return None
+        rules_json, at = unpack(raw)
+        return str(rules_json), float(at)
+
     def close(self) -> None:
         self.layer.close()

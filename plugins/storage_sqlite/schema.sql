@@ -80,3 +80,8 @@ CREATE TABLE IF NOT EXISTS secrets (
     tenant TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (tenant, name)
 ) WITHOUT ROWID;
+
+-- Tenants' egress allow-lists (kernel/egress.py): the rules as JSON, set through Egress.Set.
+CREATE TABLE IF NOT EXISTS egress (
+    tenant TEXT PRIMARY KEY, rules_json TEXT NOT NULL, updated_at REAL NOT NULL
+) WITHOUT ROWID;

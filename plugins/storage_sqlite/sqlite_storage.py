@@ -726,6 +726,21 @@ class SQLiteStorage:
     ) -> list[tuple[str, str, bytes, float]]:
         return tenantkv.list_secrets(self._reader(), tenant, after, limit)
 
+    def put_egress(self, tenant: str, rules_json: str, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO egress (tenant, rules_json, updated_at) VALUES (?, ?, ?)",
+                (tenant, rules_json, now),
+            )
+
+    def get_egress(self, tenant: str) -> tuple[str, float] | None:
+        row = (
+            self._reader()
+            .execute("SELECT rules_json, updated_at FROM egress WHERE tenant = ?", (tenant,))
+            .fetchone()
+        )
+        return (str(row[0]), float(row[1])) if row else None
+
     def close(self) -> None:
         with self._lock:
             self._writer.close()

@@ -183,7 +183,14 @@ def test_every_rpc_of_the_proto_answers_over_http(open_kernel: KernelProcess) ->
     assert post(url, "Secrets/Put", secret)[1]["code"] == "failed_precondition"  # no --secrets-key
     assert ok("Secrets/List", {"tenant": tenant}) == {}
     assert post(url, "Secrets/Delete", {"tenant": tenant, "name": "API_TOKEN"})[0] == 404
-    called.update({"KV/Put", "KV/Get", "KV/List", "KV/Delete", "Secrets/Put", "Secrets/List", "Secrets/Delete"})
+    called.update(
+        {"KV/Put", "KV/Get", "KV/List", "KV/Delete", "Secrets/Put", "Secrets/List", "Secrets/Delete"}
+    )
+    rule = {"host": "api.example.com", "ports": [443]}
+    assert ok("Egress/Set", {"tenant": tenant, "rules": [rule]})["rules"] == [rule]
+    assert ok("Egress/Get", {"tenant": tenant})["rules"] == [rule]
+    assert post(url, "Egress/Set", {"tenant": tenant, "rules": [{"host": "a..b", "ports": [1]}]})[0] == 400
+    called.update({"Egress/Set", "Egress/Get"})
 
     every = {f"{s.name}/{m.name}" for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
     assert called == every  # a new RPC in the proto must be driven here too

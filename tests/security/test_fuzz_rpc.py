@@ -92,10 +92,13 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "Secrets.Put": {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED},
     "Secrets.Delete": LOOKUP,
     "Secrets.List": {Code.OK, Code.INVALID_ARGUMENT},
+    # a tenant's egress allow-list: a bad rule is INVALID_ARGUMENT naming it
+    "Egress.Set": {Code.OK, Code.INVALID_ARGUMENT},
+    "Egress.Get": {Code.OK, Code.INVALID_ARGUMENT},
 }
 REQUEST: dict[str, type[Message]] = {
     f"{service}.{m.name}": getattr(pb, m.input_type.name)
-    for service in ("Workflows", "Code", "Schedules", "Tenants", "KV", "Secrets")
+    for service in ("Workflows", "Code", "Schedules", "Tenants", "KV", "Secrets", "Egress")
     for m in pb.DESCRIPTOR.services_by_name[service].methods
 }
 
@@ -363,6 +366,30 @@ def tenant_data_strategies(
             pb.SecretRef, {"tenant": tenant, "name": name}, {"tenant": tenants, "name": names}
         ),
         "Secrets.List": requests(pb.ListSecretsRequest, {"tenant": tenant}, {"tenant": tenants}),
+        **egress_strategies(tenant, tenants),
+    }
+
+
+def egress_strategies(
+    tenant: st.SearchStrategy[str], tenants: st.SearchStrategy[str]
+) -> dict[str, st.SearchStrategy[Message]]:
+    """Egress: good rules, odd hosts (CIDR, wildcards, junk), ports out of range, too many rules."""
+    hosts = texts(
+        ["api.example.com", "*.example.com", "10.0.0.0/8", "::1", "*.", "a..b", "x" * 254, "1.2.3.4/33"]
+    )
+    ports = st.lists(st.integers(0, 70000), max_size=40)
+    rule = st.builds(lambda h, p: pb.EgressRule(host=h, ports=p), hosts, ports)
+    good = st.builds(
+        lambda h, p: pb.EgressRule(host=h, ports=p),
+        st.sampled_from(["api.example.com", "*.example.com", "203.0.113.0/24"]),
+        st.lists(st.integers(1, 65535), min_size=1, max_size=3),
+    )
+    return {
+        "Egress.Set": st.one_of(
+            st.builds(lambda t, r: pb.EgressPolicy(tenant=t, rules=r), tenant, st.lists(good, max_size=3)),
+            st.builds(lambda t, r: pb.EgressPolicy(tenant=t, rules=r), tenants, st.lists(rule, max_size=300)),
+        ),
+        "Egress.Get": requests(pb.EgressRef, {"tenant": tenant}, {"tenant": tenants}),
     }
 
 
