@@ -3,7 +3,7 @@
 ``R "T" tenant "ni"``   how many instances the tenant has (atomic, kept by ``indexes.reindex``)
 ``R "T" tenant "nc"``   present when ``"ni"`` counts every one of them: set with the tenant's first
                         instance; a tenant whose instances predate the counter is counted once, in
-                        one transaction (its ``"l"`` index, keys only), when it is first listed
+                        one transaction (its ``"l"`` index, an entry an instance), when first listed
 
 Tenants are found by skipping through ``R "T"``: one range read of one key per tenant, then a jump
 past everything the tenant holds. A tenant is listed if it has an instance, a schedule or a
@@ -54,42 +54,44 @@ def _backfill(layer: Layer, k: Keys, tenant: str) -> None:
     layer.transact(count)
 
 
+def _counts(tr: Txn, k: Keys, tenant: str) -> TenantSummary | str:
+    """The tenant's counts in one read, or what must be done first: ``"index"`` its versions
+    published before the version index, ``"count"`` its instances made before the counter."""
+    avi, nc, ni, live, scn = tr.get_many(
+        [k.tenant(tenant, key) for key in ("avi", "nc", "ni", "live", "scn")], snapshot=True
+    )
+    if avi is None:
+        return "index"
+    if nc is None and tr.get_range(*k.tenant_range(tenant, "l"), limit=1, snapshot=True):
+        return "count"
+    return TenantSummary(
+        tenant=tenant,
+        instances=decode_int(ni),
+        live=decode_int(live),
+        schedules=decode_int(scn) if scn is not None else _names(tr, k, tenant, "sc"),
+        code_versions=_count_keys(tr, *k.tenant_range(tenant, "av")),
+    )
+
+
 def _summary(layer: Layer, k: Keys, tenant: str) -> TenantSummary | None:
-    """The tenant's counts (None if it has nothing listed): four point reads, its version index
-    (a key a version) and, in stores made before the schedule counter, a read per schedule."""
-    if layer.read(lambda tr: tr.get(k.tenant(tenant, "avi"))) is None:
-        artifacts.index_older(layer, k, tenant)  # as Code.List does on first use
-
-    def read(tr: Txn) -> tuple[bytes | None, ...]:
-        return tuple(
-            tr.get_many([k.tenant(tenant, key) for key in ("nc", "ni", "live", "scn")], snapshot=True)
-        )
-
-    marker, *_ = layer.read(read)
-    if marker is None and layer.read(lambda tr: tr.get_range(*k.tenant_range(tenant, "l"), limit=1)):
-        _backfill(layer, k, tenant)
-
-    def counts(tr: Txn) -> TenantSummary:
-        _, ni, live, scn = read(tr)
-        return TenantSummary(
-            tenant=tenant,
-            instances=decode_int(ni),
-            live=decode_int(live),
-            schedules=decode_int(scn) if scn is not None else _names(tr, k, tenant, "sc"),
-            code_versions=_count_keys(tr, *k.tenant_range(tenant, "av")),
-        )
-
-    found = layer.read(counts)
+    """The tenant's counts (None if it has nothing listed): one read transaction of five keys and
+    its version index (a key a version; in stores made before the schedule counter, also a read
+    per schedule), after indexing or counting once what predates the indexes."""
+    while not isinstance(found := layer.read(functools.partial(_counts, k=k, tenant=tenant)), TenantSummary):
+        if found == "index":
+            artifacts.index_older(layer, k, tenant)  # as Code.List does on its first use
+        else:
+            _backfill(layer, k, tenant)
     return found if found.instances or found.schedules or found.code_versions else None
 
 
 def list_page(
     layer: Layer, k: Keys, prefix: str, cursor: str | None, limit: int, keep: Callable[[str], bool] | None
 ) -> tuple[list[TenantSummary], str | None]:
-    """See ``Storage.list_tenants``. Cost per call: at most :data:`SCAN` tenants looked at, each one
-    range read of one key and four point reads; for each tenant listed, a range read of its
-    version index (a key per published version). No read grows with a tenant's instances (a
-    counter holds their number) except the one-time count of a tenant made before the counter."""
+    """See ``Storage.list_tenants``. Cost per call: at most :data:`SCAN` tenants looked at, each a
+    read transaction of one key; for each the caller's filter keeps, one more of five point reads
+    and its version index (a key per published version). No read grows with a tenant's instances
+    (a counter holds their number) except the one-time count of a tenant made before the counter."""
     base = pack((*k.root, "T")) + _STRING + prefix.encode()
     begin, end = base, base + b"\xff"
     if cursor is not None and cursor >= prefix:
