@@ -16,11 +16,12 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-from tenantflow.kernel import children, metrics, rollback, stepkinds, stepreach
+from tenantflow.kernel import children, egress, metrics, rollback, stepkinds, stepreach
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -70,6 +71,7 @@ class WakeUp:
         self.sandbox_task: asyncio.Task[Any] | None = None
         self.wall = math.inf  # when this wake-up's wall-clock limit strikes (set once it runs)
         self.hard_limit = 0.0  # seconds no wake-up outlives, whatever its steps' time-outs (set once it runs)
+        self._egress: egress.RunEgress | None = None  # its connections, once a step opens one
 
     def abort(self, reason: str) -> None:
         """Stop the sandbox; nothing more is written for this wake-up."""
@@ -151,6 +153,8 @@ class WakeUp:
         if journal.ended and not self.stopped:  # it reported its end: how the process went after is no news
             detail = ""
         metrics.sandbox_ended(journal, code.bundle.runtime, detail, self.stopped)
+        if self._egress is not None:
+            await self._egress.close()
         if journal.ended or journal.aborted:
             return
         await self._crashed(detail, late)
@@ -235,6 +239,14 @@ class WakeUp:
             self._cancel_sandbox()
 
         self._loop.call_soon_threadsafe(stop)
+
+    async def egress_open(self, host: str, port: int) -> socket.socket:
+        """A connection the guest asks for, checked against its tenant's allow-list (kernel/egress.py);
+        ``egress.Refused`` says why not."""
+        if self._egress is None:
+            tenant, storage = self.record.tenant, self.journal.storage
+            self._egress = egress.RunEgress(tenant, lambda: egress.stored_rules(storage, tenant))
+        return await self._egress.open(host, port)
 
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         journal = self.journal

@@ -227,7 +227,9 @@ class Client:
     def set_egress(self, tenant: str, rules: Sequence[tuple[str, Sequence[int]]]) -> pb.EgressPolicy:
         """Replace where ``tenant``'s steps may connect: ``(host, ports)`` pairs, a host being a name,
         ``*.suffix``, or an IP address or CIDR block; no rules: nowhere."""
-        policy = pb.EgressPolicy(tenant=tenant, rules=[pb.EgressRule(host=h, ports=list(p)) for h, p in rules])
+        policy = pb.EgressPolicy(
+            tenant=tenant, rules=[pb.EgressRule(host=h, ports=list(p)) for h, p in rules]
+        )
         return self._call(self.egress.Set, policy)  # type: ignore[no-any-return]
 
     def get_egress(self, tenant: str) -> pb.EgressPolicy:

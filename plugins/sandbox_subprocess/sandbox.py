@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tenantflow.kernel.sandbox import Host, Inspection, Limits, RunExit
-from tenantflow.plugins.sandbox_subprocess import wire
+from tenantflow.plugins.sandbox_subprocess import egress_channel, wire
 from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS, RunCgroup, RunCgroups
 from tenantflow.plugins.sandbox_subprocess.spares import Child, SparePool, close_child_ends
 from tenantflow.plugins.sandboxing.pysource import decode_files, inspect_python
@@ -443,16 +443,24 @@ class SubprocessSandbox:
         a thread (it can take milliseconds), never on the event loop."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         output_r, output_w = os.pipe()  # the run's own stdout/stderr
+        # Without the network, its connections are asked of the kernel (egress_channel.py).
+        egress = (
+            None if self._settings["network"] else socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        )
         try:
-            pid = await self._fork(theirs, output_w, limits)
+            pid = await self._fork(theirs, output_w, limits, egress[1] if egress else None)
         except BaseException:
             ours.close()
             os.close(output_r)
+            if egress:
+                egress[0].close()
             raise
         finally:
             theirs.close()
             os.close(output_w)
-        child = Child(pid, ours, output_r, None, limits, self._proc)
+            if egress:
+                egress[1].close()
+        child = Child(pid, ours, output_r, None, limits, self._proc, egress[0] if egress else None)
         if self._cgroups is None:
             return child
         memory = int(json.loads(limits)["memory_bytes"])
@@ -482,25 +490,29 @@ class SubprocessSandbox:
             self._releases.add(release)
             release.add_done_callback(self._releases.discard)
 
-    async def _fork(self, child_sock: socket.socket, output: int, limits: str) -> int:
+    async def _fork(
+        self, child_sock: socket.socket, output: int, limits: str, egress: socket.socket | None = None
+    ) -> int:
         """A confined child from the template; a template found dead is replaced, and asked again."""
         await self._respawn_if_gone()
         template = self._proc
         try:
-            return await self._fork_once(child_sock, output, limits)
+            return await self._fork_once(child_sock, output, limits, egress)
         except (OSError, RuntimeError) as exc:  # it died between our check and our request
             log.warning("the sandbox template failed a fork (%s); replacing it", exc)
             await self._respawn_if_gone(broken=template)
-            return await self._fork_once(child_sock, output, limits)
+            return await self._fork_once(child_sock, output, limits, egress)
 
-    async def _fork_once(self, child_sock: socket.socket, output: int, limits: str) -> int:
+    async def _fork_once(
+        self, child_sock: socket.socket, output: int, limits: str, egress: socket.socket | None = None
+    ) -> int:
         assert self._ctrl is not None
         self._req += 1
         req = self._req
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending[req] = fut
         request = f'{{"op": "fork", "req": {req}, "limits": {limits}}}'
-        fds = array.array("i", [child_sock.fileno(), output])
+        fds = array.array("i", [child_sock.fileno(), output, *([egress.fileno()] if egress else [])])
         self._ctrl.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         pid = await fut
         if pid <= 0:
@@ -532,6 +544,11 @@ class SubprocessSandbox:
         ended = False
         calls = [0]
         watchdog = asyncio.create_task(cpu_watchdog(pid, limits, calls, self._kill))
+        egress = None
+        if child.egress is not None:
+            egress = asyncio.create_task(
+                egress_channel.serve(child.egress, getattr(host, "egress_open", None))
+            )
         writer: asyncio.StreamWriter | None = None
         try:  # from here on a cancelled run still kills its child and releases its cgroup
             reader, writer = await asyncio.open_unix_connection(sock=ours)
@@ -579,6 +596,9 @@ class SubprocessSandbox:
                 ours.close()
             self._kill(pid)
             watchdog.cancel()
+            if egress is not None and (channel := child.egress) is not None:
+                egress.add_done_callback(lambda _: channel.close())  # once the task let go of it
+                egress.cancel()
             out_of_memory = cgroup is not None and cgroup.oom_killed()  # read before the cgroup goes
             self._release(cgroup)
             await output.close()

@@ -37,6 +37,7 @@ class Child:
     cgroup: RunCgroup | None  # its pids and memory cgroups (None where none could be made)
     limits: str  # the fork request's limits: a spare serves only runs with the same ones
     template: Any  # the template process that forked it (a replaced template's spares are dead)
+    egress: socket.socket | None = None  # the kernel's end of its egress channel (no network granted)
 
 
 class SparePool:
@@ -98,5 +99,7 @@ class SparePool:
 def close_child_ends(child: Child) -> None:
     """Close the kernel's ends of a child's pipes (once it will never run)."""
     child.sock.close()
+    if child.egress is not None:
+        child.egress.close()
     with contextlib.suppress(OSError):
         os.close(child.output)

@@ -3,7 +3,8 @@
 Run as ``python -m tenantflow.plugins.sandbox_subprocess.zygote <control-fd> <settings>
 tenantflow-kernel=<pid>`` by the sandbox, with an empty environment and its own stdout/stderr (a
 pipe the kernel logs). The control socket (SOCK_SEQPACKET) carries JSON requests with two
-SCM_RIGHTS fds, the child's socket and the write end of its stdout/stderr pipe; the template
+SCM_RIGHTS fds, the child's socket and the write end of its stdout/stderr pipe (and, without the
+network granted, its egress channel: see ``egress_guest``); the template
 answers ``{"pid"}`` and later ``{"exit", "status"}``. The template dies with the kernel's thread
 that started it, and each child with the template (SIGKILL), so no run outlives its kernel.
 """
@@ -27,14 +28,14 @@ import traceback
 from typing import Any
 
 import tenantflow.workflow  # noqa: F401
-from tenantflow.plugins.sandbox_subprocess import policy
+from tenantflow.plugins.sandbox_subprocess import egress_guest, policy
 from tenantflow.plugins.sandbox_subprocess.wire import SocketTransport
 from tenantflow.workflow._runtime import run_job
 
 
 def _recv(ctrl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     fds = array.array("i")
-    data, ancdata, _flags, _addr = ctrl.recvmsg(65536, socket.CMSG_LEN(2 * fds.itemsize))
+    data, ancdata, _flags, _addr = ctrl.recvmsg(65536, socket.CMSG_LEN(3 * fds.itemsize))
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
@@ -97,17 +98,20 @@ def _child(template: int, fds: list[int], request: dict[str, Any]) -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
-        sock_fd, output_fd = fds
+        sock_fd, output_fd, *egress = fds
         for target in (1, 2):  # the run's own stdout/stderr, never the template's (nor the kernel's)
             os.dup2(output_fd, target)
         sock_fd = os.dup2(sock_fd, 3)
-        os.closerange(4, 65536)
+        egress_fd = os.dup2(egress[0], 4) if egress else -1  # its connections, asked of the kernel
+        os.closerange(5 if egress else 4, 65536)
         limits = request.get("limits", {})
         policy.limit_child(
             limits["memory_bytes"], limits["cpu_seconds"], limits["open_files"], limits.get("file_bytes", 0)
         )
         policy.scope_child()  # no signals to the template or other tenants' runs
         policy.filter_child()
+        if egress_fd >= 0:
+            egress_guest.install(egress_fd)
         sock = socket.socket(fileno=sock_fd)
         transport = SocketTransport(sock)
         job = transport.recv()  # a spare waits here, confined, until a run takes it
@@ -182,7 +186,7 @@ def _serve() -> None:
                 except (ProcessLookupError, PermissionError):
                     pass
                 continue
-            if len(fds) != 2:
+            if len(fds) not in (2, 3):
                 for fd in fds:
                     os.close(fd)
                 ctrl.send(json.dumps({"pid": -1, "req": request.get("req")}).encode())
