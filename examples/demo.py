@@ -1,15 +1,18 @@
 """`make demo`: a kernel on embedded SQLite, two tenants' own code, both runs watched live.
 
 1. starts `tenantflow serve` on a fresh SQLite file (a real gRPC server on a loopback port),
-2. publishes tenant "acme-ci"'s CI pipeline and tenant "bloom"'s onboarding flow,
+2. publishes tenant "acme-ci"'s CI pipeline and tenant "bloom"'s onboarding flow, and sets the
+   deploy token acme-ci's pipeline reads as a secret (sealed at rest with the kernel's key file),
 3. creates an instance of each and streams their steps as they happen (the onboarding flow starts
    a child workflow of its own tenant with step.create and waits for it),
 4. sends the deploy approval the pipeline waits for,
-5. shows both complete, then stops the kernel.
+5. shows both complete, and what the pipeline's deploy step kept in acme-ci's key-value store
+   (committed with the step), then stops the kernel.
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from pathlib import Path
 from tenantflow.client import Client
 from tenantflow.client._client import status_name
 from tenantflow.kernel.cli import describe, table
+from tenantflow.kernel.secretbox import new_key
 from tenantflow.v1 import tenantflow_pb2 as pb
 
 HERE = Path(__file__).parent
@@ -35,6 +39,10 @@ def say(text: str) -> None:
 
 
 def start_kernel(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = data_dir / "secrets.key"  # the operator's: it seals every tenant's secrets at rest
+    key.write_text(new_key() + "\n")
+    key.chmod(0o600)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -45,6 +53,8 @@ def start_kernel(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
             "127.0.0.1:0",
             "--data-dir",
             str(data_dir),
+            "--secrets-key",
+            str(key),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -80,6 +90,10 @@ def main() -> None:
             )
             say(table([["acme-ci", ci.ref, ", ".join(ci.workflows)], ["bloom", bloom.ref, ", ".join(bloom.workflows)]],
                       ["tenant", "published code (pinned)", "workflows"]))  # fmt: skip
+            secret = client.put_secret("acme-ci", "DEPLOY_TOKEN", f"demo-{secrets.token_hex(8)}")
+            say(
+                f"\nset acme-ci's secret {secret.name} (the API never answers a value; its deploy step reads it)"
+            )
             run = client.create(
                 "acme-ci", "Pipeline", ci.ref, params={"repo": "acme/web", "ref": "main"}, id="build-1042"
             )
@@ -122,6 +136,9 @@ def main() -> None:
             failed = [r for r in rows if r[2] != "complete"]
             if failed:
                 raise SystemExit(f"demo failed: {failed}")
+            kept = client.kv_list("acme-ci", "deploys/")
+            say("\nwhat acme-ci's deploy step kept (ctx.kv, committed with the step):\n" + table(
+                [[e.key, e.value_json] for e in kept.entries], ["key", "value"]))  # fmt: skip
             say("\nboth tenants' workflows completed")
             done = True
     finally:

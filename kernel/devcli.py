@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +52,19 @@ def _events(items: list[str]) -> list[ScriptedEvent]:
         except ValueError as exc:
             _fail(f"--event {item!r}: the payload after '=' is not JSON ({exc})")
     return events
+
+
+def _secrets(items: list[str]) -> dict[str, str]:
+    """``--secret NAME=VALUE``, or ``--secret NAME`` for the value of environment variable NAME."""
+    found = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq:
+            if name not in os.environ:
+                _fail(f"--secret {name}: give NAME=VALUE, or set the environment variable {name}")
+            value = os.environ[name]
+        found[name] = value
+    return found
 
 
 def _files(path: str) -> dict[str, bytes]:
@@ -93,7 +107,7 @@ async def _run(args: argparse.Namespace, describe: Describe) -> int:
     def show(entry: HistoryEntry) -> None:
         print(describe(watch_pb(entry)), flush=True)
 
-    async with LocalRun(real_time=args.real_time) as run:
+    async with LocalRun(real_time=args.real_time, secrets=_secrets(args.secret)) as run:
         ref = await run.publish(files, runtime=args.runtime)
         record = await run.start(args.workflow, ref, params)
         outcome = await run.drive(record.id, events, on_entry=show, timeout=args.timeout)
@@ -145,6 +159,10 @@ def add_dev_parser(sub: Any, describe: Describe) -> None:
         help="an event delivered when the workflow first waits for TYPE (repeatable, in order)",
     )  # fmt: skip
     r.add_argument("--runtime", default="python", help="the sandbox to run in: python (default), python-wasm")
+    r.add_argument(
+        "--secret", action="append", default=[], metavar="NAME[=VALUE]",
+        help="a secret the steps read as ctx.secrets[NAME] (without =VALUE: the environment variable NAME)",
+    )  # fmt: skip
     r.add_argument(
         "--real-time",
         action="store_true",

@@ -16,11 +16,12 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
+from tenantflow.kernel import secretbox, tenantdata
 from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.historyfile import RecordedHistory
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, Status, StepRecord
@@ -103,21 +104,34 @@ def files_of(path: Path) -> dict[str, bytes]:
 class LocalRun:
     """A kernel of one's own over a throwaway SQLite store, driven by :meth:`drive`.
 
-    ``real_time``: sleeps and time-outs take their real time instead of being skipped."""
+    ``real_time``: sleeps and time-outs take their real time instead of being skipped. ``secrets``:
+    what ``ctx.secrets`` holds (sealed with a throwaway key, as a kernel keeps them)."""
 
-    def __init__(self, *, real_time: bool = False, plugins: Plugins | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        real_time: bool = False,
+        plugins: Plugins | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> None:
         self.real_time = real_time
         self.clock = SkippingClock()
         self._plugins = plugins
+        self._secrets = dict(secrets or {})
         self._dir: Path | None = None
         self.kernel: Kernel
 
     async def __aenter__(self) -> LocalRun:
         self._dir = Path(tempfile.mkdtemp(prefix="tenantflow-dev-"))
         config = KernelConfig(data_dir=self._dir, node_id=NODE, retention_seconds=0)
+        if self._secrets:
+            (self._dir / "secrets.key").write_text(secretbox.new_key() + "\n")
+            config.secrets_key_file = str(self._dir / "secrets.key")
         self.kernel = Kernel(config, self._plugins, clock=self.clock)
         try:
             await self.kernel.start(dispatch=False)
+            for name, value in self._secrets.items():
+                await tenantdata.secret_put(self.kernel.storage, config, TENANT, name, value)
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise

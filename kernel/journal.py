@@ -42,6 +42,7 @@ from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.engine")
 FLUSH_DELAY = 0.02  # how long a step-started or log line may wait for a commit to ride along with
+MIN_REDACTED = 4  # characters of a secret value for it to be redacted from what a guest sends
 CHILD_EVENT = "tenantflow.child-ended:"  # + the child's id
 RESERVED_EVENT_PREFIX = "tenantflow."  # event types the kernel sends itself; tenants cannot
 
@@ -155,8 +156,9 @@ class Journal:
         return self._storage
 
     def remember_secret(self, value: str) -> None:
-        """A secret value given to an attempt: from now on redacted from what the guest sends."""
-        if value:
+        """A secret value given to an attempt: from now on redacted from what the guest sends
+        (values under :data:`MIN_REDACTED` characters are not: they would mask common text)."""
+        if len(value) >= MIN_REDACTED:
             self._secrets.add(value)
 
     def redact(self, value: Any) -> Any:

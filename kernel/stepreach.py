@@ -71,8 +71,9 @@ async def secret(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
             "missing": f"{str(name)[:80]!r} is not a secret name: 1-64 of A-Z, 0-9 and '_', starting with a letter"
         }
     box = secretbox.load(journal.config.secrets_key_file)
-    if box is None:
-        return {"error": "this kernel keeps no secrets: its operator starts it with --secrets-key FILE"}
+    if box is None:  # a kernel without a key holds no secret
+        return {"missing": f"no secret {name!r}: this kernel keeps no secrets (its operator starts it with "
+                           "--secrets-key FILE)"}  # fmt: skip
     stored = await asyncio.to_thread(journal.storage.get_secret, tenant, name)
     if stored is None:
         return {"missing": f"tenant {tenant!r} has no secret {name!r}: set it with `tenantflow secrets put`"}

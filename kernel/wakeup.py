@@ -253,8 +253,8 @@ class WakeUp:
         if journal.aborted:
             raise Stop(journal.aborted)
         op = message.get("op")
-        if op in ("result", "finish", "rolled_back"):  # no secret value given to a step goes back out
-            message = journal.redact(message)
+        if op in ("result", "finish", "rollback", "rolled_back"):  # no secret given to a step goes back out
+            message = {k: journal.redact(v) if k in ("value", "error") else v for k, v in message.items()}
         try:
             if op == "kv":
                 return await stepreach.kv(journal, message)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,14 +106,22 @@ class WorkflowTester:
     """Runs one codebase's workflows locally; use it as a context manager (see the module docstring).
 
     ``path``: the workflow's ``.py`` file or a folder of them. ``runtime``: ``"in-process"``
-    (default), ``"python"`` or ``"python-wasm"``. ``real_time``: do not skip durable time."""
+    (default), ``"python"`` or ``"python-wasm"``. ``real_time``: do not skip durable time.
+    ``secrets``: what the steps' ``ctx.secrets`` holds, by name."""
 
-    def __init__(self, path: str | Path, *, runtime: str = "in-process", real_time: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        runtime: str = "in-process",
+        real_time: bool = False,
+        secrets: Mapping[str, str] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.runtime = runtime
         self._files = files_of(self.path)
         plugins = Plugins(extra=[InProcessPlugin()]) if runtime == "in-process" else None
-        self._local = LocalRun(real_time=real_time, plugins=plugins)
+        self._local = LocalRun(real_time=real_time, plugins=plugins, secrets=secrets)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tenantflow-testing", daemon=True)
         self._ref = ""

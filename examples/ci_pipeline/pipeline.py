@@ -1,7 +1,9 @@
 """A repository's CI/CD pipeline, as a tenant of a CI service would write it.
 
 checkout -> lint, test and build in parallel -> wait for a deploy approval -> deploy.
-The test step is flaky on purpose: it fails its first attempt and is retried.
+The test step is flaky on purpose: it fails its first attempt and is retried. The deploy step reads
+the tenant's DEPLOY_TOKEN secret (set by the CI service: `tenantflow secrets put`) and records the
+deploy in the tenant's key-value store, in the same commit as the step.
 """
 
 import asyncio
@@ -49,9 +51,15 @@ class Pipeline(WorkflowEntrypoint):
         if not approval["payload"].get("approved"):
             raise NonRetryableError(f"deploy rejected by {approval['payload'].get('by', 'someone')}")
 
-        def deploy() -> str:
-            print(f"deploying {image} to production")
+        def deploy(ctx) -> str:
+            token = ctx.secrets.get("DEPLOY_TOKEN")  # the kernel logs it as *** if printed
+            if token is None:  # e.g. `tenantflow dev run` without --secret DEPLOY_TOKEN=...
+                print(f"no DEPLOY_TOKEN secret: a dry run of deploying {image}")
+            else:
+                print(f"deploying {image} to production with token {token}")
             time.sleep(0.3)
+            ctx.kv.put(f"deploys/{event.payload['repo']}", {"image": image, "by": approval["payload"]["by"]})
+            ctx.kv.put("deploys/count", ctx.kv.get("deploys/count", 0) + 1)
             return "https://app.example"
 
         url = await step.do(

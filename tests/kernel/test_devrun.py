@@ -42,12 +42,13 @@ def tenantflow(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
 def test_dev_run_answers_the_approval_and_prints_the_timeline() -> None:
     done = tenantflow(
         "dev", "run", str(PIPELINE), "--workflow", "Pipeline", "--params", '{"repo": "acme/app"}',
-        "--event", 'deploy-approval={"approved": true, "by": "ana"}',
+        "--event", 'deploy-approval={"approved": true, "by": "ana"}', "--secret", "DEPLOY_TOKEN=dev-t0ken",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "✘ test  attempt 1: ConnectionError" in done.stdout
     assert "⏸ approval  waiting for an event of type 'deploy-approval'" in done.stdout
     assert "complete in" in done.stdout and '"approved_by": "ana"' in done.stdout
+    assert "with token ***" in done.stdout and "dev-t0ken" not in done.stdout
     assert "Traceback" not in done.stderr
 
 
@@ -161,7 +162,7 @@ def test_a_folder_is_published_without_its_tests(tmp_path: Path) -> None:
 def test_dev_run_runs_in_python_wasm_too() -> None:
     done = tenantflow(
         "dev", "run", str(PIPELINE), "--workflow", "Pipeline", "--params", '{"repo": "acme/app"}', "--runtime",
-        "python-wasm", "--event", 'deploy-approval={"approved": true, "by": "ana"}',
+        "python-wasm", "--event", 'deploy-approval={"approved": true, "by": "ana"}', "--secret", "DEPLOY_TOKEN=t0k3n",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert '"approved_by": "ana"' in done.stdout

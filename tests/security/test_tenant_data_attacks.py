@@ -24,7 +24,7 @@ from tenantflow.workflow import WorkflowEntrypoint
 from tenantflow.workflow import _tools
 
 def too_many(ctx):
-    ctx.kv._a.writes.update({f"k{i}": "1" for i in range(2000)})  # past the SDK's own check
+    ctx.kv._a.writes.update({f"k{i}": "1" for i in range(1001)})  # past the SDK's own check
     return "sent"
 
 def not_json(ctx):
@@ -104,7 +104,7 @@ def attack(client: Client, tenant: str, runtime: str, name: str, **payload: str)
     [
         (
             "too_many",
-            "wrote 2000 keys; a step attempt may write at most 1000 (the kernel's --kv-max-writes-per-step)",
+            "wrote 1001 keys; a step attempt may write at most 1000 (the kernel's --kv-max-writes-per-step)",
         ),
         ("not_json", "ctx.kv: the value is not JSON"),
         ("control_key", "ctx.kv: a key must not contain control characters"),

@@ -18,7 +18,7 @@ APPROVED = Event("deploy-approval", {"approved": True, "by": "ana"})
 
 @pytest.fixture(scope="module")
 def tester() -> Iterator[WorkflowTester]:
-    with WorkflowTester(PIPELINE) as t:
+    with WorkflowTester(PIPELINE, secrets={"DEPLOY_TOKEN": "t0k3n-for-tests"}) as t:
         yield t
 
 
@@ -32,6 +32,8 @@ def test_it_deploys_once_approved(tester: WorkflowTester) -> None:
     assert run.step("test").errors == ["ConnectionError: test database not ready (flaky)"]
     assert [s.name for s in run.steps] == ["checkout", "lint", "test", "build", "approval", "deploy"]
     assert "step_retrying" in [e.kind for e in run.history]
+    logged = [e.message for e in run.history if e.kind == "log"]
+    assert any(line.endswith("with token ***") for line in logged), logged  # the secret is redacted
 
 
 def test_a_rejected_deploy_fails_without_deploying(tester: WorkflowTester) -> None:
