@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-stock lint typecheck unit conformance proto-check runtimes node-deps bench loadtest figures clean
+.PHONY: demo test test-stock lint typecheck unit conformance example-plugin proto-check runtimes node-deps bench loadtest figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP) lint typecheck proto-check runtimes node-deps unit conformance docs
+test: $(STAMP) lint typecheck proto-check runtimes node-deps unit conformance example-plugin docs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -56,7 +56,20 @@ SUITES ?= --tenantflow-storage sqlite --tenantflow-storage kv+lmdb --tenantflow-
 	--tenantflow-runtime python --tenantflow-runtime python-wasm --tenantflow-runtime wasm \
 	--tenantflow-loader artifact --tenantflow-loader git+file
 conformance: $(STAMP)
-	$(PY) -m pytest -q -p tenantflow.conformance.plugin --pyargs tenantflow.conformance $(SUITES)
+	$(VENV)/bin/pytest -q -p tenantflow.conformance.plugin --pyargs tenantflow.conformance $(SUITES)
+
+# The out-of-tree example plugin, tested as its author would: a fresh venv where this checkout and the
+# plugin are pip-installed (built, not editable; pip's cache keeps it quick), its own tests, then the
+# shipped loader suite on it. Nothing else of the project is on that venv's path.
+PLUGIN_VENV ?= build/venv-plugin
+EXAMPLE_PLUGIN := examples/plugins/http_bundles
+example-plugin:
+	rm -rf $(PLUGIN_VENV)
+	$(PYTHON) -m venv $(PLUGIN_VENV)
+	$(PLUGIN_VENV)/bin/pip install --quiet --disable-pip-version-check . ./$(EXAMPLE_PLUGIN) pytest
+	cd $(EXAMPLE_PLUGIN) && $(abspath $(PLUGIN_VENV))/bin/pytest -q -p no:cacheprovider
+	cd $(EXAMPLE_PLUGIN) && $(abspath $(PLUGIN_VENV))/bin/pytest -q -p no:cacheprovider \
+		-p tenantflow.conformance.plugin --pyargs tenantflow.conformance --tenantflow-loader https
 
 # The configuration a stock machine has, tested too: a venv of a world-readable system Python (e.g.
 # Debian's /usr/bin/python3), running every test whose outcome depends on the uid tenant code runs

@@ -17,3 +17,5 @@ cp -rs "$PWD/clients/conformance" "$view/conformance"
 find "$view" -name __pycache__ -prune -exec rm -rf {} +
 MYPYPATH=build/typecheck "${MYPY:-.venv/bin/mypy}" -p tenantflow.kernel -p tenantflow.plugins \
   -p tenantflow.client -p tenantflow.workflow -p tenantflow.testing -p tenantflow.conformance "$@"
+# the out-of-tree example plugin, against the package as its authors get it
+MYPYPATH=build/typecheck:examples/plugins/http_bundles/src "${MYPY:-.venv/bin/mypy}" -p tenantflow_http_bundles "$@"

@@ -23,6 +23,16 @@ if TYPE_CHECKING:
     from tenantflow.client import Client
     from tenantflow.kernel.storage import Storage
 
+__all__ = [
+    "CAPABILITIES",
+    "Harness",
+    "HarnessUnavailable",
+    "LoaderHarness",
+    "LoaderSource",
+    "SandboxHarness",
+    "StorageHarness",
+]
+
 CAPABILITIES: dict[str, dict[str, str]] = {
     "storage": {
         "faults": "commits that fail for retry can be injected (faulty_url); the contract must hold",
@@ -124,8 +134,13 @@ class LoaderHarness(Harness):
     kind: ClassVar[str] = "loader"
 
     def kernel_args(self, root: Path) -> list[str]:
-        """Extra ``tenantflow serve`` arguments; ``root`` is a directory the harness may use."""
+        """Extra ``tenantflow serve`` arguments; ``root`` is a directory the harness may use (the
+        same for every kernel of a session; start what it needs once)."""
         return []
+
+    def kernel_env(self, root: Path) -> dict[str, str]:
+        """Extra environment of ``tenantflow serve`` (a plugin's own settings)."""
+        return {}
 
     def source(self, tenant: str, root: Path) -> LoaderSource:
         """A source of ``tenant``'s code under ``root``."""

@@ -27,12 +27,21 @@ OPTIONS = {
     "loader_scheme": ("--tenantflow-loader", "SCHEME", "a code-ref scheme: artifact, git+file ..."),
 }
 _counter = itertools.count()
+_UNASKED = "tenantflow_unasked"  # the mark of a suite's tests whose option was not given
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tenantflow", "tenantflow conformance suites")
     for flag, metavar, what in OPTIONS.values():
         group.addoption(flag, action="append", default=[], metavar=metavar, help=f"run the suite on {what}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{_UNASKED}: a suite whose option was not given (deselected)")
+    if not any(config.getoption(flag) for flag, _, _ in OPTIONS.values()):
+        raise pytest.UsageError(
+            "name what to test: " + ", ".join(f"{flag} {metavar}" for flag, metavar, _ in OPTIONS.values())
+        )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -42,9 +51,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         chosen: list[str] = metafunc.config.getoption(flag)
         if chosen:
             metafunc.parametrize(fixture, chosen, scope="session")
-        else:
-            skip = pytest.mark.skip(reason=f"no {flag} given")
-            metafunc.parametrize(fixture, [pytest.param("", marks=skip)], ids=["none"], scope="session")
+        else:  # deselected below: a suite nobody asked for is not run (nor listed as skipped)
+            unasked = pytest.param("", marks=pytest.mark.tenantflow_unasked, id="none")
+            metafunc.parametrize(fixture, [unasked], scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unasked = [item for item in items if item.get_closest_marker(_UNASKED)]
+    if unasked:
+        config.hook.pytest_deselected(items=unasked)
+        items[:] = [item for item in items if not item.get_closest_marker(_UNASKED)]
 
 
 @pytest.fixture(scope="session")

@@ -19,14 +19,14 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 WAITING = frozenset({pb.STATUS_WAITING})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def loader_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The directory the loader's harness keeps its code in (shared by the kernels of the module)."""
+    """The directory the loader's harness keeps its code in (shared by the session's kernels)."""
     return tmp_path_factory.mktemp("loader-root")
 
 
 def serve(data_dir: Path, harness: LoaderHarness, root: Path) -> KernelProcess:
-    k = KernelProcess(data_dir, [*TEST_LIMITS, *harness.kernel_args(root)])
+    k = KernelProcess(data_dir, [*TEST_LIMITS, *harness.kernel_args(root)], harness.kernel_env(root))
     k.start()
     return k
 
