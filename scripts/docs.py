@@ -1,5 +1,6 @@
-"""Build the API reference of the platform client and the tenant SDK from their docstrings (pdoc),
-and fail when a public name has none, so the reference cannot rot: ``python scripts/docs.py OUT``."""
+"""Build the API reference of the platform client, the tenant SDK and the conformance harnesses
+plugins implement from their docstrings (pdoc), and fail when a public name has none, so the
+reference cannot rot: ``python scripts/docs.py OUT``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pdoc
 import pdoc.doc
 
-MODULES = ("tenantflow.client", "tenantflow.workflow")
+MODULES = ("tenantflow.client", "tenantflow.workflow", "tenantflow.conformance.harness")
 
 
 def undocumented(module: pdoc.doc.Module) -> list[str]:
