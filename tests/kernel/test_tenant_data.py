@@ -174,3 +174,30 @@ def test_rotate_reseals_under_the_new_key(tmp_path: Path) -> None:
     assert only_new.open(sealed, "t", "A") == "v" and at == 1.0
     with pytest.raises(ValueError, match="does not open"):
         only_new.open(sealed, "u", "A")  # bound to its tenant
+
+
+def test_kv_and_secrets_take_the_same_tokens_as_every_rpc(tmp_path: Path) -> None:
+    from tenantflow.kernel.auth import new_token
+
+    acme, acme_entry = new_token("acme", ["acme"])
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [acme_entry]}))
+    (tmp_path / "secrets.key").write_text(new_key() + "\n")
+    kernel = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--auth-tokens", str(tokens),
+                                                  "--secrets-key", str(tmp_path / "secrets.key")])  # fmt: skip
+    kernel.start()
+    try:
+        with Client(kernel.address, token=acme) as client:
+            client.kv_put("acme", "k", 1)
+            client.put_secret("acme", "TOKEN", VALUE)
+            for call in (lambda: client.kv_get("bloom", "k"), lambda: client.kv_list("bloom"),
+                         lambda: client.kv_put("bloom", "k", 1), lambda: client.list_secrets("bloom"),
+                         lambda: client.put_secret("bloom", "TOKEN", VALUE)):  # fmt: skip
+                with pytest.raises(TenantflowRpcError) as denied:
+                    call()
+                assert code(denied) == grpc.StatusCode.PERMISSION_DENIED
+        with Client(kernel.address) as stranger, pytest.raises(TenantflowRpcError) as unknown:
+            stranger.kv_get("acme", "k")
+        assert code(unknown) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        kernel.stop()
