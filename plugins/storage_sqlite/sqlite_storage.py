@@ -633,6 +633,8 @@ class SQLiteStorage:
     def list_tenants(
         self, prefix: str, cursor: str | None, limit: int, keep: Callable[[str], bool] | None = None
     ) -> tuple[list[TenantSummary], str | None]:
+        """Three index seeks per tenant looked at (at most 1,000 a call), then four index-only counts
+        per tenant listed, which read its instances' index entries (no row): they grow with them."""
         return list_tenant_page(self._reader(), prefix, cursor, limit, keep)
 
     def next_run_at(self) -> float | None:
