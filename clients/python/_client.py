@@ -217,6 +217,7 @@ class Client:
         return self._call(self.secrets.Put, pb.Secret(tenant=tenant, name=name, value=value))  # type: ignore[no-any-return]
 
     def delete_secret(self, tenant: str, name: str) -> None:
+        """Delete secret ``name``; NOT_FOUND when absent."""
         self._call(self.secrets.Delete, pb.SecretRef(tenant=tenant, name=name))
 
     def list_secrets(self, tenant: str) -> list[pb.Secret]:
