@@ -16,11 +16,14 @@ Tenant first, so a tenant's data is one key range. Under the root subspace ``R``
 ``R "T" tenant "ni"``         instances (atomic counter; ``"nc"``: it counts them all, see tenants.py)
 ``R "T" tenant "q" run_at id`` runnable queue (due); ``"k" id`` leases (value: lease_until)
 ``R "T" tenant "a" name ...`` artifacts: ``"m" digest`` meta, ``"f" digest n`` files, ``"latest"``
+``R "T" tenant "kv" head ...`` the tenant's key-value store; ``"kvn"``/``"kvb"`` its keys and bytes
+                             (atomic counters); see tenantkv.py
 ``R "t" run_at tenant id``    timers not yet due, ordered by due time (moved to ``q`` when due)
 ``R "r" tenant``              tenants whose runnable queue may be non-empty
 ``R "o" owner tenant id``     leases by owner (value: lease_until, and the id of the claim)
 ``R "e" updated_at tenant id`` ended instances by age (retention)
 ``R "n" status shard``        instance counts (atomic, sharded so no key is hot)
+``R "S" tenant name``         tenants' secrets, sealed (one range across tenants, for re-sealing)
 """
 
 from __future__ import annotations
