@@ -363,14 +363,19 @@ function sendEventForm(id, onSent) {
 
 /** When each step ran, from the timeline: a step's span opens at its first step_started, sleeping
  * or waiting and closes at step_completed or step_failed (a retry reopens it); a step named again
- * (occurrence n) is its name's n-th span. */
+ * (occurrence n) is its name's n-th span. After a restart a step that runs again starts afresh. */
 class StepTimes {
   constructor() { this.spans = new Map(); }
 
   add(event) {
+    if (event.kind === "status" && /^restarted/.test(event.message || "")) {
+      for (const spans of this.spans.values()) spans.before = true; // the rerun steps' spans replace them
+      return;
+    }
     if (!event.step) return;
     const spans = this.spans.get(event.step) || [];
     this.spans.set(event.step, spans);
+    if (spans.before) { spans.length = 0; spans.before = false; }
     let last = spans[spans.length - 1];
     const open = () => { last = { start: event.at, end: "" }; spans.push(last); };
     if (["step_started", "sleeping", "waiting"].includes(event.kind)) { if (!last || last.end) open(); }
