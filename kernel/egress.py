@@ -12,6 +12,7 @@ naming the host; the step sees them as ``PermissionError``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import json
@@ -21,6 +22,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tenantflow.kernel.errors import InvalidArgument
 from tenantflow.kernel.storage import Storage
@@ -284,3 +286,62 @@ class RunEgress:
         for task in list(self._relays):
             with contextlib.suppress(BaseException):
                 await task
+
+
+class HostConnections:
+    """Connections a guest without sockets of its own (python-wasm) drives through host calls:
+    ``{"op": "net", "connect": [host, port]}`` -> ``{"handle"}``; ``"send": h, "data": base64`` ->
+    ``{"sent"}``; ``"recv": h, "max": n, "timeout": s`` -> ``{"data": base64}`` (empty: the peer
+    closed); ``"close": h`` -> ``{}``. Refusals answer ``{"error", "refused": true}``; other
+    failures ``{"error"}`` (``"timeout": true`` for a read that timed out). Each connection is one
+    :meth:`RunEgress.open`: the same checks, budgets and relays as the python sandbox's."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, open: Callable[[str, int], Awaitable[socket.socket]]) -> None:
+        self._open = open
+        self._streams: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        self._next = 0
+
+    async def answer(self, m: dict[str, Any]) -> dict[str, Any]:
+        if "connect" in m:
+            host, port = m["connect"]
+            try:
+                sock = await self._open(str(host), int(port))
+            except Unreachable as exc:
+                return {"error": str(exc)}
+            except Refused as exc:
+                return {"error": str(exc), "refused": True}
+            self._next += 1
+            self._streams[self._next] = await asyncio.open_unix_connection(sock=sock)
+            return {"handle": self._next}
+        handle = next((m[k] for k in ("send", "recv", "close") if k in m), None)
+        stream = self._streams.get(handle) if isinstance(handle, int) else None
+        if stream is None or not isinstance(handle, int):
+            return {"error": f"no open connection {handle!r}"}
+        reader, writer = stream
+        try:
+            if "send" in m:
+                data = base64.b64decode(m["data"])
+                writer.write(data)
+                await writer.drain()
+                return {"sent": len(data)}
+            if "recv" in m:
+                most = max(1, min(int(m.get("max", 65536)), self.CHUNK))
+                timeout = m.get("timeout")
+                chunk = await asyncio.wait_for(
+                    reader.read(most), float(timeout) if timeout is not None else None
+                )
+                return {"data": base64.b64encode(chunk).decode()}
+        except TimeoutError:
+            return {"error": "timed out", "timeout": True}
+        except (OSError, ValueError) as exc:
+            return {"error": str(exc) or type(exc).__name__}
+        del self._streams[handle]
+        writer.close()
+        return {}
+
+    def close(self) -> None:
+        for _reader, writer in self._streams.values():
+            writer.close()
+        self._streams.clear()

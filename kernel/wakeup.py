@@ -72,6 +72,7 @@ class WakeUp:
         self.wall = math.inf  # when this wake-up's wall-clock limit strikes (set once it runs)
         self.hard_limit = 0.0  # seconds no wake-up outlives, whatever its steps' time-outs (set once it runs)
         self._egress: egress.RunEgress | None = None  # its connections, once a step opens one
+        self._net: egress.HostConnections | None = None  # ... driven through host calls (python-wasm)
 
     def abort(self, reason: str) -> None:
         """Stop the sandbox; nothing more is written for this wake-up."""
@@ -153,6 +154,8 @@ class WakeUp:
         if journal.ended and not self.stopped:  # it reported its end: how the process went after is no news
             detail = ""
         metrics.sandbox_ended(journal, code.bundle.runtime, detail, self.stopped)
+        if self._net is not None:
+            self._net.close()
         if self._egress is not None:
             await self._egress.close()
         if journal.ended or journal.aborted:
@@ -260,6 +263,9 @@ class WakeUp:
                 return await stepreach.kv(journal, message)
             if op == "secret":
                 return await stepreach.secret(journal, message)
+            if op == "net":
+                self._net = self._net or egress.HostConnections(self.egress_open)
+                return await self._net.answer(message)
             if op == "step":
                 return await self._step(message)
             if op == "result":

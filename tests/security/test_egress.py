@@ -238,3 +238,47 @@ def test_bad_rules_are_invalid_arguments(client: Client, tenant: str) -> None:
     ]
     assert [(r.host, list(r.ports)) for r in client.get_egress(tenant).rules] == [
         ("api.example.com", [80, 443]), ("10.1.2.3", [22])]  # fmt: skip
+
+
+WASM_STEPS = """
+import urllib.request
+from tenantflow.workflow import WorkflowEntrypoint
+
+ONCE = {"retries": {"limit": 0}}
+
+
+def fetch(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return {"body": r.read().decode()}
+    except Exception as exc:
+        exc = getattr(exc, "reason", exc)
+        return {"type": type(exc).__name__, "message": str(exc)}
+
+
+class Egress(WorkflowEntrypoint):
+    def run(self, event, step):
+        return [step.do(f"fetch-{i}", lambda url=url: fetch(url), **ONCE) for i, url in enumerate(event.payload)]
+"""
+
+
+def test_python_wasm_steps_reach_the_allowed_host_only(client: Client, tenant: str, server: _Server) -> None:
+    port = server.server_address[1]
+    client.set_egress(tenant, [("127.0.0.1", [port]), ("localhost", [port])])
+    ref = publish(client, tenant, WASM_STEPS, name="egress-wasm", runtime="python-wasm")
+    urls = [
+        f"http://127.0.0.1:{port}/wasm",
+        f"http://127.0.0.1:{port + 1}/other",
+        f"http://localhost:{port}/name",
+    ]
+    inst = client.create(tenant, "Egress", ref, params=urls)
+    done = client.wait(tenant, inst.id, timeout=300)  # the first python-wasm run may build its runner
+    assert done.status == pb.STATUS_COMPLETE, done
+    allowed, other, name = Client.output(done)
+    assert allowed == {"body": "hello /wasm"}
+    assert other["type"] == "PermissionError"  # EACCES (its number is WASI's in the guest)
+    assert other["message"].endswith(f"] 127.0.0.1 port {port + 1} is not on this tenant's egress allow-list")
+    # "localhost" is on the list, and resolves (in the kernel) to 127.0.0.1, which the list names too.
+    assert name == {"body": "hello /name"}
+    assert server.paths == ["/wasm", "/name"]
+    bystander_completes(client, tenant, runtime="python-wasm")

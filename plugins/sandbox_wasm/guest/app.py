@@ -8,10 +8,14 @@ into the component at build time; nothing else from the standard library exists 
 
 from __future__ import annotations
 
+import base64
+import errno
 import importlib
+import io
 import json
 import os
 import random
+import socket
 import sys
 from typing import Any
 
@@ -30,6 +34,7 @@ STDLIB = """
     graphlib hashlib heapq hmac html html.parser io ipaddress itertools json keyword logging math
     numbers operator os pprint queue random re secrets shlex statistics string struct textwrap
     threading time traceback types typing unicodedata urllib.parse uuid warnings weakref zlib
+    socket http.client urllib.request urllib.error email.message
 """.split()
 for _name in STDLIB:
     try:
@@ -49,6 +54,162 @@ class _Unavailable:
             "(only the standard library modules its runner was built with; use runtime 'python')",
             name=fullname,
         )
+
+
+class _HostSocket:
+    """``socket.socket`` in the guest: a TCP stream whose connection the kernel makes and carries
+    (``{"op": "net"}`` host calls, checked against the tenant's egress allow-list like every
+    connection a python sandbox makes; see ``tenantflow.kernel.egress.HostConnections``)."""
+
+    def __init__(self, family: int = -1, type: int = -1, proto: int = 0, fileno: Any = None) -> None:
+        family = socket.AF_INET if family == -1 else family
+        if (
+            fileno is not None
+            or family not in (socket.AF_INET, socket.AF_INET6)
+            or type not in (-1, socket.SOCK_STREAM)
+        ):
+            raise PermissionError(errno.EPERM, f"only TCP connections are available: {_HINT}")
+        self.family, self.type, self.proto = family, socket.SOCK_STREAM, 0
+        self._handle: int | None = None
+        self._timeout: float | None = socket.getdefaulttimeout()
+        self._io_refs, self._closed = 0, False  # as socket.socket: files made by makefile keep it open
+
+    def _net(self, **fields: Any) -> dict[str, Any]:
+        reply: dict[str, Any] = json.loads(_host_call(json.dumps({"op": "net", **fields})))
+        if "error" not in reply:
+            return reply
+        message = str(reply["error"])
+        if reply.get("refused"):
+            raise PermissionError(errno.EACCES, message)
+        if reply.get("timeout"):
+            raise TimeoutError(message)
+        raise (
+            ConnectionRefusedError(errno.ECONNREFUSED, message) if self._handle is None else OSError(message)
+        )
+
+    def connect(self, address: Any) -> None:
+        self._handle = int(self._net(connect=[str(address[0]), int(address[1])])["handle"])
+
+    def connect_ex(self, address: Any) -> int:
+        try:
+            self.connect(address)
+        except OSError as exc:
+            return exc.errno or errno.ECONNREFUSED
+        return 0
+
+    def sendall(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        for at in range(0, len(view), 256 * 1024):
+            self._net(send=self._open(), data=base64.b64encode(view[at : at + 256 * 1024]).decode())
+
+    def send(self, data: Any) -> int:
+        self.sendall(data)
+        return len(memoryview(data).cast("B"))
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        return base64.b64decode(self._net(recv=self._open(), max=size, timeout=self._timeout)["data"])
+
+    def recv_into(self, buffer: Any, size: int = 0, flags: int = 0) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.recv(size or len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def makefile(self, mode: str = "r", buffering: Any = None, **_: Any) -> Any:
+        raw = _HostSocketIO(self)
+        self._io_refs += 1
+        binary = io.BufferedReader(raw) if "r" in mode else io.BufferedWriter(raw)
+        return binary if "b" in mode else io.TextIOWrapper(binary)
+
+    def _open(self) -> int:
+        if self._handle is None:
+            raise OSError(errno.ENOTCONN, "the socket is not connected")
+        return self._handle
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self._closed = True
+        if self._io_refs <= 0 and self._handle is not None:
+            handle, self._handle = self._handle, None
+            self._net(close=handle)
+
+    def _decref_socketios(self) -> None:
+        self._io_refs -= 1
+        if self._closed:
+            self.close()
+
+    def fileno(self) -> int:
+        return -1
+
+    def __enter__(self) -> _HostSocket:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _HostSocketIO(io.RawIOBase):
+    def __init__(self, sock: _HostSocket) -> None:
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._sock.recv_into(buffer)
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        return len(memoryview(data).cast("B"))
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._sock._decref_socketios()
+
+
+def _create_connection(
+    address: Any, timeout: Any = None, source_address: Any = None, **_: Any
+) -> _HostSocket:
+    sock = _HostSocket(socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET, socket.SOCK_STREAM)
+    if timeout is not None and timeout is not _DEFAULT_TIMEOUT:
+        sock.settimeout(timeout)
+    sock.connect(address)
+    return sock
+
+
+def _getaddrinfo(
+    host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+) -> list[Any]:
+    """Names are resolved by the kernel: the answer is the name itself."""
+    host = host.decode() if isinstance(host, bytes) else str(host)
+    six = ":" in host
+    return [(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+             (host, int(port or 0), 0, 0) if six else (host, int(port or 0)))]  # fmt: skip
+
+
+_HINT = "egress goes through the kernel's allow-list"
+_DEFAULT_TIMEOUT = getattr(socket, "_GLOBAL_DEFAULT_TIMEOUT", None)
+socket.socket = _HostSocket  # type: ignore[misc,assignment]
+socket.create_connection = _create_connection  # type: ignore[assignment]
+socket.getaddrinfo = _getaddrinfo
 
 
 class _Transport:
