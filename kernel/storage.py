@@ -230,7 +230,7 @@ class Storage(Protocol):
         self, tenant: str, prefix: str, after: str | None, limit: int
     ) -> tuple[list[KVEntry], str | None]:
         """The tenant's keys starting with ``prefix``, after the key ``after`` (None: from the
-        first), in key order (keys over 300 bytes sharing their first 300 may come in an order of the
+        first), in key order (keys over 256 bytes sharing their first 256 may come in an order of the
         engine's own, the same on every call); the page and the cursor of the next (None: last)."""
         ...
 

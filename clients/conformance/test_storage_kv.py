@@ -153,3 +153,13 @@ def test_secrets_are_per_tenant_and_listed_without_reading_them(storage: Storage
     assert [n for _, n, _, _ in storage.list_secrets(None, ("t", "A_KEY"), 1)] == ["B_KEY"]
     assert storage.delete_secret("t", "A_KEY") and not storage.delete_secret("t", "A_KEY")
     assert storage.get_secret("u", "A_KEY") == (b"sealed-u", 3.0)
+
+
+def test_the_longest_key_of_the_longest_tenant_fits(storage: Storage) -> None:
+    tenant, key = "t" * 100, "é" * 256  # 512 bytes of UTF-8
+    storage.kv_write(tenant, [(key, '"v"'), (key[:-1] + "x", '"w"')], 1.0)
+    got = storage.kv_get(tenant, key)
+    assert got is not None and got.value_json == '"v"'
+    assert len(keys_of(storage, tenant, "é" * 200)) == 2
+    storage.put_secret(tenant, "N" * 64, b"s" * 100, 1.0)
+    assert storage.get_secret(tenant, "N" * 64) == (b"s" * 100, 1.0)

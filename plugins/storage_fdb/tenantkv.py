@@ -1,8 +1,8 @@
 """A tenant's key-value store and secrets over the ordered key-value layer.
 
 ``R "T" tenant "kv" head [digest] n``  a key's record (JSON: key, value, time), chunked. ``head`` is
-the key's first 300 bytes; a longer key adds the SHA-256 of the whole key, so every layer key stays
-under LMDB's 511 bytes. Keys order as bytes, except that keys over 300 bytes sharing their head
+the key's first 256 bytes; a longer key adds the SHA-256 of the whole key, so every layer key stays
+under LMDB's 511 bytes. Keys order as bytes, except that keys over 256 bytes sharing their head
 order by digest (the same order on every read).
 ``R "T" tenant "kvn"``, ``"kvb"``       usage: keys and bytes, atomic counters (ADD) kept by every write;
                                       read (a conflict) only when a quota must be checked
@@ -21,7 +21,7 @@ from tenantflow.plugins.storage_fdb.keys import Keys, pack, unpack
 from tenantflow.plugins.storage_fdb.layer import Txn, decode_int
 from tenantflow.plugins.storage_fdb.records import dumps, group_chunks, join_chunks, loads, put_blob
 
-HEAD = 300  # bytes of a key kept as is in its layer key
+HEAD = 256  # bytes of a key kept as is in its layer key (with a 100-character tenant and a long root, < 511)
 SCAN = 256  # rows a page reads at a time
 
 
