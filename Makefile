@@ -83,7 +83,8 @@ UID_SUITES := --tenantflow-runtime python --tenantflow-runtime python-wasm --ten
 test-stock:
 	$(MAKE) PYTHON=$(STOCK_PYTHON) VENV=$(STOCK_VENV) runtimes unit conformance TESTS="$(UID_TESTS)" SUITES="$(UID_SUITES)"
 
-# The API reference of the client and the tenant SDK, from their docstrings (fails on a missing one).
+# The API reference of the client, the tenant SDK and the conformance harnesses, from their
+# docstrings (fails on a missing one).
 docs: $(STAMP)
 	$(PY) scripts/docs.py build/docs
 
