@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,75 +11,20 @@ from pathlib import Path
 import pytest
 
 from tenantflow.client import Client
+from tenantflow.conformance.kernel import TEST_LIMITS
+from tenantflow.conformance.kernel import KernelProcess as ShippedKernelProcess
+
+__all__ = ["KERNEL_SECRET", "TEST_LIMITS", "KernelProcess"]  # what tests import from here
 
 _counter = itertools.count()
+KERNEL_SECRET = "kernel-env-secret-4242"  # in the kernel's environment; tenants must never see it
 
 
 @dataclass
-class KernelProcess:
-    """A ``tenantflow serve`` subprocess; ``address`` is where it listens."""
+class KernelProcess(ShippedKernelProcess):
+    """The suites' ``tenantflow serve`` subprocess, with :data:`KERNEL_SECRET` in its environment."""
 
-    data_dir: Path
-    args: list[str]
-    proc: subprocess.Popen[str] | None = None
-    address: str = ""
-    lines: list[str] = field(default_factory=list)
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.lines = []
-        cmd = [sys.executable, "-m", "tenantflow.kernel.cli", "serve", "--listen", "127.0.0.1:0",
-               "--data-dir", str(self.data_dir), *self.args]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TENANTFLOW_TEST_SECRET": KERNEL_SECRET}
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line.rstrip())
-                if "listening on" in line:
-                    self.address = line.split("listening on ")[1].split()[0]
-                    ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if not ready.wait(timeout):
-            self.stop()
-            raise RuntimeError("kernel did not start:\n" + "\n".join(self.lines))
-
-    def client(self) -> Client:
-        return Client(self.address)
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to flush or clean up."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._close_output()
-
-    def _close_output(self) -> None:
-        assert self.proc is not None
-        self._pump.join(10)
-        if self.proc.stdout is not None and not self.proc.stdout.closed:
-            self.proc.stdout.close()
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._close_output()  # also when it had crashed: an open pipe would be reported later
-
-
-TEST_LIMITS = ["--cpu-seconds", "3", "--memory-mb", "256"]
-KERNEL_SECRET = "kernel-env-secret-4242"  # in the kernel's environment; tenants must never see it
+    env: dict[str, str] = field(default_factory=lambda: {"TENANTFLOW_TEST_SECRET": KERNEL_SECRET})
 
 
 @pytest.fixture(scope="session")
