@@ -14,6 +14,7 @@ import importlib.metadata
 import logging
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -23,6 +24,9 @@ from tenantflow.kernel.errors import InvalidArgument
 from tenantflow.kernel.loader import Loader
 from tenantflow.kernel.sandbox import Sandbox
 from tenantflow.kernel.storage import Storage
+
+if TYPE_CHECKING:
+    from tenantflow.conformance.harness import Harness
 
 log = logging.getLogger("tenantflow.kernel")
 
@@ -116,6 +120,11 @@ class Plugins:
         for batch in self.pm.hook.tenantflow_sandboxes(config=config):
             for sandbox in batch:
                 found.setdefault(sandbox.runtime, sandbox)
+        return found
+
+    def conformance(self, kind: str, name: str) -> Harness | None:
+        """The conformance suites' harness a plugin gives for ``kind`` ``name`` (tests only)."""
+        found: Harness | None = self.pm.hook.tenantflow_conformance(kind=kind, name=name)
         return found
 
     def loaders(self, storage: Storage, config: KernelConfig) -> dict[str, Loader]:

@@ -89,7 +89,7 @@ def tenant(request: pytest.FixtureRequest) -> str:
 def harness(kind: str, name: str) -> Harness:
     """The harness the installed plugins give for ``kind`` ``name``; fails the test naming them if none."""
     plugins = Plugins()
-    found: Harness | None = plugins.pm.hook.tenantflow_conformance(kind=kind, name=name)
+    found = plugins.conformance(kind, name)
     if found is None:
         pytest.fail(
             f"no installed plugin gives a conformance harness for {kind} {name!r} "
