@@ -2,8 +2,9 @@
 
 Under the tenant: ``"av" pseq`` -> (name, digest) for every version, ``"an" name pseq`` -> digest
 for one name's, ``"a" name "p" digest`` -> its pseq (so publishing it again moves it), ``"avc"``
-the last pseq. Versions published before the index existed are indexed the first time the tenant's
-versions are listed (``"avi"`` marks that done), below every pseq given since, oldest lowest.
+the last pseq, ``"avn"`` how many versions (``"avm"``: it counts them all; see tenants.py).
+Versions published before the index existed are indexed the first time the tenant's versions are
+listed (``"avi"`` marks that done), below every pseq given since, oldest lowest.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ def index_version(tr: Txn, k: Keys, tenant: str, name: str, digest: str) -> None
         (seq,) = unpack(old)
         tr.clear(k.tenant(tenant, "av", seq))
         tr.clear(k.tenant(tenant, "an", name, seq))
+    else:
+        tr.add(k.tenant(tenant, "avn"), 1)  # one more version (the tenant listing's count)
     seq = decode_int(tr.get(k.tenant(tenant, "avc"))) + 1
     tr.set(k.tenant(tenant, "avc"), encode_int(seq))
+    if seq == 1:  # its first version indexed: "avn" counts them all (older ones are added as indexed)
+        tr.set(k.tenant(tenant, "avm"), b"")
     _put(tr, k, tenant, name, digest, seq)
 
 
@@ -101,6 +106,7 @@ def index_older(layer: Layer, k: Keys, tenant: str) -> None:
             for i, (_, name, digest) in enumerate(older[start : start + BATCH], start):
                 if tr.get(k.tenant(tenant, "a", name, "p", digest)) is None:
                     _put(tr, k, tenant, name, digest, low - 1 - i)
+                    tr.add(k.tenant(tenant, "avn"), 1)
 
         layer.transact(write)
     layer.transact(lambda tr: tr.set(k.tenant(tenant, "avi"), b""))

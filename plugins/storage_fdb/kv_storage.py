@@ -814,8 +814,8 @@ class KVStorage:
         self, prefix: str, cursor: str | None, limit: int, keep: Callable[[str], bool] | None = None
     ) -> tuple[list[TenantSummary], str | None]:
         """A read of one key per tenant looked at (at most 200 a call); per tenant listed, one read
-        transaction of five keys and its version index (a key a version). Instances are counted by
-        a per-tenant counter, never scanned (plugins/storage_fdb/tenants.py)."""
+        transaction of seven keys: instances and versions are counted by per-tenant counters, never
+        scanned (plugins/storage_fdb/tenants.py)."""
         return list_tenant_page(self.layer, self.k, prefix, cursor, limit, keep)
 
     def next_run_at(self) -> float | None:

@@ -4,6 +4,8 @@
 ``R "T" tenant "nc"``   present when ``"ni"`` counts every one of them: set with the tenant's first
                         instance; a tenant whose instances predate the counter is counted once, in
                         one transaction (its ``"l"`` index, an entry an instance), when first listed
+``R "T" tenant "avn"``  how many versions it has published (atomic, kept by ``artifacts``); ``"avm"``
+                        marks it complete, once counted from the version index in one transaction
 
 Tenants are found by skipping through ``R "T"``: one range read of one key per tenant, then a jump
 past everything the tenant holds. A tenant is listed if it has an instance, a schedule or a
@@ -29,10 +31,6 @@ def _first_after(tr: Txn, k: Keys, begin: bytes, end: bytes) -> str | None:
     return str(k.strip(rows[0][0])[1]) if rows else None
 
 
-def _count_keys(tr: Txn, begin: bytes, end: bytes) -> int:
-    return len(tr.get_range(begin, end, snapshot=True))
-
-
 def _names(tr: Txn, k: Keys, tenant: str, index: str) -> int:
     """Distinct names under ``index`` (one read per name, jumping over its chunks)."""
     count, (begin, end) = 0, k.tenant_range(tenant, index)
@@ -42,26 +40,29 @@ def _names(tr: Txn, k: Keys, tenant: str, index: str) -> int:
     return count
 
 
-def _backfill(layer: Layer, k: Keys, tenant: str) -> None:
-    """Count a tenant's instances made before the counter, once: its ``"l"`` index is read for real,
-    so a create or delete in the tenant meanwhile conflicts and this runs again."""
+def _backfill(layer: Layer, k: Keys, tenant: str, index: str, counter: str, marker: str) -> None:
+    """Count a tenant's entries of ``index`` made before ``counter``, once: the index is read for
+    real, so a write to it meanwhile (a create, a delete, a publish) conflicts and this runs again."""
 
     def count(tr: Txn) -> None:
-        if tr.get(k.tenant(tenant, "nc")) is None:
-            tr.set(k.tenant(tenant, "ni"), encode_int(len(tr.get_range(*k.tenant_range(tenant, "l")))))
-            tr.set(k.tenant(tenant, "nc"), b"")
+        if tr.get(k.tenant(tenant, marker)) is None:
+            tr.set(k.tenant(tenant, counter), encode_int(len(tr.get_range(*k.tenant_range(tenant, index)))))
+            tr.set(k.tenant(tenant, marker), b"")
 
     layer.transact(count)
 
 
 def _counts(tr: Txn, k: Keys, tenant: str) -> TenantSummary | str:
     """The tenant's counts in one read, or what must be done first: ``"index"`` its versions
-    published before the version index, ``"count"`` its instances made before the counter."""
-    avi, nc, ni, live, scn = tr.get_many(
-        [k.tenant(tenant, key) for key in ("avi", "nc", "ni", "live", "scn")], snapshot=True
+    published before the version index, ``"versions"`` count them, ``"count"`` its instances made
+    before the counter."""
+    avi, avm, avn, nc, ni, live, scn = tr.get_many(
+        [k.tenant(tenant, key) for key in ("avi", "avm", "avn", "nc", "ni", "live", "scn")], snapshot=True
     )
     if avi is None:
         return "index"
+    if avm is None:
+        return "versions"
     if nc is None and tr.get_range(*k.tenant_range(tenant, "l"), limit=1, snapshot=True):
         return "count"
     return TenantSummary(
@@ -69,19 +70,21 @@ def _counts(tr: Txn, k: Keys, tenant: str) -> TenantSummary | str:
         instances=decode_int(ni),
         live=decode_int(live),
         schedules=decode_int(scn) if scn is not None else _names(tr, k, tenant, "sc"),
-        code_versions=_count_keys(tr, *k.tenant_range(tenant, "av")),
+        code_versions=decode_int(avn),
     )
 
 
 def _summary(layer: Layer, k: Keys, tenant: str) -> TenantSummary | None:
-    """The tenant's counts (None if it has nothing listed): one read transaction of five keys and
-    its version index (a key a version; in stores made before the schedule counter, also a read
-    per schedule), after indexing or counting once what predates the indexes."""
+    """The tenant's counts (None if it has nothing listed): one read transaction of seven keys (in
+    stores made before the schedule counter, also a read per schedule), after indexing or counting
+    once what predates the indexes and counters."""
     while not isinstance(found := layer.read(functools.partial(_counts, k=k, tenant=tenant)), TenantSummary):
         if found == "index":
             artifacts.index_older(layer, k, tenant)  # as Code.List does on its first use
+        elif found == "versions":
+            _backfill(layer, k, tenant, "av", "avn", "avm")
         else:
-            _backfill(layer, k, tenant)
+            _backfill(layer, k, tenant, "l", "ni", "nc")
     return found if found.instances or found.schedules or found.code_versions else None
 
 
@@ -89,9 +92,9 @@ def list_page(
     layer: Layer, k: Keys, prefix: str, cursor: str | None, limit: int, keep: Callable[[str], bool] | None
 ) -> tuple[list[TenantSummary], str | None]:
     """See ``Storage.list_tenants``. Cost per call: at most :data:`SCAN` tenants looked at, each a
-    read transaction of one key; for each the caller's filter keeps, one more of five point reads
-    and its version index (a key per published version). No read grows with a tenant's instances
-    (a counter holds their number) except the one-time count of a tenant made before the counter."""
+    read transaction of one key; for each the caller's filter keeps, one more of seven point reads.
+    No read grows with a tenant's instances or versions (counters hold their numbers) except the
+    one-time counts of a tenant that predates the counters."""
     base = pack((*k.root, "T")) + _STRING + prefix.encode()
     begin, end = base, base + b"\xff"
     if cursor is not None and cursor >= prefix:
