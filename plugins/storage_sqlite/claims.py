@@ -88,6 +88,7 @@ BACKFILL = [
 # tenants at their cap or with every due group full yield nothing, and those are bounded by the
 # instances running.
 _MAX_TENANTS = 4096
+NO_CAP = 1 << 62  # a per-tenant cap that is none
 _QUEUES_PER_TENANT = 64
 
 
@@ -164,7 +165,7 @@ def pick(
 
 
 def _room(conn: sqlite3.Connection, tenant: str, now: float, limit: int, cap: int) -> int:
-    return limit if cap >= limit else min(limit, cap - _running(conn, tenant, now))
+    return limit if cap >= NO_CAP else min(limit, cap - _running(conn, tenant, now))
 
 
 def _running(conn: sqlite3.Connection, tenant: str, now: float) -> int:

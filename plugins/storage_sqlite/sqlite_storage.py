@@ -557,7 +557,7 @@ class SQLiteStorage:
     ) -> list[InstanceRecord]:
         if limit <= 0:
             return []
-        cap = per_tenant if per_tenant > 0 else 1 << 62
+        cap = per_tenant if per_tenant > 0 else claims.NO_CAP
         # Chosen on a read connection (off the writer, which running instances need for their
         # commits); the lease is then taken only where nobody took it meanwhile. See claims.py.
         rows, served = claims.pick(self._reader(), now, limit, cap)
@@ -774,6 +774,5 @@ def _delete(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> int:
     """Delete instances and every row that belongs to them; return how many instances existed."""
     for table in ("steps", "events", "history"):
         conn.executemany(f"DELETE FROM {table} WHERE tenant = ? AND id = ?", keys)  # noqa: S608
-    before = conn.total_changes
-    conn.executemany("DELETE FROM instances WHERE tenant = ? AND id = ?", keys)
-    return conn.total_changes - before
+    # rowcount, not total_changes: the claim's triggers change their own tables as rows go.
+    return conn.executemany("DELETE FROM instances WHERE tenant = ? AND id = ?", keys).rowcount

@@ -76,7 +76,8 @@ def test_a_sleeping_instance_leaves_its_tenants_turn(tmp_path: Path) -> None:
     assert storage.apply([sleep])[0].ok
     assert storage.claim("n", now + 1, 60, 5) == []
     assert [r.id for r in storage.claim("n", now + 31, 60, 5)] == [mine.id]
-    storage.delete_instance(mine.tenant, mine.id)
+    assert storage.delete_instance(mine.tenant, mine.id)  # counted without the triggers' own rows
+    assert not storage.delete_instance(mine.tenant, mine.id)
     queued = storage._reader().execute("SELECT COUNT(*) FROM due_queues").fetchone()[0]
     assert queued == 0
 
@@ -95,3 +96,12 @@ def test_a_database_made_before_the_queues_gets_them_filled(tmp_path: Path) -> N
     conn.close()
     reopened = SQLiteStorage(path)
     assert len(reopened.claim("n", time.time(), 60, 10)) == 6
+
+
+def test_the_cap_counts_what_a_tenant_runs_whatever_the_claims_size(tmp_path: Path) -> None:
+    storage = SQLiteStorage(tmp_path / "s.sqlite3")
+    _seed(storage, 1, 8, time.time() - 1)
+    assert len(storage.claim("n", time.time(), 60, 2, per_tenant=2)) == 2
+    assert storage.claim("n", time.time(), 60, 2, per_tenant=2) == []  # was 2 more: the cap = the limit
+    assert storage.claim("n", time.time(), 60, 1, per_tenant=2) == []
+    assert len(storage.claim("n", time.time(), 60, 8, per_tenant=3)) == 1
