@@ -14,9 +14,10 @@ from tenantflow.kernel.storage import Storage
 from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.lmdb_layer import LmdbLayer
 
-# The faults FoundationDB's retry loop runs a transaction again after; commit_unknown_result comes
-# after the commit applied, so every write must find its own earlier commit.
-RETRIED_FAULTS = "not_committed,transaction_too_old,commit_unknown_result"
+# Every fault FoundationDB may return: the binding's retry loop runs a transaction again after the
+# first three, the engine after a time-out; commit_unknown_result and transaction_timed_out come after
+# the commit applied, so every write must find its own earlier commit.
+RETRIED_FAULTS = "not_committed,transaction_too_old,commit_unknown_result,transaction_timed_out"
 
 
 @dataclass
