@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 MAX_KEY_BYTES = 512
-DEFAULT_MAX_VALUE_BYTES = 64 * 1024
 # A write the storage applies: (key, JSON value), or (key, None) to delete.
 KVWrite = tuple[str, str | None]
 
@@ -91,15 +90,6 @@ def value_problem(value_json: object, max_value_bytes: int) -> str:
 
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
-
-
-def dump_value(value: object) -> str:
-    """A Python value as stored JSON (``ValueError`` for what JSON cannot hold, NaN included)."""
-    try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"the value is not JSON-serialisable: {exc}") from None
-    return text
 
 
 def usage_after(usage: KVUsage, old: Mapping[str, str | None], writes: Sequence[KVWrite]) -> KVUsage:
