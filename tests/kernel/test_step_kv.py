@@ -78,7 +78,10 @@ class Quota(WorkflowEntrypoint):
 
 @pytest.fixture(scope="module")
 def quota_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
-    k = KernelProcess(tmp_path_factory.mktemp("kvkernel"), [*TEST_LIMITS, "--kv-max-keys", "2"])
+    k = KernelProcess(
+        tmp_path_factory.mktemp("kvkernel"),
+        [*TEST_LIMITS, "--kv-max-keys", "2", "--kv-max-reads-per-step", "3"],
+    )
     k.start()
     yield k
     k.stop()
@@ -118,3 +121,28 @@ def test_the_quota_fails_the_step_naming_the_flag(quota_kernel: KernelProcess, t
         client.create("quota", "Quota", ref, id="q")
         name, message = Client.output(client.wait("quota", "q"))
     assert name == "KVQuotaExceeded" and "--kv-max-keys" in message and "2 keys" in message
+
+
+READS = """
+from tenantflow.workflow import WorkflowEntrypoint
+
+def reads(ctx):
+    try:
+        for n in range(4):
+            ctx.kv.get(f"r{n}")
+    except RuntimeError as exc:
+        return [n, str(exc)]
+    return "read past the budget"
+
+class Reads(WorkflowEntrypoint):
+    def run(self, event, step):
+        return step.do("reads", reads)
+"""
+
+
+def test_reads_past_the_budget_raise_naming_the_flag(quota_kernel: KernelProcess) -> None:
+    with quota_kernel.client() as client:
+        ref = publish(client, "reads", READS)
+        client.create("reads", "Reads", ref, id="r")
+        n, message = Client.output(client.wait("reads", "r"))
+    assert n == 3 and "--kv-max-reads-per-step" in message
