@@ -880,10 +880,10 @@ class KVStorage:
             tenantkv.apply(tr, self.k, plan)
             return plan.existed
 
-        return self.layer.transact(write)
+        return self._once(write)  # a retry after a commit that applied would see every key existing
 
     def put_secret(self, tenant: str, name: str, sealed: bytes, now: float) -> None:
-        self.layer.transact(lambda tr: tenantkv.put_secret(tr, self.k, tenant, name, sealed, now))
+        self._idempotent(lambda tr: tenantkv.put_secret(tr, self.k, tenant, name, sealed, now))
 
     def get_secret(self, tenant: str, name: str) -> tuple[bytes, float] | None:
         raw = self.layer.read(lambda tr: tr.get(self.k.glob("S", tenant, name)))
@@ -897,7 +897,7 @@ class KVStorage:
             tr.clear(key)
             return True
 
-        return self.layer.transact(delete)
+        return self._once(delete)
 
     def list_secrets(
         self, tenant: str | None, after: tuple[str, str] | None = None, limit: int = 1000
@@ -906,7 +906,7 @@ class KVStorage:
 
     # ``R "E" tenant``: a tenant's egress allow-list (its rules as JSON, and when they were set)
     def put_egress(self, tenant: str, rules_json: str, now: float) -> None:
-        self.layer.transact(lambda tr: tr.set(self.k.glob("E", tenant), pack((rules_json, now))))
+        self._idempotent(lambda tr: tr.set(self.k.glob("E", tenant), pack((rules_json, now))))
 
     def get_egress(self, tenant: str) -> tuple[str, float] | None:
         raw = self.layer.read(lambda tr: tr.get(self.k.glob("E", tenant)))

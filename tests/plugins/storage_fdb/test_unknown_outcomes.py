@@ -124,3 +124,27 @@ def test_deletes_purges_and_releases_count_right_under_random_faults(tmp_path: P
         assert sum(layer.counters.faults.values()) >= 5
     finally:
         layer.close()
+
+
+def test_key_value_writes_and_secrets_answer_right_after_a_time_out(tmp_path: Path) -> None:
+    layer = Scripted(tmp_path / "kv")
+    storage = KVStorage(layer)
+    try:
+        # each write commits, then times out: run again, it finds what it did (the old code raised
+        # the raw FdbError, or answered from what the retry saw: every key existing)
+        layer.script = ["transaction_timed_out"]
+        assert storage.kv_write("t", [("a", "1"), ("b", None)], 1.0) == [False, False]
+        layer.script = ["transaction_timed_out"]
+        assert storage.kv_write("t", [("a", "2")], 2.0) == [True]
+        assert storage.kv_get("t", "a") is not None and storage.kv_usage("t").keys == 1
+        layer.script = ["transaction_timed_out"]
+        storage.put_secret("t", "s", b"sealed", 1.0)
+        layer.script = ["transaction_timed_out"]
+        assert storage.delete_secret("t", "s") is True and storage.get_secret("t", "s") is None
+        layer.script = ["transaction_timed_out"]
+        storage.put_egress("t", "[]", 1.0)
+        assert storage.get_egress("t") == ("[]", 1.0) and layer.counters.faults == {
+            "transaction_timed_out": 5
+        }
+    finally:
+        layer.close()
