@@ -112,6 +112,10 @@ class KernelConfig:
     # directories the operator grants tenant code read-write access to (none by default)
     sandbox_writable_dirs: list[str] = field(default_factory=list)
     sandbox_network: bool = False  # let tenant code open connections (sandboxes that have sockets)
+    # where ctx.workspace() trees live (kernel/workspace.py; None: steps get no workspace), and the
+    # bytes a tenant's steps may write into its workspaces (0: no limit)
+    workspace_root: Path | None = None
+    workspace_quota_bytes: int = 1024 * 1024 * 1024
     # run tenant code even where a sandbox protection is missing (each one logged as a WARNING)
     unsafe_allow_weak_sandbox: bool = False
     metrics_listen: str = ""  # HOST:PORT of the Prometheus /metrics endpoint ("": none)

@@ -39,6 +39,8 @@ async def serve(args: argparse.Namespace) -> None:
     )
     if problem := grant_problem(args.sandbox_writable_dir or [], state):
         raise SystemExit(f"error: {problem}")
+    if args.workspace_root and (problem := grant_problem([args.workspace_root], state)):
+        raise SystemExit(f"error: --workspace-root: {problem}")
     hold_data_dir(data_dir)  # one kernel per data directory, for the life of this process
     config = KernelConfig(
         data_dir=data_dir,
@@ -73,6 +75,8 @@ async def serve(args: argparse.Namespace) -> None:
         git_roots=args.git_root or [],
         sandbox_writable_dirs=args.sandbox_writable_dir or [],
         sandbox_network=args.sandbox_network,
+        workspace_root=Path(args.workspace_root).resolve() if args.workspace_root else None,
+        workspace_quota_bytes=int(args.workspace_quota_mb * 1024 * 1024),
         max_log_lines_per_run=args.max_log_lines_per_run,
         max_log_bytes_per_run=int(args.max_log_kib_per_run * 1024),
         tenant_log_lines_per_second=args.tenant_log_lines_rate,
@@ -400,6 +404,18 @@ def add_serve_parser(sub: Any) -> None:
         "--sandbox-network",
         action="store_true",
         help="let tenant code open network connections (subprocess sandbox; wasm guests have no sockets)",
+    )
+    s.add_argument(
+        "--workspace-root",
+        metavar="DIR",
+        help="where steps' workspaces (ctx.workspace(): a writable tree of the instance's pinned code) "
+        "live; python runtime only (default: none, ctx.workspace() is refused)",
+    )
+    s.add_argument(
+        "--workspace-quota-mb",
+        type=AMOUNT_OR_ZERO,
+        default=1024.0,
+        help="MiB a tenant's steps may write into its workspaces, checked when a step asks for one (0: no limit)",
     )
     s.add_argument(
         "--unsafe-allow-weak-sandbox",

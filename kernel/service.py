@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tenantflow.kernel import children, metrics, rollback, schedules, upgrade
+from tenantflow.kernel import children, metrics, rollback, schedules, upgrade, workspace
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -213,6 +213,8 @@ class Kernel:
                 purge_forever(self.storage, self.config.retention_seconds), name="tenantflow-retention"
             ),
         ]
+        if (spaces := workspace.of(c.workspace_root, c.workspace_quota_bytes)) is not None:
+            self._sweepers.append(asyncio.create_task(workspace.sweep_forever(spaces, self.storage)))
         self._started = True
         log.info("kernel started: storage %s, sandboxes %s, loaders %s", self.config.resolved_storage_url(),
                  sorted(sandboxes), sorted(loaders))  # fmt: skip
@@ -240,6 +242,10 @@ class Kernel:
         writer_ended = await self.committer.stop()
         for sandbox in self.sandboxes.values():
             await sandbox.close()
+        if (
+            spaces := workspace.of(self.config.workspace_root, self.config.workspace_quota_bytes)
+        ) is not None:
+            await asyncio.to_thread(spaces.close)
         if writer_ended and renewals_ended:  # else storage is in use: process exit closes it, not us
             self.storage.close()
 

@@ -18,10 +18,10 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from tenantflow.kernel import children, egress, metrics, rollback, stepkinds, stepreach
+from tenantflow.kernel import children, egress, metrics, rollback, stepkinds, stepreach, workspace
 from tenantflow.kernel.code import CodeCatalog
 from tenantflow.kernel.committer import Committer
 from tenantflow.kernel.config import KernelConfig
@@ -73,6 +73,8 @@ class WakeUp:
         self.hard_limit = 0.0  # seconds no wake-up outlives, whatever its steps' time-outs (set once it runs)
         self._egress: egress.RunEgress | None = None  # its connections, once a step opens one
         self._net: egress.HostConnections | None = None  # ... driven through host calls (python-wasm)
+        self._files: dict[str, bytes] = {}  # the pinned code's files, for a workspace
+        self._runtime = ""
 
     def abort(self, reason: str) -> None:
         """Stop the sandbox; nothing more is written for this wake-up."""
@@ -140,6 +142,10 @@ class WakeUp:
                           "max_writes": self.config.kv_max_writes_per_step, "max_list": stepreach.MAX_LIST},
         }  # fmt: skip
         rollback.prepare(journal, job)
+        self._files, self._runtime = code.bundle.files, code.bundle.runtime
+        spaces = workspace.of(self.config.workspace_root, self.config.workspace_quota_bytes)
+        if spaces is not None and self._runtime == "python":  # its run reaches this directory only
+            job["workspace"] = await asyncio.to_thread(spaces.prepare, rec.tenant, rec.id)
         self.sandbox_task = asyncio.create_task(sandbox.run(job, self, self.config.limits))
         metrics.sandbox_started(journal, code.bundle.runtime)
         late = await self._watch_deadlines()
@@ -158,6 +164,10 @@ class WakeUp:
             self._net.close()
         if self._egress is not None:
             await self._egress.close()
+        if spaces is not None and journal.ended and not journal.aborted:
+            with contextlib.suppress(Exception):  # the sweep tries again
+                if await asyncio.to_thread(workspace.ended, journal.storage, rec.tenant, rec.id):
+                    await asyncio.to_thread(spaces.remove, rec.tenant, rec.id)
         if journal.ended or journal.aborted:
             return
         await self._crashed(detail, late)
@@ -251,6 +261,26 @@ class WakeUp:
             self._egress = egress.RunEgress(tenant, lambda: egress.stored_rules(storage, tenant))
         return await self._egress.open(host, port)
 
+    async def _workspace(self, m: dict[str, Any]) -> dict[str, Any]:
+        """``ctx.workspace()``: the path of the instance's workspace (kernel/workspace.py)."""
+        flight = self.journal.flights.get(str(m.get("key")))
+        if flight is None or m.get("attempt") != flight.attempt:
+            raise ValueError(f"ctx.workspace() asked for outside a running step attempt ({m.get('key')!r})")
+        spaces = workspace.of(self.config.workspace_root, self.config.workspace_quota_bytes)
+        if spaces is None or self._runtime != "python":
+            return {"error": "this kernel gives steps no workspace: its operator starts it with --workspace-root DIR"
+                    if spaces is None else "ctx.workspace() is available in the python runtime only"}  # fmt: skip
+        rec, bundle = self.record, self._files
+        whole_tree = getattr(self.catalog.loader(rec.code), "workspace_files", None)
+
+        def files() -> Iterable[workspace.WorkspaceFile]:
+            return whole_tree(rec.tenant, rec.code) if whole_tree else workspace.bundle_files(bundle)
+
+        try:
+            return {"path": await asyncio.to_thread(spaces.workspace, rec.tenant, rec.id, rec.code, files)}
+        except workspace.QuotaExceeded as exc:
+            return {"error": str(exc)}
+
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         journal = self.journal
         if journal.aborted:
@@ -263,6 +293,8 @@ class WakeUp:
                 return await stepreach.kv(journal, message)
             if op == "secret":
                 return await stepreach.secret(journal, message)
+            if op == "workspace":
+                return await self._workspace(message)
             if op == "net":
                 self._net = self._net or egress.HostConnections(self.egress_open)
                 return await self._net.answer(message)

@@ -89,6 +89,13 @@ class StepContext:
     def name(self) -> str:
         return self.step
 
+    def workspace(self) -> str:
+        """The path of a writable copy-on-write tree of the code this instance is pinned to (the git
+        commit's whole tree, or the published files), private to the instance and kept until it
+        ends: a CI step can lint, build and test the very commit it runs for. Python runtime, on a
+        kernel started with ``--workspace-root``; ``RuntimeError`` says why not otherwise."""
+        return _tools.workspace(self.kv)
+
 
 @dataclass(frozen=True)
 class ErrorInfo:

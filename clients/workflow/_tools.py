@@ -199,6 +199,19 @@ class Tools:
         return [[k, v] for k, v in a.writes.items()]
 
 
+def workspace(kv: Any) -> str:
+    """``ctx.workspace()`` for the attempt behind ``kv`` (see ``StepContext.workspace``)."""
+    if not isinstance(kv, KV):
+        raise RuntimeError("ctx.workspace() is not available here: only inside a step.do callback")
+    a = kv._a
+    if not a.open:
+        a.request("workspace")  # raises: the attempt is over
+    reply = a.ask({"op": "workspace", "key": a.key, "attempt": a.attempt})
+    if "error" in reply:
+        raise RuntimeError(str(reply["error"]))
+    return str(reply["path"])
+
+
 _tools: Tools | None = None
 
 

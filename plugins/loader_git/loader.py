@@ -19,6 +19,7 @@ from tenantflow.plugins.loader_git.ref import SCHEMES, GitRef, parse
 MAX_FILES = 2000
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
 _LINK = 0o120000
+_EXECUTABLE = 0o100755
 
 
 class GitLoader:
@@ -46,6 +47,19 @@ class GitLoader:
             _blob(commit, git)
             files = dict(_module_files(commit, git, self._config.max_code_bytes))
         return CodeBundle(ref=pinned, runtime=git.runtime, files=files, entry=git.entry)
+
+    def workspace_files(self, tenant: str, pinned: str) -> list[tuple[str, bytes, bool]]:
+        """The commit's whole tree for a workspace (``ctx.workspace()``): every regular file, with
+        whether it is executable (symbolic links and submodules are left out)."""
+        git = parse(pinned)
+        if not git.pinned:
+            raise InvalidArgument(f"{pinned!r} is not pinned to a 40-hex commit sha")
+        with self._open(tenant, git, fetch=False) as repo:
+            commit = _resolve(repo, git)
+            return [
+                (path, blob.data, blob.filemode == _EXECUTABLE)
+                for path, blob in _walk(commit.tree, "", any_file=True)
+            ]
 
     def _open(self, tenant: str, git: GitRef, fetch: bool) -> _Repo:
         if git.scheme == "git+file":
@@ -142,10 +156,10 @@ def _module_files(commit: pygit2.Commit, git: GitRef, max_bytes: int) -> Iterato
         yield path, blob.data
 
 
-def _walk(tree: pygit2.Tree, prefix: str) -> Iterator[tuple[str, pygit2.Blob]]:
+def _walk(tree: pygit2.Tree, prefix: str, any_file: bool = False) -> Iterator[tuple[str, pygit2.Blob]]:
     for obj in tree:
         name = obj.name or ""
         if isinstance(obj, pygit2.Tree):
-            yield from _walk(obj, f"{prefix}{name}/")
-        elif isinstance(obj, pygit2.Blob) and name.endswith(".py") and obj.filemode != _LINK:
+            yield from _walk(obj, f"{prefix}{name}/", any_file)
+        elif isinstance(obj, pygit2.Blob) and (any_file or name.endswith(".py")) and obj.filemode != _LINK:
             yield f"{prefix}{name}", obj

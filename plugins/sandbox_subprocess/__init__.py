@@ -22,6 +22,7 @@ def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
         SubprocessSandbox(
             network=config.sandbox_network,
             writable=config.sandbox_writable_dirs,
+            workspaces=str(config.workspace_root) if config.workspace_root else None,
             unsafe_allow_weak=config.unsafe_allow_weak_sandbox,
         )
     ]

@@ -163,10 +163,17 @@ def _seccomp(pyseccomp: Any, network: bool, memfd: bool) -> str:
 
 
 def confine_template(
-    *, network: bool = False, filesystem: bool = True, writable: list[str] | None = None, memfd: bool = False
+    *,
+    network: bool = False,
+    filesystem: bool = True,
+    writable: list[str] | None = None,
+    memfd: bool = False,
+    workspaces: str | None = None,
 ) -> Confinement:
     """Confine the calling (template) process for good; say what could not be established.
-    ``memfd``: runs may call memfd_create (only where a memory cgroup counts what they put there)."""
+    ``memfd``: runs may call memfd_create (only where a memory cgroup counts what they put there).
+    ``workspaces``: the workspace root, writable here; each run narrows it to its own instance's
+    directory (:func:`confine_run`)."""
     missing: dict[str, str] = {}
     notes: list[str] = []
     writable = writable or []
@@ -181,12 +188,14 @@ def confine_template(
         missing[NO_NEW_PRIVS] = problem
     lock_capabilities()
     if root:
-        if problem := _leave_root(read_only_paths(network), writable):
+        if problem := _leave_root(
+            read_only_paths(network), [*writable, *([workspaces] if workspaces else [])]
+        ):
             missing[UNPRIVILEGED_UID] = problem
         unusable = tenant_uid.unusable_grants(writable)
     if filesystem:
         problem = (
-            landlock(read_only_paths(network), writable, network)
+            landlock(read_only_paths(network), [*writable, *([workspaces] if workspaces else [])], network)
             if sys.platform == "linux"
             else "landlock needs Linux"
         )
@@ -199,6 +208,16 @@ def confine_template(
     if problem:
         missing[SECCOMP] = problem
     return Confinement(missing, notes, unusable)
+
+
+def confine_run(writable: list[str], workspace: str | None, network: bool) -> None:
+    """In a run's child, before any tenant code: a Landlock layer of its own that reaches the
+    operator's grants and its instance's workspace directory only, not the rest of the workspace
+    root (other instances', other tenants'). Raises if it cannot: the run must not go on."""
+    if problem := landlock(
+        read_only_paths(network), [*writable, *([workspace] if workspace else [])], network
+    ):
+        raise RuntimeError(f"the run could not confine itself to its workspace: {problem}")
 
 
 def _leave_root(needed: list[str], writable: list[str]) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tenantflow.kernel.sandbox import Host, Inspection, Limits, RunExit
+from tenantflow.kernel.workspace import prepare_root
 from tenantflow.plugins.sandbox_subprocess import egress_channel, wire
 from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS, RunCgroup, RunCgroups
 from tenantflow.plugins.sandbox_subprocess.spares import Child, SparePool, close_child_ends
@@ -273,6 +274,7 @@ class SubprocessSandbox:
         filesystem: bool = True,
         writable: list[str] | None = None,
         unsafe_allow_weak: bool = False,
+        workspaces: str | None = None,
     ) -> None:
         self._unsafe_allow_weak = unsafe_allow_weak
         self._template_output: _TemplateOutput | None = None
@@ -281,6 +283,7 @@ class SubprocessSandbox:
             "network": network,
             "filesystem": filesystem,
             "writable": self._writable,
+            "workspaces": workspaces,  # the workspace root (kernel/workspace.py), or None
         }
         self._ctrl: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -310,6 +313,8 @@ class SubprocessSandbox:
                     self._cgroups.memory_problem,
                 )
         self._settings["memfd"] = self._cgroups.memory  # else the template's filter refuses it
+        if self._settings["workspaces"]:  # before the template takes its mount namespace
+            await asyncio.to_thread(prepare_root, Path(self._settings["workspaces"]))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {
             "MALLOC_ARENA_MAX": "2",
@@ -434,7 +439,8 @@ class SubprocessSandbox:
         """The limits a fork request gives the child (JSON): also what a spare must match."""
         return json.dumps({
             "memory_bytes": limits.memory_bytes, "cpu_seconds": run_cpu_backstop(limits),
-            "open_files": limits.open_files, "file_bytes": 256 * 1024 * 1024 if self._writable else 0,
+            "open_files": limits.open_files,
+            "file_bytes": 256 * 1024 * 1024 if self._writable or self._settings["workspaces"] else 0,
         })  # fmt: skip
 
     async def _child(self, limits: str) -> Child:

@@ -44,6 +44,7 @@ def _recv(ctrl: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(data), list(fds)
 
 
+_settings: dict[str, Any] = {}  # the template's settings, for its children
 _WARM_UP_MODULE = "tenantflow_template_warm_up"
 _WARM_UP_CODE = """
 from tenantflow.workflow import WorkflowEntrypoint
@@ -115,6 +116,10 @@ def _child(template: int, fds: list[int], request: dict[str, Any]) -> None:
         sock = socket.socket(fileno=sock_fd)
         transport = SocketTransport(sock)
         job = transport.recv()  # a spare waits here, confined, until a run takes it
+        if _settings.get("workspaces"):  # before any tenant code: only its own instance's workspace
+            workspace = job.pop("workspace", None)
+            policy.confine_run(_settings.get("writable", []), workspace if isinstance(workspace, str) else None,
+                               bool(_settings.get("network")))  # fmt: skip
         policy.set_name(b"tf-run")
         run_job(job, transport, threads=True)
     except BaseException:  # noqa: BLE001 - report and exit; the kernel sees the crash
@@ -139,11 +144,13 @@ def _serve() -> None:
         return  # the kernel died while starting us
     ctrl = socket.socket(fileno=int(sys.argv[1]))
     settings = json.loads(sys.argv[2])
+    _settings.update(settings)
     confinement = policy.confine_template(
         writable=settings.get("writable", []),
         network=settings.get("network", False),
         filesystem=settings.get("filesystem", True),
         memfd=settings.get("memfd", False),
+        workspaces=settings.get("workspaces"),
     )
     if not policy.die_with_parent(kernel):  # again: a change of uid cleared the death signal
         return
