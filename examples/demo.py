@@ -55,6 +55,8 @@ def start_kernel(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
             str(data_dir),
             "--secrets-key",
             str(key),
+            "--workspace-root",  # the CI tenant lints its pinned code in a workspace of its own
+            str(data_dir.with_name(data_dir.name + "-workspaces")),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -144,8 +146,9 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(15)
-        if done:  # the kernel's storage was only for the demo
+        if done:  # the kernel's storage (and its workspaces) were only for the demo
             shutil.rmtree(data_dir, ignore_errors=True)
+            shutil.rmtree(data_dir.with_name(data_dir.name + "-workspaces"), ignore_errors=True)
         else:
             say(f"the demo kernel's data is left in {data_dir} (its storage: tenantflow.sqlite3)")
 
