@@ -57,7 +57,7 @@ class Runner:
     """The compiled runner component, its linker and the stdlib modules it offers."""
 
     def __init__(self) -> None:
-        self.engine, self.ticker = shared_engine()
+        self.engine, self.ticker = shared_engine(pooling=True)
         started = time.monotonic()
         self.component, cached = cache.compiled(self.engine, Component, build.ensure_runner())
         log.info(

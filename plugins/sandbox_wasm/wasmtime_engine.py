@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import itertools
+import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -78,22 +79,72 @@ class _Ticker:
 
 
 _lock = threading.Lock()
-_shared: tuple[Engine, _Ticker] | None = None
+_shared: dict[bool, tuple[Engine, _Ticker]] = {}
 
 
-def shared_engine() -> tuple[Engine, _Ticker]:
-    """The process-wide engine (epoch interruption on) and its ticker."""
-    global _shared
+def shared_engine(pooling: bool = False) -> tuple[Engine, _Ticker]:
+    """The process-wide engine (epoch interruption on) and its ticker; with ``pooling``, the one on
+    the pooling allocator (the python-wasm runner's: see :func:`_pooling`). Raw modules keep
+    on-demand allocation: a tenant's module whose tables or memory exceed the pool's slots would
+    fail to compile there, where the store limits fail it with a clear error."""
     with _lock:
-        if _shared is None:
+        if pooling not in _shared:
             config = Config()
             config.epoch_interruption = True
             config.cranelift_opt_level = "speed"
             for feature in _FEATURES_OFF:
                 setattr(config, feature, False)
-            engine = Engine(config)
-            _shared = (engine, _Ticker(engine))
-        return _shared
+            engine = _pooled_engine(config) if pooling else Engine(config)
+            _shared[pooling] = (engine, _Ticker(engine))
+        return _shared[pooling]
+
+
+# The pooling allocator: every store's memory, tables and instances come from slots reserved once
+# per process, and a freed slot is reset in place for the next store (its first
+# POOL_KEEP_RESIDENT bytes by memset/copy, the rest decommitted), so a run maps nothing and takes
+# ~5 page faults where on-demand allocation took ~1,000 (loadtests/bench_python_wasm.py). The pool
+# holds POOL_RUNS runs at once, 8x the kernel's default --max-concurrent; the store limits
+# (limit_store) still bound each run exactly: the slots only bound what any store could reach.
+POOL_RUNS = 512
+POOL_MEMORY_BYTES = 4 << 30  # all a 32-bit memory can address (64-bit memories are off)
+POOL_KEEP_RESIDENT = 32 << 20  # the runner touches ~17 MiB of its memory in a P4 wake-up
+POOL_WARM_SLOTS = 4  # idle memory slots kept warm (each up to POOL_KEEP_RESIDENT of RSS)
+
+
+def _pooling(config: Config) -> None:
+    pool = ffi.wasmtime_pooling_allocation_config_new()
+    try:
+        for setter, value in (
+            ("total_component_instances", 2 * POOL_RUNS),  # a run: the runner and the waits helper
+            ("total_core_instances", 32 * POOL_RUNS),  # RUNNER_SHAPE.instances
+            ("total_memories", POOL_RUNS),
+            ("total_tables", 4 * POOL_RUNS),
+            ("max_core_instances_per_component", 32),
+            ("max_memories_per_component", 1),
+            ("max_memories_per_module", 1),
+            ("max_tables_per_component", 4),  # RUNNER_SHAPE.tables
+            ("max_tables_per_module", 4),
+            ("table_elements", 1 << 16),  # RUNNER_SHAPE.table_elements
+            ("max_memory_size", POOL_MEMORY_BYTES),
+            ("linear_memory_keep_resident", POOL_KEEP_RESIDENT),
+            ("table_keep_resident", 1 << 20),
+            ("max_unused_warm_slots", POOL_WARM_SLOTS),
+        ):
+            getattr(ffi, f"wasmtime_pooling_allocation_config_{setter}_set")(pool, value)
+        ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
+    finally:
+        ffi.wasmtime_pooling_allocation_config_delete(pool)
+
+
+def _pooled_engine(config: Config) -> Engine:
+    """An engine on the pooling allocator where the process may reserve the pool's address space
+    (~2 TiB, reserved, not committed); on-demand allocation under an ``RLIMIT_AS`` (the code
+    checker's children run under one), since wasmtime aborts the process when it cannot make an
+    engine."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        _pooling(config)
+    return Engine(config)
 
 
 @dataclass(frozen=True)
