@@ -273,7 +273,7 @@ class KVStorage:
         for tenant, last in seqs.items():
             tr.set(k.tenant(tenant, "c"), encode_int(last))
         for r, entry in zip(records, history, strict=False):
-            self._history(tr, r.tenant, r.id, [entry])
+            self._history(tr, r.tenant, r.id, [entry], last=0)  # a new instance: no history yet
 
     def _check_live(self, tr: Txn, adding: Counter[str], max_live: int) -> None:
         """Refuse a create that would take a tenant past ``max_live`` instances not ended. The live
@@ -442,11 +442,14 @@ class KVStorage:
         rows = self.layer.read(lambda tr: tr.get_range(begin, end))
         return [HistoryEntry(**loads(value)) for _, value in group_chunks(rows, 0)]
 
-    def _history(self, tr: Txn, tenant: str, id: str, entries: Sequence[HistoryEntry]) -> None:
+    def _history(
+        self, tr: Txn, tenant: str, id: str, entries: Sequence[HistoryEntry], last: int | None = None
+    ) -> None:
+        """Append ``entries`` to the instance's history; ``last``: its last seq, if known (not read)."""
         if not entries:
             return
         counter = self.k.inst(tenant, id, "yn")
-        last = decode_int(tr.get(counter))
+        last = decode_int(tr.get(counter)) if last is None else last
         for entry in entries:
             last += 1
             entry.seq = last

@@ -255,8 +255,19 @@ class SimTxn:
         for key in self._keys[lo:hi]:
             del self.writes[key]
         del self._keys[lo:hi]
-        self.cleared = merge([*self.cleared, (begin, end)])
-        self._cleared_begins = [b for b, _ in self.cleared]
+        # into the sorted, disjoint cleared ranges, joining those it meets (in place: a transaction
+        # clears thousands of ranges, one per chunked value it writes)
+        at = bisect.bisect_right(self._cleared_begins, begin) - 1
+        if at >= 0 and self.cleared[at][1] >= begin:
+            begin = self.cleared[at][0]
+        else:
+            at += 1
+        last = at
+        while last < len(self.cleared) and self.cleared[last][0] <= end:
+            end = max(end, self.cleared[last][1])
+            last += 1
+        self.cleared[at:last] = [(begin, end)]
+        self._cleared_begins[at:last] = [begin]
         self.write_ranges.append((begin, end))
 
     def add_read_conflict_key(self, key: bytes) -> None:

@@ -3,6 +3,7 @@ FoundationDB counts them, read-your-writes, injected faults; and the binding's A
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -187,3 +188,21 @@ def test_the_api_version_follows_the_installed_client_library() -> None:
         choose_api_version(800, 730, None)
     with pytest.raises(Unavailable, match="api_version=740 is outside what works here: 730 to 730"):
         choose_api_version(730, 740, 740)
+
+
+def test_ranges_cleared_in_any_order_hide_exactly_what_they_cover(layer: LmdbLayer) -> None:
+    keys = [bytes([n]) for n in range(1, 100)]
+    layer.transact(lambda tr: [tr.set(key, b"v") for key in keys])
+    rng = random.Random(27)
+    ranges = [(rng.randrange(1, 100), rng.randrange(0, 6)) for _ in range(40)]
+    gone = {bytes([n]) for start, length in ranges for n in range(start, min(start + length, 100))}
+
+    def clear_and_read(tr: Txn) -> list[bytes]:
+        for start, length in ranges:  # overlapping, adjacent, nested and empty, in random order
+            tr.clear_range(bytes([start]), bytes([min(start + length, 100)]))
+        tr.set(bytes([50]), b"again")  # a write after the clears shows through them
+        return [key for key, _ in tr.get_range(b"\x00", b"\xff")]
+
+    expected = sorted((set(keys) - gone) | {bytes([50])})
+    assert layer.transact(clear_and_read) == expected
+    assert [key for key, _ in layer.read(lambda tr: tr.get_range(b"\x00", b"\xff"))] == expected
