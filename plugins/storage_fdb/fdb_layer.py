@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from tenantflow.kernel.errors import Unavailable
-from tenantflow.plugins.storage_fdb.layer import Txn
+from tenantflow.plugins.storage_fdb.layer import Txn, unanswered
 
 T = TypeVar("T")
 MIN_API_VERSION = 730
@@ -166,7 +166,10 @@ class FdbLayer:
         return result
 
     def read(self, fn: Callable[[Txn], T]) -> T:
-        return self.transact(fn)  # read-only transactions commit without a round trip
+        try:
+            return self.transact(fn)  # read-only transactions commit without a round trip
+        except self._fdb.FDBError as exc:
+            raise unanswered(exc) from None
 
     def close(self) -> None:
         """The binding's network thread lives as long as the process."""

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
+from tenantflow.kernel.errors import Unavailable
+
 T = TypeVar("T")
 
 MAX_KEY_BYTES = 511  # LMDB's limit; FoundationDB allows 10,000
@@ -71,6 +73,18 @@ def maybe_committed(exc: BaseException) -> bool:
     return getattr(exc, "code", None) in MAYBE_COMMITTED
 
 
+def unanswered(exc: BaseException) -> BaseException:
+    """What a read-only transaction that failed with ``exc`` raises: UNAVAILABLE when the storage
+    could not serve it in time (timed out, or too old or busy to the retry limit; nothing was
+    written, so a retry is safe), ``exc`` itself otherwise."""
+    code = getattr(exc, "code", None)
+    if code in RETRYABLE or code == 1031:
+        return Unavailable(
+            f"the storage did not answer the read ({exc}): the cluster is slow or unreachable; retry"
+        )
+    return exc
+
+
 class Txn(Protocol):
     """One transaction."""
 
@@ -113,7 +127,8 @@ class Layer(Protocol):
         ...
 
     def read(self, fn: Callable[[Txn], T]) -> T:
-        """Run ``fn`` in a read-only transaction."""
+        """Run ``fn`` in a read-only transaction; UNAVAILABLE if the storage cannot serve it in
+        time (:func:`unanswered`)."""
         ...
 
     def close(self) -> None: ...

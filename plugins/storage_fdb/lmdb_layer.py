@@ -40,6 +40,7 @@ from tenantflow.plugins.storage_fdb.layer import (
     Txn,
     decode_int,
     encode_int,
+    unanswered,
 )
 from tenantflow.plugins.storage_fdb.lmdb_txn import Counters, Range, SimTxn, merge, overlaps
 
@@ -121,7 +122,10 @@ class LmdbLayer:
         return self._run(fn, commit=True)
 
     def read(self, fn: Callable[[Txn], T]) -> T:
-        return self._run(fn, commit=False)
+        try:
+            return self._run(fn, commit=False)
+        except FdbError as exc:
+            raise unanswered(exc) from None
 
     def _run(self, fn: Callable[[Txn], T], *, commit: bool) -> T:
         deadline = time.monotonic() + self.rules.timeout if self.rules.timeout else None

@@ -148,3 +148,14 @@ def test_key_value_writes_and_secrets_answer_right_after_a_time_out(tmp_path: Pa
         }
     finally:
         layer.close()
+
+
+def test_a_read_the_storage_cannot_serve_in_time_is_unavailable(tmp_path: Path) -> None:
+    layer = CheckedLayer(tmp_path / "kv", Rules(read_latency=0.05, timeout=0.03))
+    storage = KVStorage(layer)
+    try:
+        # every round trip takes longer than the whole time-out: the old code raised FdbError 1031
+        with pytest.raises(Unavailable, match=r"did not answer the read \(transaction_timed_out.*retry"):
+            storage.get_instance("t", "i0")
+    finally:
+        layer.close()
