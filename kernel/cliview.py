@@ -145,6 +145,8 @@ def describe(event: Any) -> str:
         text = f"✘ {step}" + (f"  attempt {event.attempt}" if event.attempt else "") + f": {event.message}"
     elif kind == "step_retrying":
         text = f"↻ {step}  {event.message}"
+    elif kind == "kv_conflict":
+        text = f"↻ {step}  kv conflict: {event.message}"
     elif kind in ("sleeping", "waiting"):
         text = f"⏸ {step}  {kind} {event.message}"
     elif kind == "log":

@@ -33,6 +33,7 @@ from tenantflow.kernel import metrics
 from tenantflow.kernel.errors import Conflict, ResourceExhausted, Unavailable
 from tenantflow.kernel.model import ApplyResult, Change
 from tenantflow.kernel.storage import Storage
+from tenantflow.kernel.tenantkv import KVConflictError
 
 log = logging.getLogger("tenantflow.committer")
 MAX_BATCH = 512
@@ -123,11 +124,14 @@ class Committer:
 
     async def commit(self, change: Change, riders: Sequence[Change] = ()) -> ApplyResult:
         """Commit ``change`` durably (with ``riders`` in its transaction); raise :class:`Conflict`
-        if its guard failed."""
+        if its guard failed (``ResourceExhausted`` past its key-value quota, ``KVConflictError``
+        if its read set no longer held)."""
         result = await self.submit(change, riders)
         if not result.ok:
             if result.kv_refused:  # not a lost race: the tenant's key-value quota
                 raise ResourceExhausted(result.kv_refused)
+            if result.kv_conflict:  # a race the step's attempt lost, not the instance
+                raise KVConflictError(result.kv_conflict)
             raise Conflict(result.reason)
         return result
 

@@ -39,6 +39,7 @@ from tenantflow.kernel.model import (
     StepRecord,
 )
 from tenantflow.kernel.storage import Storage
+from tenantflow.kernel.tenantkv import KVConflictError, KVReads
 
 log = logging.getLogger("tenantflow.engine")
 FLUSH_DELAY = 0.02  # how long a step-started or log line may wait for a commit to ride along with
@@ -65,6 +66,8 @@ class Flight:
     timeout: float  # the policy's, or the kernel's ceiling if that is lower
     started: float
     reads: int = 0  # ctx.kv and ctx.secrets reads answered (kernel/stepreach.py)
+    kv_reads: KVReads = dataclasses.field(default_factory=KVReads)  # checked when its writes commit
+    conflicts: int = 0  # runs of this attempt before, refused by a KV conflict in a row
 
 
 def foldable(change: Change, into: Change | None = None) -> bool:
@@ -73,7 +76,8 @@ def foldable(change: Change, into: Change | None = None) -> bool:
     would have committed on its own in the same transaction."""
     if change.expect_status or change.consume_events or change.add_events or change.bump_generation:
         return False
-    if change.delete_steps_from is not None or change.kv:  # kv: may be refused by the tenant's quota
+    if change.delete_steps_from is not None or change.kv or change.kv_reads or change.kv_ranges:
+        # kv: may be refused by the tenant's quota or the attempt's read set
         return False
     if into is None:
         return True
@@ -294,8 +298,8 @@ class Journal:
         riders, self.riders = self.riders, []
         try:
             result = await self._committer.commit(change, riders)
-        except ResourceExhausted:
-            raise  # the tenant's key-value quota refused the change: the step kind decides
+        except (ResourceExhausted, KVConflictError):
+            raise  # the tenant's key-value quota or a read set refused the change: the step kind decides
         except Conflict as exc:
             self.aborted = self.aborted or str(exc)
             raise Stop(str(exc)) from None

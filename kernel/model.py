@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from tenantflow.kernel.tenantkv import KVRange
+
 
 class Status(enum.IntEnum):
     """Mirrors ``tenantflow.v1.Status``."""
@@ -216,6 +218,11 @@ class Change:
     # change is refused and ApplyResult.kv_refused says why.
     kv: list[tuple[str, str | None]] = field(default_factory=list)
     kv_quota: tuple[int, int] = (0, 0)
+    # The attempt's read set (kernel/tenantkv.py), checked in the same transaction before ``kv``
+    # applies: a key read whose version changed, or a listed page that would list other keys,
+    # refuses the whole change and ApplyResult.kv_conflict says why.
+    kv_reads: list[tuple[str, int]] = field(default_factory=list)  # (key, version seen; 0: absent)
+    kv_ranges: list[KVRange] = field(default_factory=list)
 
 
 SKIPPED = "not applied: the change it rides on was refused"
@@ -232,6 +239,7 @@ class ApplyResult:
     status: Status | None = None  # the status after the change
     unread: tuple[int, int] | None = None  # refused by inbox_cap: (events, bytes) already unread
     kv_refused: str = ""  # refused by kv_quota: which quota, and the flag that raises it
+    kv_conflict: str = ""  # refused by kv_reads / kv_ranges: which read changed
 
 
 def inbox_refusal(change: Change, count: int, size: int) -> ApplyResult | None:

@@ -20,8 +20,9 @@ from tenantflow.kernel.errors import ResourceExhausted
 from tenantflow.kernel.guestdata import _error, _not_json, _strict_json, _valid_text, iso, retry_delay
 from tenantflow.kernel.journal import RESERVED_EVENT_PREFIX, Flight, Journal
 from tenantflow.kernel.model import HistoryEntry, Status, StepRecord
-from tenantflow.kernel.tenantkv import KVWrite
+from tenantflow.kernel.tenantkv import KVConflictError, KVWrite
 
+MAX_KV_CONFLICTS = 10  # runs of an attempt in a row refused by a KV conflict, then it fails (retryable)
 WALL_GRACE_SECONDS = 5.0  # after a step that outlasted the wake-up's wall-clock limit
 MIB = 1024 * 1024
 
@@ -129,12 +130,19 @@ async def result(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
             error = state_error
         else:
             kv, refused = stepreach.writes(journal, m.get("kv"))
-            refused = refused or await _complete(journal, step, output, kv)
+            refused = refused or await _complete(journal, step, output, kv, flight)
             if refused is None:
                 metrics.attempt_succeeded(journal, step)
                 return {"do": "return", "value": m.get("value")}
+            if refused["name"] == "KVConflict" and flight.conflicts + 1 < MAX_KV_CONFLICTS:
+                return rerun(journal, step, flight, refused["message"])
             error = refused
-        retryable = False
+            if refused["name"] == "KVConflict":
+                error = {"name": "KVConflict", "message": (
+                    f"{refused['message']}: attempt {flight.attempt} ran {MAX_KV_CONFLICTS} times in a row and "
+                    "each time a key it read changed before it could commit; it retries under the step's "
+                    "retry policy (fewer instances writing the same keys at once would conflict less)")}  # fmt: skip
+        retryable = error["name"] == "KVConflict"
     elif m["ok"] is True:
         error, retryable = _not_json("the step returned"), False
     else:
@@ -155,25 +163,48 @@ async def result(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _complete(
-    journal: Journal, step: StepRecord, output: str, kv: list[KVWrite]
+    journal: Journal, step: StepRecord, output: str, kv: list[KVWrite], flight: Flight
 ) -> dict[str, str] | None:
-    """Record ``step`` complete with ``output``, its key-value writes in the same transaction; the
-    KVQuotaExceeded error (nothing recorded) if the tenant's quota refused them."""
+    """Record ``step`` complete with ``output``, its key-value writes in the same transaction (with
+    the attempt's read set, checked there); the KVQuotaExceeded error if the tenant's quota refused
+    them, or the KVConflict error if a key the attempt read changed (nothing recorded either way).
+    An attempt that writes nothing is not checked: its value stands for the reads it made."""
+    reads = flight.kv_reads
+    if kv and reads.overflow:
+        return {"name": "KVError", "message": f"ctx.kv: {reads.overflow}"}
     done = dataclasses.replace(step, status="complete", output_json=output, updated_at=journal.now(),
                                error_name="", error_message="", error_traceback="")  # fmt: skip
     entry = journal.history("step_completed", done, attempt=done.attempts)
     config = journal.config
     change = journal.change(steps=[done], history=[entry], kv=kv,
-                            kv_quota=(config.kv_max_keys, config.kv_max_bytes))  # fmt: skip
+                            kv_quota=(config.kv_max_keys, config.kv_max_bytes),
+                            kv_reads=list(reads.keys.items()) if kv else [],
+                            kv_ranges=reads.ranges if kv else [])  # fmt: skip
     journal.state_bytes += len(output)  # before the commit: parallel steps count each other
     try:
         await journal.commit(change)
     except ResourceExhausted as exc:
         journal.state_bytes -= len(output)
         return {"name": "KVQuotaExceeded", "message": str(exc)}
+    except KVConflictError as exc:
+        journal.state_bytes -= len(output)
+        return {"name": "KVConflict", "message": str(exc)}
     step.status, step.output_json, step.updated_at = done.status, output, done.updated_at
     step.error_name = step.error_message = step.error_traceback = ""
     return None
+
+
+def rerun(journal: Journal, step: StepRecord, flight: Flight, why: str) -> dict[str, Any]:
+    """Run the attempt whose writes a KV conflict refused again, with fresh reads: the same attempt
+    (the retry limit does not count it), recorded as a ``kv_conflict`` line of the timeline."""
+    now = journal.now()
+    journal.flights[step.key] = Flight(flight.attempt, now + flight.timeout, flight.policy, flight.timeout,
+                                       now, conflicts=flight.conflicts + 1)  # fmt: skip
+    entry = journal.history("kv_conflict", step, attempt=flight.attempt, message=(
+        f"{why}: attempt {flight.attempt} runs again ({flight.conflicts + 1} in a row)"),
+        data_json=json.dumps({"conflicts": flight.conflicts + 1}))  # fmt: skip
+    journal.submit(journal.change(history=[entry]))
+    return {"do": "run", "attempt": flight.attempt}
 
 
 def state_full(journal: Journal, adding: int) -> dict[str, str] | None:

@@ -4,7 +4,9 @@
 The kernel, never the guest, decides: a read is answered only for an attempt in flight (a guest
 asking outside a step callback, or for another attempt, breaks the protocol), only within the
 instance's own tenant, and at most ``kv_max_reads_per_step`` times an attempt. The attempt's writes
-arrive with its result (:func:`writes`) and commit in the step's transaction. Secret values given to
+arrive with its result (:func:`writes`) and commit in the step's transaction. What each ``ctx.kv``
+read saw (key versions, listed pages) is kept in the attempt's flight, by the kernel that answered
+it, as the read set that transaction checks (kernel/tenantkv.py). Secret values given to
 a wake-up are remembered by its journal, which redacts them from everything the guest sends back.
 """
 
@@ -48,6 +50,7 @@ async def kv(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
         if problem := key_problem(m["get"]):
             return {"error": problem}
         found = await asyncio.to_thread(storage.kv_get, tenant, m["get"])
+        flight.kv_reads.got(m["get"], found.version if found is not None else 0)
         return {"value_json": found.value_json if found is not None else None}
     prefix, after, limit = m["list"], m.get("after"), m.get("limit")
     if not isinstance(prefix, str) or (prefix and key_problem(prefix)):
@@ -57,6 +60,7 @@ async def kv(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_LIST:
         return {"error": f"limit must be an integer in 1..{MAX_LIST}"}
     entries, nxt = await asyncio.to_thread(storage.kv_list, tenant, prefix, after, limit)
+    flight.kv_reads.listed(prefix, after, limit, entries, nxt is None)
     return {"entries": [[e.key, e.value_json] for e in entries], "next": nxt}
 
 

@@ -26,7 +26,9 @@ from tenantflow.kernel.model import (
 )
 from tenantflow.kernel.tenantkv import NO_QUOTA, KVEntry, KVQuota, KVUsage, KVWrite
 
-CONTRACT_VERSION = 1  # bumped when a change breaks engines written against it (kernel/contracts.py)
+# bumped when a change breaks engines written against it (kernel/contracts.py). 2: key versions and
+# read sets (KVEntry.version, Change.kv_reads/kv_ranges): an engine of 1 would lose updates silently.
+CONTRACT_VERSION = 2
 
 
 class Storage(Protocol):
@@ -125,7 +127,13 @@ class Storage(Protocol):
         ``wake_on_events`` sets ``run_at = now`` if an unconsumed event of one of its types exists;
         ``wake_waiting`` does the same only for a type one of the instance's steps is waiting for
         (status ``waiting``, that ``event_type``), so an event nobody waits for wakes nobody. Neither
-        wakes an instance that ends the change paused, waiting for pause or ended."""
+        wakes an instance that ends the change paused, waiting for pause or ended.
+
+        Key-value store: ``kv_reads`` and ``kv_ranges`` (a step attempt's read set) are checked in
+        the transaction that applies the change, before ``kv`` is written: a key whose version is
+        not the one read, or a listed page that would not list the same (key, version) pairs (or
+        would now have a next page where it was the last), refuses the change, writing nothing, with
+        ``kv_conflict`` saying which (``tenantkv.conflict`` does the comparing)."""
         ...
 
     def claim(
@@ -223,7 +231,9 @@ class Storage(Protocol):
 
     # -- a tenant's own key-value store (kernel/tenantkv.py) -----------------------------------------
     # Usage (keys, bytes) is a counter every write maintains; a quota is checked against it in the
-    # writing transaction. ``Change.kv`` carries a step attempt's writes into ``apply``.
+    # writing transaction. ``Change.kv`` carries a step attempt's writes into ``apply``. Every write
+    # (``apply``'s and ``kv_write``'s) stamps the keys it writes with a version greater than any the
+    # key had before, deletes included (absent: 0); ``kv_get`` and ``kv_list`` return it.
     def kv_get(self, tenant: str, key: str) -> KVEntry | None: ...
 
     def kv_list(

@@ -4,15 +4,25 @@ quota check every engine runs in the transaction that writes.
 Keys are 1-512 bytes of UTF-8 without control characters; values are JSON text. A tenant's usage
 (keys, and bytes of keys plus values as stored) is a counter the writes maintain, so a quota check
 never scans the tenant's keys.
+
+Every stored key carries a version: a per-tenant commit counter stamped on each write of it, so a
+key's versions only grow, across deletes too (absent: 0). A step attempt's reads are recorded by the
+kernel as a read set (:class:`KVReads`); the transaction that commits the attempt's writes checks
+that every key read still has the version seen and that every listed page would list the same keys
+(:func:`conflict`), else refuses the change with a KV conflict and writes nothing.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 MAX_KEY_BYTES = 512
+# What the kernel keeps of one attempt's reads to check when it commits: past either, an attempt
+# that then writes fails (an attempt that only reads is never checked, so it may read on).
+MAX_READ_SET_KEYS = 10_000
+MAX_READ_SET_BYTES = 2 * 1024 * 1024
 # A write the storage applies: (key, JSON value), or (key, None) to delete.
 KVWrite = tuple[str, str | None]
 
@@ -24,6 +34,83 @@ class KVEntry:
     key: str
     value_json: str
     updated_at: float
+    version: int = 0  # the tenant's commit counter when the key was last written
+
+
+class KVConflictError(Exception):
+    """A step attempt's writes were refused: a key it read changed before they could commit."""
+
+
+@dataclass(frozen=True)
+class KVRange:
+    """A ``list`` page an attempt read: what it asked for, the (key, version) pairs it got in the
+    engine's order, and whether the page was the prefix's last (no cursor)."""
+
+    prefix: str
+    after: str | None
+    limit: int
+    seen: tuple[tuple[str, int], ...]
+    last: bool
+
+
+@dataclass
+class KVReads:
+    """One attempt's read set, bounded by ``MAX_READ_SET_KEYS`` and ``MAX_READ_SET_BYTES``;
+    ``overflow`` says why it stopped being kept (the attempt may then not write)."""
+
+    keys: dict[str, int] = field(default_factory=dict)  # key -> version seen (0: absent)
+    ranges: list[KVRange] = field(default_factory=list)
+    count: int = 0
+    bytes: int = 0
+    overflow: str = ""
+
+    def _room(self, keys: Sequence[str]) -> bool:
+        self.count += len(keys)
+        self.bytes += sum(len(k.encode("utf-8", "surrogatepass")) + 8 for k in keys)
+        if self.count > MAX_READ_SET_KEYS or self.bytes > MAX_READ_SET_BYTES:
+            self.overflow = self.overflow or (
+                f"the attempt read {self.count} keys ({self.bytes} bytes) from ctx.kv; a step that writes "
+                f"may read at most {MAX_READ_SET_KEYS} keys ({MAX_READ_SET_BYTES} bytes), which are checked "
+                "when it commits: read less in the step that writes, or split the work into steps"
+            )
+            self.keys, self.ranges = {}, []
+        return not self.overflow
+
+    def got(self, key: str, version: int) -> None:
+        """Record a ``get`` of ``key`` that saw ``version``."""
+        if key not in self.keys and self._room([key]):
+            self.keys[key] = version
+
+    def listed(
+        self, prefix: str, after: str | None, limit: int, entries: Sequence[KVEntry], last: bool
+    ) -> None:
+        """Record a ``list`` page."""
+        if self._room([prefix, *(e.key for e in entries)]):
+            seen = tuple((e.key, e.version) for e in entries)
+            self.ranges.append(KVRange(prefix, after, limit, seen, last))
+
+
+def conflict(
+    reads: Sequence[tuple[str, int]],
+    ranges: Sequence[KVRange],
+    versions: Mapping[str, int],
+    page: Callable[[str, str | None, int], tuple[list[KVEntry], str | None]],
+) -> str:
+    """Why a read set no longer holds ("" if it does), given the current ``versions`` of its keys
+    (absent: missing or 0) and ``page``, the engine's ``list`` read in the committing transaction."""
+    for key, seen in reads:
+        if (now := versions.get(key, 0)) != seen:
+            what = "deleted" if not now else "created" if not seen else "written"
+            return f"key {_short(key)} was {what} after the attempt read it"
+    for r in ranges:
+        entries, nxt = page(r.prefix, r.after, r.limit)
+        if tuple((e.key, e.version) for e in entries) != r.seen or (r.last and nxt is not None):
+            return f"keys under prefix {_short(r.prefix)} changed after the attempt listed them"
+    return ""
+
+
+def _short(key: str) -> str:
+    return repr(key) if len(key) <= 64 else f"{key[:64]!r}..."
 
 
 @dataclass

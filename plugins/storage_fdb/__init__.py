@@ -97,7 +97,7 @@ def open_url(url: str) -> KVStorage:
     return KVStorage(layer, root=root)
 
 
-TENANTFLOW_CONTRACTS = {"hookspecs": [1], "storage": [1]}  # the versions this plugin supports
+TENANTFLOW_CONTRACTS = {"hookspecs": [1], "storage": [2]}  # the versions this plugin supports
 
 
 @hookimpl

@@ -17,7 +17,7 @@ Tenant first, so a tenant's data is one key range. Under the root subspace ``R``
 ``R "T" tenant "q" run_at id`` runnable queue (due); ``"k" id`` leases (value: lease_until)
 ``R "T" tenant "a" name ...`` artifacts: ``"m" digest`` meta, ``"f" digest n`` files, ``"latest"``
 ``R "T" tenant "kv" head ...`` the tenant's key-value store; ``"kvn"``/``"kvb"`` its keys and bytes
-                             (atomic counters); see tenantkv.py
+                             (atomic counters), ``"kvc"`` its clock (key versions); see tenantkv.py
 ``R "t" run_at tenant id``    timers not yet due, ordered by due time (moved to ``q`` when due)
 ``R "r" tenant``              tenants whose runnable queue may be non-empty
 ``R "o" owner tenant id``     leases by owner (value: lease_until, and the id of the claim)

@@ -112,6 +112,10 @@ def _change_bytes(ch: Change, root: str = "tenantflow") -> int:
     )
     total += sum(size(e.payload_json) + size(e.type) + 200 for e in ch.add_events)
     total += sum(4 * (_KEY_EXTRA + size(ch.tenant) + size(key)) + size(v or "") + 100 for key, v in ch.kv)
+    # a read set: read conflict ranges count too (a key's, a page's and each key it saw)
+    total += sum(2 * (_KEY_EXTRA + size(ch.tenant) + size(key)) for key, _ in ch.kv_reads)
+    total += sum(2 * (_KEY_EXTRA + size(ch.tenant) + size(r.prefix) + sum(size(key) for key, _ in r.seen))
+                 for r in ch.kv_ranges)  # fmt: skip
     return total + sum(size(h.message) + size(h.data_json) + 200 for h in ch.history)
 
 
@@ -538,6 +542,7 @@ class KVStorage:
                             Status(s) if s is not None else None,
                             (unread[0][0], unread[0][1]) if unread and unread[0] else None,
                             unread[1] if len(unread) > 1 else "",  # kv_refused: newer markers
+                            unread[2] if len(unread) > 2 else "",  # kv_conflict: newer still
                         )
                         for p, ok, reason, seqs, s, *unread in marker["results"]  # unread: newer markers
                     }  # fmt: skip
@@ -558,7 +563,7 @@ class KVStorage:
                 mine.setdefault(key, []).append((pos, result))
         for (tenant, id), applied in mine.items():
             rows = [[p, r.ok, r.reason, r.event_seqs, int(r.status) if r.status is not None else None, r.unread,
-                     r.kv_refused] for p, r in applied]  # fmt: skip
+                     r.kv_refused, r.kv_conflict] for p, r in applied]  # fmt: skip
             tr.set(self.k.inst(tenant, id, "x"), dumps({"batch": batch_id, "results": rows}))
         return results
 
@@ -590,6 +595,8 @@ class KVStorage:
         # Everything that can fail is checked before the first write (no savepoints here).
         if ch.add_events and (full := self._inbox_full(tr, ch)):
             return full
+        if (ch.kv_reads or ch.kv_ranges) and (why := tenantkv.conflict(tr, k, t, ch.kv_reads, ch.kv_ranges)):
+            return ApplyResult(False, why, kv_conflict=why)
         kv_plan = tenantkv.plan(tr, k, t, ch.kv, ch.now, KVQuota(*ch.kv_quota)) if ch.kv else None
         if isinstance(kv_plan, str):
             return ApplyResult(False, kv_plan, kv_refused=kv_plan)

@@ -1,12 +1,17 @@
 """A tenant's key-value store and secrets over the ordered key-value layer.
 
-``R "T" tenant "kv" head [digest] n``  a key's record (JSON: key, value, time), chunked. ``head`` is
+``R "T" tenant "kv" head [digest] n``  a key's record (JSON: key, value, time, version), chunked. ``head`` is
 the key's first 256 bytes; a longer key adds the SHA-256 of the whole key, so every layer key stays
 under LMDB's 511 bytes. Keys order as bytes, except that keys over 256 bytes sharing their head
 order by digest (the same order on every read).
 ``R "T" tenant "kvn"``, ``"kvb"``       usage: keys and bytes, atomic counters (ADD) kept by every write;
                                       read (a conflict) only when a quota must be checked
+``R "T" tenant "kvc"``                 the clock: ADDed by every write, read at snapshot for its stamp,
+                                      the version of the keys it writes (records without one: 1)
 ``R "S" tenant name``                  a secret: sealed value and time (one range for re-encryption)
+
+A key's versions grow: a write reads the key (a conflict), so it starts after the key's last write
+committed and its snapshot of the clock already counts that write's ADD.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tenantflow.kernel.tenantkv import KVEntry, KVQuota, KVUsage, KVWrite, quota_refusal, usage_after
+from tenantflow.kernel import tenantkv
+from tenantflow.kernel.tenantkv import KVEntry, KVQuota, KVRange, KVUsage, KVWrite, quota_refusal, usage_after
 from tenantflow.plugins.storage_fdb.keys import Keys, pack, unpack
 from tenantflow.plugins.storage_fdb.layer import Txn, decode_int
 from tenantflow.plugins.storage_fdb.records import dumps, group_chunks, join_chunks, loads, put_blob
@@ -40,9 +46,13 @@ def _read(tr: Txn, k: Keys, tenant: str, key: str) -> dict[str, Any] | None:
     return loads(join_chunks(rows)) if rows else None
 
 
+def _entry(rec: dict[str, Any]) -> KVEntry:
+    return KVEntry(rec["k"], rec["v"], rec["t"], rec.get("n", 1))
+
+
 def get(tr: Txn, k: Keys, tenant: str, key: str) -> KVEntry | None:
     rec = _read(tr, k, tenant, key)
-    return KVEntry(rec["k"], rec["v"], rec["t"]) if rec is not None else None
+    return _entry(rec) if rec is not None else None
 
 
 def page(
@@ -63,7 +73,7 @@ def page(
         for _, value in groups:
             rec = loads(value)
             if rec["k"].startswith(prefix):
-                found.append(KVEntry(rec["k"], rec["v"], rec["t"]))
+                found.append(_entry(rec))
         if len(rows) < SCAN:
             break
         begin = _record(k, tenant, loads(groups[-1][1])["k"]) + b"\xff"
@@ -85,6 +95,7 @@ class Plan:
     writes: Sequence[KVWrite]
     now: float
     existed: list[bool]
+    stamp: int  # the version of the keys written
 
 
 def plan(tr: Txn, k: Keys, tenant: str, writes: Sequence[KVWrite], now: float, quota: KVQuota) -> Plan | str:
@@ -102,7 +113,8 @@ def plan(tr: Txn, k: Keys, tenant: str, writes: Sequence[KVWrite], now: float, q
     for key, value in writes:
         existed.append(current[key] is not None)
         current[key] = value
-    return Plan(tenant, old, writes, now, existed)
+    stamp = decode_int(tr.get(k.tenant(tenant, "kvc"), snapshot=True)) + 1
+    return Plan(tenant, old, writes, now, existed, stamp)
 
 
 def apply(tr: Txn, k: Keys, p: Plan) -> None:
@@ -115,11 +127,28 @@ def apply(tr: Txn, k: Keys, p: Plan) -> None:
         if value is None:
             tr.clear_range(base + b"\x00", base + b"\xff")
         else:
-            put_blob(tr, base, dumps({"k": key, "v": value, "t": p.now}))
+            put_blob(tr, base, dumps({"k": key, "v": value, "t": p.now, "n": p.stamp}))
+    tr.add(k.tenant(p.tenant, "kvc"), 1)
     if delta.keys:
         tr.add(k.tenant(p.tenant, "kvn"), delta.keys)
     if delta.bytes:
         tr.add(k.tenant(p.tenant, "kvb"), delta.bytes)
+
+
+def conflict(
+    tr: Txn, k: Keys, tenant: str, reads: Sequence[tuple[str, int]], ranges: Sequence[KVRange]
+) -> str:
+    """Why a step attempt's read set no longer holds ("" if it does), read in the committing
+    transaction: its keys and pages become the transaction's read conflicts, so a write to them
+    committed meanwhile makes the transaction retry and see it."""
+    bases = [_record(k, tenant, key) for key, _ in reads]
+    found = tr.get_ranges([(b + b"\x00", b + b"\xff", 0) for b in bases])
+    versions = {
+        key: _entry(loads(join_chunks(rows))).version
+        for (key, _), rows in zip(reads, found, strict=True)
+        if rows
+    }
+    return tenantkv.conflict(reads, ranges, versions, lambda p, a, n: page(tr, k, tenant, p, a, n))
 
 
 def put_secret(tr: Txn, k: Keys, tenant: str, name: str, sealed: bytes, now: float) -> None:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from tenantflow.conformance.harness import Harness
 
 
-TENANTFLOW_CONTRACTS = {"hookspecs": [1], "storage": [1]}  # the versions this plugin supports
+TENANTFLOW_CONTRACTS = {"hookspecs": [1], "storage": [2]}  # the versions this plugin supports
 
 
 @hookimpl

@@ -66,13 +66,16 @@ CREATE TABLE IF NOT EXISTS schedules (
 CREATE INDEX IF NOT EXISTS schedules_due ON schedules (next_fire) WHERE next_fire IS NOT NULL;
 
 -- A tenant's own key-value store (ctx.kv, the KV service) and its usage, kept by the writes.
+-- version: kv_usage.clock when the key was last written (a step's read set is checked against it).
 CREATE TABLE IF NOT EXISTS kv (
     tenant TEXT NOT NULL, key TEXT NOT NULL, value_json TEXT NOT NULL, updated_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (tenant, key)
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS kv_usage (
-    tenant TEXT NOT NULL PRIMARY KEY, keys INTEGER NOT NULL, bytes INTEGER NOT NULL
+    tenant TEXT NOT NULL PRIMARY KEY, keys INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    clock INTEGER NOT NULL DEFAULT 1  -- the tenant's last commit of keys (their versions)
 ) WITHOUT ROWID;
 
 -- Tenants' secrets, sealed by the kernel (AES-256-GCM): storage never holds a value in clear.

@@ -176,6 +176,10 @@ class SQLiteStorage:
         steps = {row[1] for row in self._writer.execute("PRAGMA table_info(steps)")}
         if "error_traceback" not in steps:
             self._writer.execute("ALTER TABLE steps ADD COLUMN error_traceback TEXT NOT NULL DEFAULT ''")
+        # Key versions (ctx.kv read sets): a key written before them is version 1, its tenant's clock 1.
+        if "version" not in {row[1] for row in self._writer.execute("PRAGMA table_info(kv)")}:
+            self._writer.execute("ALTER TABLE kv ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
+            self._writer.execute("ALTER TABLE kv_usage ADD COLUMN clock INTEGER NOT NULL DEFAULT 1")
         events = {row[1] for row in self._writer.execute("PRAGMA table_info(events)")}
         if "bytes" not in events:
             self._writer.execute("ALTER TABLE events ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
@@ -388,14 +392,22 @@ class SQLiteStorage:
                 if change.after_previous and not main_ok:
                     results.append(ApplyResult(False, SKIPPED))
                     continue
-                # Only a change consuming events or writing the tenant's key-value store can fail
-                # after it wrote something (its guards are checked before any write): only such a
-                # change needs a savepoint to roll back to.
-                if not change.consume_events and not change.kv:
+                # Only a change consuming events or writing (or checking reads of) the tenant's
+                # key-value store can fail after it wrote something (its guards are checked before
+                # any write): only such a change needs a savepoint to roll back to.
+                if (
+                    not change.consume_events
+                    and not change.kv
+                    and not change.kv_reads
+                    and not change.kv_ranges
+                ):
                     result = self._apply_plain(conn, change) or self._apply_one(conn, change)
                 else:
                     conn.execute("SAVEPOINT change")
                     result = self._apply_one(conn, change)
+                    if result.ok and (change.kv_reads or change.kv_ranges):  # under the writer lock
+                        if why := tenantkv.conflict(conn, change.tenant, change.kv_reads, change.kv_ranges):
+                            result = ApplyResult(False, why, kv_conflict=why)
                     if result.ok and change.kv:
                         _, refused = tenantkv.write(conn, change.tenant, change.kv, change.now,
                                                     KVQuota(*change.kv_quota))  # fmt: skip
