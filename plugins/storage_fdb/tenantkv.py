@@ -7,7 +7,7 @@ order by digest (the same order on every read).
 ``R "T" tenant "kvn"``, ``"kvb"``       usage: keys and bytes, atomic counters (ADD) kept by every write;
                                       read (a conflict) only when a quota must be checked
 ``R "T" tenant "kvc"``                 the clock: ADDed by every write, read at snapshot for its stamp,
-                                      the version of the keys it writes (records without one: 1)
+                                      the version of the keys it writes, plus 2 (records without one: 1)
 ``R "S" tenant name``                  a secret: sealed value and time (one range for re-encryption)
 
 A key's versions grow: a write reads the key (a conflict), so it starts after the key's last write
@@ -113,7 +113,7 @@ def plan(tr: Txn, k: Keys, tenant: str, writes: Sequence[KVWrite], now: float, q
     for key, value in writes:
         existed.append(current[key] is not None)
         current[key] = value
-    stamp = decode_int(tr.get(k.tenant(tenant, "kvc"), snapshot=True)) + 1
+    stamp = decode_int(tr.get(k.tenant(tenant, "kvc"), snapshot=True)) + 2  # > 1, a record's without one
     return Plan(tenant, old, writes, now, existed, stamp)
 
 
