@@ -68,7 +68,9 @@ def _check_key(key: Any) -> str:
 
 class KV:
     """``ctx.kv``: the tenant's own durable key-value store (JSON values), shared by all its
-    instances. Writes commit with the step's result, or not at all."""
+    instances. Writes commit with the step's result, or not at all, and only if every key this
+    attempt read is unchanged by then (the kernel keeps what each read saw); else the callback runs
+    again with fresh reads, so a read-modify-write loses no update."""
 
     def __init__(self, attempt: _Attempt) -> None:
         self._a = attempt
