@@ -654,7 +654,7 @@ class WatchEvent(_message.Message):
     at: _builtins.str
     """RFC 3339"""
     kind: _builtins.str
-    """status | step_started | step_completed | step_failed | step_retrying | sleeping | waiting | event | log | child_created | child_ended | rollback_started | rollback_completed | rollback_failed | code_changed"""
+    """status | step_started | step_completed | step_failed | step_retrying | sleeping | waiting | event | log | child_created | child_ended | rollback_started | rollback_completed | rollback_failed | code_changed | kv_conflict"""
     status: Global___Status.ValueType
     """for kind == status"""
     step: _builtins.str
