@@ -143,6 +143,8 @@ class KernelMetrics:
         self.retries = Counter(
             "tenantflow_step_retries", "failed attempts that will be retried", t, registry=r
         )
+        self.kv_conflicts = Counter("tenantflow_step_kv_conflicts",
+                                    "step attempts whose ctx.kv writes a KV conflict refused", t, registry=r)  # fmt: skip
         self.step_seconds = Histogram("tenantflow_step_duration_seconds", "step attempt duration, by outcome",
                                       ["outcome"], buckets=_LONG, registry=r)  # fmt: skip
         self.wakeups = Counter(
@@ -348,6 +350,12 @@ def attempt_failed(run: Run, step: StepRecord, error: dict[str, str], *, retry: 
     if retry:
         _count(_m.retries, labels)
     _attempt_ended(run, step, "error", error.get("name") or "failed")
+
+
+@_safe
+def kv_conflict(run: Run) -> None:
+    """A step attempt's writes were refused because a key it read changed (it runs again or fails)."""
+    _count(_m.kv_conflicts, _m.labels(run.record.tenant))
 
 
 def _attempt_ended(run: Run, step: StepRecord, what: str, error: str) -> None:

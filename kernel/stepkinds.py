@@ -134,6 +134,8 @@ async def result(journal: Journal, m: dict[str, Any]) -> dict[str, Any]:
             if refused is None:
                 metrics.attempt_succeeded(journal, step)
                 return {"do": "return", "value": m.get("value")}
+            if refused["name"] == "KVConflict":
+                metrics.kv_conflict(journal)
             if refused["name"] == "KVConflict" and flight.conflicts + 1 < MAX_KV_CONFLICTS:
                 return rerun(journal, step, flight, refused["message"])
             error = refused

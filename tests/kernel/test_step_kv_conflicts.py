@@ -5,15 +5,19 @@ limit does not count those runs."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 
 from tenantflow.client import Client
 from tenantflow.kernel.stepkinds import MAX_KV_CONFLICTS
+from tests.conftest import TEST_LIMITS, KernelProcess
 from tests.helpers import publish
+from tests.kernel.test_metrics import metrics_url, scrape, value
 
 RUNTIMES = ["python", "python-wasm"]
 INSTANCES = 20
+CONFLICTS = "tenantflow_step_kv_conflicts_total"
 
 COUNTER = f"""
 import time
@@ -37,8 +41,22 @@ class Counter(WorkflowEntrypoint):
 """
 
 
+@pytest.fixture(scope="module")
+def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
+    k = KernelProcess(tmp_path_factory.mktemp("kernel"), [*TEST_LIMITS, "--metrics-listen", "127.0.0.1:0"])
+    k.start()
+    yield k
+    k.stop()
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_concurrent_increments_lose_no_update(client: Client, tenant: str, runtime: str) -> None:
+def test_concurrent_increments_lose_no_update(metered: KernelProcess, runtime: str) -> None:
+    with metered.client() as client:
+        _increments(client, f"counter-{runtime}", runtime, metrics_url(metered))
+
+
+def _increments(client: Client, tenant: str, runtime: str, url: str) -> None:
+    before = value(scrape(url), CONFLICTS)
     ref = publish(client, tenant, COUNTER, runtime=runtime)
     ids = [f"c{n}" for n in range(INSTANCES)]
     for id in ids:
@@ -60,3 +78,5 @@ def test_concurrent_increments_lose_no_update(client: Client, tenant: str, runti
         for failed in (e for e in timeline if e.kind == "step_failed"):
             assert failed.message.startswith("KVConflict: ") and not json.loads(failed.data_json)["final"]
             assert len([e for e in mine if e.attempt == failed.attempt]) == MAX_KV_CONFLICTS - 1
+    refused = len(messages) + sum(1 for t in timelines for e in t if e.kind == "step_failed")
+    assert value(scrape(url), CONFLICTS) - before == refused  # each refused run counted once
