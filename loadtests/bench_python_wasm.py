@@ -16,7 +16,7 @@ times, each run a never-seen tenant (its own source), and prints the CPU per wak
 
 CPU, not wall time: the machine is shared, and a busy one slows a run without inflating these.
 
-    .venv/bin/python loadtests/bench_python_wasm.py [--runs 300] [--returning]
+    .venv/bin/python loadtests/bench_python_wasm.py [--runs 300] [--returning] [--concurrency 1]
 """
 
 from __future__ import annotations
@@ -151,18 +151,24 @@ def instrumented(runner: python_wasm.Runner) -> Iterator[None]:
 
         setattr(owner, name, timed)
 
-    linker_instantiate = runner.linker.instantiate
+    builds = list({id(b): b for b in (runner.pooled, runner.spare)}.values())  # the pooled one and the spare
+    restore: list[tuple[Any, Any]] = []
+    for build in builds:
+        linker_instantiate = build.linker.instantiate
+        restore.append((build.linker, linker_instantiate))
 
-    def instantiate(store: Any, component: Any) -> Any:
-        if component is not runner.component:
-            return linker_instantiate(store, component)
-        _stamp("instantiating")
-        try:
-            return linker_instantiate(store, component)
-        finally:
-            _stamp("instantiated")
+        def instantiate(
+            store: Any, component: Any, build: Any = build, original: Any = linker_instantiate
+        ) -> Any:
+            if component is not build.component:
+                return original(store, component)  # the waits helper: part of the store's setup
+            _stamp("instantiating")
+            try:
+                return original(store, component)
+            finally:
+                _stamp("instantiated")
 
-    runner.linker.instantiate = instantiate  # type: ignore[method-assign]
+        build.linker.instantiate = instantiate
     for name in ("call_text", "send_text", "receive_text"):
         if hasattr(bridge_module.Bridge, name):
             wrap(bridge_module.Bridge, name, "call-in", "call-out")
@@ -196,7 +202,8 @@ def instrumented(runner: python_wasm.Runner) -> Iterator[None]:
         yield
     finally:
         runner.invoke = invoke  # type: ignore[method-assign]
-        runner.linker.instantiate = linker_instantiate  # type: ignore[method-assign]
+        for linker, original in restore:
+            linker.instantiate = original
         bridge_module.Bridge.notify_text = notify_text  # type: ignore[method-assign]
         for (owner, name), fn in originals.items():
             setattr(owner, name, fn)
@@ -250,6 +257,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--returning", action="store_true", help="every run the same tenant's code")
+    parser.add_argument("--concurrency", type=int, default=1, help="runs at once (the kernel runs several)")
     args = parser.parse_args()
     sandbox = python_wasm.PythonWasmSandbox(4)
     runner = await asyncio.to_thread(sandbox.runner)
@@ -261,13 +269,17 @@ async def main() -> None:
     ticker0, proc0, usage0 = thread_cpu("tenantflow-wasm-epoch"), time.process_time(), resource.getrusage(0)
     with open(f"/proc/self/task/{loop_id}/schedstat") as f:
         loop0 = int(f.read().split()[0]) / 1e9
+
+    async def one(n: int) -> None:
+        tenant = "returning" if args.returning else f"tenant-{n}-{time.time_ns()}"
+        host = Host()
+        exit_ = await sandbox.run(job(tenant, n), host, limits)
+        assert not exit_.crashed, exit_
+        assert host.ops[-1] == "suspend", host.ops
+
     with instrumented(runner):
-        for n in range(args.runs):
-            tenant = "returning" if args.returning else f"tenant-{n}-{time.time_ns()}"
-            host = Host()
-            exit_ = await sandbox.run(job(tenant, n), host, limits)
-            assert not exit_.crashed, exit_
-            assert host.ops[-1] == "suspend", host.ops
+        for first in range(0, args.runs, args.concurrency):
+            await asyncio.gather(*(one(n) for n in range(first, min(args.runs, first + args.concurrency))))
     with open(f"/proc/self/task/{loop_id}/schedstat") as f:
         loop1 = int(f.read().split()[0]) / 1e9
     ticker = thread_cpu("tenantflow-wasm-epoch") - ticker0
@@ -279,7 +291,7 @@ async def main() -> None:
     ms = 1000.0
     guest_total = sum(sum(s.values()) for s in splits) / runs
     print(f"python-wasm wake-up into hibernation, {runs} runs ({'returning' if args.returning else 'never-seen'} "
-          f"tenants), CPU ms per wake-up (mean; median in brackets)")  # fmt: skip
+          f"tenants, {args.concurrency} at once), CPU ms per wake-up (mean; median in brackets)")  # fmt: skip
     for phase in PHASES:
         values = [s[phase] for s in splits]
         print(f"  {phase:<28} {statistics.mean(values) * ms:7.3f}  [{statistics.median(values) * ms:.3f}]")
@@ -292,6 +304,9 @@ async def main() -> None:
     faults = (usage1.ru_minflt - usage0.ru_minflt) / runs
     print(f"  {'process':<28} {proc / runs * ms:7.3f}  (user {user:.3f} + system {system:.3f}; "
           f"{faults:,.0f} minor faults)")  # fmt: skip
+    with open("/proc/self/status") as f:
+        rss = next(line.split()[1] for line in f if line.startswith("VmRSS:"))
+    print(f"  {'process RSS after the runs':<28} {int(rss) / 1024:7.0f} MiB")
     await sandbox.close()
 
 

@@ -32,9 +32,11 @@ from tenantflow.plugins.sandbox_wasm.bridge import (
 )
 from tenantflow.plugins.sandbox_wasm.pycheck import inspect_python_wasm
 from tenantflow.plugins.sandbox_wasm.wasmtime_engine import (
+    POOL_RUNS,
     RUNNER_SHAPE,
     ThreadPerRun,
     limit_store,
+    pooling_possible,
     shared_engine,
     trap_reason,
     wasi_config,
@@ -53,49 +55,84 @@ def _notify(_store: Any, message: str) -> None:
     current_bridge().notify_text(message)
 
 
-class Runner:
-    """The compiled runner component, its linker and the stdlib modules it offers."""
+class _Build:
+    """The runner compiled for one engine, with its linker and guest-wait shadows."""
 
-    def __init__(self) -> None:
-        self.engine, self.ticker = shared_engine(pooling=True)
-        started = time.monotonic()
-        self.component, cached = cache.compiled(self.engine, Component, build.ensure_runner())
-        log.info(
-            "python-wasm runner %s in %.2f s", "loaded" if cached else "compiled", time.monotonic() - started
-        )
+    def __init__(self, pooling: bool, wasm: bytes) -> None:
+        self.engine, self.ticker = shared_engine(pooling)
+        self.component, self.cached = cache.compiled(self.engine, Component, wasm)
         self.linker = Linker(self.engine)
         self.linker.add_wasip2()
         self.waits = waits.shadow_preview2(self.engine, self.linker)  # sleeps the kernel can stop
         with self.linker.root() as root:
             root.add_func("call", _call)
             root.add_func("notify", _notify)
+
+
+class Runner:
+    """The compiled runner component, its linker and the stdlib modules it offers.
+
+    Runs take the pooled build (see ``wasmtime_engine.POOL_RUNS``) while it has a free slot,
+    and a build on on-demand allocation beyond that: same runner, same limits, more page faults."""
+
+    def __init__(self) -> None:
+        started = time.monotonic()
+        wasm = build.ensure_runner()
+        self.pooled = _Build(True, wasm)
+        self.spare = _Build(False, wasm) if pooling_possible() else self.pooled
+        self.engine, self.linker, self.component = (
+            self.pooled.engine,
+            self.pooled.linker,
+            self.pooled.component,
+        )
+        self._slots = threading.BoundedSemaphore(POOL_RUNS)
+        log.info(
+            "python-wasm runner %s in %.2f s",
+            "loaded" if self.pooled.cached else "compiled",
+            time.monotonic() - started,
+        )
         probe = json.loads(self.invoke(json.dumps({"probe": True}), 256 * 1024 * 1024, None))
         self.python: str = probe["python"]
         self.modules: frozenset[str] = frozenset(probe["modules"])
 
     def invoke(self, job: str, memory_bytes: int, bridge: Bridge | None, writable: Sequence[str] = ()) -> str:
         """Instantiate the runner in a fresh store and call ``run(job)`` (on the current thread)."""
-        store = Store(self.engine)
-        limit_store(store, memory_bytes, RUNNER_SHAPE)
-        store.set_wasi(wasi_config(writable))  # the kernel opens the grants; the guest works beneath them
-        if writable and (problem := tenant_files.io_threads_problem()):
-            raise tenant_files.TenantFilesError(problem)
-        if bridge is not None:
-            bridge.budget.arm(store)
-        else:
-            store.set_epoch_deadline(1 << 62)
-        self.ticker.enter()
+        pooled = self._slots.acquire(blocking=False)
         try:
-            with tenant_files.as_tenant():
-                self.waits.begin_run(self.linker, store)
-                instance = self.linker.instantiate(store, self.component)
-                run = instance.get_func(store, "run")
-                assert run is not None
-                result: str = run(store, job)
-            return result
+            return self._invoke(self.pooled if pooled else self.spare, job, memory_bytes, bridge, writable)
         finally:
-            waits.end_run()
-            self.ticker.leave()
+            if pooled:
+                self._slots.release()  # _invoke freed the store: its slot is back in the pool
+
+    def _invoke(
+        self, runner: _Build, job: str, memory_bytes: int, bridge: Bridge | None, writable: Sequence[str]
+    ) -> str:
+        store = Store(runner.engine)
+        try:
+            limit_store(store, memory_bytes, RUNNER_SHAPE)
+            store.set_wasi(wasi_config(writable))  # the kernel opens the grants; the guest works beneath them
+            if writable and (problem := tenant_files.io_threads_problem()):
+                raise tenant_files.TenantFilesError(problem)
+            if bridge is not None:
+                bridge.budget.arm(store)
+            else:
+                store.set_epoch_deadline(1 << 62)
+            runner.ticker.enter()
+            try:
+                with tenant_files.as_tenant():
+                    runner.waits.begin_run(runner.linker, store)
+                    instance = runner.linker.instantiate(store, runner.component)
+                    run = instance.get_func(store, "run")
+                    assert run is not None
+                    result: str = run(store, job)
+                return result
+            finally:
+                waits.end_run()
+                runner.ticker.leave()
+        finally:
+            # Freed now, not when the last reference goes (a trap's traceback holds frames that
+            # hold the store): the pooled slot is back before invoke gives the run's permit back.
+            store.close()
 
 
 class PythonWasmSandbox:

@@ -100,15 +100,16 @@ def shared_engine(pooling: bool = False) -> tuple[Engine, _Ticker]:
 
 
 # The pooling allocator: every store's memory, tables and instances come from slots reserved once
-# per process, and a freed slot is reset in place for the next store (its first
-# POOL_KEEP_RESIDENT bytes by memset/copy, the rest decommitted), so a run maps nothing and takes
-# ~5 page faults where on-demand allocation took ~1,000 (loadtests/bench_python_wasm.py). The pool
-# holds POOL_RUNS runs at once, 8x the kernel's default --max-concurrent; the store limits
-# (limit_store) still bound each run exactly: the slots only bound what any store could reach.
-POOL_RUNS = 512
+# per process, and a freed slot is reset in place for the next store: its first
+# POOL_KEEP_RESIDENT bytes by memset and a copy of the memory image, the rest decommitted. So a
+# run maps nothing and takes ~5 page faults where on-demand allocation took ~1,000, for a copy of
+# the image when its store is freed (loadtests/bench_python_wasm.py: ~1 ms less CPU a wake-up).
+# A slot that was used stays resident (~17 MiB), so the pool has POOL_RUNS slots only; runs
+# beyond them use on-demand allocation (python_wasm.Runner). The store limits (limit_store) still
+# bound each run exactly: the slots only bound what any store could reach.
+POOL_RUNS = 4
 POOL_MEMORY_BYTES = 4 << 30  # all a 32-bit memory can address (64-bit memories are off)
 POOL_KEEP_RESIDENT = 32 << 20  # the runner touches ~17 MiB of its memory in a P4 wake-up
-POOL_WARM_SLOTS = 4  # idle memory slots kept warm (each up to POOL_KEEP_RESIDENT of RSS)
 
 
 def _pooling(config: Config) -> None:
@@ -128,7 +129,7 @@ def _pooling(config: Config) -> None:
             ("max_memory_size", POOL_MEMORY_BYTES),
             ("linear_memory_keep_resident", POOL_KEEP_RESIDENT),
             ("table_keep_resident", 1 << 20),
-            ("max_unused_warm_slots", POOL_WARM_SLOTS),
+            ("max_unused_warm_slots", POOL_RUNS),
         ):
             getattr(ffi, f"wasmtime_pooling_allocation_config_{setter}_set")(pool, value)
         ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
@@ -136,13 +137,17 @@ def _pooling(config: Config) -> None:
         ffi.wasmtime_pooling_allocation_config_delete(pool)
 
 
-def _pooled_engine(config: Config) -> Engine:
-    """An engine on the pooling allocator where the process may reserve the pool's address space
-    (~2 TiB, reserved, not committed); on-demand allocation under an ``RLIMIT_AS`` (the code
-    checker's children run under one), since wasmtime aborts the process when it cannot make an
-    engine."""
+def pooling_possible() -> bool:
+    """Whether this process may reserve the pool's address space (~16 GiB, reserved, not
+    committed): not under an ``RLIMIT_AS`` (the code checker's children run under one), since
+    wasmtime aborts the process when it cannot make an engine."""
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY:
+    return soft == resource.RLIM_INFINITY
+
+
+def _pooled_engine(config: Config) -> Engine:
+    """An engine on the pooling allocator where :func:`pooling_possible`, else on-demand."""
+    if pooling_possible():
         _pooling(config)
     return Engine(config)
 
