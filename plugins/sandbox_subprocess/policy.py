@@ -3,11 +3,13 @@
 The template (zygote) confines itself once, so every forked child inherits it for free: no
 capabilities at all (bounding, permitted, effective, inheritable and ambient sets empty, securebits
 locked so uid 0 cannot regain them), no network (a fresh network namespace, unless the operator
-grants it), read-only access to the interpreter's directories only (Landlock), no privilege gain,
-a seccomp allow-list of system calls, and never uid 0: a root kernel's template becomes uid 65534,
-with a private file view that lets that uid reach the interpreter and the grants wherever they
-live (see ``tenant_uid``); an ordinary user's kernel runs tenant code as that user. Each child then sets its own limits and filter. What could not be applied is reported,
-never hidden: the kernel refuses to start the sandbox without it unless the operator opts out.
+grants it), read-only access to the interpreter's directories and the CA certificates only
+(Landlock), no privilege gain, a seccomp allow-list of system calls, and never uid 0: a root
+kernel's template becomes uid 65534, with a private file view that lets that uid reach the
+interpreter and the grants wherever they live (see ``tenant_uid``); an ordinary user's kernel runs
+tenant code as that user. Each child then sets its own limits and filter. What could not be
+applied is reported, never hidden: the kernel refuses to start the sandbox without it unless the
+operator opts out.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from typing import Any, NamedTuple
 
 from tenantflow.plugins.sandbox_subprocess import syscalls, tenant_uid
+from tenantflow.plugins.sandboxing import trust
 from tenantflow.plugins.sandboxing.linux import (
     NETWORK_READ_PATHS,
     capability_state,
@@ -188,14 +191,12 @@ def confine_template(
         missing[NO_NEW_PRIVS] = problem
     lock_capabilities()
     if root:
-        if problem := _leave_root(
-            read_only_paths(network), [*writable, *([workspaces] if workspaces else [])]
-        ):
+        if problem := _leave_root(_readable(network), [*writable, *([workspaces] if workspaces else [])]):
             missing[UNPRIVILEGED_UID] = problem
         unusable = tenant_uid.unusable_grants(writable)
     if filesystem:
         problem = (
-            landlock(read_only_paths(network), [*writable, *([workspaces] if workspaces else [])], network)
+            landlock(_readable(network), [*writable, *([workspaces] if workspaces else [])], network)
             if sys.platform == "linux"
             else "landlock needs Linux"
         )
@@ -210,13 +211,17 @@ def confine_template(
     return Confinement(missing, notes, unusable)
 
 
+def _readable(network: bool) -> list[str]:
+    """What tenant code may read: the interpreter's directories, and the CA certificates its TLS
+    verifies servers with (egress goes through the kernel, but TLS is the step's own)."""
+    return [*read_only_paths(network), *trust.ca_paths()]
+
+
 def confine_run(writable: list[str], workspace: str | None, network: bool) -> None:
     """In a run's child, before any tenant code: a Landlock layer of its own that reaches the
     operator's grants and its instance's workspace directory only, not the rest of the workspace
     root (other instances', other tenants'). Raises if it cannot: the run must not go on."""
-    if problem := landlock(
-        read_only_paths(network), [*writable, *([workspace] if workspace else [])], network
-    ):
+    if problem := landlock(_readable(network), [*writable, *([workspace] if workspace else [])], network):
         raise RuntimeError(f"the run could not confine itself to its workspace: {problem}")
 
 
