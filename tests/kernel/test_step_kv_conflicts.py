@@ -73,10 +73,15 @@ def _increments(client: Client, tenant: str, runtime: str, url: str) -> None:
     messages = [e.message for mine in conflicts for e in mine]
     assert all("runs again" in m for m in messages)
     assert any("key 'counter' was written" in m for m in messages)  # lost the race, ran again
+    failed_by_conflicts = 0
     for timeline, mine in zip(timelines, conflicts, strict=True):
-        # a re-run is no failed attempt: only the 10th conflict in a row fails one (and it retries)
-        for failed in (e for e in timeline if e.kind == "step_failed"):
-            assert failed.message.startswith("KVConflict: ") and not json.loads(failed.data_json)["final"]
+        # a re-run is no failed attempt: only the 10th conflict in a row fails one (and it retries);
+        # other failures (a sandbox starved on a loaded machine) are the retry policy's, not checked
+        for failed in (
+            e for e in timeline if e.kind == "step_failed" and e.message.startswith("KVConflict: ")
+        ):
+            assert not json.loads(failed.data_json)["final"]
             assert len([e for e in mine if e.attempt == failed.attempt]) == MAX_KV_CONFLICTS - 1
-    refused = len(messages) + sum(1 for t in timelines for e in t if e.kind == "step_failed")
-    assert value(scrape(url), CONFLICTS) - before == refused  # each refused run counted once
+            failed_by_conflicts += 1
+    # each refused run counted once
+    assert value(scrape(url), CONFLICTS) - before == len(messages) + failed_by_conflicts
