@@ -7,7 +7,8 @@ pair, and its ``connect`` asks the kernel, over the run's egress channel (a SOCK
 for a connection to ``(host, port)``; the kernel answers with the run's end of a socket pair it
 relays to that host (SCM_RIGHTS), which takes the socket's place (``dup2``). Names are resolved by
 the kernel: ``getaddrinfo`` answers with the name itself. ``urllib.request``, ``http.client`` and
-libraries built on ``socket`` work unchanged; UDP is refused.
+libraries built on ``socket`` work unchanged, ``ssl`` included (TLS is the run's own: the kernel
+relays its bytes); UDP is refused.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import errno
 import json
 import os
 import socket
+import struct
 import threading
 from typing import Any
 
 _INET = (socket.AF_INET, socket.AF_INET6)
 _TYPE_MASK = ~(getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0))
 _DEFAULT: Any = vars(socket)["_GLOBAL_DEFAULT_TIMEOUT"]  # create_connection's "no timeout given"
+_PEERCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 HINT = "egress goes through the kernel's allow-list proxy"
 
 
@@ -56,6 +59,7 @@ def install(fd: int) -> None:
     channel = _Channel(fd)
     cls: Any = socket.socket
     original_init, original_connect, original_setsockopt = cls.__init__, cls.connect, cls.setsockopt
+    original_getpeername = cls.getpeername
 
     def __init__(
         self: Any, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None
@@ -90,6 +94,17 @@ def install(fd: int) -> None:
         except OSError as exc:
             return exc.errno or errno.ECONNREFUSED
         return 0
+
+    def getpeername(self: Any) -> Any:
+        if self.family in _INET:
+            # The placeholder's pair was made here, a relayed stream's by the kernel. Not connected
+            # yet: ssl.SSLContext.wrap_socket must not start a handshake on it.
+            made_by, _uid, _gid = _PEERCRED.unpack(
+                self.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+            if made_by == os.getpid():
+                raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+        return original_getpeername(self)
 
     def setsockopt(self: Any, level: int, option: int, *value: Any) -> None:
         if self.family in _INET and level in (socket.IPPROTO_TCP, socket.IPPROTO_IP, socket.IPPROTO_IPV6):
@@ -126,5 +141,6 @@ def install(fd: int) -> None:
         return sock
 
     cls.__init__, cls.connect, cls.connect_ex, cls.setsockopt = __init__, connect, connect_ex, setsockopt
+    cls.getpeername = getpeername
     socket.getaddrinfo = getaddrinfo
     socket.create_connection = create_connection

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 STEPS = """
-import os, socket, ssl, urllib.error, urllib.request
+import asyncio, os, socket, ssl, urllib.error, urllib.request
 from tenantflow.workflow import WorkflowEntrypoint
 
 ONCE = {"retries": {"limit": 0}}
@@ -66,6 +66,32 @@ def sni(host, port, ca, name):
         return failure(exc)
 
 
+def wrap_first(host, port, ca):
+    # Wrapped before it connects (smtplib-style code, some clients): connect then shakes hands.
+    context = ssl.create_default_context(cadata=ca)
+    try:
+        with context.wrap_socket(socket.socket(), server_hostname=host) as tls:
+            tls.settimeout(5)
+            tls.connect((host, port))
+            return {"version": tls.version(), "peer": tls.getpeercert()["subject"][0][0][1]}
+    except Exception as exc:
+        return failure(exc)
+
+
+def with_asyncio(host, port, ca):
+    async def get():
+        reader, writer = await asyncio.open_connection(host, port, ssl=ssl.create_default_context(cadata=ca))
+        writer.write(b"GET /asyncio HTTP/1.0\\r\\n\\r\\n")
+        reply = await reader.read()
+        writer.close()
+        return reply.split(b"\\r\\n\\r\\n", 1)[1].decode()
+
+    try:
+        return {"reply": asyncio.run(asyncio.wait_for(get(), 5))}
+    except Exception as exc:
+        return failure(exc)
+
+
 def system_cas():
     paths = ssl.get_default_verify_paths()
     closed = {}
@@ -86,6 +112,10 @@ class Tls(WorkflowEntrypoint):
             return step.do("fetch", lambda: fetch(p["url"], p.get("ca")), **ONCE)
         if kind == "sni":
             return step.do("sni", lambda: sni(p["host"], p["port"], p["ca"], p["name"]), **ONCE)
+        if kind == "wrap_first":
+            return step.do("wrap", lambda: wrap_first(p["host"], p["port"], p["ca"]), **ONCE)
+        if kind == "asyncio":
+            return step.do("asyncio", lambda: with_asyncio(p["host"], p["port"], p["ca"]), **ONCE)
         return step.do("system", system_cas, **ONCE)
 """
 
@@ -205,6 +235,18 @@ def test_the_server_name_the_step_gives_is_sent_and_checked(
     assert wrong["type"] == "SSLCertVerificationError" and "Hostname mismatch" in str(wrong["message"]), wrong
     assert server.names == ["localhost", "example.com"]  # the relay passes the ClientHello as it is
     assert server.paths == ["/sni"]
+
+
+def test_sockets_wrapped_before_connecting_and_asyncio_streams_speak_tls(
+    client: Client, tenant: str, server: _Server
+) -> None:
+    port = server.server_address[1]
+    client.set_egress(tenant, [("127.0.0.1", [port])])
+    wrapped = _run(client, tenant, kind="wrap_first", host="127.0.0.1", port=port, ca=server.ca)
+    assert wrapped.get("peer") == "localhost" and str(wrapped["version"]).startswith("TLSv1."), wrapped
+    streamed = _run(client, tenant, kind="asyncio", host="127.0.0.1", port=port, ca=server.ca)
+    assert streamed == {"reply": "hello /asyncio over TLS"}
+    assert server.paths == ["/asyncio"]
 
 
 def test_https_to_a_host_off_the_list_is_refused(client: Client, tenant: str, server: _Server) -> None:
