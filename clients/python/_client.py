@@ -234,6 +234,7 @@ class Client:
         return self._call(self.egress.Set, policy)  # type: ignore[no-any-return]
 
     def get_egress(self, tenant: str) -> pb.EgressPolicy:
+        """Where ``tenant``'s steps may connect now (no rules: nowhere)."""
         return self._call(self.egress.Get, pb.EgressRef(tenant=tenant))  # type: ignore[no-any-return]
 
     # -- instances ------------------------------------------------------------------------------------
