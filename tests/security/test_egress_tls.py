@@ -278,3 +278,57 @@ def test_the_default_context_loads_the_system_cas(client: Client, tenant: str) -
         for path in ("/etc/ssl/openssl.cnf", "/etc/ssl", "/etc/passwd", "/etc")
         if Path(path).exists()
     }  # EACCES from Landlock
+
+
+WASM_STEPS = """
+import http.client, urllib.request
+from tenantflow.workflow import WorkflowEntrypoint
+
+
+def attempts(url, host, port):
+    found = {}
+    try:
+        urllib.request.urlopen(url, timeout=5)
+        found["urlopen"] = "reached"
+    except Exception as exc:
+        found["urlopen"] = [type(exc).__name__, str(exc)]
+    try:
+        http.client.HTTPSConnection(host, port, timeout=5).request("GET", "/")
+        found["https_connection"] = "reached"
+    except Exception as exc:
+        found["https_connection"] = [type(exc).__name__, str(exc)]
+    try:
+        import ssl  # noqa: F401
+        found["ssl"] = "imported"
+    except ImportError as exc:
+        found["ssl"] = [type(exc).__name__, str(exc)]
+    return found
+
+
+class Tls(WorkflowEntrypoint):
+    def run(self, event, step):
+        p = event.payload
+        return step.do("https", lambda: attempts(p["url"], p["host"], p["port"]), retries={"limit": 0})
+"""
+
+
+def test_python_wasm_https_fails_naming_the_python_runtime(
+    client: Client, tenant: str, server: _Server
+) -> None:
+    """componentize-py's CPython has no ssl module: https says so and names the runtime that
+    speaks it, instead of "unknown url type"."""
+    port = server.server_address[1]
+    client.set_egress(tenant, [("127.0.0.1", [port])])
+    ref = publish(client, tenant, WASM_STEPS, name="egress-tls-wasm", runtime="python-wasm")
+    params = {"url": f"https://127.0.0.1:{port}/wasm", "host": "127.0.0.1", "port": port}
+    inst = client.create(tenant, "Tls", ref, params=params)
+    done = client.wait(tenant, inst.id, timeout=300)  # the first python-wasm run may build its runner
+    assert done.status == pb.STATUS_COMPLETE, done
+    found = Client.output(done)
+    assert isinstance(found, dict)
+    says = "HTTPS is not available in the python-wasm runtime"
+    assert found["urlopen"][0] == "URLError" and says in found["urlopen"][1], found
+    assert found["https_connection"][0] == "NotImplementedError" and says in found["https_connection"][1]
+    assert found["ssl"][0] == "ModuleNotFoundError" and says in found["ssl"][1], found
+    assert "runtime 'python'" in found["urlopen"][1]
+    assert server.paths == [] and server.names == []
