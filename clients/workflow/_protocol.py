@@ -16,15 +16,15 @@ guest -> kernel                                                   kernel reply `
 ``{"op": "log", "stream", "line"}`` (notify)
 
 Running ahead: when the job says ``"ahead": true`` (no pause pending) and the transport can ``send``
-and ``receive`` apart (the subprocess sandbox's socket), a new ``do`` step's first attempt need not
-wait for the kernel's ``run``. The runtime sends the step request with ``"ahead": true``, calls the
-callback at once, sends its ``result``, and only then reads both replies, in order: ``run``
-(attempt 1, which the kernel always grants a new step asked for this way, a pending pause included)
-and the answer to the result. A reply with ``"ahead": false`` (a pause is pending) stops running
-ahead for the rest of the wake-up. A step then costs one round trip instead of two, and the kernel
-still learns of the attempt when it starts (its time-out runs from there). Only where nothing else
-can send meanwhile: sync workflows, and async ones whose callback runs inline (a sequential step,
-not a rollback).
+and ``receive`` apart (the subprocess sandbox's socket, python-wasm's ``send``/``receive`` imports), a
+new ``do`` step's first attempt need not wait for the kernel's ``run``. The runtime sends the step
+request with ``"ahead": true``, calls the callback at once, sends its ``result``, and only then reads
+both replies, in order: ``run`` (attempt 1, which the kernel always grants a new step asked for this
+way, a pending pause included) and the answer to the result. A reply with ``"ahead": false`` (a
+pause is pending) stops running ahead for the rest of the wake-up. A step then costs one round trip
+instead of two, and the kernel still learns of the attempt when it starts (its time-out runs from
+there). Only where nothing else can send meanwhile: sync workflows, and async ones whose callback
+runs inline (a sequential step, not a rollback).
 
 Keys are ``"<name>#<occurrence>"``. Durations are seconds; ``until`` is epoch seconds.
 """

@@ -15,6 +15,7 @@ the run at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import logging
@@ -44,16 +45,52 @@ class Bridge:
         self.budget = Budget(limits.cpu_seconds, limits.wall_seconds)
         self.ended = False  # the guest reported finish or suspend and got its ack
         self.failure: BaseException | None = None  # what host.call raised, re-raised to the kernel
-        self._pending: concurrent.futures.Future[dict[str, Any]] | None = None
+        # Requests sent whose replies are not read yet, oldest first (see send); the host takes
+        # every request in order, one at a time, as from the subprocess sandbox's socket.
+        self.unread: collections.deque[concurrent.futures.Future[dict[str, Any]]] = collections.deque()
+        self._pending: concurrent.futures.Future[dict[str, Any]] | None = None  # the call waited on
+        self._in_order = asyncio.Lock()
 
     def call(self, message: dict[str, Any]) -> dict[str, Any]:
-        """``host.call`` from the worker thread; raises :class:`GuestStopped` when the run must end."""
+        """``host.call`` from the worker thread; raises :class:`GuestStopped` when the run must end.
+        The reply is this message's own, whatever requests :meth:`send` left unread before it."""
+        future = self._submit(message)
+        self._pending = future
+        try:
+            reply = self._wait(future)
+        finally:
+            self._pending = None
+        if message.get("op") in ("finish", "suspend"):
+            self.ended = True
+        return reply
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Hand ``message`` to the host without waiting for its reply (:meth:`receive` reads it)."""
+        self.unread.append(self._submit(message))
+        self.budget.new_step()  # a step running ahead starts its attempt now
+
+    def receive(self) -> dict[str, Any]:
+        """The reply to the oldest request :meth:`send` made that is not yet received (blocking)."""
+        if not self.unread:
+            self.fail("the guest asked for a reply to a request it never sent")
+        future = self.unread[0]
+        try:
+            return self._wait(future)
+        finally:
+            self.unread.popleft()
+
+    def _submit(self, message: dict[str, Any]) -> concurrent.futures.Future[dict[str, Any]]:
         reason = self.budget.check()
         if reason:
             self.budget.reason = reason
             raise GuestStopped(reason)
-        future = asyncio.run_coroutine_threadsafe(self.host.call(message), self.loop)
-        self._pending = future
+        return asyncio.run_coroutine_threadsafe(self._host_call(message), self.loop)
+
+    async def _host_call(self, message: dict[str, Any]) -> dict[str, Any]:
+        async with self._in_order:
+            return await self.host.call(message)
+
+    def _wait(self, future: concurrent.futures.Future[dict[str, Any]]) -> dict[str, Any]:
         try:
             reply: dict[str, Any] = future.result()
         except BaseException as exc:
@@ -62,10 +99,6 @@ class Bridge:
             self.budget.stop(STOPPED)
             self.budget.reason = self.budget.stop_reason
             raise GuestStopped(self.budget.stop_reason) from None
-        finally:
-            self._pending = None
-        if message.get("op") in ("finish", "suspend"):
-            self.ended = True
         self.budget.new_step()
         return reply
 
@@ -107,17 +140,31 @@ class Bridge:
         self.check_size(_utf8_size(data, self.limits.message_bytes))
         return json.dumps(self.call(self.decode(data)))
 
+    def send_text(self, data: str) -> None:
+        """A guest's JSON request whose reply it reads later (python-wasm ``send``)."""
+        self.check_size(_utf8_size(data, self.limits.message_bytes))
+        self.send(self.decode(data))
+
+    def receive_text(self) -> str:
+        """The host's JSON reply to the guest's oldest unread request (python-wasm ``receive``)."""
+        return json.dumps(self.receive())
+
     def notify(self, message: dict[str, Any]) -> None:
-        """``host.notify`` without waiting (messages still arrive in order)."""
-        future = asyncio.run_coroutine_threadsafe(self.host.notify(message), self.loop)
+        """``host.notify`` without waiting (messages still arrive in order, requests included: a
+        line a step running ahead prints comes after its step request)."""
+        future = asyncio.run_coroutine_threadsafe(self._host_notify(message), self.loop)
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
+    async def _host_notify(self, message: dict[str, Any]) -> None:
+        async with self._in_order:
+            await self.host.notify(message)
+
     def stop(self, reason: str = STOPPED) -> None:
-        """From any thread: the guest traps at its next tick; a pending host call is abandoned."""
+        """From any thread: the guest traps at its next tick; pending host calls are abandoned."""
         self.budget.stop(reason)
-        pending = self._pending
-        if pending is not None:
-            pending.cancel()
+        for pending in [self._pending, *self.unread]:
+            if pending is not None:
+                pending.cancel()
 
 
 def _utf8_size(text: str, limit: int) -> int:
@@ -164,6 +211,12 @@ async def run_guest(
         elif not future.cancelled():
             future.exception()  # retrieved: the run is over either way
         raise
+    for unread in list(bridge.unread):  # sent before the guest ended: the host finishes it first
+        try:
+            await asyncio.wrap_future(unread)
+        except BaseException as exc:  # noqa: BLE001 - as receive() would have seen it
+            if not isinstance(exc, asyncio.CancelledError) and bridge.failure is None:
+                bridge.failure = exc
     if bridge.failure is not None:
         raise bridge.failure
     return result

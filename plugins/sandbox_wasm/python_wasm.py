@@ -3,7 +3,8 @@
 One runner component (see :mod:`.build`) serves every tenant: it is built and compiled once per
 machine, deserialized at kernel start, and instantiated fresh for every run (a new store: no
 state survives a run, and a trap cannot poison the next one). The guest speaks the same step
-protocol as the subprocess sandbox, through the imported WIT functions ``call`` and ``notify``.
+protocol as the subprocess sandbox, through the imported WIT functions ``call`` and ``notify``,
+and ``send``/``receive`` for a new step that runs ahead of its grant (one round trip a step).
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def _notify(_store: Any, message: str) -> None:
     current_bridge().notify_text(message)
 
 
+def _send(_store: Any, message: str) -> None:
+    current_bridge().send_text(message)
+
+
+def _receive(_store: Any) -> str:
+    return current_bridge().receive_text()
+
+
 class _Build:
     """The runner compiled for one engine, with its linker and guest-wait shadows."""
 
@@ -67,6 +76,8 @@ class _Build:
         with self.linker.root() as root:
             root.add_func("call", _call)
             root.add_func("notify", _notify)
+            root.add_func("send", _send)
+            root.add_func("receive", _receive)
 
 
 class Runner:
