@@ -151,7 +151,10 @@ def instrumented(runner: python_wasm.Runner) -> Iterator[None]:
 
         setattr(owner, name, timed)
 
-    builds = list({id(b): b for b in (runner.pooled, runner.spare)}.values())  # the pooled one and the spare
+    # the pooled build and the spare (a runner before them: itself)
+    builds = list(
+        {id(b): b for b in (getattr(runner, "pooled", runner), getattr(runner, "spare", runner))}.values()
+    )
     restore: list[tuple[Any, Any]] = []
     for build in builds:
         linker_instantiate = build.linker.instantiate
