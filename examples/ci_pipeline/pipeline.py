@@ -8,8 +8,8 @@ deploy in the tenant's key-value store, in the same commit as the step.
 
 import asyncio
 import hashlib
+import os
 import time
-from pathlib import Path
 
 from tenantflow.workflow import NonRetryableError, WorkflowEntrypoint
 
@@ -25,17 +25,22 @@ def lint(ctx) -> str:
     """Lint the very code this run is pinned to, in the instance's own writable copy of it
     (ctx.workspace(): on a kernel started with --workspace-root; elsewhere a stand-in result)."""
     try:
-        workspace = Path(ctx.workspace())
+        workspace = ctx.workspace()
     except RuntimeError as exc:  # e.g. tenantflow.testing, or a kernel without --workspace-root
         print(f"no workspace ({exc}): lint skipped")
         return "0 problems (not linted)"
     problems = []
-    files = sorted(workspace.rglob("*.py"))
+    # os, not pathlib: the python-wasm runtime's standard library has no pathlib
+    files = sorted(
+        os.path.join(d, f) for d, _, names in os.walk(workspace) for f in names if f.endswith(".py")
+    )
     for path in files:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if len(line) > 120 or line != line.rstrip() or "\t" in line:
-                problems.append(f"{path.relative_to(workspace)}:{n}")
-    (workspace / "lint-report.txt").write_text("\n".join(problems) + "\n")  # the instance's own copy
+        with open(path) as source:
+            for n, line in enumerate(source.read().splitlines(), 1):
+                if len(line) > 120 or line != line.rstrip() or "\t" in line:
+                    problems.append(f"{os.path.relpath(path, workspace)}:{n}")
+    with open(os.path.join(workspace, "lint-report.txt"), "w") as report:  # the instance's own copy
+        report.write("\n".join(problems) + "\n")
     print(f"linted {len(files)} files in {workspace}: {len(problems)} problems")
     return f"{len(problems)} problems in {len(files)} files"
 
