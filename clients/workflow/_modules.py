@@ -12,6 +12,13 @@ from collections.abc import Sequence
 
 # The tenant's file paths: a traceback keeps only their frames (the SDK's are not the author's).
 TENANT_FILES: set[str] = set()
+# Code objects for tenant paths, compiled before any tenant code ran (the python-wasm guest's cache).
+PRECOMPILED: dict[str, types.CodeType] = {}
+
+
+def compile_module(source: str, path: str) -> types.CodeType:
+    """A tenant module's code, compiled as its import compiles it (the same flags)."""
+    return compile(source, path, "exec")
 
 
 def module_name(path: str) -> str:
@@ -41,7 +48,8 @@ class _MemoryFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__file__ = path
         if module.__name__ in self._packages:
             module.__path__ = []
-        exec(compile(source, path, "exec"), module.__dict__)
+        code = PRECOMPILED.pop(path, None) or compile_module(source, path)
+        exec(code, module.__dict__)
 
 
 def install_modules(files: dict[str, str]) -> None:

@@ -50,10 +50,15 @@ class Bridge:
         self.unread: collections.deque[concurrent.futures.Future[dict[str, Any]]] = collections.deque()
         self._pending: concurrent.futures.Future[dict[str, Any]] | None = None  # the call waited on
         self._in_order = asyncio.Lock()
+        # python-wasm: takes the guest's compiled tenant modules, sent before any tenant code ran,
+        # so only as the run's first message (see guest/app.py); the host never sees them.
+        self.on_compiled: Callable[[dict[str, Any]], None] | None = None
+        self._spoke = False  # the guest sent a message already
 
     def call(self, message: dict[str, Any]) -> dict[str, Any]:
         """``host.call`` from the worker thread; raises :class:`GuestStopped` when the run must end.
         The reply is this message's own, whatever requests :meth:`send` left unread before it."""
+        self._spoke = True
         future = self._submit(message)
         self._pending = future
         try:
@@ -66,6 +71,7 @@ class Bridge:
 
     def send(self, message: dict[str, Any]) -> None:
         """Hand ``message`` to the host without waiting for its reply (:meth:`receive` reads it)."""
+        self._spoke = True
         self.unread.append(self._submit(message))
         self.budget.new_step()  # a step running ahead starts its attempt now
 
@@ -132,6 +138,11 @@ class Bridge:
 
     def notify_text(self, data: str) -> None:
         """A guest's JSON notification (python-wasm ``notify``): budgeted, then decoded."""
+        first, self._spoke = not self._spoke, True
+        if first and self.on_compiled is not None and data.startswith('{"op": "compiled"'):
+            self.check_size(_utf8_size(data, self.limits.message_bytes))
+            self.on_compiled(self.decode(data))
+            return
         if self.admit(_utf8_size(data, self.limits.message_bytes)):
             self.notify(self.decode(data))
 

@@ -10,7 +10,9 @@ and ``send``/``receive`` for a new step that runs ahead of its grant (one round 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import hashlib
 import json
 import logging
 import threading
@@ -146,6 +148,48 @@ class Runner:
             store.close()
 
 
+class CodeCache:
+    """Tenant modules' compiled code, marshalled by the guest and kept opaque here (never parsed
+    in the kernel), by a digest of the module's path and source, least recently used first out.
+
+    Safe to hand to any run of the same source: the guest compiles and reports it before any
+    tenant code runs in its fresh store (the bridge takes it only as the run's first message), so
+    the bytes are a function of the source and this runner alone."""
+
+    def __init__(self, max_chars: int = 32 * 1024 * 1024) -> None:
+        self._max_chars = max_chars
+        self._chars = 0
+        self._entries: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(path: str, source: str) -> str:
+        return hashlib.sha256(f"{path}\0{source}".encode("utf-8", "surrogatepass")).hexdigest()
+
+    def get(self, keys: Mapping[str, str]) -> dict[str, str] | None:
+        """Every path's code, or None if any is missing."""
+        with self._lock:
+            if not all(k in self._entries for k in keys.values()):
+                return None
+            for k in keys.values():
+                self._entries.move_to_end(k)
+            return {path: self._entries[k] for path, k in keys.items()}
+
+    def put(self, keys: Mapping[str, str], message: Mapping[str, Any]) -> None:
+        """Keep the code a guest reported for the paths this run asked about; ignore the rest."""
+        code = message.get("code")
+        if not isinstance(code, dict):
+            return
+        with self._lock:
+            for path, blob in code.items():
+                if path not in keys or not isinstance(blob, str) or keys[path] in self._entries:
+                    continue
+                self._entries[keys[path]] = blob
+                self._chars += len(blob)
+            while self._chars > self._max_chars and self._entries:
+                self._chars -= len(self._entries.popitem(last=False)[1])
+
+
 class PythonWasmSandbox:
     """The python-wasm sandbox; the runner is prepared on first use (see :meth:`_prepare`)."""
 
@@ -156,6 +200,7 @@ class PythonWasmSandbox:
         self._pool = ThreadPerRun("tenantflow-python-wasm")  # max_runs: the dispatcher bounds runs
         self._runner: concurrent.futures.Future[Runner] | None = None
         self._lock = threading.Lock()
+        self.codes = CodeCache()
 
     def _prepare(self) -> concurrent.futures.Future[Runner]:
         """Build (once per machine), compile and load the runner when something first needs it,
@@ -187,9 +232,15 @@ class PythonWasmSandbox:
 
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
         runner = await asyncio.wrap_future(self._prepare())
-        guest_job = json.dumps({**job, "files": decode_files(job["files"])})
+        files = decode_files(job["files"])
+        keys = {path: CodeCache.key(path, source) for path, source in files.items() if path.endswith(".py")}
+        compiled = self.codes.get(keys)
+        extra = {"compiled": compiled} if compiled is not None else {"report_compiled": True}
+        guest_job = json.dumps({**job, "files": files, **extra})
 
         def execute(bridge: Bridge) -> RunExit:
+            if compiled is None:
+                bridge.on_compiled = lambda message: self.codes.put(keys, message)
             try:
                 failure = runner.invoke(guest_job, limits.memory_bytes, bridge, self._writable)
             except (WasmtimeError, Trap, GuestStopped) as exc:

@@ -14,6 +14,7 @@ import http.client
 import importlib
 import io
 import json
+import marshal
 import os
 import random
 import socket
@@ -29,6 +30,7 @@ from wit_world import receive as _host_receive
 from wit_world import send as _host_send
 
 import tenantflow.workflow
+from tenantflow.workflow import _modules
 from tenantflow.workflow._runtime import run_job
 
 # The standard library tenants get. Imported here so the build snapshots them; a name that does
@@ -266,6 +268,30 @@ class _Transport:
         _host_notify(json.dumps(message))
 
 
+MAX_REPORTED = 512 * 1024  # compiled code sent to the kernel's cache per run, base64
+
+
+def _precompile(data: dict[str, Any]) -> None:
+    """The tenant modules' code objects, before any tenant code runs: unmarshalled from the
+    kernel's cache (code an earlier run compiled at this same point), or, when the job asks,
+    compiled now and reported as the run's first message (the kernel keeps only that one)."""
+    cached, fresh = data.get("compiled") or {}, {}
+    for path, source in data["files"].items():
+        if not path.endswith(".py"):
+            continue
+        try:
+            if path in cached:
+                _modules.PRECOMPILED[path] = marshal.loads(base64.b64decode(cached[path]))
+            elif data.get("report_compiled"):
+                code = _modules.PRECOMPILED[path] = _modules.compile_module(source, path)
+                fresh[path] = base64.b64encode(marshal.dumps(code)).decode()
+        except Exception:  # noqa: BLE001 - a module that does not compile fails at its import, as before
+            _modules.PRECOMPILED.pop(path, None)
+    if data.get("report_compiled"):  # always: the run's first message is the runner's own
+        small = sum(map(len, fresh.values())) <= MAX_REPORTED
+        _host_notify(json.dumps({"op": "compiled", "code": fresh if small else {}}))
+
+
 class WitWorld(wit_world.WitWorld):  # type: ignore[misc]
     def run(self, job: str) -> str:
         # Never let an exception escape: componentize-py would turn it into a trap.
@@ -275,6 +301,7 @@ class WitWorld(wit_world.WitWorld):  # type: ignore[misc]
                 return json.dumps({"python": sys.version, "modules": sorted(sys.modules)})
             random.seed(os.urandom(16))  # the snapshot baked one build-time seed into every instance
             sys.meta_path.append(_Unavailable())
+            _precompile(data)
             run_job(data, _Transport(), threads=False)
             return ""
         except BaseException as exc:  # noqa: BLE001 - SystemExit, MemoryError: the kernel sees a crash
