@@ -409,7 +409,7 @@ def add_serve_parser(sub: Any) -> None:
         "--workspace-root",
         metavar="DIR",
         help="where steps' workspaces (ctx.workspace(): a writable tree of the instance's pinned code) "
-        "live; python runtime only (default: none, ctx.workspace() is refused)",
+        "live; python and python-wasm runtimes (default: none, ctx.workspace() is refused)",
     )
     s.add_argument(
         "--workspace-quota-mb",

@@ -34,6 +34,7 @@ from tenantflow.kernel.stepkinds import WALL_GRACE_SECONDS, timed_out
 from tenantflow.kernel.storage import Storage
 
 log = logging.getLogger("tenantflow.engine")
+WORKSPACE_RUNTIMES = ("python", "python-wasm")  # the runtimes whose steps may ask for ctx.workspace()
 CODE_RETRY_SECONDS = 30.0  # when a loader is unavailable (a git remote down), wake again this much later
 
 
@@ -144,7 +145,7 @@ class WakeUp:
         rollback.prepare(journal, job)
         self._files, self._runtime = code.bundle.files, code.bundle.runtime
         spaces = workspace.of(self.config.workspace_root, self.config.workspace_quota_bytes)
-        if spaces is not None and self._runtime == "python":  # its run reaches this directory only
+        if spaces is not None and self._runtime in WORKSPACE_RUNTIMES:  # its run reaches this directory only
             job["workspace"] = await asyncio.to_thread(spaces.prepare, rec.tenant, rec.id)
         self.sandbox_task = asyncio.create_task(sandbox.run(job, self, self.config.limits))
         metrics.sandbox_started(journal, code.bundle.runtime)
@@ -267,9 +268,9 @@ class WakeUp:
         if flight is None or m.get("attempt") != flight.attempt:
             raise ValueError(f"ctx.workspace() asked for outside a running step attempt ({m.get('key')!r})")
         spaces = workspace.of(self.config.workspace_root, self.config.workspace_quota_bytes)
-        if spaces is None or self._runtime != "python":
+        if spaces is None or self._runtime not in WORKSPACE_RUNTIMES:
             return {"error": "this kernel gives steps no workspace: its operator starts it with --workspace-root DIR"
-                    if spaces is None else "ctx.workspace() is available in the python runtime only"}  # fmt: skip
+                    if spaces is None else "ctx.workspace() is available in the python and python-wasm runtimes only"}  # fmt: skip
         rec, bundle = self.record, self._files
         whole_tree = getattr(self.catalog.loader(rec.code), "workspace_files", None)
 
@@ -277,9 +278,10 @@ class WakeUp:
             return whole_tree(rec.tenant, rec.code) if whole_tree else workspace.bundle_files(bundle)
 
         try:
-            return {"path": await asyncio.to_thread(spaces.workspace, rec.tenant, rec.id, rec.code, files)}
+            path = await asyncio.to_thread(spaces.workspace, rec.tenant, rec.id, rec.code, files)
         except workspace.QuotaExceeded as exc:
             return {"error": str(exc)}
+        return {"path": workspace.guest_path(path) if self._runtime == "python-wasm" else path}
 
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         journal = self.journal

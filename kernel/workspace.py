@@ -48,6 +48,8 @@ from tenantflow.kernel.storage import Storage
 log = logging.getLogger("tenantflow.workspace")
 
 TENANT_UID = 65534  # the uid a root kernel's runs use (tenant_uid.TENANT_UID)
+# Where a python-wasm run sees its instance's directory (a WASI preopen): its workspace is ``tree`` in it
+GUEST_DIR = "/workspace"
 MAX_FILES = 100_000
 MAX_BYTES = 1024 * 1024 * 1024
 
@@ -327,6 +329,12 @@ def link_farm(lower: _Lower, target: Path, owner: int) -> None:
     finally:
         os.close(src)
         os.close(dst)
+
+
+def guest_path(path: str) -> str:
+    """A workspace's path as a python-wasm run sees it (its instance directory preopened at
+    :data:`GUEST_DIR`)."""
+    return f"{GUEST_DIR}/{os.path.basename(path)}"
 
 
 def bundle_files(files: Mapping[str, bytes]) -> list[WorkspaceFile]:

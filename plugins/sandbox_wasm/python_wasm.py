@@ -24,6 +24,7 @@ from typing import Any
 from wasmtime import Store, Trap, WasmtimeError
 from wasmtime.component import Component, Linker
 
+from tenantflow.kernel import workspace
 from tenantflow.kernel.sandbox import Host, Inspection, Limits, RunExit
 from tenantflow.plugins.sandbox_wasm import build, cache, tenant_files, waits
 from tenantflow.plugins.sandbox_wasm.bridge import (
@@ -108,23 +109,39 @@ class Runner:
         self.python: str = probe["python"]
         self.modules: frozenset[str] = frozenset(probe["modules"])
 
-    def invoke(self, job: str, memory_bytes: int, bridge: Bridge | None, writable: Sequence[str] = ()) -> str:
-        """Instantiate the runner in a fresh store and call ``run(job)`` (on the current thread)."""
+    def invoke(
+        self,
+        job: str,
+        memory_bytes: int,
+        bridge: Bridge | None,
+        writable: Sequence[str] = (),
+        preopens: Sequence[tuple[str, str]] = (),
+    ) -> str:
+        """Instantiate the runner in a fresh store and call ``run(job)`` (on the current thread);
+        ``preopens``: this run's own (host path, guest path) directories."""
         pooled = self._slots.acquire(blocking=False)
         try:
-            return self._invoke(self.pooled if pooled else self.spare, job, memory_bytes, bridge, writable)
+            build_ = self.pooled if pooled else self.spare
+            return self._invoke(build_, job, memory_bytes, bridge, writable, preopens)
         finally:
             if pooled:
                 self._slots.release()  # _invoke freed the store: its slot is back in the pool
 
     def _invoke(
-        self, runner: _Build, job: str, memory_bytes: int, bridge: Bridge | None, writable: Sequence[str]
+        self,
+        runner: _Build,
+        job: str,
+        memory_bytes: int,
+        bridge: Bridge | None,
+        writable: Sequence[str],
+        preopens: Sequence[tuple[str, str]],
     ) -> str:
         store = Store(runner.engine)
         try:
             limit_store(store, memory_bytes, RUNNER_SHAPE)
-            store.set_wasi(wasi_config(writable))  # the kernel opens the grants; the guest works beneath them
-            if writable and (problem := tenant_files.io_threads_problem()):
+            # the kernel opens the grants; the guest works beneath them
+            store.set_wasi(wasi_config(writable, preopens))
+            if (writable or preopens) and (problem := tenant_files.io_threads_problem()):
                 raise tenant_files.TenantFilesError(problem)
             if bridge is not None:
                 bridge.budget.arm(store)
@@ -232,6 +249,9 @@ class PythonWasmSandbox:
 
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
         runner = await asyncio.wrap_future(self._prepare())
+        job = dict(job)
+        instance_dir = job.pop("workspace", None)  # the run sees its instance's directory, no other
+        preopens = [(instance_dir, workspace.GUEST_DIR)] if isinstance(instance_dir, str) else []
         files = decode_files(job["files"])
         keys = {path: CodeCache.key(path, source) for path, source in files.items() if path.endswith(".py")}
         compiled = self.codes.get(keys)
@@ -242,7 +262,7 @@ class PythonWasmSandbox:
             if compiled is None:
                 bridge.on_compiled = lambda message: self.codes.put(keys, message)
             try:
-                failure = runner.invoke(guest_job, limits.memory_bytes, bridge, self._writable)
+                failure = runner.invoke(guest_job, limits.memory_bytes, bridge, self._writable, preopens)
             except (WasmtimeError, Trap, GuestStopped) as exc:
                 return guest_ended(bridge, bridge.budget.reason or trap_reason(exc))
             except tenant_files.TenantFilesError as exc:

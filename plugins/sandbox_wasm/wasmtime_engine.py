@@ -172,12 +172,15 @@ def limit_store(store: Store, memory_bytes: int, shape: StoreShape) -> None:
                      tables=shape.tables, table_elements=shape.table_elements)  # fmt: skip
 
 
-def wasi_config(writable: Sequence[str] = ()) -> WasiConfig:
+def wasi_config(writable: Sequence[str] = (), preopens: Sequence[tuple[str, str]] = ()) -> WasiConfig:
     """WASI with nothing granted (no args, environment, stdio or sockets) but the operator's
-    ``--sandbox-writable-dir`` directories, each seen by the guest at its own path."""
+    ``--sandbox-writable-dir`` directories, each seen by the guest at its own path, and this run's
+    ``preopens`` (host path, guest path), e.g. its instance's workspace directory."""
     wasi = WasiConfig()
     for directory in writable:
         wasi.preopen_dir(directory, directory)
+    for host_path, guest_path in preopens:
+        wasi.preopen_dir(host_path, guest_path)
     return wasi
 
 
