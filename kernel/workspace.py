@@ -10,6 +10,7 @@ Under the operator's ``--workspace-root``:
                              ``tree/`` in it is the workspace
 ``uppers/<tenant key>/<instance key>/``  an overlay's upper and work directories (root kernels)
 ``owners/<instance key>``    who owns each instance directory (tenant, id), for the sweep
+``spares/<code key>``        a link farm made ahead for the next workspace of that code (``links``)
 
 Two ways to make a workspace, chosen once per kernel:
 
@@ -19,7 +20,9 @@ Two ways to make a workspace, chosen once per kernel:
 - ``links`` (an ordinary user's kernel): fresh directories, each file a hard link to the lower
   tree's, read-only (runs cannot chmod), so writes are copy-on-write by replacement: tools that
   write a new file and rename it over (git, most editors and formatters) work, writing a file in
-  place fails with EACCES; creating and deleting files is free. It costs one link per file.
+  place fails with EACCES; creating and deleting files is free. It costs one link per file, so
+  one farm per laid-out code is made ahead, off the step's path, and a step's workspace is that
+  spare renamed into its instance directory (then the next spare is made in the background).
 
 The per-tenant quota counts the bytes a tenant's steps wrote (an overlay's upper; unshared files of
 a link farm), checked when a step asks for a workspace.
@@ -83,6 +86,11 @@ class Workspaces:
             prepare_root(root, share=True)
         self._lowers: dict[str, _Lower] = {}
         self._lock = threading.Lock()
+        self._making: set[str] = set()  # code keys whose spare link farm a thread is making
+        self._made = threading.Condition(self._lock)
+        self.spares = self.mode == "links"
+        if self.spares:
+            _drop_orphans(self.root / "spares")
         self.first_layouts: list[float] = []  # seconds each lower tree took to lay out (for figures)
 
     # -- per run --------------------------------------------------------------------------------
@@ -118,11 +126,56 @@ class Workspaces:
         lower = self.lower(tenant, code, files)
         if self.mode == "overlay":
             self._mount(tenant, instance, lower, tree)
-        else:
+        elif not self._take_spare(lower, tree):
             building = tree.with_name(f"tree.{os.getpid()}.{threading.get_ident()}")
             link_farm(lower, building, self.owner)
             building.rename(tree)
+        if self.spares:
+            self._make_spare(lower)
         return str(tree)
+
+    # -- spare link farms -----------------------------------------------------------------------
+    def _spare(self, lower: _Lower) -> Path:
+        return self.root / "spares" / lower.path.name
+
+    def _take_spare(self, lower: _Lower, tree: Path) -> bool:
+        """Rename the code's spare farm into place as ``tree``: False if there is none (yet)."""
+        if not self.spares:
+            return False
+        try:
+            self._spare(lower).rename(tree)  # atomic: of two takers, one gets it
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _make_spare(self, lower: _Lower) -> None:
+        """Make the code's next spare farm on a thread of its own, unless one exists or is coming."""
+        key = lower.path.name
+        with self._lock:
+            if key in self._making or self._spare(lower).is_dir():
+                return
+            self._making.add(key)
+
+        def make() -> None:
+            spare = self._spare(lower)
+            building = spare.with_name(f"{key}.{os.getpid()}.{threading.get_ident()}")
+            try:
+                link_farm(lower, building, self.owner)
+                building.rename(spare)
+            except OSError as exc:  # another kernel made one first, or the disk is full: made on demand
+                log.debug("spare workspace for %s: %s", key, exc)
+                shutil.rmtree(building, ignore_errors=True)
+            finally:
+                with self._made:
+                    self._making.discard(key)
+                    self._made.notify_all()
+
+        threading.Thread(target=make, name="tenantflow-workspace-spare", daemon=True).start()
+
+    def wait_spares(self, timeout: float = 30.0) -> bool:
+        """Whether every spare being made is done within ``timeout`` seconds (for tests, benchmarks)."""
+        with self._made:
+            return self._made.wait_for(lambda: not self._making, timeout)
 
     def _upper(self, tenant: str, instance: str) -> Path:
         return self.root / "uppers" / _key("tenant", tenant) / _key(tenant, instance)
@@ -238,7 +291,15 @@ def prepare_root(root: Path, share: bool = True) -> Path:
     """Make the root's directories; as root (and ``share``), make it a shared mount (a bind of
     itself) so that overlays mounted under it later reach the sandbox template's mount namespace."""
     root = Path(root).resolve()
-    for sub, mode in (("", 0o711), ("lower", 0o700), ("runs", 0o711), ("uppers", 0o700), ("owners", 0o700)):
+    subs = (
+        ("", 0o711),
+        ("lower", 0o700),
+        ("runs", 0o711),
+        ("uppers", 0o700),
+        ("owners", 0o700),
+        ("spares", 0o700),
+    )
+    for sub, mode in subs:
         (root / sub).mkdir(mode=mode, parents=True, exist_ok=True)
         os.chmod(root / sub, mode)
     if share and os.geteuid() == 0:
@@ -267,6 +328,20 @@ def _overlay_works(root: Path) -> bool:
         finally:
             shutil.rmtree(probe, ignore_errors=True)
     return _overlay_checked[str(root)]
+
+
+def _drop_orphans(spares: Path) -> None:
+    """Remove spare farms a kernel that is gone left half made (``<key>.<pid>.<thread>``)."""
+    for name in os.listdir(spares):
+        parts = name.split(".")
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(spares / name, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
 
 
 def lay_out(path: Path, files: Iterable[WorkspaceFile], owner: int = -1) -> None:

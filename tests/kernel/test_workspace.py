@@ -68,3 +68,26 @@ def test_an_overlay_keeps_writes_in_the_instances_upper(tmp_path: Path) -> None:
         assert not os.path.exists(a) and Path(b, "wf.py").read_text() == "x = 1\n"
     finally:
         spaces.close()
+
+
+def test_a_link_farm_is_made_ahead_and_taken_whole_by_the_next_instance(tmp_path: Path) -> None:
+    spaces = Workspaces(tmp_path / "ws", mode="links")
+    a = spaces.workspace("acme", "i1", "ref", lambda: FILES)  # made on the spot; a spare follows
+    assert spaces.wait_spares()
+    spare = next((tmp_path / "ws" / "spares").iterdir())
+    spare_dir = os.stat(spare / "pkg").st_ino
+    b = spaces.workspace("acme", "i2", "ref", lambda: FILES)
+    assert os.stat(f"{b}/pkg").st_ino == spare_dir  # the spare itself, renamed into place
+    assert _tree(b) == _tree(a) and os.stat(f"{b}/wf.py").st_ino == os.stat(f"{a}/wf.py").st_ino
+    Path(a, "pkg", "new.txt").write_text("a's own")  # directories are the instance's: nothing shared
+    assert not Path(b, "pkg", "new.txt").exists()
+    assert spaces.wait_spares() and _tree(str(spare)) == _tree(b)  # the next one, made ahead again
+    assert spaces.usage("acme") > 0 and len(list((tmp_path / "ws" / "spares").iterdir())) == 1
+
+
+def test_a_half_made_spare_of_a_kernel_that_is_gone_is_dropped(tmp_path: Path) -> None:
+    Workspaces(tmp_path / "ws", mode="links")
+    orphan = tmp_path / "ws" / "spares" / f"{'0' * 32}.{2**22 + 12345}.1"
+    (orphan / "pkg").mkdir(parents=True)
+    Workspaces(tmp_path / "ws", mode="links")
+    assert not orphan.exists()
