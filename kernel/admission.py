@@ -19,8 +19,9 @@ runaway client (e.g. one leaking Watch streams on its channel).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from tenantflow.kernel.config import KernelConfig
@@ -37,6 +38,10 @@ PER_TOKEN = 512
 PER_PEER = 512
 PER_TENANT = 256
 REQUEST_BYTES_IN_FLIGHT = 256 * MIB
+# The most one CreateBatch may send: gRPC has one receive limit per server, and it is what any read
+# of any RPC may assemble, so this (with Publish's 11 MiB) sets the size of every read slot.
+BATCH_REQUEST_BYTES = 16 * MIB
+READ_WAIT = 10.0  # seconds a call waits for a read slot before RESOURCE_EXHAUSTED
 
 
 class BytesInFlight:
@@ -101,17 +106,62 @@ class InFlight:
 def request_limits(config: KernelConfig) -> dict[str, int]:
     """The largest request each RPC takes, in bytes, by ``Service/Method``; the rest take
     :data:`SMALL_REQUEST_BYTES`. A Create carries one payload; a batch ``max_batch`` of them
-    (100 x 1 MiB by default); a Publish the code limit plus its file names."""
+    (at most 16 MiB, however many the batch size allows); a Publish the code limit plus its file names."""
     one = config.max_payload_bytes + ENVELOPE_BYTES
     return {
         "Workflows/Create": one,
-        "Workflows/CreateBatch": config.max_batch * (one + 16),
+        "Workflows/CreateBatch": min(config.max_batch * (one + 16), max(BATCH_REQUEST_BYTES, one + 16)),
         "Workflows/SendEvent": one,
         "Schedules/Create": one,
         "Code/Publish": config.max_code_bytes + MIB,
         "KV/Put": config.kv_max_value_bytes + ENVELOPE_BYTES,
         "Secrets/Put": 2 * ENVELOPE_BYTES,  # a value of up to 64 KiB
     }
+
+
+class ReadSlots:
+    """Request bodies being received at once. gRPC assembles a whole message, up to the server-wide
+    receive limit whatever the RPC, before a handler sees its size, so a read takes a slot of that
+    size first: at most ``slots`` reads kernel-wide, ``share`` of them per caller (a token, or a
+    connection without tokens). A call past either waits up to ``wait`` seconds for a slot, then
+    fails with RESOURCE_EXHAUSTED; a read of a small message holds its slot for microseconds."""
+
+    def __init__(self, slots: int, share: int, wait: float = READ_WAIT) -> None:
+        self.slots, self.share, self.wait = slots, share, wait
+        self.used = 0
+        self.by_caller: dict[str, int] = {}
+        self._freed = asyncio.Condition()
+
+    def _free(self, caller: str) -> bool:
+        return self.used < self.slots and self.by_caller.get(caller, 0) < self.share
+
+    @contextlib.asynccontextmanager
+    async def hold(self, caller: str, name: str) -> AsyncIterator[None]:
+        """A read slot of ``caller`` (``name`` in messages) for the block."""
+        async with self._freed:
+            try:
+                await asyncio.wait_for(self._freed.wait_for(lambda: self._free(caller)), self.wait)
+            except TimeoutError:
+                mine = self.by_caller.get(caller, 0)
+                raise ResourceExhausted(
+                    f"{name} has {mine} request bodies being received, its share is {self.share} of the "
+                    f"kernel's {self.slots} (--max-request-mb-in-flight / the largest request); "
+                    "send fewer large requests at once or retry in a few seconds"
+                    if mine >= self.share
+                    else f"the kernel is receiving {self.used} request bodies, its limit; retry in a few seconds"
+                ) from None
+            self.used += 1
+            self.by_caller[caller] = self.by_caller.get(caller, 0) + 1
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self.used -= 1
+                if self.by_caller[caller] == 1:
+                    del self.by_caller[caller]
+                else:
+                    self.by_caller[caller] -= 1
+                self._freed.notify_all()
 
 
 @dataclass(frozen=True)
@@ -123,6 +173,7 @@ class Budgets:
     per_tenant: InFlight
     requests: BytesInFlight  # decoded request bodies, kernel-wide
     limits: dict[str, int]
+    reads: ReadSlots  # bodies gRPC is receiving, each counted at the server-wide receive limit
 
     @classmethod
     def of(
@@ -133,13 +184,18 @@ class Budgets:
         per_tenant: int = PER_TENANT,
         request_bytes: int = REQUEST_BYTES_IN_FLIGHT,
     ) -> Budgets:
-        """The budgets of ``tenantflow serve``'s flags (0: no limit on that key)."""
+        """The budgets of ``tenantflow serve``'s flags (0: no limit on that key). Bodies being
+        received share ``request_bytes`` with those being decoded: as many reads as it holds of the
+        largest request (at least 2), a quarter of them per caller."""
+        limits = request_limits(config)
+        slots = max(2, request_bytes // max([SMALL_REQUEST_BYTES, *limits.values()]))
         return cls(
             InFlight(per_token, "token"),
             InFlight(per_peer, "connection"),
             InFlight(per_tenant, "tenant"),
             BytesInFlight(request_bytes),
-            request_limits(config),
+            limits,
+            ReadSlots(slots, max(1, slots // 4)),
         )
 
     def limit(self, method: str) -> int:
@@ -158,7 +214,11 @@ class Budgets:
         if size > limit and method in self.limits:
             raise ResourceExhausted(
                 f"the {rpc} request is {_size(size)}; this kernel takes at most {_size(limit)} for it: "
-                "send less (payloads and code have limits: see the README)"
+                + (
+                    "split it into smaller batches"
+                    if method == "Workflows/CreateBatch"
+                    else "send less (payloads and code have limits: see the README)"
+                )
             )
         if size > limit:  # names and ids only: no valid request is this large
             raise InvalidArgument(

@@ -66,7 +66,8 @@ def _tokens(tmp_path: Path, **tenants: list[str]) -> tuple[Path, dict[str, str]]
 
 def _channel(address: str) -> grpc.Channel:
     """A channel with a connection of its own (channels with equal options share one by default)."""
-    options = [("grpc.max_send_message_length", 128 * MiB), ("grpc.use_local_subchannel_pool", 1)]
+    options = [("grpc.max_send_message_length", 128 * MiB), ("grpc.max_receive_message_length", 64 * MiB),
+               ("grpc.use_local_subchannel_pool", 1)]  # fmt: skip
     return grpc.insecure_channel(address, options=options)
 
 
@@ -115,7 +116,7 @@ def test_calls_without_a_known_token_are_refused_before_their_body_is_read(
     assert grew < 300 * MiB, f"kernel RSS grew {grew / MiB:.0f} MiB for bodies it should not read (was 3 GiB)"
 
 
-def test_each_rpc_takes_a_body_of_its_own_size_and_a_full_batch_still_fits(
+def test_each_rpc_takes_a_body_of_its_own_size_and_a_batch_up_to_16_mib(
     make_kernel: Callable[..., KernelProcess], tmp_path: Path, tenant: str
 ) -> None:
     path, tokens = _tokens(tmp_path, platform=["*"])
@@ -142,14 +143,21 @@ def test_each_rpc_takes_a_body_of_its_own_size_and_a_full_batch_still_fits(
             err.value.details()
         )
 
-        # The documented maximum: 100 creates of 1 MiB of params each, one call (over 100 MiB).
+        # A batch takes at most 16 MiB (gRPC's one receive limit is what any read may assemble):
+        # 15 creates of 1 MiB of params fit in one call; 100 are refused unread, 17 read and refused.
         params = json.dumps("x" * (MiB - 2))
-        batch = [pb.CreateRequest(tenant=tenant, workflow="Waiter", code=ref, params_json=params)] * 100
-        body = pb.CreateBatchRequest(requests=batch).SerializeToString()
-        assert len(body) > 100 * MiB
+        one = pb.CreateRequest(tenant=tenant, workflow="Waiter", code=ref, params_json=params)
         create_batch = channel.unary_unary(CREATE_BATCH, request_serializer=None, response_deserializer=None)
-        create_batch(body, metadata=metadata, timeout=120)
-        assert sum(1 for _ in client.iter_instances(tenant)) == 100
+        create_batch(
+            pb.CreateBatchRequest(requests=[one] * 15).SerializeToString(), metadata=metadata, timeout=60
+        )
+        assert sum(1 for _ in client.iter_instances(tenant)) == 15
+        for count in (100, 16):
+            with pytest.raises(grpc.RpcError) as err:
+                body = pb.CreateBatchRequest(requests=[one] * count).SerializeToString()
+                create_batch(body, metadata=metadata, timeout=60)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, count
+            assert "16777216" in str(err.value.details()) or "at most 16.0 MiB" in str(err.value.details())
         bystander_completes(client, tenant, within=10)
 
 
@@ -234,3 +242,49 @@ def test_a_thousand_watch_streams_of_one_tenant_leave_the_others_room(
         finally:
             for call in held:
                 call.cancel()
+
+
+SEND_EVENT = "/tenantflow.v1.Workflows/SendEvent"
+
+
+def _event(tenant: str, size: int) -> bytes:
+    payload = json.dumps("x" * (size - 2))
+    return pb.SendEventRequest(tenant=tenant, id="x", type="go", payload_json=payload).SerializeToString()
+
+
+@pytest.mark.parametrize("size", [100 * 1000 * 1000, 15 * 1000 * 1000])
+def test_bodies_over_their_rpcs_limit_from_a_valid_token_are_bounded_before_they_are_read(
+    make_kernel: Callable[..., KernelProcess], tmp_path: Path, tenant: str, size: int
+) -> None:
+    """32 concurrent SendEvent bodies far over SendEvent's limit, from one valid token: gRPC took
+    each whole (up to the ~106 MiB a CreateBatch needed) before admission refused it, 32 x 100 MB
+    held at once. Now the server-wide receive limit is 16 MiB and a body under it is read only
+    within the token's share of the kernel's read slots."""
+    path, tokens = _tokens(tmp_path, attacker=[tenant], bystander=["*"])
+    kernel = make_kernel("--auth-tokens", str(path))
+    body = _event(tenant, size)
+    with Client(kernel.address, token=tokens["bystander"]) as client:
+        bystander_completes(client, f"{tenant}-warm", within=30)
+        channels = [_channel(kernel.address) for _ in range(4)]
+        calls = [
+            c.unary_unary(SEND_EVENT, request_serializer=None, response_deserializer=None) for c in channels
+        ]
+
+        def attack(k: int) -> str:
+            try:
+                calls[k % 4](body, metadata=_bearer(tokens["attacker"]), timeout=60)
+                return "OK"
+            except grpc.RpcError as exc:
+                return str(exc.code().name)
+
+        with PeakRss(_pid(kernel)) as memory, ThreadPoolExecutor(32) as pool:
+            attacks = [pool.submit(attack, k) for k in range(32)]
+            took = bystander_completes(client, tenant, within=10)
+            codes = Counter(a.result() for a in attacks)
+        grew = memory.peak - memory.start
+        for channel in channels:
+            channel.close()
+    print(f"32 x {size / 1e6:.0f} MB SendEvent from a valid token: {dict(codes)}, kernel RSS "
+          f"+{grew / MiB:.0f} MiB (peak {memory.peak / MiB:.0f} MiB), bystander {took:.2f} s")  # fmt: skip
+    assert codes == {"RESOURCE_EXHAUSTED": 32}, codes
+    assert grew < 250 * MiB, f"kernel RSS grew {grew / MiB:.0f} MiB for bodies over their RPC's limit"
