@@ -387,7 +387,8 @@ def add_serve_parser(sub: Any) -> None:
         type=POSITIVE,
         default=256.0,
         help="MiB of request bodies being decoded and served at once, kernel-wide; more fail fast with "
-        "RESOURCE_EXHAUSTED (one request alone always fits)",
+        "RESOURCE_EXHAUSTED (one request alone always fits); also N / 16 MiB slots for bodies being "
+        "received, a quarter per token",
     )
     s.add_argument(
         "--max-publish-mb-in-flight",
