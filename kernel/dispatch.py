@@ -121,49 +121,59 @@ class Dispatcher:
     async def _dispatch_loop(self) -> None:
         while True:
             self._poke.clear()  # before claiming: a poke that arrives meanwhile must not be lost
+            next_at: float | None = None
             try:
-                claimed = await self._claim_once()
+                claimed, next_at = await self._claim_once()
             except Exception:
                 log.exception("claiming runnable instances failed; retrying")
                 claimed = 0
             if claimed:
                 continue
             timeout = IDLE_POLL_SECONDS
-            with contextlib.suppress(Exception):
-                next_at = await asyncio.to_thread(self._storage.next_run_at)
-                # Due work that could not be claimed (slots or tenant caps full) waits for a poke:
-                # every wake-up that ends pokes. Work that fell due after the claim looked (a timer
-                # due in between) is claimed at once, not at the next idle poll a second later.
-                if next_at is not None and next_at > self._claimed_up_to:
-                    timeout = min(timeout, max(next_at - time.time(), 0.0))
+            # Due work that could not be claimed (slots or tenant caps full) waits for a poke:
+            # every wake-up that ends pokes. Work that fell due after the claim looked (a timer
+            # due in between) is claimed at once, not at the next idle poll a second later.
+            if next_at is not None and next_at > self._claimed_up_to:
+                timeout = min(timeout, max(next_at - time.time(), 0.0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), timeout=timeout)
 
-    async def _claim_once(self) -> int:
+    async def _claim_once(self) -> tuple[int, float | None]:
+        """Claim what is due into the free slots: (how many, the next due time when none was
+        claimed). Both in one thread hop: most claims after a wake-up ends find nothing."""
         # Count our own tasks, not engine.active: a task created by the previous claim has not
         # started yet (so is not active) and must still hold its slot.
         self._claimed_up_to = math.inf  # nothing claimable is known to be missed until a claim runs
         free = self._config.max_concurrent_runs - len(self._tasks) - self._reserved
         if free <= 0:
-            return 0
+            return 0, await self._next_run_at()
         now = time.time()
         if not await self._fence(now):
-            return 0
+            return 0, await self._next_run_at()
         self._claimed_up_to = now
         started = time.perf_counter()
-        records = await asyncio.to_thread(
-            self._storage.claim,
-            self._config.node_id,
-            now,
-            self._config.lease_seconds,
-            free,
-            self._config.tenant_running_cap,
-        )
+        records, next_at = await asyncio.to_thread(self._claim_or_next, now, free)
         metrics.claimed(len(records), time.perf_counter() - started)
         for record in records:
             self._run(record, record.lease_until or now + self._config.lease_seconds)
         self.claimed += len(records)
-        return len(records)
+        return len(records), next_at
+
+    def _claim_or_next(self, now: float, free: int) -> tuple[list[InstanceRecord], float | None]:
+        """In a worker thread: the claim, and when it found nothing, the next due time."""
+        records = self._storage.claim(
+            self._config.node_id, now, self._config.lease_seconds, free, self._config.tenant_running_cap
+        )
+        if records:
+            return records, None
+        with contextlib.suppress(Exception):
+            return records, self._storage.next_run_at()
+        return records, None
+
+    async def _next_run_at(self) -> float | None:
+        with contextlib.suppress(Exception):
+            return await asyncio.to_thread(self._storage.next_run_at)
+        return None
 
     def _run(self, record: InstanceRecord, lease_until: float, fresh: bool = False) -> None:
         key = (record.tenant, record.id)
