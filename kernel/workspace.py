@@ -54,6 +54,7 @@ TENANT_UID = 65534  # the uid a root kernel's runs use (tenant_uid.TENANT_UID)
 # Where a python-wasm run sees its instance's directory (a WASI preopen): its workspace is ``tree`` in it
 GUEST_DIR = "/workspace"
 MAX_FILES = 100_000
+SPARE_WAIT_SECONDS = 5.0  # a step waits this long at most for a spare link farm being made
 MAX_BYTES = 1024 * 1024 * 1024
 
 
@@ -139,9 +140,12 @@ class Workspaces:
         return self.root / "spares" / lower.path.name
 
     def _take_spare(self, lower: _Lower, tree: Path) -> bool:
-        """Rename the code's spare farm into place as ``tree``: False if there is none (yet)."""
+        """Rename the code's spare farm into place as ``tree``: False if there is none. A spare
+        being made is waited for: making a second farm beside it takes longer on a busy disk."""
         if not self.spares:
             return False
+        with self._made:
+            self._made.wait_for(lambda: lower.path.name not in self._making, SPARE_WAIT_SECONDS)
         try:
             self._spare(lower).rename(tree)  # atomic: of two takers, one gets it
         except FileNotFoundError:
