@@ -381,22 +381,28 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         # unbounded memory (each answer holds the loaded steps, the message and its encoding).
         self.responses = BytesInFlight(4 * kernel.config.max_instance_state_bytes)
 
-    def _instance(self, record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
+    def _instance(self, record: InstanceRecord, steps: list[StepRecord], held: bool = False) -> pb.Instance:
         """``instance_pb`` within the kernel's response budget and message limit, or ResourceExhausted."""
         size = sum(len(s.output_json) + len(s.error_message) + len(s.error_traceback) for s in steps)
         return self._bounded(size, "instance", repr(record.id), lambda: instance_pb(record, steps),
-                             "; read its progress with Watch instead")  # fmt: skip
+                             "; read its progress with Watch instead", held)  # fmt: skip
 
-    def _bounded(self, size: int, what: str, name: str, build: Callable[[], M], advice: str = "") -> M:
+    def _budget(self, size: int | None, what: str) -> contextlib.AbstractContextManager[None]:
+        """Hold ``size`` bytes of the response budget if they are many, or ResourceExhausted."""
+        if size is None or size <= LIGHT_RESPONSE_BYTES:
+            return contextlib.nullcontext()
+        busy = (f"too many large {what}s are being read at once ({self.responses.used / MIB:.0f} MiB); "
+                "retry in a few seconds")  # fmt: skip
+        return self.responses.hold(size, busy)
+
+    def _bounded(
+        self, size: int, what: str, name: str, build: Callable[[], M], advice: str = "", held: bool = False
+    ) -> M:
         """``build()``, a response holding ``size`` bytes of outputs, counted in the kernel's response
-        budget while it is built when it is large, and refused past the response message limit."""
-        if size <= LIGHT_RESPONSE_BYTES:
+        budget while it is built when it is large (unless the caller ``held`` it already, from
+        before the load), and refused past the response message limit."""
+        with contextlib.nullcontext() if held else self._budget(size, what):
             message = build()
-        else:
-            busy = (f"too many large {what}s are being read at once ({self.responses.used / MIB:.0f} MiB); "
-                    "retry in a few seconds")  # fmt: skip
-            with self.responses.hold(size, busy):
-                message = build()
         limit = self.k.config.response_bytes_limit
         if (total := message.ByteSize()) > limit:
             raise errors.ResourceExhausted(
@@ -423,8 +429,14 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
         return pb.CreateBatchResponse(instances=instances)
 
     async def Get(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
-        view = await self.k.get(request.tenant, request.id)
-        return self._instance(view.record, view.steps)
+        # Budgeted from the journal's size as storage counts it, before it is loaded: many
+        # concurrent Gets of a 24 MB instance loaded 24 MB each first (96 of them: RSS +1,147 MiB).
+        size = await self.k.steps_bytes(request.tenant, request.id)
+        with self._budget(size, "instance"):
+            view = await self.k.get(request.tenant, request.id)
+            return self._instance(
+                view.record, view.steps, held=size is not None and size > LIGHT_RESPONSE_BYTES
+            )
 
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
         if request.status not in Status._value2member_map_:

@@ -382,6 +382,14 @@ class Kernel:
         return await self.schedules.create(schedule)
 
     # -- read -------------------------------------------------------------------------------------
+    async def steps_bytes(self, tenant: str, id: str) -> int | None:
+        """Bytes of an instance's step outputs and errors, before they are loaded; None where the
+        storage cannot tell without loading them (then a Get is bounded only once loaded)."""
+        check_tenant(tenant)
+        check_id(id)
+        counted = getattr(self.storage, "steps_bytes", None)
+        return None if counted is None else int(await asyncio.to_thread(counted, tenant, id))
+
     async def get(self, tenant: str, id: str) -> InstanceView:
         record = await self._record(tenant, id)
         steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)

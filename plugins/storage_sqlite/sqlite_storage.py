@@ -359,6 +359,20 @@ class SQLiteStorage:
         )
         return [StepRecord(*r) for r in rows]
 
+    def steps_bytes(self, tenant: str, id: str) -> int:
+        """Bytes of the journal's outputs and errors, counted by SQLite without loading them here: a
+        Get of a large instance takes the kernel's response budget before it reads the journal."""
+        row = (
+            self._reader()
+            .execute(
+                "SELECT COALESCE(SUM(length(CAST(output_json AS BLOB)) + length(CAST(error_message AS BLOB)) "
+                "+ length(CAST(error_traceback AS BLOB))), 0) FROM steps WHERE tenant = ? AND id = ?",
+                (tenant, id),
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
     def get_events(
         self, tenant: str, id: str, *, unconsumed_only: bool, type: str | None = None, limit: int = 0
     ) -> list[EventRecord]:

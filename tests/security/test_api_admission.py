@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tenantflow.client import Client
+from tenantflow.client import Client, TenantflowRpcError
 from tenantflow.kernel.auth import new_token
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import TEST_LIMITS, KernelProcess
@@ -288,3 +288,51 @@ def test_bodies_over_their_rpcs_limit_from_a_valid_token_are_bounded_before_they
           f"+{grew / MiB:.0f} MiB (peak {memory.peak / MiB:.0f} MiB), bystander {took:.2f} s")  # fmt: skip
     assert codes == {"RESOURCE_EXHAUSTED": 32}, codes
     assert grew < 250 * MiB, f"kernel RSS grew {grew / MiB:.0f} MiB for bodies over their RPC's limit"
+
+
+BIG = """
+from tenantflow.workflow import WorkflowEntrypoint
+
+class Big(WorkflowEntrypoint):
+    def run(self, event, step):
+        for i in range(24):
+            step.do(f"s{i}", lambda: "x" * 1_000_000)
+        return "done"
+"""
+
+
+def test_concurrent_gets_of_a_large_instance_take_the_response_budget_before_loading_it(
+    make_kernel: Callable[..., KernelProcess], tenant: str
+) -> None:
+    """96 Gets (32 at once) of an instance with 24 MB of step outputs loaded 24 MB each before the
+    response budget was asked: kernel RSS +1,147 MiB. Now the budget is taken from the size storage
+    counts, before the journal is loaded; past it a Get fails fast."""
+    kernel = make_kernel()
+    with kernel.client() as client:
+        ref = publish(client, tenant, BIG)
+        inst = client.create(tenant, "Big", ref)
+        assert client.wait(tenant, inst.id, timeout=60).status == pb.STATUS_COMPLETE
+        clients = [Client(kernel.address) for _ in range(8)]
+
+        def get(k: int) -> str:
+            try:
+                clients[k % 8].get(tenant, inst.id)
+                return "OK"
+            except TenantflowRpcError as exc:
+                assert "too many large instances are being read at once" in exc.message, exc.message
+                return str(exc.code.name)
+
+        try:
+            with PeakRss(_pid(kernel)) as memory, ThreadPoolExecutor(32) as pool:
+                gets = [pool.submit(get, k) for k in range(96)]
+                took = bystander_completes(client, tenant, within=10)
+                codes = Counter(g.result() for g in gets)
+        finally:
+            for c in clients:
+                c.close()
+        grew = memory.peak - memory.start
+    print(
+        f"96 Gets of a 24 MB instance: {dict(codes)}, kernel RSS +{grew / MiB:.0f} MiB, bystander {took:.2f} s"
+    )
+    assert codes["OK"] >= 1 and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert grew < 600 * MiB, f"kernel RSS grew {grew / MiB:.0f} MiB (was +1,147 MiB)"
