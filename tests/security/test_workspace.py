@@ -47,8 +47,14 @@ class Work(WorkflowEntrypoint):
         def first(ctx):
             ws = ctx.workspace()
             before = tree(ws)
-            with open(os.path.join(ws, "wf.py"), "a") as f:  # in place: copied up, or refused (link farm)
-                f.write("# edited by the step\\n")
+            path = os.path.join(ws, "wf.py")
+            try:
+                with open(path, "a") as f:  # in place: copied up (overlay)
+                    f.write("# edited by the step\\n")
+            except PermissionError:  # a link farm's files are read-only: replaced, as git does
+                with open(path) as f, open(path + ".new", "w") as new:
+                    new.write(f.read() + "# edited by the step\\n")
+                os.replace(path + ".new", path)
             os.makedirs(os.path.join(ws, "build"), exist_ok=True)
             with open(os.path.join(ws, "build", "out.bin"), "wb") as f:
                 f.write(b"x" * event.payload.get("write", 10))
