@@ -490,11 +490,20 @@ class SubprocessSandbox:
         close_child_ends(child)
         self._release(child.cgroup)
 
-    def _release(self, cgroup: RunCgroup | None) -> None:
+    def _release(self, cgroup: RunCgroup | None, exited: asyncio.Future[int] | None = None) -> None:
+        """Remove a killed child's cgroups; with ``exited`` (its exit status from the template), once
+        it has exited: a cgroup is removable only then, and each early try is a wasted syscall."""
         if cgroup is not None and self._cgroups is not None:
-            release = asyncio.create_task(self._cgroups.release(cgroup))
+            release = asyncio.create_task(self._release_after(cgroup, exited))
             self._releases.add(release)
             release.add_done_callback(self._releases.discard)
+
+    async def _release_after(self, cgroup: RunCgroup, exited: asyncio.Future[int] | None) -> None:
+        assert self._cgroups is not None
+        if exited is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(exited), 2.0)
+        await self._cgroups.release(cgroup)
 
     async def _fork(
         self, child_sock: socket.socket, output: int, limits: str, egress: socket.socket | None = None
@@ -605,8 +614,9 @@ class SubprocessSandbox:
             if egress is not None and (channel := child.egress) is not None:
                 egress.add_done_callback(lambda _: channel.close())  # once the task let go of it
                 egress.cancel()
-            out_of_memory = cgroup is not None and cgroup.oom_killed()  # read before the cgroup goes
-            self._release(cgroup)
+            # Read before the cgroup goes; only for a run that did not report its end (no news then).
+            out_of_memory = not ended and cgroup is not None and cgroup.oom_killed()
+            self._release(cgroup, exit_future)
             await output.close()
         if ended:
             return RunExit(False)
