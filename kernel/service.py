@@ -390,6 +390,15 @@ class Kernel:
         counted = getattr(self.storage, "steps_bytes", None)
         return None if counted is None else int(await asyncio.to_thread(counted, tenant, id))
 
+    async def history_bytes(self, tenant: str, id: str) -> int | None:
+        """Bytes of an instance's step outputs, errors and events, before :meth:`export_history`
+        loads them; None where the storage cannot tell without loading them."""
+        steps = await self.steps_bytes(tenant, id)
+        counted = getattr(self.storage, "events_bytes", None)
+        if steps is None or counted is None:
+            return None
+        return steps + int(await asyncio.to_thread(counted, tenant, id))
+
     async def get(self, tenant: str, id: str) -> InstanceView:
         record = await self._record(tenant, id)
         steps = await asyncio.to_thread(self.storage.get_steps, tenant, id)

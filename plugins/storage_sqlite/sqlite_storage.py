@@ -373,6 +373,11 @@ class SQLiteStorage:
         )
         return int(row[0])
 
+    def events_bytes(self, tenant: str, id: str) -> int:
+        """Bytes of the instance's events, read and unread (types and payloads), without loading them."""
+        sql = "SELECT COALESCE(SUM(bytes), 0) FROM events WHERE tenant = ? AND id = ?"
+        return int(self._reader().execute(sql, (tenant, id)).fetchone()[0])
+
     def get_events(
         self, tenant: str, id: str, *, unconsumed_only: bool, type: str | None = None, limit: int = 0
     ) -> list[EventRecord]:
