@@ -447,10 +447,13 @@ class RpcCall:
 
 
 @contextlib.contextmanager
-def rpc(service: str, name: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[RpcCall]:
+def rpc(
+    service: str, name: str, context: grpc.aio.ServicerContext[Any, Any], call: RpcCall | None = None
+) -> Iterator[RpcCall]:
     """Count one RPC by method and code, time it, and trace it (continuing the caller's trace);
-    the server fills in the request once decoded (a call refused before that has no tenant)."""
-    started, call = time.perf_counter(), RpcCall()
+    the server fills in the request of ``call`` once decoded (a call refused before that has no
+    tenant)."""
+    started, call = time.perf_counter(), call or RpcCall()
     code = "UNKNOWN"
     with tracing.rpc_span(f"{service}/{name}", context.invocation_metadata()) as span:
         try:

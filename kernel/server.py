@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -200,6 +201,14 @@ class _GrpcCaller:
         return decode_request(self.message, data)
 
 
+def _release(exc: BaseException) -> None:
+    """Free what the finished frames of a failed call hold (its body, decoded request, payload).
+    grpc's abort makes a reference cycle of its error, this one and their frames, which only a
+    full collection frees: 300 refused 1 MB SendEvents grew kernel RSS by 30-40 MiB and kept it."""
+    traceback.clear_frames(exc.__traceback__)  # skips the frames still running
+    exc.__traceback__ = None
+
+
 class Gate:
     """Admits every tenantflow call before its body is read or decoded (see
     :mod:`tenantflow.kernel.admission`) and turns kernel errors into gRPC statuses with their
@@ -219,19 +228,22 @@ class Gate:
     ) -> AsyncIterator[metrics.RpcCall]:
         """The admitted call, its decoded request in ``.request``, for the block."""
         service, _, name = method.rpartition("/")
-        with metrics.rpc(f"tenantflow.v1.{service}", name, context) as rpc:
-            try:
-                with contextlib.ExitStack() as held:
-                    await self.admit(method, _GrpcCaller(message, context), held, rpc)
-                    yield rpc
-            except errors.TenantflowError as exc:
-                # Its traceback holds the frames that read and decoded the body; abort chains this
-                # error to its own, so, kept, a refused body would live until a cycle collection.
-                exc.__traceback__ = None
-                await context.abort(status_code(exc), status_message(exc))
-            except Exception:
-                log.exception("%s failed", method)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kernel log")
+        call = metrics.RpcCall()
+        try:
+            with metrics.rpc(f"tenantflow.v1.{service}", name, context, call) as rpc:
+                try:
+                    with contextlib.ExitStack() as held:
+                        await self.admit(method, _GrpcCaller(message, context), held, rpc)
+                        yield rpc
+                except errors.TenantflowError as exc:
+                    _release(exc)
+                    await context.abort(status_code(exc), status_message(exc))
+                except Exception as exc:
+                    log.exception("%s failed", method)
+                    _release(exc)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kernel log")
+        finally:  # the abort's cycle holds this call too
+            call.request = call.response = None
 
     async def admit(
         self, method: str, caller: Caller, held: contextlib.ExitStack, rpc: metrics.RpcCall
