@@ -391,7 +391,7 @@ class CreateBatchRequest(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateRequest]:
-        """at most 100, all one tenant; all or nothing"""
+        """at most 100 and 16 MiB in all, one tenant; all or nothing"""
 
     def __init__(
         self,
