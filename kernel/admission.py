@@ -42,6 +42,9 @@ REQUEST_BYTES_IN_FLIGHT = 256 * MIB
 # of any RPC may assemble, so this (with Publish's 11 MiB) sets the size of every read slot.
 BATCH_REQUEST_BYTES = 16 * MIB
 READ_WAIT = 10.0  # seconds a call waits for a read slot before RESOURCE_EXHAUSTED
+# Seconds a body may take to arrive within its slot (16 MiB at 0.5 MiB/s): a slow sender cannot hold
+# a slot, and so a share of the kernel's reads, for longer.
+READ_DEADLINE = 30.0
 
 
 class BytesInFlight:
@@ -126,8 +129,11 @@ class ReadSlots:
     connection without tokens). A call past either waits up to ``wait`` seconds for a slot, then
     fails with RESOURCE_EXHAUSTED; a read of a small message holds its slot for microseconds."""
 
-    def __init__(self, slots: int, share: int, wait: float = READ_WAIT) -> None:
+    def __init__(
+        self, slots: int, share: int, wait: float = READ_WAIT, deadline: float = READ_DEADLINE
+    ) -> None:
         self.slots, self.share, self.wait = slots, share, wait
+        self.deadline = deadline  # seconds a body may take to arrive once its read has a slot
         self.used = 0
         self.by_caller: dict[str, int] = {}
         self._freed = asyncio.Condition()

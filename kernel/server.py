@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -263,7 +264,13 @@ class Gate:
         declared, data = caller.declared_size(), b""
         if declared is None:  # its size is known once it is in: read within a slot of the largest
             async with budgets.reads.hold(key, name):
-                data = await caller.read()
+                try:
+                    data = await asyncio.wait_for(caller.read(), budgets.reads.deadline)
+                except TimeoutError:
+                    raise errors.ResourceExhausted(
+                        f"the request body did not arrive within {budgets.reads.deadline:g} s of its read starting; "
+                        "send it faster or in smaller requests"
+                    ) from None
         size = len(data) if declared is None else declared
         held.enter_context(budgets.body(method, size))
         if (busy := self.busy.get(method)) and (reason := busy(size)):
