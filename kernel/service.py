@@ -388,7 +388,8 @@ class Kernel:
         check_tenant(tenant)
         check_id(id)
         counted = getattr(self.storage, "steps_bytes", None)
-        return None if counted is None else int(await asyncio.to_thread(counted, tenant, id))
+        size = None if counted is None else await asyncio.to_thread(counted, tenant, id)
+        return None if size is None else int(size)
 
     async def history_bytes(self, tenant: str, id: str) -> int | None:
         """Bytes of an instance's step outputs, errors and events, before :meth:`export_history`

@@ -94,6 +94,13 @@ class Storage(Protocol):
         """The journal in ``seq`` order."""
         ...
 
+    def steps_bytes(self, tenant: str, id: str) -> int | None:
+        """Bytes of the journal (at least its outputs, errors and tracebacks), counted without
+        loading it, so a Get takes the response budget first; None when the engine cannot tell
+        cheaply (then a Get is budgeted once loaded). Optional: the kernel treats a storage
+        without it as answering None."""
+        ...
+
     def get_events(
         self, tenant: str, id: str, *, unconsumed_only: bool, type: str | None = None, limit: int = 0
     ) -> list[EventRecord]:

@@ -244,6 +244,38 @@ def test_events_history_and_restart_deletion(storage: Storage) -> None:
     assert [h.seq for h in storage.get_history("t", "a", 2, 100)] == [3]
 
 
+def test_steps_bytes_counts_the_journal_without_loading_it(storage: Storage) -> None:
+    """Optional: None means the engine cannot tell cheaply. Otherwise at least the outputs, errors
+    and tracebacks, at most that plus a record's framing; rewrites, restarts and deletes count."""
+    counted = getattr(storage, "steps_bytes", None)
+    if counted is None or counted("t", "none") is None:
+        pytest.skip("this engine does not count a journal's bytes (optional)")
+
+    def within(content: int, steps: int) -> None:
+        got = counted("t", "a")
+        assert content <= got <= content + 1024 * steps, (got, content, steps)
+
+    storage.create_instances([instance("t", "a"), instance("t", "b")], [entry(), entry()])
+    assert counted("t", "a") == 0
+    out = '"' + "x" * 200_000 + '"'  # chunked by a KV engine
+    done = StepRecord(key="s#0", seq=1, name="s", kind="do", status="complete", output_json=out)
+    failed = StepRecord(key="f#0", seq=2, name="f", kind="do", status="failed", error_name="E",
+                        error_message="m" * 100, error_traceback="t" * 5_000)  # fmt: skip
+    assert storage.apply([Change(tenant="t", id="a", now=1.0, steps=[done, failed])])[0].ok
+    within(len(out) + 5_100, 2)
+    retried = dataclasses.replace(failed, status="complete", error_message="", error_traceback="",
+                                  output_json="1", attempts=2)  # fmt: skip
+    assert storage.apply([Change(tenant="t", id="a", now=2.0, steps=[retried])])[0].ok
+    within(len(out) + 1, 2)  # a rewritten step counts once, at its new size
+    assert counted("t", "b") == 0  # per instance
+    assert storage.apply([Change(tenant="t", id="a", now=3.0, delete_steps_from=2, bump_generation=True)])[
+        0
+    ].ok
+    within(len(out), 1)
+    assert storage.delete_instance("t", "a")
+    assert counted("t", "a") == 0
+
+
 def test_a_restart_leaves_consumed_events_spent_unless_it_releases_them(storage: Storage) -> None:
     storage.create_instances([instance("t", "a")], [entry()])
     add = Change(tenant="t", id="a", now=1.0, add_events=[EventRecord(0, "go", "1", 1.0)] * 2)

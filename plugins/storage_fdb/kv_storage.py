@@ -400,6 +400,15 @@ class KVStorage:
         steps = [StepRecord(**loads(value)) for _, value in group_chunks(rows, 0)]
         return sorted(steps, key=lambda s: s.seq)
 
+    def steps_bytes(self, tenant: str, id: str) -> int | None:
+        """Bytes of the journal as stored (each step's JSON), from the sizes its seq index keeps:
+        one range read of ~60 bytes a step, no step loaded. None if a step was written before
+        the index kept sizes (then a Get is budgeted once loaded)."""
+        rows = self.layer.read(lambda tr: tr.get_range(*self.k.inst_range(tenant, id, "sq")))
+        if any(not value for _, value in rows):
+            return None
+        return sum(decode_int(value) for _, value in rows)
+
     def get_events(
         self, tenant: str, id: str, *, unconsumed_only: bool, type: str | None = None, limit: int = 0
     ) -> list[EventRecord]:
@@ -615,9 +624,10 @@ class KVStorage:
             old_seq = tr.get(k.inst(t, i, "sk", kp))
             if old_seq is not None and unpack(old_seq)[0] != step.seq:
                 tr.clear(k.inst(t, i, "sq", unpack(old_seq)[0], kp))
-            put_blob(tr, k.inst(t, i, "s", kp), step_json(step))
+            blob = step_json(step)
+            put_blob(tr, k.inst(t, i, "s", kp), blob)
             tr.set(k.inst(t, i, "sk", kp), pack((step.seq,)))
-            tr.set(k.inst(t, i, "sq", step.seq, kp), b"")
+            tr.set(k.inst(t, i, "sq", step.seq, kp), encode_int(len(blob)))  # its size: steps_bytes
             if step.event_type:  # a wait's type never changes: its index entry is this one
                 waiting = k.inst(t, i, "wt", part(step.event_type), kp)
                 if step.status == "waiting":

@@ -28,6 +28,7 @@ from tenantflow.kernel.model import (
 from tenantflow.plugins.storage_fdb import kv_storage, open_url
 from tenantflow.plugins.storage_fdb.kv_storage import KVStorage
 from tenantflow.plugins.storage_fdb.layer import FdbError, Txn
+from tenantflow.plugins.storage_fdb.records import step_json
 from tests.plugins.storage_fdb.checked import CheckedLayer
 
 MIB = 1024 * 1024
@@ -128,6 +129,19 @@ def test_large_values_are_chunked_under_the_value_limit(storage: KVStorage, laye
     storage.put_artifact(Artifact("t", "code", "d" * 64, "python", files, {"W": "m0"}, 1.0))
     assert storage.get_artifact("t", "code", None).files == files  # type: ignore[union-attr]
     assert layer.counters.max_value <= 100_000 and layer.counters.max_size <= 10_000_000
+
+
+def test_a_journal_written_before_sizes_were_kept_is_not_counted(
+    storage: KVStorage, layer: CheckedLayer
+) -> None:
+    """A step whose seq index entry has no size (written by an older version) makes steps_bytes
+    answer None, so a Get of it is budgeted once loaded rather than counted short."""
+    storage.create_instances([instance("t", "old")], [entry()])
+    step = StepRecord(key="s#0", seq=1, name="s", kind="do", status="complete", output_json='"x"')
+    assert storage.apply([Change(tenant="t", id="old", now=1.0, steps=[step])])[0].ok
+    assert storage.steps_bytes("t", "old") == len(step_json(step))
+    layer.transact(lambda tr: tr.set(storage.k.inst("t", "old", "sq", 1, "s#0"), b""))
+    assert storage.steps_bytes("t", "old") is None
 
 
 @pytest.mark.timeout(600)  # ~15 s alone; several times that on a machine shared with other test runs
