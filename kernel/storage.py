@@ -101,6 +101,13 @@ class Storage(Protocol):
         without it as answering None."""
         ...
 
+    def events_bytes(self, tenant: str, id: str) -> int | None:
+        """Bytes of the instance's events, read and unread (types and payloads, as
+        :attr:`EventRecord.size`), counted without loading them, so an ExportHistory takes the
+        response budget first; None when the engine cannot tell cheaply. Optional, like
+        :meth:`steps_bytes`."""
+        ...
+
     def get_events(
         self, tenant: str, id: str, *, unconsumed_only: bool, type: str | None = None, limit: int = 0
     ) -> list[EventRecord]:

@@ -276,6 +276,24 @@ def test_steps_bytes_counts_the_journal_without_loading_it(storage: Storage) -> 
     assert counted("t", "a") == 0
 
 
+def test_events_bytes_counts_read_and_unread_events_without_loading_them(storage: Storage) -> None:
+    """Optional, like steps_bytes: exactly the events' sizes (type and payload), per instance."""
+    counted = getattr(storage, "events_bytes", None)
+    if counted is None or counted("t", "none") is None:
+        pytest.skip("this engine does not count an inbox's bytes (optional)")
+    storage.create_instances([instance("t", "a"), instance("t", "b")], [entry(), entry()])
+    assert counted("t", "a") == 0
+    events = [EventRecord(0, "go", '"' + "p" * 150_000 + '"', 1.0), EventRecord(0, "ping", "1", 1.0)]
+    assert storage.apply([Change(tenant="t", id="a", now=1.0, add_events=events)])[0].ok
+    wait = StepRecord(key="w#0", seq=1, name="w", kind="wait", status="complete", event_type="go")
+    more = Change(tenant="t", id="a", now=2.0, steps=[wait], consume_events=[(1, "w#0")],
+                  add_events=[EventRecord(0, "go", "[]", 2.0)])  # fmt: skip
+    assert storage.apply([more])[0].ok
+    assert counted("t", "a") == sum(e.size for e in events) + 4  # a consumed one still counts
+    assert counted("t", "b") == 0
+    assert storage.delete_instance("t", "a") and counted("t", "a") == 0
+
+
 def test_a_restart_leaves_consumed_events_spent_unless_it_releases_them(storage: Storage) -> None:
     storage.create_instances([instance("t", "a")], [entry()])
     add = Change(tenant="t", id="a", now=1.0, add_events=[EventRecord(0, "go", "1", 1.0)] * 2)

@@ -8,7 +8,8 @@ Tenant first, so a tenant's data is one key range. Under the root subspace ``R``
                              unconsumed events by type (value: its size, for the inbox cap), ``"c"
                              key seq`` events a step consumed, ``"wt" type key`` steps waiting for
                              a type (``"wi"``: present when the instance's are all indexed there),
-                             ``"y" seq n`` history, ``"vn"``/``"yn"`` last seqs, ``"x"`` last batch
+                             ``"y" seq n`` history, ``"vn"``/``"yn"`` last seqs, ``"vb"`` events' bytes
+                             (atomic counter), ``"x"`` last batch
 ``R "T" tenant "l" cseq``     creation order (list); ``"s" status cseq`` the same by status
 ``R "T" tenant "c"``          last cseq; ``"live"`` instances not ended (atomic counter); ``"lr"``
                              ended instances run again; ``"kn"`` leases taken (atomic counters

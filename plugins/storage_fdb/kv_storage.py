@@ -409,6 +409,17 @@ class KVStorage:
             return None
         return sum(decode_int(value) for _, value in rows)
 
+    def events_bytes(self, tenant: str, id: str) -> int | None:
+        """Bytes of the instance's events, read and unread (types and payloads), from the counter
+        event writes keep by atomic add (events are never deleted but with their instance): one
+        point read. None for an inbox begun before the counter was kept."""
+        last, counted = self.layer.read(
+            lambda tr: tr.get_many([self.k.inst(tenant, id, "vn"), self.k.inst(tenant, id, "vb")])
+        )
+        if not decode_int(last):
+            return 0
+        return None if counted is None else decode_int(counted)
+
     def get_events(
         self, tenant: str, id: str, *, unconsumed_only: bool, type: str | None = None, limit: int = 0
     ) -> list[EventRecord]:
@@ -521,7 +532,7 @@ class KVStorage:
             if ch.history or ch.pause_aware:
                 keys.append(k.inst(t, i, "yn"))
             if ch.add_events:
-                keys.append(k.inst(t, i, "vn"))
+                keys += [k.inst(t, i, "vn"), k.inst(t, i, "vb")]
             if ch.wake_waiting:
                 keys.append(k.inst(t, i, "wi"))
             for seq, _ in ch.consume_events:
@@ -642,7 +653,10 @@ class KVStorage:
             tr.set(k.inst(t, i, "c", part(step_key), seq), event["type"].encode())
         event_seqs: list[int] = []
         if ch.add_events:
-            last = decode_int(tr.get(k.inst(t, i, "vn")))
+            raw_last, counted = tr.get(k.inst(t, i, "vn")), tr.get(k.inst(t, i, "vb"))
+            last = decode_int(raw_last)
+            if not last or counted is not None:  # not an inbox begun before its bytes were counted
+                tr.add(k.inst(t, i, "vb"), sum(event.size for event in ch.add_events))
             for event in ch.add_events:
                 last += 1
                 body = {

@@ -302,7 +302,8 @@ class Big(WorkflowEntrypoint):
 
 
 @pytest.mark.parametrize(
-    ("rpc", "storage"), [("get", "sqlite"), ("export_history", "sqlite"), ("get", "kv+lmdb")]
+    ("rpc", "storage"),
+    [("get", "sqlite"), ("export_history", "sqlite"), ("get", "kv+lmdb"), ("export_history", "kv+lmdb")],
 )
 def test_concurrent_reads_of_a_large_instance_take_the_response_budget_before_loading_it(
     make_kernel: Callable[..., KernelProcess], tenant: str, rpc: str, storage: str, tmp_path: Path

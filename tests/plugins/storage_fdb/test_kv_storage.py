@@ -142,6 +142,10 @@ def test_a_journal_written_before_sizes_were_kept_is_not_counted(
     assert storage.steps_bytes("t", "old") == len(step_json(step))
     layer.transact(lambda tr: tr.set(storage.k.inst("t", "old", "sq", 1, "s#0"), b""))
     assert storage.steps_bytes("t", "old") is None
+    go = Change(tenant="t", id="old", now=2.0, add_events=[EventRecord(0, "go", "1", 2.0)])
+    assert storage.apply([go])[0].ok and storage.events_bytes("t", "old") == 3
+    layer.transact(lambda tr: tr.clear(storage.k.inst("t", "old", "vb")))  # an inbox begun before
+    assert storage.apply([go])[0].ok and storage.events_bytes("t", "old") is None  # not counted short
 
 
 @pytest.mark.timeout(600)  # ~15 s alone; several times that on a machine shared with other test runs
