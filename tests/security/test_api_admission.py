@@ -344,3 +344,50 @@ def test_concurrent_reads_of_a_large_instance_take_the_response_budget_before_lo
     )
     assert codes["OK"] >= 1 and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert grew < 600 * MiB, f"kernel RSS grew {grew / MiB:.0f} MiB (was +1,147 MiB)"
+
+
+def test_concurrent_lists_of_large_instances_hold_the_response_budget_per_chunk(
+    make_kernel: Callable[..., KernelProcess], tenant: str
+) -> None:
+    """96 Lists (32 at once) of a tenant whose 40 instances carry 1 MB of params each: every page
+    (~14 MB, chunks bounded to 16 MiB) was held at once. Now a large page holds its bytes in the
+    response budget as each chunk is read: pages end early, or fail fast, when it is short; a
+    List of small instances (under 1 MiB a page) never asks it."""
+    kernel = make_kernel()
+    with kernel.client() as client:
+        ref = publish(client, tenant, WAITER)
+        params = "x" * 1_000_000
+        for _ in range(4):  # 10 MB a batch, under CreateBatch's 16 MiB
+            client.create_batch(tenant, [{"workflow": "Waiter", "code": ref, "params": params}] * 10)
+        small = f"{tenant[:50]}-small"
+        small_ref = publish(client, small, WAITER)
+        client.create_batch(
+            small, [{"workflow": "Waiter", "code": small_ref, "params": n} for n in range(60)]
+        )
+        clients = [Client(kernel.address) for _ in range(8)]
+
+        def list_page(k: int) -> str:
+            try:
+                page = clients[k % 8].list(tenant, page_size=50)
+                assert page.instances and page.next_page_token, len(page.instances)  # 40 do not fit
+                return "OK"
+            except TenantflowRpcError as exc:
+                assert "too many large lists are being read at once" in exc.message, exc.message
+                return str(exc.code.name)
+
+        try:
+            with PeakRss(_pid(kernel)) as memory, ThreadPoolExecutor(32) as pool:
+                lists = [pool.submit(list_page, k) for k in range(96)]
+                ordinary = [len(client.list(small, page_size=50).instances) for _ in range(5)]
+                took = bystander_completes(client, tenant, within=10)
+                codes = Counter(f.result() for f in lists)
+        finally:
+            for c in clients:
+                c.close()
+        grew = memory.peak - memory.start
+    print(
+        f"96 Lists of 40 x 1 MB instances: {dict(codes)}, kernel RSS +{grew / MiB:.0f} MiB, bystander {took:.2f} s"
+    )
+    assert ordinary == [50] * 5, ordinary  # a List of small instances is never cut short
+    assert codes["OK"] >= 1 and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert grew < 600 * MiB, f"kernel RSS grew {grew / MiB:.0f} MiB"
