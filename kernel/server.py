@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -33,6 +33,7 @@ from tenantflow.kernel.admission import ENVELOPE_BYTES, MIB, Budgets, BytesInFli
 from tenantflow.kernel.auth import CALLER, Tokens
 from tenantflow.kernel.code import artifact_ref
 from tenantflow.kernel.model import TERMINAL, HistoryEntry, InstanceRecord, ScheduleRecord, Status, StepRecord
+from tenantflow.kernel.pages import LIGHT_RESPONSE_BYTES, read_page
 from tenantflow.kernel.service import CreateSpec, ExportedHistory, Kernel, ListFilters
 from tenantflow.kernel.tenantkv import KVEntry
 from tenantflow.kernel.tenantlist import list_tenants
@@ -67,8 +68,6 @@ def status_code(exc: errors.TenantflowError) -> grpc.StatusCode:
 
 MAX_MESSAGE_BYTES = 1024  # of a status message; gRPC clients refuse trailers over 8-16 KiB
 ECHO_PARAMS_BYTES = 16 * 1024 * 1024  # a CreateBatch with more params is answered without them
-LIGHT_RESPONSE_BYTES = 1024 * 1024  # an instance with fewer bytes of outputs is built without the budget
-LIST_PAGE_BYTES = 16 * 1024 * 1024  # of params, outputs and errors in one List page
 MAX_PAGE = 1000  # instances in one List page
 
 
@@ -467,49 +466,32 @@ class WorkflowsServicer(pb_grpc.WorkflowsServicer):
             check_workflow(request.workflow)
         filters = ListFilters(request.workflow, _when(request.created_after, "created_after"),
                               _when(request.created_before, "created_before"))  # fmt: skip
-        # A page is read in chunks that fit LIST_PAGE_BYTES even if every instance carries the
+        # A page is read in chunks that fit pages.LIST_PAGE_BYTES even if every instance carries the
         # largest params and output, and ends early once it holds that much: a page of 1,000
         # instances of 2 MiB each would be 2 GiB in memory, and past any client's message limit.
         if not 0 <= request.page_size <= MAX_PAGE:
             raise errors.InvalidArgument(
                 f"page_size must be 0..{MAX_PAGE} (0 means 50), got {request.page_size}"
             )
-        # A page past LIGHT_RESPONSE_BYTES holds its bytes in the kernel's response budget as each
-        # chunk is read, until its message is built: 96 Lists (32 at once) of 16 MiB pages took
-        # kernel RSS +1,002 MiB. When the budget is short the page ends early (its token resumes at the
-        # chunk left out); a first chunk that does not fit fails fast, as a large Get does.
+
+        # A large page holds its bytes in the kernel's response budget as each chunk is read (96
+        # Lists, 32 at once, of 16 MiB pages took kernel RSS +1,002 MiB); see pages.read_page.
+        def read(limit: int, token: str) -> Awaitable[tuple[list[InstanceRecord], str]]:
+            return self.k.list_instances(request.tenant, status, limit, token, filters)
+
+        def size(r: InstanceRecord) -> int:
+            return len(r.params_json) + len(r.output_json) + len(r.error_message) + len(r.error_traceback)
+
         worst = 2 * self.k.config.max_payload_bytes + ENVELOPE_BYTES
-        want, token, used, held = request.page_size or 50, request.page_token, 0, 0
-        records: list[InstanceRecord] = []
-        try:
-            while True:
-                room = max(1, (LIST_PAGE_BYTES - used) // worst)
-                chunk, after = await self.k.list_instances(
-                    request.tenant, status, min(want - len(records), room), token, filters
-                )
-                got = sum(len(r.params_json) + len(r.output_json) + len(r.error_message)
-                          + len(r.error_traceback) for r in chunk)  # fmt: skip
-                if used + got > LIGHT_RESPONSE_BYTES:
-                    if not self.responses.take(used + got - held):
-                        if records:
-                            break
-                        raise errors.ResourceExhausted(
-                            f"too many large lists are being read at once "
-                            f"({self.responses.used / MIB:.0f} MiB); retry in a few seconds, or "
-                            "ask for a smaller page_size"
-                        )
-                    held = used + got
-                records, used, token = records + chunk, used + got, after
-                if not token or len(records) >= want or used >= LIST_PAGE_BYTES - worst:
-                    break
+        async with read_page(
+            self.responses, read, request.page_size or 50, request.page_token, worst, size, "lists"
+        ) as (records, token):
             total = (
                 await self.k.count_instances(request.tenant, status, filters) if request.include_count else 0
             )
             return pb.ListResponse(
                 instances=[instance_pb(r) for r in records], next_page_token=token, total_count=total
             )
-        finally:
-            self.responses.give(held)
 
     async def Pause(self, request: pb.InstanceRef, context: Any) -> pb.Instance:
         return instance_pb(await self.k.pause(request.tenant, request.id))
@@ -638,8 +620,10 @@ def schedule_record(request: pb.Schedule) -> ScheduleRecord:
 class SchedulesServicer(pb_grpc.SchedulesServicer):
     """``tenantflow.v1.Schedules``."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, responses: BytesInFlight | None = None) -> None:
         self.k = kernel
+        # The kernel's response budget, shared with Workflows (large Gets, histories and lists).
+        self.responses = responses or BytesInFlight(4 * kernel.config.max_instance_state_bytes)
 
     async def Create(self, request: pb.Schedule, context: Any) -> pb.Schedule:
         return schedule_pb(await self.k.create_schedule(schedule_record(request)))
@@ -650,8 +634,21 @@ class SchedulesServicer(pb_grpc.SchedulesServicer):
 
     async def List(self, request: pb.ListSchedulesRequest, context: Any) -> pb.ListSchedulesResponse:
         check_tenant(request.tenant)
-        found, token = await self.k.schedules.list(request.tenant, request.page_size, request.page_token)
-        return pb.ListSchedulesResponse(schedules=[schedule_pb(s) for s in found], next_page_token=token)
+        if not 0 <= request.page_size <= 1000:
+            raise errors.InvalidArgument(f"page_size must be 0..1000 (0 means 50), got {request.page_size}")
+
+        # 1,000 schedules of 1 MiB params were one page (1 GiB); now chunks, 16 MiB and the budget.
+        def read(limit: int, token: str) -> Awaitable[tuple[list[ScheduleRecord], str]]:
+            return self.k.schedules.list(request.tenant, limit, token)
+
+        def size(s: ScheduleRecord) -> int:
+            return len(s.params_json) + len(s.last_error)
+
+        worst = self.k.config.max_payload_bytes + ENVELOPE_BYTES
+        async with read_page(
+            self.responses, read, request.page_size or 50, request.page_token, worst, size, "schedule lists"
+        ) as (found, token):
+            return pb.ListSchedulesResponse(schedules=[schedule_pb(s) for s in found], next_page_token=token)
 
     async def Pause(self, request: pb.ScheduleRef, context: Any) -> pb.Schedule:
         check_tenant(request.tenant)
@@ -804,8 +801,9 @@ def _add_service(server: grpc.aio.Server, name: str, servicer: Any, gate: Gate) 
 def servicers(kernel: Kernel) -> dict[str, Any]:
     """The tenantflow.v1 servicers by service name; one set per kernel serves both transports, so
     they share its response budget."""
-    return {"Workflows": WorkflowsServicer(kernel), "Code": CodeServicer(kernel),
-            "Schedules": SchedulesServicer(kernel), "Tenants": TenantsServicer(kernel),
+    workflows = WorkflowsServicer(kernel)
+    return {"Workflows": workflows, "Code": CodeServicer(kernel),
+            "Schedules": SchedulesServicer(kernel, workflows.responses), "Tenants": TenantsServicer(kernel),
             "KV": KVServicer(kernel), "Secrets": SecretsServicer(kernel),
             "Egress": EgressServicer(kernel)}  # fmt: skip
 

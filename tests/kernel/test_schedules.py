@@ -103,6 +103,20 @@ def test_overlap_skip_waits_for_the_live_instance(client: Client, tenant: str) -
             client.terminate(tenant, id)
 
 
+def test_a_page_of_schedules_with_large_params_ends_at_16_mib_and_pages_on(
+    client: Client, tenant: str
+) -> None:
+    """A page of up to 1,000 schedules of 1 MiB params was read and answered whole (up to 1 GiB);
+    it is now read in chunks, ends at 16 MiB (within the kernel's response budget) with a token."""
+    ref = publish(client, tenant, ECHO)
+    for n in range(20):
+        client.create_schedule(tenant, f"s{n:02}", "0 0 1 1 *", "Echo", ref, "x" * 1_000_000, paused=True)
+    first = client.list_schedules(tenant, page_size=1000)
+    assert 0 < len(first.schedules) < 20 and first.next_page_token, len(first.schedules)
+    assert [s.name for s in client.iter_schedules(tenant, page_size=1000)] == [f"s{n:02}" for n in range(20)]
+    assert len(client.list_schedules(tenant, page_size=3).schedules) == 3  # small pages as asked
+
+
 def test_pause_resume_and_list(client: Client, tenant: str) -> None:
     ref = publish(client, tenant, ECHO)
     client.create_schedule(tenant, "p", "* * * * * *", "Echo", ref, overlap="allow")
