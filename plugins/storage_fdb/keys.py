@@ -5,8 +5,9 @@ Tenant first, so a tenant's data is one key range. Under the root subspace ``R``
 ``R "T" tenant "i" id ...``   one instance: ``"h"`` head (small, mutable), ``"e" n`` envelope and
                              ``"o" n`` result (chunked JSON), ``"s" key n`` journal, ``"sk" key`` and
                              ``"sq" seq key`` its seq index (value: the step's size, for
-                             steps_bytes), ``"v" seq n`` events, ``"w" type seq`` unconsumed events by type (value: its size, for the inbox cap), ``"c"
-                             key seq`` events a step consumed, ``"wt" type key`` steps waiting for
+                             steps_bytes), ``"v" seq n`` events, ``"w" type seq`` unconsumed
+                             events by type (value: its size, for the inbox cap), ``"c" key
+                             seq`` events a step consumed, ``"wt" type key`` steps waiting for
                              a type (``"wi"``: present when the instance's are all indexed there),
                              ``"y" seq n`` history, ``"vn"``/``"yn"`` last seqs, ``"vb"`` events' bytes
                              (atomic counter), ``"x"`` last batch
