@@ -12,7 +12,7 @@ import pytest
 from tenantflow.client import Client
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import KERNEL_SECRET, TEST_LIMITS, KernelProcess
-from tests.helpers import publish
+from tests.helpers import publish, wait_for
 
 HOSTILE = """
 import os, socket
@@ -174,6 +174,14 @@ def test_other_tenants_keep_running_during_an_attack(client: Client, tenant: str
     assert client.wait(tenant, bomb.id, timeout=60).status == pb.STATUS_ERRORED
 
 
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie, or reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def children_running(parent: int, needle: str) -> list[int]:
     """Pids whose parent is ``parent`` and whose command line contains ``needle`` (from /proc)."""
     found = []
@@ -197,6 +205,9 @@ def test_a_dead_template_is_replaced(fresh_kernel: KernelProcess, tenant: str) -
         assert fresh_kernel.proc is not None
         (template,) = children_running(fresh_kernel.proc.pid, "sandbox_subprocess.zygote")
         os.kill(template, signal.SIGKILL)
+        # Dead, not dying: a run that starts while the kill is still being delivered (a loaded
+        # machine) can take a spare of the template before anyone can tell it is going.
+        wait_for(lambda: _exited(template), timeout=10)
         assert attack(client, tenant, ref, "env").status == pb.STATUS_COMPLETE
         assert children_running(fresh_kernel.proc.pid, "sandbox_subprocess.zygote") != [template]
 
