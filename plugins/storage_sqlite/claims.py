@@ -124,7 +124,8 @@ def pick(
     # First every tenant whose turn has come gives its oldest row, until `limit` tenants gave one.
     after: tuple[float, str] | None = None
     seen = 0
-    while sum(1 for t in tenants.values() if t.rows) < limit and seen < _MAX_TENANTS:
+    giving = len(tenants)  # tenants with a row to give: so far, each with a lapsed lease
+    while giving < limit and seen < _MAX_TENANTS:
         page = conn.execute(
             "SELECT tenant, max(next_run_at, served_at) AS turn FROM due_tenants INDEXED BY due_tenants_turn "
             "WHERE next_run_at IS NOT NULL AND max(next_run_at, served_at) <= ? "
@@ -142,14 +143,15 @@ def pick(
             )
             if entry.room > len(entry.lapsed):
                 entry.asked, entry.due = 1, _oldest(conn, tenant, now, 1, taken)
+                giving += bool(entry.due and not entry.lapsed)
     # Then, while fewer rows than asked for, more of each tenant that may have more: each tenant's
     # share first, then all it may take.
-    giving = [t for t in tenants.values() if t.rows]
-    share = -(-limit // max(1, len(giving)))
+    givers = [t for t in tenants.values() if t.lapsed or t.due]
+    share = -(-limit // max(1, len(givers)))
     for ask in (share, limit):
-        if sum(len(t.rows) for t in giving) >= limit:
+        if sum(len(t.rows) for t in givers) >= limit:
             break
-        for entry in giving:
+        for entry in givers:
             want = min(ask, entry.room - len(entry.lapsed))
             if len(entry.due) == entry.asked and want > entry.asked:
                 entry.asked, entry.due = want, _oldest(conn, entry.name, now, want, taken)
