@@ -32,31 +32,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from bench_wakeups import CODE as P4_CODE  # loadtests/ is this script's directory
+
 from tenantflow.kernel.sandbox import Limits
 from tenantflow.plugins.sandbox_wasm import bridge as bridge_module
 from tenantflow.plugins.sandbox_wasm import python_wasm
 
-# The P4 workflow; its first and last lines mark where the module's body starts and ends (a log
-# notification the harness times and the host drops).
-CODE = """
-from wit_world import notify as _mark
-_mark('{{"op": "log", "stream": "mark", "line": "body"}}')
-import time
-from tenantflow.workflow import WorkflowEntrypoint
-# the code of {tenant}
-
-class Idle(WorkflowEntrypoint):
-    async def run(self, event, step):
-        await step.do("accept", lambda: event.payload["n"])
-        await step.sleep("next month", "30 days")
-
-class Alarm(WorkflowEntrypoint):
-    async def run(self, event, step):
-        at = await step.do("arm", lambda: event.payload["at"])
-        await step.sleep_until("alarm", at)
-        return await step.do("ring", lambda: {{"at": at, "ran": time.time()}})
-_mark('{{"op": "log", "stream": "mark", "line": "end"}}')
-"""
+# The P4 workflow as bench_wakeups.py runs it, between two lines that mark where the module's body
+# starts and ends (a log notification the harness times and the host drops).
+CODE = (
+    "\nfrom wit_world import notify as _mark\n"
+    """_mark('{{"op": "log", "stream": "mark", "line": "body"}}')"""
+    + P4_CODE
+    + """_mark('{{"op": "log", "stream": "mark", "line": "end"}}')\n"""
+)
 PHASES = ("store setup", "instantiate", "start-up", "module body", "runtime set-up", "guest between calls",
           "host calls (guest thread)", "tail + teardown")  # fmt: skip
 
