@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tenantflow.client import Client
 from tenantflow.conformance.kernel import TEST_LIMITS
 from tenantflow.conformance.kernel import KernelProcess as ShippedKernelProcess
+from tenantflow.conformance.plugin import client, tenant  # noqa: F401 - the suites' fixtures, shared
 
 __all__ = ["KERNEL_SECRET", "TEST_LIMITS", "KernelProcess"]  # what tests import from here
 
-_counter = itertools.count()
 KERNEL_SECRET = "kernel-env-secret-4242"  # in the kernel's environment; tenants must never see it
 
 
@@ -43,16 +40,3 @@ def fresh_kernel(tmp_path: Path) -> Iterator[KernelProcess]:
     k.start()
     yield k
     k.stop()
-
-
-@pytest.fixture
-def client(kernel: KernelProcess) -> Iterator[Client]:
-    with kernel.client() as c:
-        yield c
-
-
-@pytest.fixture
-def tenant(request: pytest.FixtureRequest) -> str:
-    """A tenant name unique to this test."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)
-    return f"t{next(_counter)}-{name}"[:60].rstrip("-.")
