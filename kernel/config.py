@@ -112,6 +112,10 @@ class KernelConfig:
     # directories the operator grants tenant code read-write access to (none by default)
     sandbox_writable_dirs: list[str] = field(default_factory=list)
     sandbox_network: bool = False  # let tenant code open connections (sandboxes that have sockets)
+    # idle run processes kept for returning tenants' next wake-ups (python sandbox; 0: a fresh process
+    # per wake-up), and how long one is kept without a wake-up
+    warm_runners: int = 64
+    warm_runner_idle_seconds: float = 10.0
     # where ctx.workspace() trees live (kernel/workspace.py; None: steps get no workspace), and the
     # bytes a tenant's steps may write into its workspaces (0: no limit)
     workspace_root: Path | None = None

@@ -111,7 +111,9 @@ class Sandbox(Protocol):
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
         """Run the guest for ``job`` until it reports finish/suspend or dies.
 
-        ``job``: ``files`` ({path: bytes}), ``module`` (to import), ``workflow`` (class name),
+        ``job``: ``tenant`` and ``code`` (the pinned ref: whose code, which version; a sandbox
+        that keeps a process warm between wake-ups keys it by both, never serving another tenant),
+        ``files`` ({path: bytes}), ``module`` (to import), ``workflow`` (class name),
         ``event`` ({payload, instance_id, timestamp}) and ``journal`` (recorded steps, in order:
         {key, name, kind, status, value?, error?}), and ``ahead`` (new steps may run ahead of
         their grant, where the transport allows). The guest runtime's messages and the host's

@@ -75,6 +75,8 @@ async def serve(args: argparse.Namespace) -> None:
         git_roots=args.git_root or [],
         sandbox_writable_dirs=args.sandbox_writable_dir or [],
         sandbox_network=args.sandbox_network,
+        warm_runners=args.warm_runners,
+        warm_runner_idle_seconds=args.warm_runner_idle_seconds,
         workspace_root=Path(args.workspace_root).resolve() if args.workspace_root else None,
         workspace_quota_bytes=int(args.workspace_quota_mb * 1024 * 1024),
         max_log_lines_per_run=args.max_log_lines_per_run,
@@ -405,6 +407,20 @@ def add_serve_parser(sub: Any) -> None:
         "--sandbox-network",
         action="store_true",
         help="let tenant code open network connections (subprocess sandbox; wasm guests have no sockets)",
+    )
+    s.add_argument(
+        "--warm-runners",
+        type=COUNT_OR_ZERO,
+        default=64,
+        metavar="N",
+        help="idle run processes the python sandbox keeps for returning tenants: a tenant's next wake-up of "
+        "the same code version reuses one instead of a fresh process (never across tenants; 0: off)",
+    )
+    s.add_argument(
+        "--warm-runner-idle-seconds",
+        type=POSITIVE,
+        default=10.0,
+        help="how long an idle warm run process is kept without a wake-up",
     )
     s.add_argument(
         "--workspace-root",

@@ -132,6 +132,8 @@ class WakeUp:
             )
             return
         job = {
+            "tenant": rec.tenant,  # whose code this is, and which version (a sandbox may keep a
+            "code": rec.code,  # warm process for that tenant's next wake-up of the same code)
             "files": code.bundle.files,  # bytes: each sandbox encodes them for its guest
             "module": module,
             "workflow": rec.workflow,

@@ -3,7 +3,8 @@ to what it is measured against in the same run.
 
 - P4: wake-ups into hibernation (Create -> one step run in the sandbox -> asleep for 30 days) per
   second, first for ``--tenants`` never-seen tenants (each its own code, one instance each), then
-  for the same tenants again (code warm); with the kernel's CPU and its sandboxes' per wake-up.
+  for the same tenants again (code warm; python: their warm runners, see ``--warm-runners``); with
+  the kernel's CPU and its sandboxes' per wake-up.
   Goals: never-seen >= 500/s (subprocess) and >= 1,000/s (python-wasm); returning >= 1,000/s.
 - P5 claim: one claim's cost (``Storage.claim``, 64 rows, round-robin over 1,000 tenants) at a due
   backlog of ``--backlog-small`` and of ``--backlog-large`` rows, in-process on a fresh SQLite
@@ -132,7 +133,9 @@ def epoch(at: str) -> float:
 def p4(args: argparse.Namespace) -> None:
     show(f"P4  wake-ups into hibernation, {args.tenants} tenants    wake-ups/s  x goal   "
          "CPU/wake-up kernel + sandbox")  # fmt: skip
-    kernel = BenchKernel(metrics=True)
+    warm = args.warm_runners if args.warm_runners >= 0 else args.tenants + 16
+    show(f"    (the kernel keeps up to {warm} warm runners: --warm-runners)")
+    kernel = BenchKernel("--warm-runners", str(warm), metrics=True)
     try:
         with Client(kernel.address, timeout=600) as client:
             for runtime in args.runtimes:
@@ -255,6 +258,12 @@ def p5_timers(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tenants", type=int, default=300, help="never-seen tenants per runtime (P4)")
+    p.add_argument(
+        "--warm-runners",
+        type=int,
+        default=-1,
+        help="the kernel's --warm-runners in P4 (default: room for every tenant's runner)",
+    )
     p.add_argument("--runtimes", nargs="+", default=["python", "python-wasm"], choices=list(P4_GOALS))
     p.add_argument("--backlog-small", type=int, default=10_000, help="due rows of the small claim (P5)")
     p.add_argument("--backlog-large", type=int, default=100_000, help="due rows of the large claim (P5)")

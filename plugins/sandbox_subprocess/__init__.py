@@ -24,6 +24,8 @@ def tenantflow_sandboxes(config: KernelConfig) -> list[Sandbox]:
             writable=config.sandbox_writable_dirs,
             workspaces=str(config.workspace_root) if config.workspace_root else None,
             unsafe_allow_weak=config.unsafe_allow_weak_sandbox,
+            warm_runners=config.warm_runners,
+            warm_idle_seconds=config.warm_runner_idle_seconds,
         )
     ]
 

@@ -15,15 +15,17 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tenantflow.kernel.sandbox import Host, Inspection, Limits, RunExit
 from tenantflow.kernel.workspace import prepare_root
-from tenantflow.plugins.sandbox_subprocess import egress_channel, wire
+from tenantflow.plugins.sandbox_subprocess import egress_channel, warm, wire
 from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS, RunCgroup, RunCgroups
 from tenantflow.plugins.sandbox_subprocess.spares import Child, SparePool, close_child_ends
+from tenantflow.plugins.sandbox_subprocess.warm import Key, WarmPool, WarmRunner
 from tenantflow.plugins.sandboxing.pysource import decode_files, inspect_python
 
 log = logging.getLogger("tenantflow.sandbox.subprocess")
@@ -31,6 +33,9 @@ YIELD_EVERY = 64  # frames read from one guest between turns of the kernel's eve
 RUN_OUTPUT_BYTES = 64 * 1024  # of a run's raw stdout/stderr kept as tenant log lines
 TEMPLATE_OUTPUT_BYTES = 64 * 1024  # of a template's own output logged by the kernel
 UNSAFE_FLAG = "--unsafe-allow-weak-sandbox"
+IDLE_WAIT_SECONDS = 2.0  # for a guest to say it is idle after its wake-up, before it is not kept warm
+WARM_RUNNERS = 64  # idle run processes kept for returning tenants (see ``warm``), by default
+WARM_IDLE_SECONDS = 10.0  # how long one is kept without a wake-up
 
 
 def describe_exit(status: int | None, limits: Limits) -> str:
@@ -60,15 +65,8 @@ def run_cpu_backstop(limits: Limits) -> int:
 
 def process_sample(pid: int) -> tuple[float, int] | None:
     """CPU seconds (all threads) and number of threads of a process (None once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, int(fields[17])
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+    seen = warm.usage(pid)
+    return None if seen is None else (seen.cpu, seen.threads)
 
 
 async def cpu_watchdog(pid: int, limits: Limits, calls: list[int], kill: Callable[[int], None]) -> str:
@@ -119,6 +117,19 @@ class _Spawner:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._requests.put((start, future))
         return await future
+
+
+def _noting(host: Host, connected: list[bool]) -> egress_channel.Opener | None:
+    """The host's egress opener, noting in ``connected[0]`` that the run asked it for a connection."""
+    opener = getattr(host, "egress_open", None)
+    if opener is None:
+        return None
+
+    async def open_noted(name: str, port: int) -> socket.socket:
+        connected[0] = True
+        return await opener(name, port)  # type: ignore[no-any-return]
+
+    return open_noted
 
 
 def _settle_future(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -191,6 +202,7 @@ class RunOutput:
 
     def __init__(self, fd: int, host: Host, budget: int = RUN_OUTPUT_BYTES) -> None:
         self._fd, self._host, self._budget = fd, host, budget
+        self.left_open = False
         self._kept = self._dropped = 0
         self._partial = b""
         self._lines: asyncio.Queue[str | None] = asyncio.Queue()
@@ -237,8 +249,9 @@ class RunOutput:
         if self._host.admit(len(line)):
             self._lines.put_nowait(line.decode("utf-8", "replace"))
 
-    async def close(self) -> None:
-        """Take what the run wrote so far, say what was dropped, stop reading. Idempotent."""
+    async def close(self, keep_fd: bool = False) -> None:
+        """Take what the run wrote so far, say what was dropped, stop reading. Idempotent.
+        ``keep_fd``: leave the pipe open (``left_open``) for the process's next wake-up."""
         if self._fd < 0:
             return
         if self._later is not None:
@@ -246,7 +259,10 @@ class RunOutput:
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._fd)
         self._drain()
-        os.close(self._fd)
+        if keep_fd:
+            self.left_open = True
+        else:
+            os.close(self._fd)
         self._fd = -1
         if self._partial:
             self._emit(self._partial)
@@ -275,6 +291,8 @@ class SubprocessSandbox:
         writable: list[str] | None = None,
         unsafe_allow_weak: bool = False,
         workspaces: str | None = None,
+        warm_runners: int = WARM_RUNNERS,
+        warm_idle_seconds: float = WARM_IDLE_SECONDS,
     ) -> None:
         self._unsafe_allow_weak = unsafe_allow_weak
         self._template_output: _TemplateOutput | None = None
@@ -297,6 +315,8 @@ class SubprocessSandbox:
         self._cgroup_warned = False
         self._releases: set[asyncio.Task[None]] = set()
         self._spares = SparePool(self._child, self._discard, self._usable)
+        self._warm = WarmPool(warm_runners, warm_idle_seconds, self._retire)
+        self._closing = False
 
     def inspect(self, files: Mapping[str, bytes]) -> Inspection:
         return inspect_python(files)
@@ -542,31 +562,51 @@ class SubprocessSandbox:
                 with contextlib.suppress(OSError):
                     self._ctrl.send(json.dumps({"op": "kill", "pid": pid}).encode())
 
+    def _warm_key(self, job: dict[str, Any], limits: str) -> Key | None:
+        """The pool key of a wake-up a warm runner may serve, or None (no pool, a workspace, or a
+        job that does not say whose code it runs)."""
+        tenant, code = job.get("tenant"), job.get("code")
+        if (
+            self._warm.size <= 0
+            or "workspace" in job
+            or not isinstance(tenant, str)
+            or not isinstance(code, str)
+        ):
+            return None
+        return tenant, code, limits
+
     async def run(self, job: dict[str, Any], host: Host, limits: Limits) -> RunExit:
-        job = {**job, "files": decode_files(job["files"])}
         key = self._fork_limits(limits)
-        child = self._spares.take(key) or await self._child(key)
+        warm_key = self._warm_key(job, key)
+        job = {**job, "files": decode_files(job["files"]), "warm": warm_key is not None}
+        runner = self._warm.take(warm_key) if warm_key is not None else None
+        keep = runner is not None or (warm_key is not None and self._warm.wanted(warm_key))
+        loop = asyncio.get_running_loop()
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
+        if runner is not None:
+            child, reader, writer, exit_future = runner.child, runner.reader, runner.writer, runner.exited
+        else:
+            child = self._spares.take(key) or await self._child(key)
+            exit_future = loop.create_future()
+            if child.pid in self._early_exits:
+                exit_future.set_result(self._early_exits.pop(child.pid))
+            else:
+                self._exits[child.pid] = exit_future
         pid, ours, cgroup = child.pid, child.sock, child.cgroup
         if cgroup is None:
             self._warn_cgroup()
         output = RunOutput(child.output, host)
-        loop = asyncio.get_running_loop()
-        exit_future: asyncio.Future[int] = loop.create_future()
-        if pid in self._early_exits:
-            exit_future.set_result(self._early_exits.pop(pid))
-        else:
-            self._exits[pid] = exit_future
-        ended = False
+        ended = parked = out_of_memory = False
         calls = [0]
         watchdog = asyncio.create_task(cpu_watchdog(pid, limits, calls, self._kill))
         egress = None
+        connected = [False]  # whether the run made a connection (its runner is then not kept)
         if child.egress is not None:
-            egress = asyncio.create_task(
-                egress_channel.serve(child.egress, getattr(host, "egress_open", None))
-            )
-        writer: asyncio.StreamWriter | None = None
+            egress = asyncio.create_task(egress_channel.serve(child.egress, _noting(host, connected)))
         try:  # from here on a cancelled run still kills its child and releases its cgroup
-            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            if reader is None or writer is None:
+                reader, writer = await asyncio.open_unix_connection(sock=ours)
             writer.write(wire.encode(job))
             await writer.drain()
             frames = 0
@@ -592,7 +632,7 @@ class SubprocessSandbox:
                     break
                 calls[0] += 1
                 if message.get("op") in ("finish", "suspend"):
-                    await output.close()  # its raw output is logged before it ends
+                    await output.close(keep_fd=keep)  # its raw output is logged before it ends
                 reply = await host.call(message)
                 writer.write(wire.encode(reply))
                 await writer.drain()
@@ -605,19 +645,35 @@ class SubprocessSandbox:
             if not ended:
                 return RunExit(True, f"sandbox protocol error: {exc}")
         finally:
-            if writer is not None:
-                writer.close()
-            else:
-                ours.close()
-            self._kill(pid)
             watchdog.cancel()
-            if egress is not None and (channel := child.egress) is not None:
-                egress.add_done_callback(lambda _: channel.close())  # once the task let go of it
+            if egress is not None:
                 egress.cancel()
-            # Read before the cgroup goes; only for a run that did not report its end (no news then).
-            out_of_memory = not ended and cgroup is not None and cgroup.oom_killed()
-            self._release(cgroup, exit_future)
-            await output.close()
+            if (
+                ended
+                and keep
+                and warm_key is not None
+                and not connected[0]
+                and reader is not None
+                and writer is not None
+            ):
+                kept = runner or WarmRunner(warm_key, child, reader, writer, exit_future)
+                self._settle(kept, limits)
+                parked = True
+            else:
+                if writer is not None:
+                    writer.close()
+                else:
+                    ours.close()
+                self._kill(pid)
+                if egress is not None and (channel := child.egress) is not None:
+                    egress.add_done_callback(lambda _: channel.close())  # once the task let go of it
+                # Read before the cgroup goes; only for a run that did not report its end (no news then).
+                out_of_memory = not ended and cgroup is not None and cgroup.oom_killed()
+                self._release(cgroup, exit_future)
+            await output.close(keep_fd=parked)
+            if not parked and output.left_open:
+                with contextlib.suppress(OSError):
+                    os.close(child.output)
         if ended:
             return RunExit(False)
         # The watchdog kills and returns in one loop step, so it is done before the EOF is seen.
@@ -635,7 +691,50 @@ class SubprocessSandbox:
             status = None
         return RunExit(True, describe_exit(status, limits))
 
+    def _settle(self, runner: WarmRunner, limits: Limits) -> None:
+        """Park ``runner`` once its guest says it is back to how it started (in the background: the
+        wake-up has ended), or retire it."""
+        task = asyncio.create_task(self._park_when_idle(runner, limits))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _park_when_idle(self, runner: WarmRunner, limits: Limits) -> None:
+        try:
+            frame = await asyncio.wait_for(wire.read_header(runner.reader, 1024), IDLE_WAIT_SECONDS)
+            note = (
+                await asyncio.wait_for(wire.read_body(runner.reader, frame[0]), IDLE_WAIT_SECONDS)
+                if frame
+                else None
+            )
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - a guest that does not say so is not kept
+            note = None
+        why = (
+            "it did not say it was idle"
+            if note != {"op": "idle"} or frame is None or frame[1] != wire.NOTIFY
+            else ""
+        )
+        seen = warm.usage(runner.child.pid)
+        why = why or warm.keepable(seen, limits.memory_bytes, run_cpu_backstop(limits))
+        if why or seen is None or self._closing:
+            log.debug("run process %d not kept warm: %s", runner.child.pid, why or "closing")
+            self._retire(runner)
+            return
+        runner.uses, runner.cpu, runner.parked = runner.uses + 1, seen.cpu, time.monotonic()
+        self._warm.park(runner)
+
+    def _retire(self, runner: WarmRunner) -> None:
+        """Kill a warm runner and free what it holds."""
+        runner.writer.close()
+        self._kill(runner.child.pid)
+        if runner.child.egress is not None:
+            runner.child.egress.close()
+        with contextlib.suppress(OSError):
+            os.close(runner.child.output)
+        self._release(runner.child.cgroup, runner.exited)
+
     async def close(self) -> None:
+        self._closing = True
+        await self._warm.close()
         await self._spares.close()
         if self._template_output is not None:
             self._template_output.close()

@@ -28,7 +28,7 @@ import traceback
 from typing import Any
 
 import tenantflow.workflow  # noqa: F401
-from tenantflow.plugins.sandbox_subprocess import egress_guest, policy
+from tenantflow.plugins.sandbox_subprocess import egress_guest, policy, warm_guest
 from tenantflow.plugins.sandbox_subprocess.wire import SocketTransport
 from tenantflow.workflow._runtime import run_job
 
@@ -116,12 +116,12 @@ def _child(template: int, fds: list[int], request: dict[str, Any]) -> None:
         sock = socket.socket(fileno=sock_fd)
         transport = SocketTransport(sock)
         job = transport.recv()  # a spare waits here, confined, until a run takes it
+        workspace = job.pop("workspace", None)
         if _settings.get("workspaces"):  # before any tenant code: only its own instance's workspace
-            workspace = job.pop("workspace", None)
             policy.confine_run(_settings.get("writable", []), workspace if isinstance(workspace, str) else None,
                                bool(_settings.get("network")))  # fmt: skip
         policy.set_name(b"tf-run")
-        run_job(job, transport, threads=True)
+        _serve_runs(transport, job, limits["open_files"], warm=workspace is None)
     except BaseException:  # noqa: BLE001 - report and exit; the kernel sees the crash
         try:
             traceback.print_exc(file=sys.__stderr__)
@@ -129,6 +129,28 @@ def _child(template: int, fds: list[int], request: dict[str, Any]) -> None:
             pass
         code = 70
     os._exit(code)
+
+
+def _serve_runs(transport: SocketTransport, job: dict[str, Any], max_fd: int, warm: bool) -> None:
+    """Run ``job``; while the kernel keeps this process warm (``"warm": true``, never after a
+    workspace was granted), wait for the same tenant's next wake-up and run it too (``warm_guest``)."""
+    baseline = warm_guest.Baseline(max_fd) if warm and job.get("warm") is True else None
+    while True:
+        if baseline is not None:
+            baseline.precompile(job["files"])
+        run_job(job, transport, threads=True)
+        if baseline is None or not baseline.clean():
+            return
+        policy.set_name(b"tf-warm")
+        transport.notify({"op": "idle"})  # the kernel may now hand this process the next wake-up
+        try:
+            ended, job = job, transport.recv()
+        except EOFError:
+            return  # let go of (most runners kept are: the reset below is paid by reuses only)
+        baseline.reset(ended)  # before any of the next wake-up's code runs
+        if "workspace" in job or job.get("warm") is not True:
+            raise RuntimeError("a warm run process was sent a job it may not run")
+        policy.set_name(b"tf-run")
 
 
 def main() -> None:
