@@ -270,6 +270,13 @@ class CodeCatalog:
             )
         return self.loader(ref).pin(tenant, ref)
 
+    async def pin_async(self, tenant: str, ref: str) -> str:
+        """:meth:`pin` in a worker thread, or at once for a version loaded now: only pinned refs are
+        ever loaded (a loader refuses the rest), and a pinned ref is its own pin."""
+        if (tenant, ref) in self._cache:
+            return ref
+        return await asyncio.to_thread(self.pin, tenant, ref)
+
     async def get(self, tenant: str, pinned: str) -> LoadedCode:
         """The loaded code behind a pinned ref. Concurrent first uses share one load; a caller that is
         cancelled does not cancel the load for the others."""

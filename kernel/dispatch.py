@@ -64,7 +64,8 @@ class Dispatcher:
             return 0
         free = self._config.max_concurrent_runs - len(self._tasks) - self._reserved
         running = sum(1 for key in self._running if key[0] == tenant) + self._reserved_for.get(tenant, 0)
-        granted = max(0, min(wanted, free, self._config.tenant_running_cap - running))
+        cap = self._config.tenant_running_cap or wanted + running  # 0: no cap
+        granted = max(0, min(wanted, free, cap - running))
         if granted:
             self._reserved_for[tenant] = self._reserved_for.get(tenant, 0) + granted
         return granted

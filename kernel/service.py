@@ -296,7 +296,7 @@ class Kernel:
             check_ref(spec.code)
             params = self._json(spec.params_json, "params_json")
             if spec.code not in pins:
-                pins[spec.code] = await asyncio.to_thread(self.catalog.pin, tenant, spec.code)
+                pins[spec.code] = await self.catalog.pin_async(tenant, spec.code)
             pinned = pins[spec.code]
             code = await self.catalog.get(tenant, pinned)
             module = code.workflows.get(spec.workflow)
@@ -327,8 +327,10 @@ class Kernel:
         limited = any(r.concurrency_limit for r in records)
         eager = self.dispatcher.reserve(tenant, len(records)) if self._started and not limited else 0
         until = now + self.config.lease_seconds
+        # ... and running: their wake-up needs no commit of its own to mark them so (WakeUp.execute; its
+        # "running" entry in the timeline rides on its first commit).
         leased = [  # copies: the caller sees its records as created, not yet picked up
-            dataclasses.replace(r, lease_owner=self.config.node_id, lease_until=until)
+            dataclasses.replace(r, lease_owner=self.config.node_id, lease_until=until, status=Status.RUNNING)
             for r in records[:eager]
         ]
         work = asyncio.ensure_future(
@@ -345,7 +347,8 @@ class Kernel:
         work.add_done_callback(settle)
         with metrics.counting_refusals(tenant, "max_live"):
             await asyncio.shield(work)
-        self._poke()
+        if eager < len(records):  # the rest are the dispatcher's to claim
+            self._poke()
         return records
 
     async def _spawn(
@@ -660,7 +663,7 @@ class Kernel:
             check_id(id)
         if workflow:
             check_workflow(workflow)
-        pinned = await asyncio.to_thread(self.catalog.pin, tenant, to_code)
+        pinned = await self.catalog.pin_async(tenant, to_code)
         code = await self.catalog.get(tenant, pinned)
         upgrader = upgrade.Upgrader(self.storage, self.catalog, self.config, self.plugins, self.committer.submit,
                                     self.clock)  # fmt: skip

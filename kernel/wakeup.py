@@ -120,7 +120,9 @@ class WakeUp:
             )
             return
         await journal.load(self.fresh)
-        if not await journal.start():
+        if self.fresh and rec.status == Status.RUNNING:  # created running, leased to this node
+            journal.submit(journal.change(history=[journal.status_entry(Status.RUNNING)]))
+        elif not await journal.start():
             return
         module = code.bundle.entry or code.workflows.get(rec.workflow)
         if module is None:

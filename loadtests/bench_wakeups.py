@@ -134,8 +134,11 @@ def p4(args: argparse.Namespace) -> None:
     show(f"P4  wake-ups into hibernation, {args.tenants} tenants    wake-ups/s  x goal   "
          "CPU/wake-up kernel + sandbox")  # fmt: skip
     warm = args.warm_runners if args.warm_runners >= 0 else args.tenants + 16
-    show(f"    (the kernel keeps up to {warm} warm runners: --warm-runners)")
-    kernel = BenchKernel("--warm-runners", str(warm), metrics=True)
+    show(f"    (the kernel keeps {args.tenants + 16} tenants' code loaded and up to {warm} warm runners)")
+    # Returning tenants' code is warm: the code cache and the warm runners hold every tenant's.
+    kernel = BenchKernel(
+        "--warm-runners", str(warm), "--code-cache-entries", str(args.tenants + 16), metrics=True
+    )
     try:
         with Client(kernel.address, timeout=600) as client:
             for runtime in args.runtimes:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tenantflow.client import TenantflowRpcError
+from tenantflow.client import Client, TenantflowRpcError
 from tenantflow.kernel.metrics import TenantLabels, kill_reason
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.conftest import TEST_LIMITS, KernelProcess
@@ -235,3 +235,24 @@ def test_bad_metrics_address_is_refused_with_a_clear_message(tmp_path: Path) -> 
            "--metrics-listen", "nowhere"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "'nowhere' is not HOST:PORT" in proc.stderr
+
+
+def test_a_create_starts_at_once_without_a_per_tenant_cap(tmp_path: Path) -> None:
+    """``--max-running-per-tenant 0`` (no cap) must not turn off starting at Create, and an instance
+    started so is written running: its timeline still reads created, then running."""
+    k = KernelProcess(tmp_path / "kernel", [*TEST_LIMITS, "--metrics-listen", "127.0.0.1:0",
+                                            "--max-running-per-tenant", "0"])  # fmt: skip
+    k.start()
+    try:
+        with Client(k.address) as client:
+            ref = publish(client, "eager", WORKFLOWS)
+            inst = client.create("eager", "One", ref)
+            statuses = [e.status for e in client.watch("eager", inst.id, timeout=30) if e.kind == "status"]
+            assert statuses[:2] == [pb.STATUS_QUEUED, pb.STATUS_RUNNING], statuses
+            samples = scrape_until(
+                metrics_url(k), lambda s: value(s, "tenantflow_started_at_create_total") >= 1
+            )
+            assert value(samples, "tenantflow_started_at_create_total") == 1
+            assert value(samples, "tenantflow_claim_batch_size_sum") == 0
+    finally:
+        k.stop()
