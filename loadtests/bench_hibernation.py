@@ -32,15 +32,17 @@ class Nap(WorkflowEntrypoint):
 
 
 def children(pid: int) -> int:
-    """Processes whose parent is the template (i.e. running sandboxes)."""
+    """Processes whose parent is the template running a wake-up (not a spare waiting for one, nor a
+    warm runner parked between its tenant's wake-ups: those go after --warm-runner-idle-seconds)."""
     count = 0
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                comm = (entry / "comm").read_text().strip()
             except OSError:
                 continue
-            if int(stat[1]) == pid:
+            if int(stat[1]) == pid and comm not in ("tf-spare", "tf-warm"):
                 count += 1
     return count
 

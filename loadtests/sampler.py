@@ -91,8 +91,9 @@ def tree_cpu_seconds(pid: int) -> float:
     total = 0.0
     for process in [pid, *descendants(pid)]:
         try:
-            reaped = cpu_seconds(process, reaped=True) - cpu_seconds(process)
-            total += running_seconds(process) + reaped
+            own = cpu_seconds(process)  # whole ticks, but with its threads that ended (python-wasm's)
+            reaped = cpu_seconds(process, reaped=True) - own
+            total += max(own, running_seconds(process)) + reaped
         except OSError:  # gone meanwhile: its parent's reaped time has it (or soon will)
             continue
     return total
@@ -114,9 +115,10 @@ def sandbox_runs(pid: int) -> tuple[int, int]:
 
 
 def _spare(pid: int) -> bool:
-    """A template's child that waits for a run (named so until a job arrives), not tenant code."""
+    """A template's child that waits for a run, not running tenant code: a spare (named so until a job
+    arrives) or a warm runner parked between its tenant's wake-ups (named so until the next one)."""
     try:
-        return Path(f"/proc/{pid}/comm").read_bytes().strip() == b"tf-spare"
+        return Path(f"/proc/{pid}/comm").read_bytes().strip() in (b"tf-spare", b"tf-warm")
     except OSError:
         return False
 
