@@ -31,12 +31,18 @@ first attempt ahead of the kernel's grant); python-wasm still makes two, each wi
 P3 (Create -> first step running, never-seen tenant, subprocess) was 19-21 ms: 9-25 ms of it the
 kernel moving the forked child into its pids cgroup (an RCU grace period) on its event loop. With
 spare run processes (forked, confined and moved ahead) and Create starting what it has a slot for
-(written leased to the node: no claim transaction, no step read) it is 6.7 ms p50. What is left,
-measured in the kernel before eager start (ms from the Create call): Create's commit 1.2, claim 1.0
-(now gone), RUNNING committed +0.8 (its own fsync), job sent +0.5, first step +1.4-2.9 (the guest in
-a freshly forked CPython: ~700 page faults copying the template's pages as Python touches their
-reference counts, ~2.3 ms of CPU that a warm process does in 0.2 ms). The <= 5 ms goal needs the
-RUNNING mark to ride on the Create's commit and a run process that is not a fresh fork.
+(written leased to the node: no claim transaction, no step read) it was 6.7 ms p50, then 9-10 ms
+once this benchmark ran with ``--max-running-per-tenant 0``, which (a bug, fixed with d295df3)
+turned starting at Create off. Since d295df3 an instance started at Create is written RUNNING in
+the Create's own transaction (its "running" timeline entry rides on its first commit), and a spare's
+replacement is forked 20 ms after it is taken instead of competing with the run on two cores.
+Where it goes now (ms from the Create reaching the service, a never-seen tenant; 8 runs each):
+validation and the pin (a thread hop reading the artifact) 0.8-1.5, the Create's commit 0.8-1.3,
+to the job 0.3, then to the first step 2.4-4.9 (python: a freshly forked CPython touching ~700 of
+the template's pages) or 1.9-3.6 (raw wasm: compiling the never-seen module). A client sees ~1 ms
+more: its gRPC call reaching the service. The <= 5 ms (python) goal is within reach of the
+subprocess sandbox only for a run process that is not a fresh fork (warm runners: a returning
+tenant); the <= 2 ms wasm goals need the module compiled before the Create (at Publish).
 
     nice .venv/bin/python loadtests/bench_steps.py [--steps 1000] [--instances 50] [--steps-each 100]
                                                    [--cold 20] [--sync FULL NORMAL] [--only python ...]
