@@ -18,7 +18,7 @@ from tests.helpers import publish, wait_for
 from tests.security.bystander import bystander_completes
 
 CODE = """
-import builtins, gc, os, threading, time
+import builtins, gc, json, os, socket, threading, time
 from tenantflow.workflow import WorkflowEntrypoint
 
 SEEN = []  # module state: a new wake-up must start with it empty
@@ -30,8 +30,11 @@ class Who(WorkflowEntrypoint):
             marks = [o for o in gc.get_objects() if isinstance(o, dict) and o.get("mark", "").startswith("secret-")
                      and o.get("mark") != event.payload.get("mark")]
             stash = getattr(builtins, "tf_stash", None)
+            left = [getattr(json, "tf_stash", None), os.environ.get("TF_STASH"), json.load.__name__]
             if event.payload.get("stash"):
                 builtins.tf_stash = event.payload["stash"]
+                json.tf_stash = os.environ["TF_STASH"] = event.payload["stash"]
+                json.load = len
             if event.payload.get("thread"):
                 threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
             if event.payload.get("spin_when_idle"):
@@ -42,7 +45,9 @@ class Who(WorkflowEntrypoint):
                     while message.get("op") == "idle":
                         pass
                 wire.SocketTransport.notify = spin
-            return {"pid": os.getpid(), "seen": len(SEEN), "others": len(marks), "stash": stash}
+            egress = {socket.getaddrinfo.__module__, socket.create_connection.__module__}
+            return {"pid": os.getpid(), "seen": len(SEEN), "others": len(marks), "stash": stash, "left": left,
+                    "egress": sorted(egress)}
         return await step.do("look", look)
 """
 
@@ -66,6 +71,16 @@ def test_a_returning_tenant_reuses_its_runner_and_starts_fresh(client: Client, t
     assert len({r["pid"] for r in runs}) == 1, f"each wake-up had a process of its own: {runs}"
     assert [r["seen"] for r in runs] == [1, 1, 1, 1], "module state outlived its wake-up"
     assert [r["others"] for r in runs] == [0, 0, 0, 0], "an earlier instance's event was still reachable"
+    # Its connections still go through the kernel (the run's own set-up is part of what is restored).
+    assert all(r["egress"] == ["tenantflow.plugins.sandbox_subprocess.egress_guest"] for r in runs), runs
+
+
+def test_what_a_wake_up_binds_on_shared_modules_is_undone(client: Client, tenant: str) -> None:
+    ref = publish(client, tenant, CODE)
+    first = _run(client, tenant, ref, stash="left-behind")
+    second = _run(client, tenant, ref)
+    assert second["pid"] == first["pid"]
+    assert second["left"] == [None, None, "load"], "a module attribute, os.environ or json.load outlived its wake-up"
 
 
 def test_runners_are_never_shared_across_tenants_or_code_versions(client: Client, tenant: str) -> None:
