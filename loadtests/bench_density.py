@@ -193,7 +193,9 @@ class Bench:
         grown = s.storage_bytes - base_bytes
         self.figure("storage per hibernated instance (SQLite file + WAL)", f"{grown / idle:,.0f} bytes")
         self.figure("sandbox runs alive while all hibernate", str(s.sandbox_runs))
-        self.figure("processes under the kernel (templates, spares, warm runners) while idle", str(s.processes))
+        self.figure(
+            "processes under the kernel (templates, spares, warm runners) while idle", str(s.processes)
+        )
         self.figure(
             "code cache entries (bounded, vs tenants)", f"{s.code_cache_entries:,} (tenants {args.tenants:,})"
         )

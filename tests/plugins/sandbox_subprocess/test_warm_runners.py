@@ -80,7 +80,9 @@ def test_what_a_wake_up_binds_on_shared_modules_is_undone(client: Client, tenant
     first = _run(client, tenant, ref, stash="left-behind")
     second = _run(client, tenant, ref)
     assert second["pid"] == first["pid"]
-    assert second["left"] == [None, None, "load"], "a module attribute, os.environ or json.load outlived its wake-up"
+    assert second["left"] == [None, None, "load"], (
+        "a module attribute, os.environ or json.load outlived its wake-up"
+    )
 
 
 def test_runners_are_never_shared_across_tenants_or_code_versions(client: Client, tenant: str) -> None:
