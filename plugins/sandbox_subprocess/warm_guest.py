@@ -10,8 +10,9 @@ module's namespace gets back the names and values the template gave it (``json.x
 a replaced ``json.load`` is put back), and so do ``sys.path`` and ``os.environ``. What persists is
 what tenant code changes *inside* an object the interpreter shares (an attribute set on a stdlib
 class, an item added to a stdlib module's list, a module swapped in place in ``sys.modules``):
-only ever within one tenant's one code version. A process is offered for another wake-up only when it is back to how its first wake-up found it: one
-thread, the same open descriptors. Anything less and it exits, as every run did before.
+only ever within one tenant's one code version. A process is offered for another wake-up only
+when it is back to how its first wake-up found it: one thread, the same open descriptors. Anything
+less and it exits, as every run did before.
 """
 
 from __future__ import annotations
