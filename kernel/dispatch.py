@@ -53,6 +53,8 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self.claimed = 0
         self._claimed_up_to = math.inf  # the due time up to which the last claim looked
+        self._starved = True  # the last claim may have left due work unclaimed (no slot, a cap)
+        self._next_look = 0.0  # when the dispatch loop claims again by itself (epoch seconds)
         self._reserved_for: dict[str, int] = {}  # slots held per tenant for creates in flight (see reserve)
 
     def reserve(self, tenant: str, wanted: int) -> int:
@@ -97,6 +99,14 @@ class Dispatcher:
         """Something may have become runnable: look now instead of at the next tick."""
         self._poke.set()
 
+    def ended(self, quiet_until: float | None) -> None:
+        """A wake-up ended: look now if its slot may let due work run (the last claim left some),
+        or if what it wrote may be due before this node looks anyway (``quiet_until``, see
+        ``Journal.quiet_until``; None: now). Else an empty claim a wake-up is saved: P4 made ~0.4
+        claims a wake-up, ~1 ms of a worker thread's time each."""
+        if quiet_until is None or self._starved or quiet_until <= self._next_look:
+            self._poke.set()
+
     def start(self) -> None:
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="tenantflow-dispatch"),
@@ -123,19 +133,21 @@ class Dispatcher:
         while True:
             self._poke.clear()  # before claiming: a poke that arrives meanwhile must not be lost
             next_at: float | None = None
+            self._next_look = 0.0  # claiming now: a wake-up that ends meanwhile pokes
             try:
                 claimed, next_at = await self._claim_once()
             except Exception:
                 log.exception("claiming runnable instances failed; retrying")
-                claimed = 0
+                claimed, self._starved = 0, True
             if claimed:
                 continue
             timeout = IDLE_POLL_SECONDS
             # Due work that could not be claimed (slots or tenant caps full) waits for a poke:
-            # every wake-up that ends pokes. Work that fell due after the claim looked (a timer
+            # every wake-up that ends then pokes. Work that fell due after the claim looked (a timer
             # due in between) is claimed at once, not at the next idle poll a second later.
             if next_at is not None and next_at > self._claimed_up_to:
                 timeout = min(timeout, max(next_at - time.time(), 0.0))
+            self._next_look = time.time() + timeout
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), timeout=timeout)
 
@@ -145,6 +157,7 @@ class Dispatcher:
         # Count our own tasks, not engine.active: a task created by the previous claim has not
         # started yet (so is not active) and must still hold its slot.
         self._claimed_up_to = math.inf  # nothing claimable is known to be missed until a claim runs
+        self._starved = True
         free = self._config.max_concurrent_runs - len(self._tasks) - self._reserved
         if free <= 0:
             return 0, await self._next_run_at()
@@ -154,6 +167,8 @@ class Dispatcher:
         self._claimed_up_to = now
         started = time.perf_counter()
         records, next_at = await asyncio.to_thread(self._claim_or_next, now, free)
+        # Starved: every slot taken (more may be due), or due work left (a tenant's cap).
+        self._starved = len(records) >= free or (not records and next_at is not None and next_at <= now)
         metrics.claimed(len(records), time.perf_counter() - started)
         for record in records:
             self._run(record, record.lease_until or now + self._config.lease_seconds)

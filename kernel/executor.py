@@ -36,7 +36,7 @@ class Engine:
         catalog: CodeCatalog,
         config: KernelConfig,
         spawn: Spawn,
-        on_idle: Callable[[], None] = lambda: None,
+        on_idle: Callable[[float | None], None] = lambda quiet_until: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
@@ -66,7 +66,7 @@ class Engine:
         finally:
             if self.active.get(key) is wake:
                 del self.active[key]
-            self._on_idle()
+            self._on_idle(wake.journal.quiet_until)  # a slot is free, and maybe work due
 
     def kill(self, tenant: str, id: str, reason: str) -> None:
         wake = self.active.get((tenant, id))

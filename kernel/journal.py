@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -146,6 +147,9 @@ class Journal:
         self.aborted = ""  # stopped from outside (terminated, restarted, lease lost): write nothing more
         self.state_bytes = 0  # bytes of step outputs stored for the instance (journal + this run)
         self.riders: list[Change] = []  # committed in the next awaited change's transaction
+        # Once the run's last change is committed: until when nothing it wrote can be due (see
+        # _quiet_until); None: it may have made work due now (the dispatcher then looks at once).
+        self.quiet_until: float | None = None
         self._storage = storage
         self._committer = committer
         self._on_abort = on_abort
@@ -308,6 +312,8 @@ class Journal:
                       self.record.tenant, self.record.id, exc)  # fmt: skip
             self.abort(f"storage failed: {exc}")
             raise Stop(str(exc)) from None
+        if self.ended:
+            self.quiet_until = _quiet_until(change, riders)
         # Pause and Resume reach a run on another node through storage: it learns of them here.
         if result.status == Status.WAITING_FOR_PAUSE:
             self.pause_requested = True
@@ -381,3 +387,16 @@ class Journal:
         exc = future.exception()
         if exc is not None or not future.result().ok:
             self.abort(str(exc) if exc else future.result().reason)
+
+
+def _quiet_until(change: Change, riders: list[Change]) -> float | None:
+    """Until when nothing the run's last ``change`` (and its ``riders``) wrote can be due: its
+    instance ended (``inf``), or sleeps until its ``run_at`` with no event that could wake it
+    sooner; None when it may be due now (a parent told, events awaited, anything else)."""
+    if riders or change.wake_on_events:
+        return None
+    status = change.set.get("status")
+    if status in TERMINAL:
+        return math.inf
+    run_at = change.set.get("run_at")
+    return float(run_at) if isinstance(run_at, (int, float)) and "run_at" in change.set else None

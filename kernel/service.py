@@ -192,7 +192,7 @@ class Kernel:
             self.catalog,
             self.config,
             self._spawn,
-            on_idle=self._poke,
+            on_idle=self._wake_up_ended,
             clock=self.clock,
         )
         self.dispatcher = Dispatcher(self.storage, self.engine, self.config)
@@ -222,6 +222,10 @@ class Kernel:
     def _poke(self) -> None:
         if self._started:
             self.dispatcher.poke()
+
+    def _wake_up_ended(self, quiet_until: float | None) -> None:
+        if self._started:
+            self.dispatcher.ended(quiet_until)
 
     def scraped(self) -> metrics.Scraped:
         """What a ``/metrics`` scrape reads of this kernel."""
