@@ -399,4 +399,4 @@ def _quiet_until(change: Change, riders: list[Change]) -> float | None:
     if status in TERMINAL:
         return math.inf
     run_at = change.set.get("run_at")
-    return float(run_at) if isinstance(run_at, (int, float)) and "run_at" in change.set else None
+    return float(run_at) if isinstance(run_at, (int, float)) else None

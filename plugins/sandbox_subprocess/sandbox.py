@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.sandbox import Host, Inspection, Limits, RunExit
 from tenantflow.kernel.workspace import prepare_root
 from tenantflow.plugins.sandbox_subprocess import egress_channel, warm, wire
@@ -34,8 +35,6 @@ RUN_OUTPUT_BYTES = 64 * 1024  # of a run's raw stdout/stderr kept as tenant log 
 TEMPLATE_OUTPUT_BYTES = 64 * 1024  # of a template's own output logged by the kernel
 UNSAFE_FLAG = "--unsafe-allow-weak-sandbox"
 IDLE_WAIT_SECONDS = 2.0  # for a guest to say it is idle after its wake-up, before it is not kept warm
-WARM_RUNNERS = 64  # idle run processes kept for returning tenants (see ``warm``), by default
-WARM_IDLE_SECONDS = 10.0  # how long one is kept without a wake-up
 
 
 def describe_exit(status: int | None, limits: Limits) -> str:
@@ -291,8 +290,8 @@ class SubprocessSandbox:
         writable: list[str] | None = None,
         unsafe_allow_weak: bool = False,
         workspaces: str | None = None,
-        warm_runners: int = WARM_RUNNERS,
-        warm_idle_seconds: float = WARM_IDLE_SECONDS,
+        warm_runners: int = KernelConfig.warm_runners,
+        warm_idle_seconds: float = KernelConfig.warm_runner_idle_seconds,
     ) -> None:
         self._unsafe_allow_weak = unsafe_allow_weak
         self._template_output: _TemplateOutput | None = None
@@ -504,11 +503,11 @@ class SubprocessSandbox:
         alive = child.template is self._proc and child.template is not None and child.template.poll() is None
         return alive and self._early_exits.pop(child.pid, None) is None
 
-    def _discard(self, child: Child) -> None:
-        """Kill a child that will never run, and free what it holds."""
+    def _discard(self, child: Child, exited: asyncio.Future[int] | None = None) -> None:
+        """Kill a child that will never run (again), and free what it holds."""
         self._kill(child.pid)
         close_child_ends(child)
-        self._release(child.cgroup)
+        self._release(child.cgroup, exited)
 
     def _release(self, cgroup: RunCgroup | None, exited: asyncio.Future[int] | None = None) -> None:
         """Remove a killed child's cgroups; with ``exited`` (its exit status from the template), once
@@ -724,13 +723,8 @@ class SubprocessSandbox:
 
     def _retire(self, runner: WarmRunner) -> None:
         """Kill a warm runner and free what it holds."""
-        runner.writer.close()
-        self._kill(runner.child.pid)
-        if runner.child.egress is not None:
-            runner.child.egress.close()
-        with contextlib.suppress(OSError):
-            os.close(runner.child.output)
-        self._release(runner.child.cgroup, runner.exited)
+        runner.writer.close()  # its transport lets go of the socket; closing it again is a no-op
+        self._discard(runner.child, runner.exited)
 
     async def close(self) -> None:
         self._closing = True

@@ -35,9 +35,7 @@ _ABSENT = object()
 _TEMPLATE: list[tuple[dict[str, Any], dict[str, Any]]] = []
 _TAGS = array.array("Q")  # each namespace's dict version when last known to match its copy
 _ADDRS = array.array("Q")  # each namespace's address: read without touching (so copying) the objects
-_INDEX: dict[int, int] = {}  # id of a namespace -> its place in _TEMPLATE
-_MODULES: set[str] = set()  # the modules imported then
-_MODULE_OBJECTS: dict[str, types.ModuleType] = {}  # ... and each module object
+_MODULES: dict[str, types.ModuleType] = {}  # the modules imported then
 _PATH: list[str] = []
 _ENVIRON: dict[str, str] = {}
 _ENV_DATA: dict[bytes, bytes] = {}
@@ -73,12 +71,8 @@ def snapshot() -> None:
                     if module is not None and name != "__main__"]  # fmt: skip
     _TAGS[:] = array.array("Q", [_tag(namespace) if _TAGGED else 0 for namespace, _ in _TEMPLATE])
     _ADDRS[:] = array.array("Q", [id(namespace) for namespace, _ in _TEMPLATE])
-    _INDEX.clear()
-    _INDEX.update((id(namespace), i) for i, (namespace, _) in enumerate(_TEMPLATE))
     _MODULES.clear()
     _MODULES.update(sys.modules)
-    _MODULE_OBJECTS.clear()
-    _MODULE_OBJECTS.update(sys.modules)
     _PATH[:] = sys.path
     _ENVIRON.clear()
     _ENVIRON.update(os.environ)
@@ -90,7 +84,8 @@ def adopt(module: types.ModuleType) -> None:
     """Make ``module`` as the run's own set-up left it (before any tenant code) its baseline (the
     egress set-up patches ``socket``)."""
     namespace = vars(module)
-    if (i := _INDEX.get(id(namespace))) is not None:
+    if id(namespace) in _ADDRS:  # searched in C: no shared object touched
+        i = _ADDRS.index(id(namespace))
         _TEMPLATE[i] = (namespace, dict(namespace))
         _TAGS[i] = _tag(namespace) if _TAGGED else 0
 
@@ -122,7 +117,7 @@ class Baseline:
         self.max_fd = max_fd
         self.fds = open_fds(max_fd)
         self.meta_path = list(sys.meta_path)
-        self.modules = _MODULES if _MODULES else set(sys.modules)  # the template's (no copy a run)
+        self.modules = _MODULES if _MODULES else dict(sys.modules)  # the template's (no copy a run)
         self.code: dict[tuple[str, str], types.CodeType] = {}  # (path, source) -> its compiled code
 
     def clean(self) -> bool:
@@ -158,18 +153,18 @@ class Baseline:
         for name in reversed(modules):
             if name not in self.modules:
                 extra.append(name)
-            elif modules[name] is _MODULE_OBJECTS.get(name, modules[name]):
+            elif modules[name] is self.modules[name]:
                 break  # the newest baseline module, as it was: older entries are the baseline's
             else:
                 replaced.append(name)  # deleted, then imported again
         for name in extra:
             del modules[name]
         for name in replaced:
-            modules[name] = _MODULE_OBJECTS[name]
+            modules[name] = self.modules[name]
         if len(modules) != len(self.modules):  # a baseline module deleted: compare them all
             for name in [name for name in modules if name not in self.modules]:
                 del modules[name]
-            modules.update(_MODULE_OBJECTS)
+            modules.update(self.modules)
 
     def precompile(self, files: dict[str, str]) -> None:
         """Hand the import of ``files`` the code objects compiled for an earlier wake-up of the same

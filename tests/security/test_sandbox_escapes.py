@@ -17,9 +17,9 @@ import pytest
 import wasmtime
 
 from tenantflow.client import Client
+from tenantflow.kernel.config import KernelConfig
 from tenantflow.kernel.sandbox import CodeError
 from tenantflow.plugins.sandbox_subprocess.cgroups import MAX_TASKS
-from tenantflow.plugins.sandbox_subprocess.sandbox import WARM_RUNNERS
 from tenantflow.plugins.sandbox_subprocess.spares import SPARES
 from tenantflow.plugins.sandboxing import isolated
 from tenantflow.v1 import tenantflow_pb2 as pb
@@ -217,7 +217,7 @@ def test_a_thread_bomb_is_held_to_the_runs_task_limit(
         base = next(Path("/sys/fs/cgroup").glob(f"**/tenantflow-{kernel.proc.pid}"), None)
         if base is not None:  # every run's cgroup is removed once it ends; spares waiting keep theirs
             wait_for(lambda: all(_holds_a_spare(p) for p in base.iterdir() if p.is_dir()), timeout=10)
-            assert len([p for p in base.iterdir() if p.is_dir()]) <= SPARES + WARM_RUNNERS
+            assert len([p for p in base.iterdir() if p.is_dir()]) <= SPARES + KernelConfig.warm_runners
     else:  # sampled: the run is killed once seen over the limit
         assert done.status == pb.STATUS_ERRORED, done
         assert "thread limit exceeded" in done.error.message, done.error.message
