@@ -8,6 +8,7 @@ import http.server
 import sys
 import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -110,17 +111,23 @@ class Egress(WorkflowEntrypoint):
 """
 
 
-class _Server(http.server.ThreadingHTTPServer):
+S = TypeVar("S", bound="RecordingServer")
+
+
+class RecordingServer(http.server.ThreadingHTTPServer):
+    """Answers ``GET /x`` with ``hello /x`` (and its ``tag``), recording the paths asked for."""
+
     daemon_threads = True
     paths: list[str]
+    tag = ""
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _Server
+class RecordingHandler(http.server.BaseHTTPRequestHandler):
+    server: RecordingServer
 
     def do_GET(self) -> None:
         self.server.paths.append(self.path)
-        body = f"hello {self.path}".encode()
+        body = f"hello {self.path}{self.server.tag}".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -130,16 +137,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server() -> Iterator[_Server]:
-    """A loopback HTTP server that records the paths it was asked for."""
-    srv = _Server(("127.0.0.1", 0), _Handler)
-    srv.paths = []
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+def running(srv: S) -> Iterator[S]:
+    """``srv`` serving in a thread until the generator is closed (a fixture's body)."""
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[RecordingServer]:
+    """A loopback HTTP server that records the paths it was asked for."""
+    srv = RecordingServer(("127.0.0.1", 0), RecordingHandler)
+    srv.paths = []
+    yield from running(srv)
 
 
 def _run(client: Client, tenant: str, kind: str, host: str, port: int) -> object:
@@ -150,7 +161,9 @@ def _run(client: Client, tenant: str, kind: str, host: str, port: int) -> object
     return Client.output(done)
 
 
-def test_allowed_host_is_reached_and_others_are_refused(client: Client, tenant: str, server: _Server) -> None:
+def test_allowed_host_is_reached_and_others_are_refused(
+    client: Client, tenant: str, server: RecordingServer
+) -> None:
     port = server.server_address[1]
     client.set_egress(tenant, [("127.0.0.1", [port])])
     assert _run(client, tenant, "fetch", "127.0.0.1", port) == {"body": "hello /urllib"}
@@ -165,7 +178,7 @@ def test_allowed_host_is_reached_and_others_are_refused(client: Client, tenant: 
 
 
 def test_no_list_reaches_nothing_and_another_tenants_list_does_not_apply(
-    client: Client, tenant: str, server: _Server
+    client: Client, tenant: str, server: RecordingServer
 ) -> None:
     port = server.server_address[1]
     client.set_egress(f"{tenant}-other", [("127.0.0.1", [port])])
@@ -176,7 +189,7 @@ def test_no_list_reaches_nothing_and_another_tenants_list_does_not_apply(
     bystander_completes(client, tenant)
 
 
-def test_raw_sockets_are_refused(client: Client, tenant: str, server: _Server) -> None:
+def test_raw_sockets_are_refused(client: Client, tenant: str, server: RecordingServer) -> None:
     port = server.server_address[1]
     client.set_egress(tenant, [("127.0.0.1", [port])])
     found = _run(client, tenant, "raw", "127.0.0.1", port)
@@ -189,7 +202,7 @@ def test_raw_sockets_are_refused(client: Client, tenant: str, server: _Server) -
 
 
 def test_a_name_resolving_to_a_refused_address_is_refused(
-    client: Client, tenant: str, server: _Server
+    client: Client, tenant: str, server: RecordingServer
 ) -> None:
     """The rule names "localhost", which resolves to loopback: the kernel resolves it itself and
     refuses, because no rule names 127.0.0.1 literally. A kernel that trusted the name (or an
@@ -212,7 +225,9 @@ def test_a_name_resolving_to_a_refused_address_is_refused(
     bystander_completes(client, tenant)
 
 
-def test_a_run_opens_a_bounded_number_of_connections(client: Client, tenant: str, server: _Server) -> None:
+def test_a_run_opens_a_bounded_number_of_connections(
+    client: Client, tenant: str, server: RecordingServer
+) -> None:
     port = server.server_address[1]
     client.set_egress(tenant, [("127.0.0.1", [port])])
     found = _run(client, tenant, "many", "127.0.0.1", port)
@@ -262,7 +277,9 @@ class Egress(WorkflowEntrypoint):
 """
 
 
-def test_python_wasm_steps_reach_the_allowed_host_only(client: Client, tenant: str, server: _Server) -> None:
+def test_python_wasm_steps_reach_the_allowed_host_only(
+    client: Client, tenant: str, server: RecordingServer
+) -> None:
     port = server.server_address[1]
     client.set_egress(tenant, [("127.0.0.1", [port]), ("localhost", [port])])
     ref = publish(client, tenant, WASM_STEPS, name="egress-wasm", runtime="python-wasm")

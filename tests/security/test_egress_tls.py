@@ -5,11 +5,9 @@ system CAs the run may read or a CA the step names, and refused hosts stay refus
 from __future__ import annotations
 
 import datetime as dt
-import http.server
 import ipaddress
 import ssl
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from tenantflow.client import Client
 from tenantflow.v1 import tenantflow_pb2 as pb
 from tests.helpers import publish
 from tests.security.bystander import bystander_completes
+from tests.security.test_egress import RecordingHandler, RecordingServer, running
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the sandbox's filters need Linux"
@@ -157,26 +156,10 @@ def _certificates(directory: Path) -> tuple[str, Path, Path]:
     return ca.public_bytes(serialization.Encoding.PEM).decode(), cert_file, key_file
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    paths: list[str]
+class _Server(RecordingServer):
     names: list[str | None]
     ca: str
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        self.server.paths.append(self.path)
-        body = f"hello {self.path} over TLS".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+    tag = " over TLS"
 
 
 @pytest.fixture
@@ -184,17 +167,13 @@ def server(tmp_path: Path) -> Iterator[_Server]:
     """A loopback HTTPS server with a certificate from a test CA; it records the paths asked for
     and the server names (SNI) its clients sent."""
     ca, cert, key = _certificates(tmp_path)
-    srv = _Server(("127.0.0.1", 0), _Handler)
+    srv = _Server(("127.0.0.1", 0), RecordingHandler)
     srv.paths, srv.names, srv.ca = [], [], ca
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     context.sni_callback = lambda _sock, name, _ctx: srv.names.append(name)  # type: ignore[func-returns-value]
     srv.socket = context.wrap_socket(srv.socket, server_side=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    yield from running(srv)
 
 
 def _run(client: Client, tenant: str, **params: object) -> dict[str, object]:
